@@ -1,0 +1,156 @@
+//! Blob requests: a hit streams from disk, a miss joins (or starts) the single fill of that
+//! digest and streams from the growing file, a HEAD of an uncached blob asks the upstream.
+//!
+//! Range handling is here; fetching and verifying is in `fill`, reading in `cache::reader`.
+
+use std::sync::Arc;
+
+use http::header::{
+    HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
+};
+use http::{Response, StatusCode};
+use tokio::sync::watch;
+
+use super::Served;
+use crate::body::{self, Body};
+use crate::cache::Outcome;
+use crate::error::{ApiError, Code};
+use crate::fill::{self, Job, Progress};
+use crate::oci::digest::Digest;
+use crate::oci::range::{parse_range, unsatisfied_content_range, RangeRequest};
+use crate::route::Target;
+use crate::upstream::content_length;
+use crate::AppState;
+
+pub async fn serve(
+    state: &Arc<AppState>,
+    target: Target,
+    digest: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Served {
+    let digest = Digest::parse(digest)?;
+    let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    if let Some(progress) = fill::open_cached(&state.cache, &digest) {
+        let response = respond(progress, &digest, range, head).await?;
+        return Ok((response, Outcome::Hit));
+    }
+    if head {
+        return head_upstream(&target, &digest).await;
+    }
+    let job = Job {
+        upstream: target.upstream,
+        repository: target.repository,
+        digest: digest.clone(),
+    };
+    let joined = state.fills.join(&state.cache, &state.metrics, job);
+    let outcome = if joined.coalesced {
+        Outcome::Coalesced
+    } else {
+        Outcome::Miss
+    };
+    Ok((
+        respond(joined.progress, &digest, range, head).await?,
+        outcome,
+    ))
+}
+
+/// Builds the response once the fill (or the cached file) knows its size or has failed.
+async fn respond(
+    mut progress: watch::Receiver<Progress>,
+    digest: &Digest,
+    range: Option<&str>,
+    head: bool,
+) -> Result<Response<Body>, ApiError> {
+    let state = progress
+        .wait_for(|p| !matches!(p, Progress::Connecting))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                "blob fill ended without an answer",
+            )
+        })?
+        .clone();
+    let total = match state {
+        Progress::Verified { total, .. } => Some(total),
+        Progress::Streaming { total, .. } => total,
+        Progress::Failed(error) => return Err(not_found_as_blob(error)),
+        Progress::Connecting => unreachable!("waited for a state past Connecting"),
+    };
+    let request = match total {
+        Some(size) => parse_range(range, size),
+        None => RangeRequest::Full,
+    };
+    let builder = Response::builder()
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.as_str())
+        .header(ETAG, format!("\"{digest}\""))
+        .header(ACCEPT_RANGES, "bytes");
+    let (builder, start, end) = match request {
+        RangeRequest::Unsatisfiable => {
+            let size = total.unwrap_or(0);
+            let error = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Code::RangeInvalid,
+                "range not satisfiable",
+            )
+            .with_header(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&unsatisfied_content_range(size)).expect("ascii"),
+            );
+            return Err(error);
+        }
+        RangeRequest::Full => {
+            let builder = match total {
+                Some(size) => builder.header(CONTENT_LENGTH, size),
+                None => builder,
+            };
+            (builder.status(StatusCode::OK), 0, total)
+        }
+        RangeRequest::Partial(range) => {
+            let size = total.expect("partial ranges need a size");
+            let builder = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(CONTENT_RANGE, range.content_range(size))
+                .header(CONTENT_LENGTH, range.len());
+            (builder, range.start, Some(range.end + 1))
+        }
+    };
+    let body = if head {
+        body::empty()
+    } else {
+        crate::cache::reader::blob_body(progress, start, end)
+    };
+    Ok(builder.body(body).expect("valid response"))
+}
+
+/// A 404 from the upstream means the blob is unknown, not the repository.
+fn not_found_as_blob(mut error: ApiError) -> ApiError {
+    if error.status == StatusCode::NOT_FOUND {
+        error.code = Code::BlobUnknown;
+        error.message = "blob unknown to registry".into();
+    }
+    error
+}
+
+async fn head_upstream(target: &Target, digest: &Digest) -> Served {
+    let response = target
+        .upstream
+        .head_blob(&target.repository, digest)
+        .await
+        .map_err(|e| ApiError::from_upstream(e, Code::BlobUnknown))?;
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.as_str())
+        .header(ACCEPT_RANGES, "bytes");
+    if let Some(size) = content_length(response.headers()) {
+        builder = builder.header(CONTENT_LENGTH, size);
+    }
+    Ok((
+        builder.body(body::empty()).expect("valid response"),
+        Outcome::Bypass,
+    ))
+}

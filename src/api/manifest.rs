@@ -1,0 +1,329 @@
+//! Manifest requests. By digest: immutable, served from the cache for good once fetched. By tag:
+//! the tag table maps to a digest for `tag_ttl`; after that a HEAD to the upstream revalidates
+//! it (Docker Hub does not count HEADs against its pull limit) and the body is fetched only
+//! when the digest changed and is not cached.
+//!
+//! Bytes are passed through exactly as the upstream sent them, never re-serialised, after
+//! checking they hash to the digest asked for or announced. Concurrent misses of one manifest,
+//! and concurrent revalidations of one tag, share one upstream request.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+
+use super::Served;
+use crate::body;
+use crate::cache::{Manifest, Outcome, TagEntry, TagKey};
+use crate::error::{ApiError, Code};
+use crate::flight::{Flights, Role};
+use crate::oci::digest::Digest;
+use crate::oci::name::{Reference, Tag};
+use crate::route::Target;
+use crate::AppState;
+
+/// The distribution registry refuses manifests over 4 MiB; so does berth.
+const MAX_MANIFEST: usize = 4 << 20;
+
+/// What a manifest fetch is keyed by: a digest, or a tag together with what the client accepts
+/// (one tag can resolve to different manifests for different `Accept` headers).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum FetchKey {
+    Digest(Digest),
+    Tag(TagKey, String),
+}
+
+pub type ManifestFlights = Flights<FetchKey, Result<Manifest, ApiError>>;
+pub type RevalidationFlights = Flights<(TagKey, String), Result<Digest, ApiError>>;
+
+pub async fn serve(
+    state: &Arc<AppState>,
+    target: Target,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Served {
+    let reference = Reference::parse(reference)?;
+    let accept = accept_header(headers);
+    let (manifest, outcome) = match reference {
+        Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
+        Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
+    };
+    Ok((response(&manifest, head), outcome))
+}
+
+async fn by_digest(
+    state: &Arc<AppState>,
+    target: Target,
+    digest: Digest,
+    accept: Option<String>,
+) -> Result<(Manifest, Outcome), ApiError> {
+    if let Some(manifest) = state.cache.manifest(&digest).await {
+        return Ok((manifest, Outcome::Hit));
+    }
+    let key = FetchKey::Digest(digest.clone());
+    let work_state = Arc::clone(state);
+    let (fetched, role) = state
+        .manifest_flights
+        .run(key, move || {
+            fetch(work_state, target, Reference::Digest(digest), accept)
+        })
+        .await;
+    Ok((fetched?, miss_outcome(role)))
+}
+
+async fn by_tag(
+    state: &Arc<AppState>,
+    target: Target,
+    tag: Tag,
+    accept: Option<String>,
+) -> Result<(Manifest, Outcome), ApiError> {
+    let key = TagKey {
+        upstream: Arc::clone(&target.upstream.name),
+        repository: target.repository.clone(),
+        tag: tag.clone(),
+    };
+    let accept_key = accept.clone().unwrap_or_default();
+    if let Some(entry) = state
+        .cache
+        .tags
+        .get(&key)
+        .filter(|e| accepts(accept.as_deref(), &e.media_type))
+    {
+        if let Some(manifest) = state.cache.manifest(&entry.digest).await {
+            if entry.checked.elapsed() < target.upstream.tag_ttl {
+                return Ok((manifest, Outcome::Hit));
+            }
+            if let Some(current) = revalidate(state, &target, &key, &accept_key, &accept).await? {
+                return Ok((current, Outcome::Revalidated));
+            }
+        }
+    }
+    let work_state = Arc::clone(state);
+    let work_key = key.clone();
+    let (fetched, role) = state
+        .manifest_flights
+        .run(FetchKey::Tag(key, accept_key), move || async move {
+            let manifest =
+                fetch(Arc::clone(&work_state), target, Reference::Tag(tag), accept).await?;
+            remember_tag(&work_state, work_key, &manifest);
+            Ok(manifest)
+        })
+        .await;
+    Ok((fetched?, miss_outcome(role)))
+}
+
+/// Asks the upstream (HEAD) where the tag points now. Returns the manifest if it is cached, and
+/// records the answer; `None` means the body must be fetched.
+async fn revalidate(
+    state: &Arc<AppState>,
+    target: &Target,
+    key: &TagKey,
+    accept_key: &str,
+    accept: &Option<String>,
+) -> Result<Option<Manifest>, ApiError> {
+    let upstream = Arc::clone(&target.upstream);
+    let repository = target.repository.clone();
+    let reference = Reference::Tag(key.tag.clone());
+    let accept = accept.clone();
+    let (digest, _) = state
+        .revalidations
+        .run((key.clone(), accept_key.to_string()), move || async move {
+            let accept = accept
+                .as_deref()
+                .and_then(|a| HeaderValue::from_str(a).ok());
+            let response = upstream
+                .manifest(Method::HEAD, &repository, &reference, accept.as_ref())
+                .await
+                .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
+            announced_digest(response.headers()).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    Code::Unavailable,
+                    "upstream HEAD gave no digest",
+                )
+            })
+        })
+        .await;
+    let digest = digest?;
+    let Some(manifest) = state.cache.manifest(&digest).await else {
+        return Ok(None);
+    };
+    remember_tag(state, key.clone(), &manifest);
+    Ok(Some(manifest))
+}
+
+fn remember_tag(state: &AppState, key: TagKey, manifest: &Manifest) {
+    let entry = TagEntry {
+        digest: manifest.digest.clone(),
+        media_type: Arc::clone(&manifest.media_type),
+        checked: Instant::now(),
+    };
+    state.cache.tags.put(key, entry);
+}
+
+/// GETs a manifest, checks its bytes against the digest asked for and the one announced, and
+/// stores it.
+async fn fetch(
+    state: Arc<AppState>,
+    target: Target,
+    reference: Reference,
+    accept: Option<String>,
+) -> Result<Manifest, ApiError> {
+    let started = Instant::now();
+    let accept_value = accept
+        .as_deref()
+        .and_then(|a| HeaderValue::from_str(a).ok());
+    let response = target
+        .upstream
+        .manifest(
+            Method::GET,
+            &target.repository,
+            &reference,
+            accept_value.as_ref(),
+        )
+        .await
+        .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
+    let announced = announced_digest(response.headers());
+    let media_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+        .filter(|v| !v.is_empty());
+    let bytes = Limited::new(response.into_body(), MAX_MANIFEST)
+        .collect()
+        .await
+        .map_err(|e| bad_manifest(format!("reading manifest: {e}")))?
+        .to_bytes();
+    let digest = Digest::of(&bytes);
+    if let Some(wanted) = reference.digest().filter(|wanted| **wanted != digest) {
+        state.metrics.digest_mismatches.inc();
+        return Err(bad_manifest(format!(
+            "asked for {wanted}, upstream sent {digest}"
+        )));
+    }
+    if let Some(claimed) = announced.filter(|claimed| *claimed != digest) {
+        state.metrics.digest_mismatches.inc();
+        return Err(bad_manifest(format!(
+            "upstream announced {claimed}, sent {digest}"
+        )));
+    }
+    let media_type = media_type.unwrap_or_else(|| embedded_media_type(&bytes));
+    let manifest = Manifest {
+        digest,
+        media_type: media_type.into(),
+        bytes,
+    };
+    if let Err(err) = state.cache.put_manifest(manifest.clone()).await {
+        tracing::warn!(digest = %manifest.digest, %err, "cannot store manifest; serving it uncached");
+    }
+    state
+        .metrics
+        .manifest_fetch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(manifest)
+}
+
+fn bad_manifest(detail: String) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        Code::Unavailable,
+        "upstream sent a bad manifest",
+    )
+    .with_detail(detail)
+}
+
+/// `Docker-Content-Digest`, when the upstream sent a sha256 one we can check against.
+fn announced_digest(headers: &HeaderMap) -> Option<Digest> {
+    let value = headers.get("docker-content-digest")?.to_str().ok()?;
+    Digest::parse(value.trim()).ok()
+}
+
+/// The `mediaType` field, for upstreams that send no usable Content-Type.
+fn embedded_media_type(bytes: &Bytes) -> String {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes)
+        .ok()
+        .and_then(|p| p.media_type)
+        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string())
+}
+
+fn accept_header(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// Whether a client's Accept list admits a media type; no Accept admits anything.
+fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+    let Some(accept) = accept else {
+        return true;
+    };
+    accept
+        .split(',')
+        .map(|item| item.split(';').next().unwrap_or("").trim())
+        .any(|item| item == media_type || item == "*/*")
+}
+
+fn miss_outcome(role: Role) -> Outcome {
+    match role {
+        Role::Leader => Outcome::Miss,
+        Role::Follower => Outcome::Coalesced,
+    }
+}
+
+fn response(manifest: &Manifest, head: bool) -> Response<body::Body> {
+    let body = if head {
+        body::empty()
+    } else {
+        body::full(manifest.bytes.clone())
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, manifest.media_type.as_ref())
+        .header(CONTENT_LENGTH, manifest.bytes.len())
+        .header("docker-content-digest", manifest.digest.as_str())
+        .header(ETAG, format!("\"{}\"", manifest.digest))
+        .body(body)
+        .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_lists_admit_listed_types_and_wildcards() {
+        let docker = "application/vnd.docker.distribution.manifest.v2+json";
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        assert!(accepts(None, docker));
+        assert!(accepts(Some(&format!("{oci}, {docker}; q=0.5")), docker));
+        assert!(!accepts(Some(oci), docker));
+        assert!(accepts(Some("*/*"), docker));
+    }
+
+    #[test]
+    fn media_type_falls_back_to_the_document() {
+        let bytes =
+            Bytes::from_static(br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#);
+        assert_eq!(
+            embedded_media_type(&bytes),
+            "application/vnd.oci.image.index.v1+json"
+        );
+        assert_eq!(
+            embedded_media_type(&Bytes::from_static(b"{}")),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! The `/v2/` registry API as named phases: parse -> route -> authorize -> lookup -> serve | fill.
+//!
+//! `handle` is the whole life of a request: it parses the path, refuses writes, resolves the
+//! upstream and repository, and hands over to the manifest, blob or pass-through handler, then
+//! stamps `X-Cache`, counts the request and logs one line. Errors from any phase become a
+//! response in exactly one place (`ApiError::into_response`).
+
+mod blob;
+mod manifest;
+mod passthrough;
+
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::{Method, Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use crate::body::{self, Body};
+use crate::cache::Outcome;
+use crate::error::{ApiError, Code};
+use crate::oci::name::{split_api_path, ApiPath};
+use crate::route::{self, RouteError};
+use crate::AppState;
+
+pub use manifest::{ManifestFlights, RevalidationFlights};
+
+/// Which API route a request hit; a metric label, so a small closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RouteKind {
+    Ping,
+    Manifest,
+    Blob,
+    Tags,
+    Referrers,
+    Other,
+}
+
+impl RouteKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Ping => "ping",
+            RouteKind::Manifest => "manifest",
+            RouteKind::Blob => "blob",
+            RouteKind::Tags => "tags",
+            RouteKind::Referrers => "referrers",
+            RouteKind::Other => "other",
+        }
+    }
+}
+
+type Served = Result<(Response<Body>, Outcome), ApiError>;
+
+pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let head = method == Method::HEAD;
+    let (kind, served) = dispatch(&state, &request).await;
+    let (mut response, outcome) = match served {
+        Ok(served) => served,
+        Err(error) => {
+            let outcome = if error.code == Code::Denied {
+                Outcome::Denied
+            } else {
+                Outcome::Error
+            };
+            (error.into_response(head), outcome)
+        }
+    };
+    response
+        .headers_mut()
+        .insert("x-cache", HeaderValue::from_static(outcome.as_str()));
+    let status = response.status();
+    let status_class = status_class(status);
+    state
+        .metrics
+        .requests
+        .with_label_values(&[
+            kind.as_str(),
+            method.as_str(),
+            status_class,
+            outcome.as_str(),
+        ])
+        .inc();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[kind.as_str()])
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        method = %method,
+        path = request.uri().path(),
+        status = status.as_u16(),
+        cache = outcome.as_str(),
+        ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind, Served) {
+    let path = request.uri().path();
+    let method = request.method();
+    if path == "/v2/" || path == "/v2" {
+        return (RouteKind::Ping, ping(method));
+    }
+    let parsed = path.strip_prefix("/v2/").and_then(split_api_path);
+    let kind = match &parsed {
+        Some(ApiPath::Manifest { .. }) => RouteKind::Manifest,
+        Some(ApiPath::Blob { .. }) => RouteKind::Blob,
+        Some(ApiPath::Tags { .. }) => RouteKind::Tags,
+        Some(ApiPath::Referrers { .. }) => RouteKind::Referrers,
+        _ => RouteKind::Other,
+    };
+    // Writes are refused whatever the path: berth is a pull-only cache.
+    if matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) {
+        let error = ApiError::unsupported(
+            "berth is a pull-through cache; pushes and deletes go to the registry",
+        );
+        return (kind, Err(error));
+    }
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return (
+            kind,
+            Err(ApiError::unsupported(format!(
+                "method {method} is not supported"
+            ))),
+        );
+    }
+    let Some(parsed) = parsed else {
+        let error = ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NameUnknown,
+            "not a registry API path",
+        )
+        .with_detail(path.to_string());
+        return (kind, Err(error));
+    };
+    (kind, serve(state, request, parsed).await)
+}
+
+fn ping(method: &Method) -> Served {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Err(ApiError::unsupported(format!(
+            "method {method} is not supported"
+        )));
+    }
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("docker-distribution-api-version", "registry/2.0")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, 2)
+        .body(if *method == Method::HEAD {
+            body::empty()
+        } else {
+            body::full("{}")
+        })
+        .expect("valid response");
+    Ok((response, Outcome::Bypass))
+}
+
+async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'_>) -> Served {
+    let head = request.method() == Method::HEAD;
+    let query = request.uri().query();
+    let ns = route::ns_param(query);
+    let name = match &parsed {
+        ApiPath::Manifest { name, .. }
+        | ApiPath::Blob { name, .. }
+        | ApiPath::Tags { name }
+        | ApiPath::Referrers { name, .. }
+        | ApiPath::BlobUpload { name } => *name,
+        ApiPath::Catalog => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                Code::Unsupported,
+                "a pull-through cache has no catalog",
+            ))
+        }
+    };
+    // Route: which upstream, which repository. Nothing is dialled for an unknown registry.
+    let target = route::resolve(&state.upstreams, ns, name).map_err(route_error)?;
+    // Authorize: every caller may pull in the anonymous access mode, the only one so far.
+    let headers = request.headers();
+    match parsed {
+        ApiPath::Manifest { reference, .. } => {
+            manifest::serve(state, target, reference, headers, head).await
+        }
+        ApiPath::Blob { digest, .. } => blob::serve(state, target, digest, headers, head).await,
+        ApiPath::Tags { .. } => {
+            passthrough::serve(target, "tags/list".into(), query, name, head).await
+        }
+        ApiPath::Referrers { digest, .. } => {
+            let digest = crate::oci::digest::Digest::parse(digest)?;
+            passthrough::serve(target, format!("referrers/{digest}"), query, name, head).await
+        }
+        ApiPath::BlobUpload { .. } | ApiPath::Catalog => {
+            Err(ApiError::unsupported("not supported"))
+        }
+    }
+}
+
+fn route_error(err: RouteError) -> ApiError {
+    match err {
+        RouteError::Name(err) => err.into(),
+        RouteError::UnknownRegistry(_) | RouteError::NoDefault => {
+            ApiError::name_unknown(err.to_string())
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Configuration: serde structs with documented defaults, the embedded default, and validation
+//! errors that name the offending key.
+//!
+//! Loading is a pure `from_toml` plus a thin `load(path)`. This module knows nothing about sockets
+//! or disks: it only describes what the operator asked for. Every key is documented in
+//! `deploy/config.example.toml`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::secret::Secret;
+
+/// The configuration used when `berth serve` is given no file: a mirror of the public registries,
+/// caching under `./berth-cache`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../deploy/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the registry API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Upstream (by `host`) for request paths that name no registry, e.g. `/v2/nginx/...`.
+    #[serde(default)]
+    pub default_upstream: Option<String>,
+    /// `text` or `json` log lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub client: ClientConfig,
+    /// The registries berth may fetch from; nothing else is ever dialled.
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory holding the content-addressed store; created if missing.
+    #[serde(default = "default_cache_dir")]
+    pub dir: PathBuf,
+    /// Upper bound of the bytes kept on disk; least recently used content goes first.
+    #[serde(default = "default_max_size", deserialize_with = "de_size")]
+    pub max_size: u64,
+    /// How long a tag -> digest mapping is served without asking the upstream again.
+    #[serde(default = "default_tag_ttl", deserialize_with = "de_duration")]
+    pub tag_ttl: Duration,
+    /// Bytes of manifests kept in memory to answer manifest hits without disk reads.
+    #[serde(default = "default_manifest_memory", deserialize_with = "de_size")]
+    pub manifest_memory: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: default_cache_dir(),
+            max_size: default_max_size(),
+            tag_ttl: default_tag_ttl(),
+            manifest_memory: default_manifest_memory(),
+        }
+    }
+}
+
+/// How berth talks to every upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// Time allowed between sending a request and receiving the response head.
+    #[serde(default = "default_response_timeout", deserialize_with = "de_duration")]
+    pub response_timeout: Duration,
+    /// Longest silence tolerated inside a response body before the fetch counts as stalled.
+    #[serde(default = "default_read_timeout", deserialize_with = "de_duration")]
+    pub read_timeout: Duration,
+    /// Extra PEM CA bundle trusted on top of the webpki roots, for self-hosted registries.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            read_timeout: default_read_timeout(),
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry name as image references use it, e.g. `docker.io` or `ghcr.io`.
+    pub host: String,
+    /// Where to fetch from; default `https://<host>`. `http://` is allowed for loopback registries.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Other names of the same registry (`index.docker.io` for Docker Hub).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Overrides `cache.tag_ttl` for this upstream.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub tag_ttl: Option<Duration>,
+}
+
+impl UpstreamConfig {
+    /// The endpoint URL, defaulting to `https://<host>`, without a trailing slash.
+    pub fn endpoint_url(&self) -> String {
+        match &self.endpoint {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("https://{}", self.host),
+        }
+    }
+
+    /// Docker Hub needs `library/` on one-component names; every other registry takes names as-is.
+    pub fn is_docker_hub(&self) -> bool {
+        self.names().any(|name| name == "docker.io")
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.host.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::from_toml(EMBEDDED_DEFAULT).expect("the embedded default config is valid")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            validate_upstream(i, upstream)?;
+            for name in upstream.names() {
+                if !seen.insert(name.to_ascii_lowercase()) {
+                    let key = format!("upstream[{i}].host");
+                    return Err(invalid(key, format!("{name:?} is configured twice")));
+                }
+            }
+        }
+        if let Some(default) = &self.default_upstream {
+            if !self
+                .upstreams
+                .iter()
+                .any(|u| u.names().any(|n| n == default))
+            {
+                let message = format!("no [[upstream]] has host or alias {default:?}");
+                return Err(invalid("default_upstream", message));
+            }
+        }
+        if self.cache.max_size == 0 {
+            return Err(invalid("cache.max_size", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigError> {
+    for name in upstream.names() {
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+            let key = format!("upstream[{i}].host");
+            return Err(invalid(
+                key,
+                format!("{name:?} is not a registry host name"),
+            ));
+        }
+    }
+    let url = upstream.endpoint_url();
+    let key = format!("upstream[{i}].endpoint");
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(&key, format!("{url:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(invalid(
+                key,
+                format!("{url:?} must start with http:// or https://"),
+            ))
+        }
+    }
+    if uri.host().is_none() {
+        return Err(invalid(key, format!("{url:?} has no host")));
+    }
+    if upstream.password.is_some() && upstream.username.is_none() {
+        let key = format!("upstream[{i}].username");
+        return Err(invalid(key, "a password is set but no username"));
+    }
+    Ok(())
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:5000".parse().expect("valid address")
+}
+
+fn default_cache_dir() -> PathBuf {
+    PathBuf::from("berth-cache")
+}
+
+fn default_max_size() -> u64 {
+    50 << 30
+}
+
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_manifest_memory() -> u64 {
+    64 << 20
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Parses sizes such as "50GiB", "512 MiB" or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("invalid size {text:?}: {e}"))
+}
+
+/// Parses durations such as "30s", "5m" or "24h".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match SizeValue::deserialize(d)? {
+        SizeValue::Bytes(n) => Ok(n),
+        SizeValue::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_mirrors_the_public_registries() {
+        let config = Config::embedded_default();
+        let hosts: Vec<&str> = config.upstreams.iter().map(|u| u.host.as_str()).collect();
+        for host in [
+            "docker.io",
+            "ghcr.io",
+            "gcr.io",
+            "quay.io",
+            "registry.k8s.io",
+        ] {
+            assert!(hosts.contains(&host), "{host} missing from {hosts:?}");
+        }
+        assert_eq!(config.default_upstream.as_deref(), Some("docker.io"));
+        assert!(config.upstreams[0].is_docker_hub());
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.cache.tag_ttl, Duration::from_secs(30));
+        assert_eq!(config.cache.max_size, 50 << 30);
+        assert!(config.upstreams.is_empty());
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_in_human_form() {
+        let config = Config::from_toml(
+            "[cache]\nmax_size = \"512MiB\"\ntag_ttl = \"5m\"\n[client]\nread_timeout = \"2s\"",
+        )
+        .unwrap();
+        assert_eq!(config.cache.max_size, 512 << 20);
+        assert_eq!(config.cache.tag_ttl, Duration::from_secs(300));
+        assert_eq!(config.client.read_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_offending_key() {
+        let cases = [
+            ("[cache]\nmax_size = \"lots\"", "max_size"),
+            ("[cache]\ntag_ttl = \"soon\"", "tag_ttl"),
+            ("default_upstream = \"nowhere.io\"", "default_upstream"),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nendpoint = \"ftp://a.io\"",
+                "upstream[0].endpoint",
+            ),
+            (
+                "[[upstream]]\nhost = \"a.io\"\n[[upstream]]\nhost = \"a.io\"",
+                "upstream[1].host",
+            ),
+            (
+                "[[upstream]]\nhost = \"a.io\"\npassword = \"x\"",
+                "upstream[0].username",
+            ),
+            ("listen = \"nope\"", "listen"),
+            ("surprise = 1", "surprise"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "error for {text:?} should name {key}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let config =
+            Config::from_toml("[[upstream]]\nhost = \"a.io\"\nusername = \"u\"\npassword = \"pw\"")
+                .unwrap();
+        assert!(!format!("{config:?}").contains("pw\""));
+    }
+}

@@ -1,0 +1,108 @@
+//! Single flight: concurrent callers asking for the same key share one run of the work.
+//!
+//! Used for manifest fetches, tag revalidations and token fetches, whose results are small and
+//! cloneable. Blob fills have their own, streaming, coalescing in `fill`. The work is owned by
+//! the shared future, so it survives any one caller going away, and the key is released by the
+//! work itself when it ends, so a cancelled first caller can never leave a finished result
+//! behind for later callers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+pub struct Flights<K, V: Clone> {
+    running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+}
+
+impl<K, V: Clone> Default for Flights<K, V> {
+    fn default() -> Self {
+        Flights {
+            running: Arc::default(),
+        }
+    }
+}
+
+/// Whether the caller started the work or joined a run already under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+impl<K, V> Flights<K, V>
+where
+    K: Clone + Eq + Hash + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Runs `work` unless a run for `key` is under way, in which case waits for that run's result.
+    pub async fn run<F>(&self, key: K, work: impl FnOnce() -> F) -> (V, Role)
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (shared, role) = {
+            let mut running = self.running.lock().expect("flight map lock");
+            match running.get(&key) {
+                Some(shared) => (shared.clone(), Role::Follower),
+                None => {
+                    let registry = Arc::clone(&self.running);
+                    let owned_key = key.clone();
+                    let fut = work();
+                    let shared = async move {
+                        let value = fut.await;
+                        registry.lock().expect("flight map lock").remove(&owned_key);
+                        value
+                    }
+                    .boxed()
+                    .shared();
+                    running.insert(key, shared.clone());
+                    (shared, Role::Leader)
+                }
+            }
+        };
+        (shared.await, role)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_run() {
+        let flights: Flights<&str, u32> = Flights::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = oneshot::channel::<()>();
+        let gate = gate.shared();
+        let call = || {
+            let runs = Arc::clone(&runs);
+            let gate = gate.clone();
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.await;
+                7
+            }
+        };
+        let first = flights.run("k", call());
+        let second = flights.run("k", call());
+        let both = futures_util::future::join(first, second);
+        let releaser = async {
+            tokio::task::yield_now().await;
+            release.send(()).unwrap();
+        };
+        let (((a, role_a), (b, role_b)), ()) = futures_util::future::join(both, releaser).await;
+        assert_eq!((a, b), (7, 7));
+        assert_eq!((role_a, role_b), (Role::Leader, Role::Follower));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let (c, role_c) = flights.run("k", call()).await;
+        assert_eq!(
+            (c, role_c),
+            (7, Role::Leader),
+            "a finished run releases its key"
+        );
+    }
+}

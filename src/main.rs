@@ -1,0 +1,105 @@
+//! The `berth` command: parse the command line, load the config, bind, run. Everything else
+//! lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use berth::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A pull-through caching edge proxy for container images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry API (the embedded default config if no --config is given).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `listen` from the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Overrides `cache.dir` from the config.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            cache_dir,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::embedded_default(),
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(dir) = cache_dir {
+                config.cache.dir = dir;
+            }
+            init_logging(config.log_format);
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(serve(config))
+        }
+        Command::DefaultConfig => {
+            print!("{}", berth::config::EMBEDDED_DEFAULT);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding listen address {}", config.listen))?;
+    let state = berth::AppState::open(config).await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        cache_dir = %state.config.cache.dir.display(),
+        cached_objects = state.cache.index.len(),
+        "berth is serving"
+    );
+    berth::server::run(listener, state, shutdown_signal()).await?;
+    tracing::info!("berth stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,257 @@
+//! Upstream authentication: the registry token flow (RFC 6750 bearer tokens from the realm a
+//! `WWW-Authenticate: Bearer` challenge names) and Basic credentials.
+//!
+//! The challenge an upstream sent first is remembered, so later requests fetch their token up
+//! front instead of collecting a 401 each time. Tokens are cached per pull scope until shortly
+//! before they expire, and concurrent requests for one scope share one token fetch. Secrets stay
+//! in sensitive header values and `Secret`s, never in logs. Which credentials belong to which
+//! upstream is decided by the caller.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::challenge::{parse_challenges, token_url, Challenge};
+use super::{HttpClient, UpstreamError};
+use crate::flight::Flights;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone)]
+enum Scheme {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    header: HeaderValue,
+    expires: Instant,
+}
+
+/// Token responses are small JSON documents; anything bigger is not a token.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+pub struct Auth {
+    upstream: String,
+    credentials: Option<(String, Secret)>,
+    scheme: RwLock<Option<Scheme>>,
+    tokens: moka::sync::Cache<String, Token>,
+    flights: Flights<String, Result<Token, UpstreamError>>,
+}
+
+impl Auth {
+    pub fn new(upstream: String, credentials: Option<(String, Secret)>) -> Auth {
+        Auth {
+            upstream,
+            credentials,
+            scheme: RwLock::new(None),
+            tokens: moka::sync::Cache::new(10_000),
+            flights: Flights::default(),
+        }
+    }
+
+    /// The Authorization header to send up front for `scope`, if the upstream's scheme is known.
+    pub async fn authorization(
+        &self,
+        client: &HttpClient,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let scheme = self.scheme.read().expect("scheme lock").clone();
+        match scheme {
+            None => Ok(None),
+            Some(Scheme::Basic) => Ok(self.basic()),
+            Some(Scheme::Bearer { realm, service }) => {
+                if let Some(token) = self
+                    .tokens
+                    .get(scope)
+                    .filter(|t| t.expires > Instant::now())
+                {
+                    return Ok(Some(token.header));
+                }
+                self.fetch_token(client, realm, service, scope)
+                    .await
+                    .map(Some)
+            }
+        }
+    }
+
+    /// Answers a 401: learns the scheme from the challenge and returns the header to retry with,
+    /// or `None` when retrying cannot help (no usable challenge, or Basic credentials refused).
+    pub async fn answer(
+        &self,
+        client: &HttpClient,
+        challenge: Option<&HeaderValue>,
+        scope: &str,
+        sent: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(header) = challenge.and_then(|v| v.to_str().ok()) else {
+            return Ok(None);
+        };
+        let challenges = parse_challenges(header);
+        let bearer = challenges.iter().find_map(|c| match c {
+            Challenge::Bearer { realm, service, .. } => Some((realm.clone(), service.clone())),
+            Challenge::Basic { .. } => None,
+        });
+        if let Some((realm, service)) = bearer {
+            *self.scheme.write().expect("scheme lock") = Some(Scheme::Bearer {
+                realm: realm.clone(),
+                service: service.clone(),
+            });
+            self.tokens.invalidate(scope);
+            return self
+                .fetch_token(client, realm, service, scope)
+                .await
+                .map(Some);
+        }
+        if challenges
+            .iter()
+            .any(|c| matches!(c, Challenge::Basic { .. }))
+        {
+            *self.scheme.write().expect("scheme lock") = Some(Scheme::Basic);
+            if sent.is_none() {
+                return Ok(self.basic());
+            }
+        }
+        Ok(None)
+    }
+
+    fn basic(&self) -> Option<HeaderValue> {
+        let (user, password) = self.credentials.as_ref()?;
+        Some(basic_header(user, password))
+    }
+
+    async fn fetch_token(
+        &self,
+        client: &HttpClient,
+        realm: String,
+        service: Option<String>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        let url = token_url(&realm, service.as_deref(), &[scope.to_string()]);
+        let client = client.clone();
+        let basic = self.basic();
+        let upstream = self.upstream.clone();
+        let (token, _) = self
+            .flights
+            .run(scope.to_string(), move || async move {
+                request_token(&client, &url, basic)
+                    .await
+                    .inspect_err(|err| {
+                        tracing::warn!(upstream, %err, "token fetch failed");
+                    })
+            })
+            .await;
+        let token = token?;
+        self.tokens.insert(scope.to_string(), token.clone());
+        Ok(token.header)
+    }
+}
+
+pub fn basic_header(user: &str, password: &Secret) -> HeaderValue {
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
+    let mut value =
+        HeaderValue::from_str(&format!("Basic {encoded}")).expect("base64 is a valid header");
+    value.set_sensitive(true);
+    value
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+async fn request_token(
+    client: &HttpClient,
+    url: &str,
+    basic: Option<HeaderValue>,
+) -> Result<Token, UpstreamError> {
+    let mut request = Request::builder().method(Method::GET).uri(url);
+    if let Some(basic) = basic {
+        request = request.header(http::header::AUTHORIZATION, basic);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| UpstreamError::Token(format!("bad token URL: {e}")))?;
+    let response = client.send(request).await?;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Err(UpstreamError::Status {
+            status,
+            retry_after: None,
+        });
+    }
+    if !status.is_success() {
+        return Err(UpstreamError::Token(format!(
+            "token endpoint answered {status}"
+        )));
+    }
+    let body = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| UpstreamError::Token(format!("reading token: {e}")))?
+        .to_bytes();
+    parse_token(&body, Instant::now())
+}
+
+/// Parses a token response; the token is used until shortly before `expires_in` runs out.
+fn parse_token(body: &[u8], now: Instant) -> Result<Token, UpstreamError> {
+    let parsed: TokenResponse = serde_json::from_slice(body)
+        .map_err(|e| UpstreamError::Token(format!("token response is not JSON: {e}")))?;
+    let token = parsed
+        .token
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| UpstreamError::Token("token response holds no token".into()))?;
+    // The token spec's default lifetime is 60 s.
+    let lifetime = parsed.expires_in.unwrap_or(60);
+    let margin = (lifetime / 10).max(5);
+    let usable = Duration::from_secs(lifetime.saturating_sub(margin).max(1));
+    let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| UpstreamError::Token("token has characters not allowed in a header".into()))?;
+    header.set_sensitive(true);
+    Ok(Token {
+        header,
+        expires: now + usable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_refreshed_before_it_expires() {
+        let now = Instant::now();
+        let token = parse_token(br#"{"token":"abc","expires_in":300}"#, now).unwrap();
+        assert_eq!(token.header, "Bearer abc");
+        assert_eq!(token.expires - now, Duration::from_secs(270));
+        let default = parse_token(br#"{"access_token":"xyz"}"#, now).unwrap();
+        assert_eq!(default.expires - now, Duration::from_secs(54));
+    }
+
+    #[test]
+    fn token_without_token_is_an_error() {
+        assert!(parse_token(br#"{"expires_in":300}"#, Instant::now()).is_err());
+        assert!(parse_token(b"<html>", Instant::now()).is_err());
+    }
+
+    #[test]
+    fn basic_header_is_sensitive() {
+        let header = basic_header("user", &Secret::new("pw"));
+        assert!(header.is_sensitive());
+        assert_eq!(header, "Basic dXNlcjpwdw==");
+    }
+}

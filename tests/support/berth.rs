@@ -1,0 +1,104 @@
+//! Starting berth in-process for a test: a config on `127.0.0.1:0`, a cache directory, the
+//! server task, and graceful shutdown so a test can restart berth on the same cache.
+//!
+//! Does not own: upstream registries or clients; tests wire those (usually a `Tap` in front of a
+//! `Registry`) into the config they pass.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth::config::Config;
+use berth::AppState;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Berth {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A config with one upstream, `host` served from `endpoint`, which is also the default.
+pub fn single_upstream_config(host: &str, endpoint: &str, cache_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+default_upstream = "{host}"
+[cache]
+dir = "{dir}"
+{extra}
+[[upstream]]
+host = "{host}"
+endpoint = "{endpoint}"
+"#,
+        dir = cache_dir.display()
+    )
+}
+
+impl Berth {
+    /// Starts berth on the given TOML config (its `listen` is ignored: berth binds port 0).
+    pub async fn start(config_toml: &str) -> Berth {
+        let config = Config::from_toml(config_toml).expect("test config is valid");
+        let state = AppState::open(config).await.expect("berth starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let server_state = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            let signal = async {
+                let _ = signal.await;
+            };
+            berth::server::run(listener, server_state, signal)
+                .await
+                .unwrap();
+        });
+        Berth {
+            addr,
+            state,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    /// Starts berth with one upstream (the default) and the cache in `cache_dir`.
+    pub async fn with_upstream(host: &str, endpoint: &str, cache_dir: &Path) -> Berth {
+        Berth::start(&single_upstream_config(host, endpoint, cache_dir, "")).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `host:port`, as image references through berth spell it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state.config.cache.dir.clone()
+    }
+
+    /// Stops accepting and waits for connections to finish.
+    pub async fn stop(mut self) {
+        self.shutdown_now().await;
+    }
+
+    async fn shutdown_now(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
