@@ -334,6 +334,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_a_valid_config() {
+        let example = include_str!("../deploy/config.example.toml");
+        let config = Config::from_toml(example).unwrap();
+        assert_eq!(config.default_upstream.as_deref(), Some("docker.io"));
+    }
+
+    #[test]
     fn defaults_apply_to_an_empty_file() {
         let config = Config::from_toml("").unwrap();
         assert_eq!(config.cache.tag_ttl, Duration::from_secs(30));

@@ -77,7 +77,7 @@ pub struct Joined {
 }
 
 /// Bounded so a slow disk pushes back on the upstream read instead of buffering the blob.
-const WRITE_QUEUE_CHUNKS: usize = 64;
+const WRITE_QUEUE_CHUNKS: usize = 16;
 
 impl Fills {
     pub fn new(read_timeout: Duration) -> Fills {

@@ -18,7 +18,7 @@ use crate::body::{self, Body, BoxError};
 use crate::fill::Progress;
 
 /// Largest single read; bounds the memory one slow client can pin.
-const CHUNK: u64 = 256 * 1024;
+const CHUNK: u64 = 128 * 1024;
 
 struct Reader {
     progress: watch::Receiver<Progress>,

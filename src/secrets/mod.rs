@@ -1,0 +1,622 @@
+//! Pull secrets: registry credentials kept in files (as mounted from Kubernetes Secrets), which
+//! request each one applies to, and the exchanges that turn cloud keys into registry logins.
+//!
+//! Each `[[secret]]` names a file in its platform's own JSON form:
+//! - `docker`: a `config.json` `auths` map (`docker`); used for the registries it lists.
+//! - `ecr`: AWS keys, an optional role and a list of repositories (`ecr`, `aws`); used for
+//!   those repositories on `ACCOUNT.dkr.ecr.REGION.amazonaws.com`.
+//! - `gcp`: a service-account key (`gcp`); used for `gcr.io`/`*.gcr.io` and
+//!   `REGION-docker.pkg.dev` repositories of the key's project.
+//!
+//! Matching needs no per-upstream wiring: `select` tries the secrets in configuration order and
+//! the first that covers the request wins, unless the upstream names one (`secret = "NAME"`).
+//! Files are re-read when they change (`source`); tokens are cached and shared (`token`).
+//!
+//! This module decides *which* username and password to present. Presenting them (Basic to
+//! the registry or to its token endpoint) and caching registry bearer tokens is `upstream::auth`'s
+//! work, keyed by `Credentials::id`. No value from a secret file ever reaches a log line, an
+//! error, a metric label or a `Debug` string.
+
+mod aws;
+mod docker;
+mod ecr;
+mod exchange;
+mod fields;
+mod gcp;
+mod source;
+#[cfg(test)]
+mod standin;
+mod token;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+use source::{Parsed, Source};
+
+/// The HTTP client for STS, ECR and Google token endpoints: berth's upstream client, so the
+/// same timeouts, TLS roots and extra CA bundle apply.
+pub type Transport = crate::upstream::HttpClient;
+
+/// How often a secret's file is checked for changes, at most.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// One `[[secret]]` entry of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// What upstreams (`secret = "NAME"`), logs and errors call it.
+    pub name: String,
+    /// The file's format: `docker`, `ecr` or `gcp`.
+    #[serde(rename = "type")]
+    pub kind: SecretKind,
+    /// The secret file, re-read when it changes.
+    pub file: PathBuf,
+    /// STS endpoint for `ecr` secrets with a role; default `https://sts.REGION.amazonaws.com`
+    /// (`{region}` in the value is replaced by the registry's region). For VPC endpoints and
+    /// tests.
+    #[serde(default)]
+    pub sts_endpoint: Option<String>,
+    /// ECR API endpoint for `ecr` secrets; default `https://api.ecr.REGION.amazonaws.com`
+    /// (`{region}` is replaced likewise).
+    #[serde(default)]
+    pub ecr_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretKind {
+    Docker,
+    Ecr,
+    Gcp,
+}
+
+/// Why a secret cannot be used. Messages name the secret and, for a malformed file, the field;
+/// never a value from the file.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("secret `{name}` is not configured")]
+    Unknown { name: String },
+    #[error("secret `{name}`: cannot read {}: {reason}", path.display())]
+    Read {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("secret `{name}`: file is not valid JSON: {reason}")]
+    Syntax { name: String, reason: String },
+    #[error("secret `{name}`: field `{field}` {problem}")]
+    Field {
+        name: String,
+        field: String,
+        problem: String,
+    },
+    #[error("secret `{name}` cannot serve registry `{registry}`: {reason}")]
+    NotFor {
+        name: String,
+        registry: String,
+        reason: String,
+    },
+    #[error("secret `{name}`: {service} failed: {reason}")]
+    Exchange {
+        name: String,
+        service: &'static str,
+        reason: String,
+    },
+}
+
+/// What to present to a registry (as Basic, or to its token endpoint).
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+    /// Stable id for cache keys: the secret's name, the file's generation and, for fetched
+    /// tokens, the token's serial. It changes whenever the username or password may have;
+    /// it is never derived from the secret itself.
+    pub id: String,
+}
+
+/// A registry login as cached: the parts of `Credentials` that are not the id.
+#[derive(Clone, Debug)]
+struct Login {
+    username: String,
+    password: Secret,
+}
+
+/// Every configured secret.
+pub struct Secrets {
+    sources: Vec<Source>,
+    transport: Transport,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.sources.iter().map(|s| (&s.config.name, s.config.kind)))
+            .finish()
+    }
+}
+
+impl Secrets {
+    /// Reads every secret file now. A bad or missing file is logged and reported again when
+    /// the secret is used; it never stops the others, and it is re-read once fixed.
+    pub fn new(configs: Vec<SecretConfig>, client: Transport) -> Secrets {
+        Secrets::with_recheck(configs, client, RECHECK)
+    }
+
+    fn with_recheck(
+        configs: Vec<SecretConfig>,
+        transport: Transport,
+        recheck: Duration,
+    ) -> Secrets {
+        let sources = configs
+            .into_iter()
+            .map(|config| Source::open(config, recheck))
+            .collect();
+        Secrets { sources, transport }
+    }
+
+    /// Which secret (by name) applies to this registry host and repository: the upstream's
+    /// explicit `secret = "NAME"` if given (even while that file is broken, so the request
+    /// fails with the reason rather than going anonymous), else the first secret in
+    /// configuration order that covers them.
+    pub fn select(&self, registry: &str, repository: &str, named: Option<&str>) -> Option<String> {
+        if let Some(named) = named {
+            let found = self.source(named).map(|s| s.config.name.clone());
+            if found.is_none() {
+                tracing::warn!(secret = %named, "upstream names a secret that is not configured");
+            }
+            return found;
+        }
+        self.sources
+            .iter()
+            .find(|source| {
+                let (_, loaded) = source.current();
+                loaded.is_ok_and(|parsed| parsed.covers(registry, repository))
+            })
+            .map(|source| source.config.name.clone())
+    }
+
+    /// Username and password to present to `registry`, fetching or refreshing ECR and GCP
+    /// tokens as needed.
+    pub async fn credentials(
+        &self,
+        name: &str,
+        registry: &str,
+    ) -> Result<Credentials, SecretError> {
+        let source = self.source(name).ok_or_else(|| SecretError::Unknown {
+            name: name.to_string(),
+        })?;
+        let (generation, loaded) = source.current();
+        let parsed = loaded?;
+        let (login, id) = match &*parsed {
+            Parsed::Docker(auths) => {
+                let login = auths
+                    .for_upstream(registry)
+                    .ok_or_else(|| SecretError::NotFor {
+                        name: name.to_string(),
+                        registry: registry.to_string(),
+                        reason: "no `auths` entry for it".to_string(),
+                    })?;
+                let login = Login {
+                    username: login.username.clone(),
+                    password: login.password.clone(),
+                };
+                (login, format!("{name}#{generation}"))
+            }
+            Parsed::Ecr(key) => {
+                let (login, serial) = key
+                    .login(source, generation, registry, &self.transport)
+                    .await?;
+                (login, format!("{name}#{generation}.{serial}"))
+            }
+            Parsed::Gcp(key) => {
+                let (login, serial) = key.login(source, generation, &self.transport).await?;
+                (login, format!("{name}#{generation}.{serial}"))
+            }
+        };
+        Ok(Credentials {
+            username: login.username,
+            password: login.password,
+            id,
+        })
+    }
+
+    /// The configured secret names, in configuration order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.sources.iter().map(|s| s.config.name.as_str())
+    }
+
+    fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.config.name == name)
+    }
+}
+
+/// Checks `[[secret]]` entries before use: names non-empty and unique, endpoint overrides
+/// absolute URLs. The error is `(key, message)` for `ConfigError::Invalid`, the key being
+/// `secret[INDEX].FIELD`. Files are not read here: a bad file is a runtime condition that
+/// fixing the file cures, not a reason to refuse to start.
+pub fn check_configs(configs: &[SecretConfig]) -> Result<(), (String, String)> {
+    let mut seen = HashSet::new();
+    for (i, config) in configs.iter().enumerate() {
+        let key = |field: &str| format!("secret[{i}].{field}");
+        if config.name.trim().is_empty() {
+            return Err((key("name"), "must not be empty".to_string()));
+        }
+        if !seen.insert(config.name.as_str()) {
+            return Err((key("name"), format!("`{}` is used twice", config.name)));
+        }
+        if config.file.as_os_str().is_empty() {
+            return Err((key("file"), "must not be empty".to_string()));
+        }
+        for (field, url) in [
+            ("sts_endpoint", &config.sts_endpoint),
+            ("ecr_endpoint", &config.ecr_endpoint),
+        ] {
+            let Some(url) = url else { continue };
+            if config.kind != SecretKind::Ecr {
+                return Err((key(field), "applies to `type = \"ecr\"` only".to_string()));
+            }
+            let probe = url.replace("{region}", "us-east-1");
+            let valid = probe.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !valid {
+                return Err((key(field), format!("{url:?} is not an http(s) URL")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use serde_json::json;
+
+    const ECR_HOST: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+
+    fn transport() -> Transport {
+        crate::upstream::HttpClient::new(&crate::config::ClientConfig::default()).unwrap()
+    }
+
+    fn write(
+        dir: &tempfile::TempDir,
+        name: &str,
+        kind: SecretKind,
+        doc: &serde_json::Value,
+    ) -> SecretConfig {
+        let file = dir.path().join(name);
+        std::fs::write(&file, doc.to_string()).unwrap();
+        SecretConfig {
+            name: name.to_string(),
+            kind,
+            file,
+            sts_endpoint: None,
+            ecr_endpoint: None,
+        }
+    }
+
+    fn auth(user: &str, password: &str) -> serde_json::Value {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        json!({ "auth": encoded })
+    }
+
+    /// A docker, an ECR and a GCP secret, and one whose file is broken, in that order.
+    fn all_kinds(dir: &tempfile::TempDir) -> Vec<SecretConfig> {
+        let pem = standin::rsa_key().private_pem.clone();
+        let gcp_key = gcp::tests::key_json(&pem, "my-proj", "https://oauth2.googleapis.com/token");
+        vec![
+            write(
+                dir,
+                "broken",
+                SecretKind::Docker,
+                &json!({"auths": {"quay.io": {"auth": "hunter2!"}}}),
+            ),
+            write(
+                dir,
+                "hub",
+                SecretKind::Docker,
+                &json!({"auths": {
+                    "https://index.docker.io/v1/": auth("hubuser", "hunter2"),
+                    "ghcr.io": {"username": "gh", "password": "hunter3"},
+                    "localhost:5000": auth("local", "hunter4"),
+                }}),
+            ),
+            write(
+                dir,
+                "aws",
+                SecretKind::Ecr,
+                &json!({
+                    "accessKey": "AKID", "secretKey": "hunter5",
+                    "repos": [format!("{ECR_HOST}/team/*"), "shared/base"]
+                }),
+            ),
+            write(dir, "gcp", SecretKind::Gcp, &gcp_key),
+        ]
+    }
+
+    #[test]
+    fn select_applies_each_kind_of_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::new(all_kinds(&dir), transport());
+        let other_ecr = "210987654321.dkr.ecr.us-east-1.amazonaws.com";
+        let cases: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+            ("docker.io", "library/nginx", None, Some("hub")),
+            ("index.docker.io", "library/nginx", None, Some("hub")),
+            ("registry-1.docker.io", "library/nginx", None, Some("hub")),
+            ("ghcr.io", "org/app", None, Some("hub")),
+            ("GHCR.io", "org/app", None, Some("hub")),
+            ("localhost:5000", "app", None, Some("hub")),
+            ("localhost", "app", None, None),
+            ("quay.io", "org/app", None, None),
+            (ECR_HOST, "team/app", None, Some("aws")),
+            (ECR_HOST, "other/app", None, None),
+            (ECR_HOST, "shared/base", None, Some("aws")),
+            (other_ecr, "shared/base", None, Some("aws")),
+            (other_ecr, "team/app", None, None),
+            ("gcr.io", "my-proj/app", None, Some("gcp")),
+            ("us.gcr.io", "my-proj/app", None, Some("gcp")),
+            (
+                "europe-west1-docker.pkg.dev",
+                "my-proj/repo/app",
+                None,
+                Some("gcp"),
+            ),
+            ("gcr.io", "other-proj/app", None, None),
+            ("quay.io", "org/app", Some("hub"), Some("hub")),
+            ("quay.io", "org/app", Some("broken"), Some("broken")),
+            ("docker.io", "library/nginx", Some("gcp"), Some("gcp")),
+            ("docker.io", "library/nginx", Some("missing"), None),
+        ];
+        for (registry, repository, named, expected) in cases {
+            assert_eq!(
+                secrets.select(registry, repository, *named).as_deref(),
+                *expected,
+                "{registry}/{repository} named {named:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_matching_secret_in_configuration_order_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = write(
+            &dir,
+            "first",
+            SecretKind::Docker,
+            &json!({"auths": {"ghcr.io": auth("a", "b")}}),
+        );
+        let second = write(
+            &dir,
+            "second",
+            SecretKind::Docker,
+            &json!({"auths": {"ghcr.io": auth("c", "d")}}),
+        );
+        let secrets = Secrets::new(vec![first, second], transport());
+        assert_eq!(
+            secrets.select("ghcr.io", "x", None).as_deref(),
+            Some("first")
+        );
+        assert_eq!(secrets.names().collect::<Vec<_>>(), ["first", "second"]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_secret_fails_alone_with_its_name_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::new(all_kinds(&dir), transport());
+        let err = secrets.credentials("broken", "quay.io").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "secret `broken`: field `auths[\"quay.io\"].auth` is not valid base64"
+        );
+        let hub = secrets
+            .credentials("hub", "https://index.docker.io/v1/")
+            .await
+            .unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.expose()),
+            ("hubuser", "hunter2")
+        );
+        assert_eq!(hub.id, "hub#1");
+        let err = secrets
+            .credentials("hub", "quay.io")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "secret `hub` cannot serve registry `quay.io`: no `auths` entry for it"
+        );
+        let err = secrets
+            .credentials("aws", "docker.io")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("secret `aws` cannot serve registry `docker.io`: not an ECR host"));
+        let err = secrets
+            .credentials("nope", "docker.io")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "secret `nope` is not configured");
+    }
+
+    #[tokio::test]
+    async fn files_are_read_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(
+            &dir,
+            "hub",
+            SecretKind::Docker,
+            &json!({"auths": {"ghcr.io": auth("a", "one")}}),
+        );
+        let path = config.file.clone();
+        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::ZERO);
+        let before = secrets.credentials("hub", "ghcr.io").await.unwrap();
+        assert_eq!(
+            (before.password.expose(), before.id.as_str()),
+            ("one", "hub#1")
+        );
+
+        std::fs::write(
+            &path,
+            json!({"auths": {"ghcr.io": auth("b", "second")}}).to_string(),
+        )
+        .unwrap();
+        let after = secrets.credentials("hub", "ghcr.io").await.unwrap();
+        assert_eq!(
+            (
+                after.username.as_str(),
+                after.password.expose(),
+                after.id.as_str()
+            ),
+            ("b", "second", "hub#2")
+        );
+
+        std::fs::write(&path, "{\"auths\": ").unwrap();
+        let err = secrets
+            .credentials("hub", "ghcr.io")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("secret `hub`: file is not valid JSON: unexpected end of file"),
+            "{err}"
+        );
+        assert_eq!(secrets.select("ghcr.io", "x", None), None);
+
+        std::fs::remove_file(&path).unwrap();
+        let err = secrets
+            .credentials("hub", "ghcr.io")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("secret `hub`: cannot read {}", path.display())),
+            "{err}"
+        );
+
+        std::fs::write(
+            &path,
+            json!({"auths": {"quay.io": auth("c", "third")}}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(secrets.select("quay.io", "x", None).as_deref(), Some("hub"));
+        assert_eq!(
+            secrets.credentials("hub", "quay.io").await.unwrap().id,
+            "hub#5"
+        );
+    }
+
+    #[tokio::test]
+    async fn files_are_not_checked_more_often_than_the_recheck_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(
+            &dir,
+            "hub",
+            SecretKind::Docker,
+            &json!({"auths": {"ghcr.io": auth("a", "one")}}),
+        );
+        let path = config.file.clone();
+        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::from_secs(3600));
+        std::fs::write(
+            &path,
+            json!({"auths": {"ghcr.io": auth("b", "second")}}).to_string(),
+        )
+        .unwrap();
+        let login = secrets.credentials("hub", "ghcr.io").await.unwrap();
+        assert_eq!(login.password.expose(), "one");
+    }
+
+    #[tokio::test]
+    async fn debug_and_display_never_show_secret_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let configs = all_kinds(&dir);
+        let secrets = Secrets::new(configs.clone(), transport());
+        let hub = secrets.credentials("hub", "ghcr.io").await.unwrap();
+        let mut shown = format!("{secrets:?} {configs:?} {hub:?} {}", hub.password);
+        for source in &secrets.sources {
+            shown.push_str(&format!("{:?}", source.current()));
+            if let Err(err) = source.current().1 {
+                shown.push_str(&err.to_string());
+            }
+        }
+        assert!(shown.contains("hub") && shown.contains("<redacted>") && shown.contains("gh"));
+        for value in ["hunter", "PRIVATE KEY", "MII"] {
+            assert!(!shown.contains(value), "{value} shown in {shown}");
+        }
+    }
+
+    #[test]
+    fn configs_are_checked_for_names_and_endpoints() {
+        let config = |name: &str, kind, sts: Option<&str>| SecretConfig {
+            name: name.into(),
+            kind,
+            file: "/dev/null".into(),
+            sts_endpoint: sts.map(str::to_string),
+            ecr_endpoint: None,
+        };
+        assert_eq!(
+            check_configs(&[config(
+                "a",
+                SecretKind::Ecr,
+                Some("http://127.0.0.1:1/{region}")
+            )]),
+            Ok(())
+        );
+        let cases = [
+            (vec![config("", SecretKind::Docker, None)], "secret[0].name"),
+            (
+                vec![
+                    config("a", SecretKind::Docker, None),
+                    config("a", SecretKind::Gcp, None),
+                ],
+                "secret[1].name",
+            ),
+            (
+                vec![config("a", SecretKind::Ecr, Some("sts.amazonaws.com"))],
+                "secret[0].sts_endpoint",
+            ),
+            (
+                vec![config(
+                    "a",
+                    SecretKind::Docker,
+                    Some("https://sts.amazonaws.com"),
+                )],
+                "secret[0].sts_endpoint",
+            ),
+        ];
+        for (configs, key) in cases {
+            assert_eq!(check_configs(&configs).unwrap_err().0, key);
+        }
+    }
+
+    #[test]
+    fn config_entries_deserialize_from_toml() {
+        #[derive(Deserialize)]
+        struct Doc {
+            secret: Vec<SecretConfig>,
+        }
+        let doc: Doc = toml::from_str(
+            r#"
+            [[secret]]
+            name = "aws"
+            type = "ecr"
+            file = "/var/run/secrets/aws.json"
+            ecr_endpoint = "https://ecr.internal"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(doc.secret[0].kind, SecretKind::Ecr);
+        assert!(toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='azure'\nfile='f'").is_err());
+        assert!(
+            toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='gcp'\nfile='f'\nextra=1").is_err()
+        );
+    }
+}
