@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::secret::Secret;
+use crate::secrets::SecretConfig;
 
 /// The configuration used when `berth serve` is given no file: a mirror of the public registries,
 /// caching under `./berth-cache`.
@@ -54,9 +55,59 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub client: ClientConfig,
-    /// The registries berth may fetch from; nothing else is ever dialled.
+    /// The platform org whose central registry `//image/NAME` means.
+    #[serde(default)]
+    pub platform: PlatformConfig,
+    /// The registries berth may fetch from; nothing else is ever dialled. A `host` with `*`
+    /// is a pattern covering a family of registries (`*.azurecr.io`).
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Pull secrets, matched to requests by registry and repository.
+    #[serde(default, rename = "secret")]
+    pub secrets: Vec<SecretConfig>,
+}
+
+/// The platform berth serves: each org has a central registry `ORG.<registry_domain>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// Our org; `//image/NAME` and `/org/ORG/image/NAME` references resolve to its registry.
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default = "default_registry_domain")]
+    pub registry_domain: String,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            org: None,
+            registry_domain: default_registry_domain(),
+        }
+    }
+}
+
+impl PlatformConfig {
+    /// The registry host of an org: `ORG.<registry_domain>`.
+    pub fn org_registry(&self, org: &str) -> String {
+        format!("{org}.{}", self.registry_domain)
+    }
+
+    /// Our org's registry host, if an org is configured.
+    pub fn own_registry(&self) -> Option<String> {
+        self.org.as_deref().map(|org| self.org_registry(org))
+    }
+
+    /// Whether `host` is another org's registry on the platform: reachable only with a docker
+    /// secret for it, never anonymously on our org's behalf.
+    pub fn is_foreign_org_registry(&self, host: &str) -> bool {
+        let suffix = format!(".{}", self.registry_domain);
+        host.ends_with(&suffix) && Some(host.to_string()) != self.own_registry()
+    }
+}
+
+fn default_registry_domain() -> String {
+    "registry.cpln.io".to_string()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -141,15 +192,28 @@ pub struct UpstreamConfig {
     /// Overrides `cache.tag_ttl` for this upstream.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub tag_ttl: Option<Duration>,
+    /// The `[[secret]]` to use for this upstream, instead of matching secrets by registry.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 impl UpstreamConfig {
-    /// The endpoint URL, defaulting to `https://<host>`, without a trailing slash.
-    pub fn endpoint_url(&self) -> String {
+    /// The endpoint URL for a concrete registry host (the host itself, or one a pattern
+    /// matched), defaulting to `https://<host>`; `{host}` in a configured endpoint is replaced.
+    pub fn endpoint_for(&self, host: &str) -> String {
         match &self.endpoint {
-            Some(url) => url.trim_end_matches('/').to_string(),
-            None => format!("https://{}", self.host),
+            Some(url) => url.trim_end_matches('/').replace("{host}", host),
+            None => format!("https://{host}"),
         }
+    }
+
+    pub fn endpoint_url(&self) -> String {
+        self.endpoint_for(&self.host)
+    }
+
+    /// Whether `host` holds `*` wildcards (each stands for one or more characters of one label).
+    pub fn is_pattern(&self) -> bool {
+        self.host.contains('*')
     }
 
     /// Docker Hub needs `library/` on one-component names; every other registry takes names as-is.
@@ -165,9 +229,29 @@ impl UpstreamConfig {
 impl Config {
     /// Parses and validates a TOML document.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.add_own_registry();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Our org's registry is always an upstream; config may still set its endpoint explicitly.
+    fn add_own_registry(&mut self) {
+        let Some(host) = self.platform.own_registry() else {
+            return;
+        };
+        if !self.upstreams.iter().any(|u| u.names().any(|n| n == host)) {
+            self.upstreams.push(UpstreamConfig {
+                host,
+                endpoint: None,
+                aliases: Vec::new(),
+                username: None,
+                password: None,
+                tag_ttl: None,
+                secret: None,
+            });
+        }
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -183,6 +267,18 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(org) = &self.platform.org {
+            let valid = !org.is_empty()
+                && org
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                return Err(invalid(
+                    "platform.org",
+                    format!("{org:?} is not an org name"),
+                ));
+            }
+        }
         let mut seen = HashSet::new();
         for (i, upstream) in self.upstreams.iter().enumerate() {
             validate_upstream(i, upstream)?;
@@ -203,6 +299,16 @@ impl Config {
                 return Err(invalid("default_upstream", message));
             }
         }
+        crate::secrets::check_configs(&self.secrets)
+            .map_err(|(key, message)| invalid(key, message))?;
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            if let Some(name) = &upstream.secret {
+                if !self.secrets.iter().any(|s| &s.name == name) {
+                    let key = format!("upstream[{i}].secret");
+                    return Err(invalid(key, format!("no [[secret]] is named {name:?}")));
+                }
+            }
+        }
         if self.cache.max_size == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
         }
@@ -220,7 +326,11 @@ fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigEr
             ));
         }
     }
-    let url = upstream.endpoint_url();
+    if upstream.is_pattern() && !upstream.aliases.is_empty() {
+        let key = format!("upstream[{i}].aliases");
+        return Err(invalid(key, "a host pattern cannot have aliases"));
+    }
+    let url = upstream.endpoint_for("example.invalid");
     let key = format!("upstream[{i}].endpoint");
     let uri: http::Uri = url
         .parse()
@@ -378,6 +488,15 @@ mod tests {
                 "upstream[0].username",
             ),
             ("listen = \"nope\"", "listen"),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nsecret = \"ghost\"",
+                "upstream[0].secret",
+            ),
+            ("[platform]\norg = \"My Org\"", "platform.org"),
+            (
+                "[[upstream]]\nhost = \"*.a.io\"\naliases = [\"b.io\"]",
+                "upstream[0].aliases",
+            ),
             ("surprise = 1", "surprise"),
         ];
         for (text, key) in cases {
@@ -387,6 +506,36 @@ mod tests {
                 "error for {text:?} should name {key}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn our_org_registry_is_always_an_upstream() {
+        let config = Config::from_toml("[platform]\norg = \"my-org\"").unwrap();
+        let hosts: Vec<&str> = config.upstreams.iter().map(|u| u.host.as_str()).collect();
+        assert_eq!(hosts, ["my-org.registry.cpln.io"]);
+        assert!(config
+            .platform
+            .is_foreign_org_registry("other.registry.cpln.io"));
+        assert!(!config
+            .platform
+            .is_foreign_org_registry("my-org.registry.cpln.io"));
+        assert!(!config.platform.is_foreign_org_registry("docker.io"));
+    }
+
+    #[test]
+    fn pattern_endpoints_substitute_the_host() {
+        let config = Config::from_toml(
+            "[[upstream]]\nhost = \"*.azurecr.io\"\n[[upstream]]\nhost = \"*.example\"\nendpoint = \"http://{host}:5000\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.upstreams[0].endpoint_for("a.azurecr.io"),
+            "https://a.azurecr.io"
+        );
+        assert_eq!(
+            config.upstreams[1].endpoint_for("r.example"),
+            "http://r.example:5000"
+        );
     }
 
     #[test]

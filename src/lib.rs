@@ -4,11 +4,14 @@
 //!
 //! - `config`   TOML configuration, defaults, the embedded default, errors naming the key.
 //! - `secret`   `Secret`, a string that never prints.
+//! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
+//!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
 //! - `body`     the response body type.
 //! - `oci`      pure parsers: digests, names and references, API paths, byte ranges.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
-//! - `upstream` the registries berth fetches from: HTTP client, token auth, redirects.
+//! - `upstream` the registries berth fetches from: host patterns, HTTP client, token auth keyed
+//!   by credentials, redirects.
 //! - `cache`    disk store, in-memory index with LRU eviction, manifests in memory, tag table,
 //!   blob readers over complete or growing files, the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers.
@@ -51,6 +54,7 @@ pub mod metrics;
 pub mod oci;
 pub mod route;
 pub mod secret;
+pub mod secrets;
 pub mod server;
 pub mod upstream;
 

@@ -33,6 +33,15 @@ enum Command {
         #[arg(long)]
         cache_dir: Option<PathBuf>,
     },
+    /// Show where image references go: upstream, endpoint, repository, tag or digest, and the
+    /// credentials a pull would use. Any reference form: `nginx:latest`, `ghcr.io/o/a@sha256:..`,
+    /// `//image/app:v1`, `/org/ORG/image/app:v1`.
+    Resolve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
     /// Print the embedded default configuration.
     DefaultConfig,
 }
@@ -59,11 +68,59 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(config))
         }
+        Command::Resolve { config, references } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::embedded_default(),
+            };
+            let upstreams = berth::upstream::Upstreams::new(&config).map_err(anyhow::Error::msg)?;
+            let mut failed = 0;
+            for text in &references {
+                match berth::route::resolve_image(&upstreams, text) {
+                    Ok((target, reference)) => print_resolved(text, &target, &reference),
+                    Err(err) => {
+                        failed += 1;
+                        println!("{text}\n  error:      {err}");
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} references did not resolve",
+                    references.len()
+                );
+            }
+            Ok(())
+        }
         Command::DefaultConfig => {
             print!("{}", berth::config::EMBEDDED_DEFAULT);
             Ok(())
         }
     }
+}
+
+fn print_resolved(
+    text: &str,
+    target: &berth::route::Target,
+    reference: &berth::oci::name::Reference,
+) {
+    use berth::upstream::CredentialSource;
+    let kind = if reference.digest().is_some() {
+        "digest"
+    } else {
+        "tag"
+    };
+    let credentials = match target.upstream.credential_source(&target.repository) {
+        CredentialSource::Anonymous => "anonymous".to_string(),
+        CredentialSource::Configured { username } => format!("upstream username {username:?}"),
+        CredentialSource::Secret(name) => format!("secret {name:?}"),
+    };
+    println!("{text}");
+    println!("  upstream:   {}", target.upstream.name);
+    println!("  endpoint:   {}", target.upstream.endpoint());
+    println!("  repository: {}", target.repository);
+    println!("  {:<11} {}", format!("{kind}:"), reference.as_str());
+    println!("  secret:     {credentials}");
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -5,11 +5,16 @@
 //! or ':' or is `localhost`, as in Docker's reference grammar); else `default_upstream`. Docker
 //! Hub names get `library/` when they have one component, so `nginx`, `library/nginx` and
 //! `docker.io/library/nginx` are one cache key. A registry that is not configured is refused
-//! here, before any connection: berth is never an open proxy. Pure: no I/O.
+//! here, before any connection: berth is never an open proxy.
+//!
+//! Full image references as people write them (`nginx:latest`, `ghcr.io/org/app@sha256:..`,
+//! the platform's `//image/app:v1` and `/org/ORG/image/app:v1`) are parsed here too, for
+//! `berth resolve` and pre-warming. Pure: no I/O.
 
 use std::sync::Arc;
 
-use crate::oci::name::{NameError, Repository};
+use crate::config::PlatformConfig;
+use crate::oci::name::{NameError, Reference, Repository, Tag};
 use crate::upstream::{Upstream, Upstreams};
 
 /// The upstream and repository a request resolved to.
@@ -27,6 +32,66 @@ pub enum RouteError {
     UnknownRegistry(String),
     #[error("the name holds no registry and no default_upstream is configured")]
     NoDefault,
+    #[error("//image/ references need platform.org in the config")]
+    NoOrg,
+    #[error("{0:?} is not an image reference")]
+    Malformed(String),
+}
+
+/// A full image reference split into registry (if named), repository name and tag or digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: Option<String>,
+    pub name: String,
+    pub reference: Reference,
+}
+
+/// Parses `[registry/]name[:tag][@digest]` (tag `latest` when neither is given) and the
+/// platform's `//image/NAME[:TAG]` and `/org/ORG/image/NAME[:TAG]` forms.
+pub fn parse_image_reference(
+    text: &str,
+    platform: &PlatformConfig,
+) -> Result<ImageRef, RouteError> {
+    let malformed = || RouteError::Malformed(text.to_string());
+    let (registry, rest) = if let Some(rest) = text.strip_prefix("//image/") {
+        (
+            Some(platform.own_registry().ok_or(RouteError::NoOrg)?),
+            rest,
+        )
+    } else if let Some(rest) = text.strip_prefix("/org/") {
+        let (org, rest) = rest.split_once("/image/").ok_or_else(malformed)?;
+        if org.is_empty() || org.contains('/') {
+            return Err(malformed());
+        }
+        (Some(platform.org_registry(org)), rest)
+    } else {
+        match text.split_once('/') {
+            Some((first, rest)) if is_registry_host(first) => (Some(first.to_string()), rest),
+            _ => (None, text),
+        }
+    };
+    let (name, reference) = match rest.split_once('@') {
+        Some((name, digest)) => (name, Reference::parse(digest)?),
+        None => match rest.rsplit_once(':') {
+            Some((name, tag)) if !tag.contains('/') => (name, Reference::Tag(Tag::parse(tag)?)),
+            _ => (rest, Reference::Tag(Tag::parse("latest")?)),
+        },
+    };
+    if name.is_empty() {
+        return Err(malformed());
+    }
+    Ok(ImageRef {
+        registry,
+        name: name.to_string(),
+        reference,
+    })
+}
+
+/// Resolves a full image reference to its upstream and repository.
+pub fn resolve_image(upstreams: &Upstreams, text: &str) -> Result<(Target, Reference), RouteError> {
+    let image = parse_image_reference(text, upstreams.platform())?;
+    let target = resolve(upstreams, image.registry.as_deref(), &image.name)?;
+    Ok((target, image.reference))
 }
 
 /// Whether the first component of a name is a registry host (Docker's reference grammar).
@@ -40,10 +105,10 @@ pub fn resolve(upstreams: &Upstreams, ns: Option<&str>, name: &str) -> Result<Ta
         Some(ns) => (lookup(upstreams, ns)?, name),
         None => match name.split_once('/') {
             Some((first, rest)) if is_registry_host(first) => (lookup(upstreams, first)?, rest),
-            _ => (
-                upstreams.default_upstream().ok_or(RouteError::NoDefault)?,
-                name,
-            ),
+            _ => {
+                let default = upstreams.default_upstream().ok_or(RouteError::NoDefault)?;
+                (Arc::clone(default), name)
+            }
         },
     };
     let repository = Repository::parse(rest)?;
@@ -53,12 +118,12 @@ pub fn resolve(upstreams: &Upstreams, ns: Option<&str>, name: &str) -> Result<Ta
         repository
     };
     Ok(Target {
-        upstream: Arc::clone(upstream),
+        upstream,
         repository,
     })
 }
 
-fn lookup<'a>(upstreams: &'a Upstreams, host: &str) -> Result<&'a Arc<Upstream>, RouteError> {
+fn lookup(upstreams: &Upstreams, host: &str) -> Result<Arc<Upstream>, RouteError> {
     upstreams
         .get(host)
         .ok_or_else(|| RouteError::UnknownRegistry(host.to_string()))
@@ -164,6 +229,108 @@ mod tests {
                 "{name:?}"
             );
         }
+    }
+
+    fn image(text: &str) -> Result<(Option<String>, String, String), RouteError> {
+        let platform = PlatformConfig {
+            org: Some("my-org".into()),
+            ..PlatformConfig::default()
+        };
+        parse_image_reference(text, &platform)
+            .map(|i| (i.registry, i.name, i.reference.as_str().to_string()))
+    }
+
+    #[test]
+    fn image_references_in_every_form() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let some = |s: &str| Some(s.to_string());
+        let cases = [
+            ("nginx", (None, "nginx", "latest".to_string())),
+            ("nginx:1.27", (None, "nginx", "1.27".to_string())),
+            (
+                "library/nginx:latest",
+                (None, "library/nginx", "latest".to_string()),
+            ),
+            (
+                "docker.io/library/nginx:1",
+                (some("docker.io"), "library/nginx", "1".to_string()),
+            ),
+            (
+                "localhost:5000/app",
+                (some("localhost:5000"), "app", "latest".to_string()),
+            ),
+            (
+                "localhost/app:v2",
+                (some("localhost"), "app", "v2".to_string()),
+            ),
+            (
+                "ghcr.io/org/app:v1",
+                (some("ghcr.io"), "org/app", "v1".to_string()),
+            ),
+            (
+                &format!("ghcr.io/org/app@{digest}"),
+                (some("ghcr.io"), "org/app", digest.clone()),
+            ),
+            (
+                &format!("app:v1@{digest}"),
+                (None, "app:v1", digest.clone()),
+            ),
+            (
+                "//image/app:v1",
+                (some("my-org.registry.cpln.io"), "app", "v1".to_string()),
+            ),
+            (
+                "//image/team/app",
+                (
+                    some("my-org.registry.cpln.io"),
+                    "team/app",
+                    "latest".to_string(),
+                ),
+            ),
+            (
+                "/org/other/image/app:v3",
+                (some("other.registry.cpln.io"), "app", "v3".to_string()),
+            ),
+            (
+                "my-org.registry.cpln.io/app:v1",
+                (some("my-org.registry.cpln.io"), "app", "v1".to_string()),
+            ),
+        ];
+        for (text, (registry, name, reference)) in cases {
+            assert_eq!(
+                image(text),
+                Ok((registry, name.to_string(), reference)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_image_references_are_errors() {
+        for text in [
+            "",
+            "/org//image/app",
+            "/org/a/b/app",
+            "nginx:",
+            "nginx:-x",
+            "app@sha256:12",
+            "ghcr.io/:v1",
+        ] {
+            assert!(image(text).is_err(), "{text:?}");
+        }
+        let no_org = parse_image_reference("//image/app", &PlatformConfig::default());
+        assert_eq!(no_org, Err(RouteError::NoOrg));
+    }
+
+    #[test]
+    fn image_references_resolve_to_upstreams() {
+        let (target, reference) = resolve_image(&upstreams(), "nginx:latest")
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert_eq!(target.upstream.name.as_ref(), "docker.io");
+        assert_eq!(target.repository.as_str(), "library/nginx");
+        assert_eq!(reference.as_str(), "latest");
+        assert!(resolve_image(&upstreams(), "quay.io/x/y:1").is_err());
     }
 
     #[test]

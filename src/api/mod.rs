@@ -20,6 +20,7 @@ use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::oci::name::{split_api_path, ApiPath};
 use crate::route::{self, RouteError};
+use crate::upstream::CredentialSource;
 use crate::AppState;
 
 pub use manifest::{ManifestFlights, RevalidationFlights};
@@ -192,6 +193,17 @@ async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'
     };
     // Route: which upstream, which repository. Nothing is dialled for an unknown registry.
     let target = route::resolve(&state.upstreams, ns, name).map_err(route_error)?;
+    // Another org's platform registry is reached only with a docker secret for it.
+    if target.upstream.requires_secret
+        && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
+    {
+        let error = ApiError::new(StatusCode::FORBIDDEN, Code::Denied, "access denied")
+            .with_detail(format!(
+                "{} is another org's registry and no docker secret covers it",
+                target.upstream.name
+            ));
+        return Err(error);
+    }
     // Authorize: every caller may pull in the anonymous access mode, the only one so far.
     let headers = request.headers();
     match parsed {
@@ -215,8 +227,11 @@ async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'
 fn route_error(err: RouteError) -> ApiError {
     match err {
         RouteError::Name(err) => err.into(),
-        RouteError::UnknownRegistry(_) | RouteError::NoDefault => {
+        RouteError::UnknownRegistry(_) | RouteError::NoDefault | RouteError::NoOrg => {
             ApiError::name_unknown(err.to_string())
+        }
+        RouteError::Malformed(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
         }
     }
 }

@@ -2,10 +2,11 @@
 //! `WWW-Authenticate: Bearer` challenge names) and Basic credentials.
 //!
 //! The challenge an upstream sent first is remembered, so later requests fetch their token up
-//! front instead of collecting a 401 each time. Tokens are cached per pull scope until shortly
-//! before they expire, and concurrent requests for one scope share one token fetch. Secrets stay
-//! in sensitive header values and `Secret`s, never in logs. Which credentials belong to which
-//! upstream is decided by the caller.
+//! front instead of collecting a 401 each time. Tokens are cached per (credentials, pull scope)
+//! until shortly before they expire, so a rotated secret never reuses a token minted with the
+//! old one, and concurrent requests for one key share one token fetch. Secrets stay in
+//! sensitive header values and `Secret`s, never in logs. Which credentials a request presents
+//! is decided by the caller (`Upstream::credentials`).
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use super::challenge::{parse_challenges, token_url, Challenge};
 use super::{HttpClient, UpstreamError};
 use crate::flight::Flights;
 use crate::secret::Secret;
+use crate::secrets::Credentials;
 
 #[derive(Debug, Clone)]
 enum Scheme {
@@ -43,17 +45,15 @@ const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 pub struct Auth {
     upstream: String,
-    credentials: Option<(String, Secret)>,
     scheme: RwLock<Option<Scheme>>,
     tokens: moka::sync::Cache<String, Token>,
     flights: Flights<String, Result<Token, UpstreamError>>,
 }
 
 impl Auth {
-    pub fn new(upstream: String, credentials: Option<(String, Secret)>) -> Auth {
+    pub fn new(upstream: String) -> Auth {
         Auth {
             upstream,
-            credentials,
             scheme: RwLock::new(None),
             tokens: moka::sync::Cache::new(10_000),
             flights: Flights::default(),
@@ -65,22 +65,22 @@ impl Auth {
         &self,
         client: &HttpClient,
         scope: &str,
+        creds: Option<&Credentials>,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let scheme = self.scheme.read().expect("scheme lock").clone();
         match scheme {
             None => Ok(None),
-            Some(Scheme::Basic) => Ok(self.basic()),
+            Some(Scheme::Basic) => Ok(creds.map(basic)),
             Some(Scheme::Bearer { realm, service }) => {
-                if let Some(token) = self
-                    .tokens
-                    .get(scope)
-                    .filter(|t| t.expires > Instant::now())
-                {
+                let key = token_key(scope, creds);
+                let cached = self.tokens.get(&key).filter(|t| t.expires > Instant::now());
+                if let Some(token) = cached {
                     return Ok(Some(token.header));
                 }
-                self.fetch_token(client, realm, service, scope)
-                    .await
-                    .map(Some)
+                let token = self
+                    .fetch_token(client, realm, service, scope, creds)
+                    .await?;
+                Ok(Some(token))
             }
         }
     }
@@ -92,6 +92,7 @@ impl Auth {
         client: &HttpClient,
         challenge: Option<&HeaderValue>,
         scope: &str,
+        creds: Option<&Credentials>,
         sent: Option<&HeaderValue>,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let Some(header) = challenge.and_then(|v| v.to_str().ok()) else {
@@ -107,27 +108,22 @@ impl Auth {
                 realm: realm.clone(),
                 service: service.clone(),
             });
-            self.tokens.invalidate(scope);
-            return self
-                .fetch_token(client, realm, service, scope)
-                .await
-                .map(Some);
+            self.tokens.invalidate(&token_key(scope, creds));
+            let token = self
+                .fetch_token(client, realm, service, scope, creds)
+                .await?;
+            return Ok(Some(token));
         }
-        if challenges
+        let basic_challenge = challenges
             .iter()
-            .any(|c| matches!(c, Challenge::Basic { .. }))
-        {
+            .any(|c| matches!(c, Challenge::Basic { .. }));
+        if basic_challenge {
             *self.scheme.write().expect("scheme lock") = Some(Scheme::Basic);
             if sent.is_none() {
-                return Ok(self.basic());
+                return Ok(creds.map(basic));
             }
         }
         Ok(None)
-    }
-
-    fn basic(&self) -> Option<HeaderValue> {
-        let (user, password) = self.credentials.as_ref()?;
-        Some(basic_header(user, password))
     }
 
     async fn fetch_token(
@@ -136,14 +132,16 @@ impl Auth {
         realm: String,
         service: Option<String>,
         scope: &str,
+        creds: Option<&Credentials>,
     ) -> Result<HeaderValue, UpstreamError> {
         let url = token_url(&realm, service.as_deref(), &[scope.to_string()]);
         let client = client.clone();
-        let basic = self.basic();
+        let basic = creds.map(basic);
         let upstream = self.upstream.clone();
+        let key = token_key(scope, creds);
         let (token, _) = self
             .flights
-            .run(scope.to_string(), move || async move {
+            .run(key.clone(), move || async move {
                 request_token(&client, &url, basic)
                     .await
                     .inspect_err(|err| {
@@ -152,9 +150,18 @@ impl Auth {
             })
             .await;
         let token = token?;
-        self.tokens.insert(scope.to_string(), token.clone());
+        self.tokens.insert(key, token.clone());
         Ok(token.header)
     }
+}
+
+/// Tokens belong to the credentials that obtained them; anonymous ones share the id "-".
+fn token_key(scope: &str, creds: Option<&Credentials>) -> String {
+    format!("{}|{scope}", creds.map_or("-", |c| c.id.as_str()))
+}
+
+fn basic(creds: &Credentials) -> HeaderValue {
+    basic_header(&creds.username, &creds.password)
 }
 
 pub fn basic_header(user: &str, password: &Secret) -> HeaderValue {

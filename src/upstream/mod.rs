@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod challenge;
 pub mod client;
+pub mod pattern;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +23,11 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, PlatformConfig, UpstreamConfig};
 use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
+use crate::secret::Secret;
+use crate::secrets::{Credentials, Secrets};
 pub use auth::Auth;
 pub use client::HttpClient;
 
@@ -51,35 +54,96 @@ pub enum UpstreamError {
 const MAX_REDIRECTS: usize = 5;
 
 pub struct Upstream {
-    /// The registry name as references use it (`docker.io`); metrics and logs use it too.
+    /// The registry name as references use it (`docker.io`, or the host a pattern matched);
+    /// secrets are matched against it, and metrics and logs use it.
     pub name: Arc<str>,
     /// Scheme, authority and optional path prefix, without a trailing slash.
     base: String,
     /// Docker Hub puts one-component names under `library/`.
     pub docker_hub: bool,
     pub tag_ttl: Duration,
+    /// Another org's platform registry: only with a docker secret for it.
+    pub requires_secret: bool,
+    /// `username`/`password` from the upstream's config, used for every repository.
+    configured: Option<Credentials>,
+    /// The `[[secret]]` the config pins this upstream to, if any.
+    secret: Option<String>,
+    secrets: Arc<Secrets>,
     client: HttpClient,
     auth: Auth,
 }
 
+/// Where a request's credentials come from; printed by `berth resolve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSource {
+    Anonymous,
+    Configured { username: String },
+    Secret(String),
+}
+
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, tag_ttl: Duration, client: HttpClient) -> Upstream {
-        let credentials = match (&config.username, &config.password) {
-            (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+    fn new(config: &UpstreamConfig, host: &str, shared: &Shared) -> Upstream {
+        let configured = match (&config.username, &config.password) {
+            (Some(user), Some(password)) => Some(Credentials {
+                username: user.clone(),
+                password: password.clone(),
+                id: format!("upstream:{host}"),
+            }),
+            (Some(user), None) => Some(Credentials {
+                username: user.clone(),
+                password: Secret::new(""),
+                id: format!("upstream:{host}"),
+            }),
             _ => None,
         };
         Upstream {
-            name: config.host.as_str().into(),
-            base: config.endpoint_url(),
+            name: host.into(),
+            base: config.endpoint_for(host),
             docker_hub: config.is_docker_hub(),
-            tag_ttl: config.tag_ttl.unwrap_or(tag_ttl),
-            auth: Auth::new(config.host.clone(), credentials),
-            client,
+            tag_ttl: config.tag_ttl.unwrap_or(shared.tag_ttl),
+            requires_secret: shared.platform.is_foreign_org_registry(host),
+            configured,
+            secret: config.secret.clone(),
+            secrets: Arc::clone(&shared.secrets),
+            auth: Auth::new(host.to_string()),
+            client: shared.client.clone(),
         }
     }
 
     pub fn endpoint(&self) -> &str {
         &self.base
+    }
+
+    /// Which credentials a pull of `repository` would present.
+    pub fn credential_source(&self, repository: &Repository) -> CredentialSource {
+        if let Some(configured) = &self.configured {
+            return CredentialSource::Configured {
+                username: configured.username.clone(),
+            };
+        }
+        match self
+            .secrets
+            .select(&self.name, repository.as_str(), self.secret.as_deref())
+        {
+            Some(name) => CredentialSource::Secret(name),
+            None => CredentialSource::Anonymous,
+        }
+    }
+
+    async fn credentials(
+        &self,
+        repository: &Repository,
+    ) -> Result<Option<Credentials>, UpstreamError> {
+        match self.credential_source(repository) {
+            CredentialSource::Anonymous => Ok(None),
+            CredentialSource::Configured { .. } => Ok(self.configured.clone()),
+            CredentialSource::Secret(name) => self
+                .secrets
+                .credentials(&name, &self.name)
+                .await
+                .map(Some)
+                .map_err(|err| UpstreamError::Token(err.to_string())),
+        }
     }
 
     /// GET or HEAD of a manifest, forwarding the client's `Accept` so the upstream picks the
@@ -143,18 +207,26 @@ impl Upstream {
             .parse()
             .map_err(|e| UpstreamError::Invalid(format!("cannot build URL {url:?}: {e}")))?;
         let scope = format!("repository:{repository}:pull");
-        let mut authorization = self.auth.authorization(&self.client, &scope).await?;
+        let credentials = self.credentials(repository).await?;
+        let creds = credentials.as_ref();
+        let mut authorization = self.auth.authorization(&self.client, &scope, creds).await?;
         let mut response = self
             .send(&method, &uri, &headers, authorization.as_ref())
             .await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
             let sent = authorization.take();
-            if let Some(retry) = self
+            let retry = self
                 .auth
-                .answer(&self.client, challenge.as_ref(), &scope, sent.as_ref())
-                .await?
-            {
+                .answer(
+                    &self.client,
+                    challenge.as_ref(),
+                    &scope,
+                    creds,
+                    sent.as_ref(),
+                )
+                .await?;
+            if let Some(retry) = retry {
                 response = self.send(&method, &uri, &headers, Some(&retry)).await?;
             }
         }
@@ -225,21 +297,48 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// Every configured upstream, by each of its names.
+/// What every upstream shares: the HTTP client, the secrets, defaults.
+struct Shared {
+    client: HttpClient,
+    secrets: Arc<Secrets>,
+    platform: PlatformConfig,
+    tag_ttl: Duration,
+}
+
+/// Pattern-matched hosts are remembered so each keeps its token cache; bounded because a
+/// client chooses the host names.
+const MAX_MATCHED_HOSTS: u64 = 10_000;
+
+/// Every configured upstream, by each of its names, and the host patterns.
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
+    patterns: Vec<UpstreamConfig>,
+    matched: moka::sync::Cache<String, Arc<Upstream>>,
     default: Option<Arc<Upstream>>,
+    shared: Shared,
 }
 
 impl Upstreams {
     pub fn new(config: &Config) -> Result<Upstreams, String> {
         let client = HttpClient::new(&config.client)?;
+        let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
+        let shared = Shared {
+            client,
+            secrets,
+            platform: config.platform.clone(),
+            tag_ttl: config.cache.tag_ttl,
+        };
         let mut by_name = HashMap::new();
+        let mut patterns = Vec::new();
         for upstream_config in &config.upstreams {
+            if upstream_config.is_pattern() {
+                patterns.push(upstream_config.clone());
+                continue;
+            }
             let upstream = Arc::new(Upstream::new(
                 upstream_config,
-                config.cache.tag_ttl,
-                client.clone(),
+                &upstream_config.host,
+                &shared,
             ));
             for name in upstream_config.names() {
                 by_name.insert(name.to_ascii_lowercase(), Arc::clone(&upstream));
@@ -249,15 +348,36 @@ impl Upstreams {
             .default_upstream
             .as_ref()
             .and_then(|name| by_name.get(&name.to_ascii_lowercase()).cloned());
-        Ok(Upstreams { by_name, default })
+        Ok(Upstreams {
+            by_name,
+            patterns,
+            matched: moka::sync::Cache::new(MAX_MATCHED_HOSTS),
+            default,
+            shared,
+        })
     }
 
-    /// The upstream a registry host names; case-insensitive, as DNS is.
-    pub fn get(&self, host: &str) -> Option<&Arc<Upstream>> {
-        self.by_name.get(&host.to_ascii_lowercase())
+    /// The upstream a registry host names: a configured host or alias, else the first pattern
+    /// that matches. Case-insensitive, as DNS is.
+    pub fn get(&self, host: &str) -> Option<Arc<Upstream>> {
+        let host = host.to_ascii_lowercase();
+        if let Some(upstream) = self.by_name.get(&host) {
+            return Some(Arc::clone(upstream));
+        }
+        let config = self
+            .patterns
+            .iter()
+            .find(|p| pattern::matches(&p.host, &host))?;
+        Some(self.matched.get_with(host.clone(), || {
+            Arc::new(Upstream::new(config, &host, &self.shared))
+        }))
     }
 
     pub fn default_upstream(&self) -> Option<&Arc<Upstream>> {
         self.default.as_ref()
+    }
+
+    pub fn platform(&self) -> &PlatformConfig {
+        &self.shared.platform
     }
 }

@@ -18,18 +18,22 @@
 
 pub mod berth;
 pub mod client;
+pub mod containerd;
 pub mod fault;
 pub mod image;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
 pub mod tap;
+pub mod token;
 
 pub use berth::{single_upstream_config, Berth};
 pub use client::{fetch, get, read_body, request, send, Creds, Fetched};
+pub use containerd::{Containerd, CtrImage, HostsDir};
 pub use fault::Fault;
 pub use image::{random_blob, random_layer, Blob, Flavor, Image, Index, Layer, Platform};
 pub use push::{push_blob, push_image, push_index, push_manifest, PushError};
 pub use registry::{Auth, Registry};
 pub use skopeo::{read_oci_layout, skopeo_copy, skopeo_copy_ok, OciLayout};
 pub use tap::{Kind, Seen, Tap};
+pub use token::{push_image_bearer, Access, Challenge, Policy, TokenRequest, TokenServer};

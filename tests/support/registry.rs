@@ -5,7 +5,8 @@
 //! of its log for failure messages. Learns its port from the registry's own
 //! "listening on 127.0.0.1:NNNNN" log line after binding `127.0.0.1:0`, so no port is guessed.
 //! Does not own: content (see `push`), faults a real registry cannot produce (see `tap`), or
-//! token auth, which will be a third `Auth` variant rendering an `auth.token` config section.
+//! the token server and its key (`token`): `Auth::Token` only renders the `auth.token` section
+//! that trusts them.
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader};
@@ -32,8 +33,15 @@ pub enum Auth {
     None,
     /// `auth.htpasswd`: every request needs these Basic credentials.
     Basic { user: String, password: String },
-    // Token auth belongs here as a third variant: `config_section` renders its `auth.token`
-    // (realm, service, issuer, rootcertbundle) and a test token server signs with that key.
+    /// `auth.token`: every request needs a bearer token from `realm`, signed by the key in
+    /// `root_cert_pem`, issued by `issuer` for `service`. Made by `token::TokenServer::auth`.
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        /// PEM certificate(s) for `rootcertbundle`; the registry trusts the keys inside.
+        root_cert_pem: String,
+    },
 }
 
 impl Auth {
@@ -54,6 +62,20 @@ impl Auth {
                     .expect("write htpasswd");
                 format!(
                     "auth:\n  htpasswd:\n    realm: berth-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+            Auth::Token {
+                realm,
+                service,
+                issuer,
+                root_cert_pem,
+            } => {
+                let path = dir.join("token-root.pem");
+                std::fs::write(&path, root_cert_pem).expect("write token root certificate");
+                format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    \
+                     issuer: {issuer}\n    rootcertbundle: {}\n",
                     path.display()
                 )
             }
@@ -102,10 +124,11 @@ impl Registry {
         self.addr.to_string()
     }
 
-    /// The Basic credentials this registry demands, if any.
+    /// The Basic credentials this registry demands, if any (none for token auth: there the
+    /// credentials belong to the token server's users).
     pub fn creds(&self) -> Creds<'_> {
         match &self.auth {
-            Auth::None => None,
+            Auth::None | Auth::Token { .. } => None,
             Auth::Basic { user, password } => Some((user.as_str(), password.as_str())),
         }
     }
