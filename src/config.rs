@@ -133,6 +133,18 @@ pub struct CacheConfig {
     /// Bytes of manifests kept in memory to answer manifest hits without disk reads.
     #[serde(default = "default_manifest_memory", deserialize_with = "de_size")]
     pub manifest_memory: u64,
+    /// How long past its TTL a tag mapping (and its content) is still served while the upstream
+    /// is unreachable, times out, or answers 5xx or 429.
+    #[serde(default = "default_stale_if_error", deserialize_with = "de_duration")]
+    pub stale_if_error: Duration,
+    /// How long an upstream 404 for a tag is remembered, so a crash-looping pod does not hammer
+    /// the upstream.
+    #[serde(default = "default_negative_ttl", deserialize_with = "de_duration")]
+    pub negative_ttl: Duration,
+    /// Free space to keep on the cache's filesystem; least recently used content is evicted to
+    /// keep it. Unset: only `max_size` bounds the cache.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub min_free: Option<u64>,
 }
 
 impl Default for CacheConfig {
@@ -142,6 +154,9 @@ impl Default for CacheConfig {
             max_size: default_max_size(),
             tag_ttl: default_tag_ttl(),
             manifest_memory: default_manifest_memory(),
+            stale_if_error: default_stale_if_error(),
+            negative_ttl: default_negative_ttl(),
+            min_free: None,
         }
     }
 }
@@ -195,6 +210,12 @@ pub struct UpstreamConfig {
     /// The `[[secret]]` to use for this upstream, instead of matching secrets by registry.
     #[serde(default)]
     pub secret: Option<String>,
+    /// Overrides `cache.stale_if_error` for this upstream.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub stale_if_error: Option<Duration>,
+    /// Overrides `cache.negative_ttl` for this upstream.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub negative_ttl: Option<Duration>,
 }
 
 impl UpstreamConfig {
@@ -250,6 +271,8 @@ impl Config {
                 password: None,
                 tag_ttl: None,
                 secret: None,
+                stale_if_error: None,
+                negative_ttl: None,
             });
         }
     }
@@ -374,6 +397,14 @@ fn default_manifest_memory() -> u64 {
     64 << 20
 }
 
+fn default_stale_if_error() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -411,6 +442,10 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         SizeValue::Bytes(n) => Ok(n),
         SizeValue::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
     }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -465,6 +500,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.cache.max_size, 512 << 20);
+        assert_eq!(config.cache.stale_if_error, Duration::from_secs(86400));
+        assert_eq!(config.cache.negative_ttl, Duration::from_secs(10));
+        assert_eq!(config.cache.min_free, None);
         assert_eq!(config.cache.tag_ttl, Duration::from_secs(300));
         assert_eq!(config.client.read_timeout, Duration::from_secs(2));
     }

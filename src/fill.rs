@@ -245,12 +245,33 @@ fn write_chunks(
 pub fn open_cached(cache: &Cache, digest: &Digest) -> Option<watch::Receiver<Progress>> {
     let entry = cache.index.get(digest).filter(|e| e.kind == Kind::Blob)?;
     match cache.store.open_blob(Kind::Blob, digest) {
-        Ok(file) => Some(Progress::verified(file, entry.size)),
+        Ok(file) => {
+            record_access(&file);
+            Some(Progress::verified(file, entry.size))
+        }
         Err(err) => {
             tracing::warn!(%digest, %err, "indexed blob unreadable; dropping it");
             cache.index.forget(digest);
             None
         }
+    }
+}
+
+/// Coarse enough that a hot blob costs one metadata write a minute, fine enough for LRU order.
+const ACCESS_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Records a hit in the file's mtime, which orders eviction after a restart and for `min_free`.
+fn record_access(file: &File) {
+    let now = std::time::SystemTime::now();
+    let stale = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .map_or(true, |modified| {
+            now.duration_since(modified)
+                .is_ok_and(|age| age > ACCESS_GRANULARITY)
+        });
+    if stale {
+        let _ = file.set_modified(now);
     }
 }
 

@@ -9,18 +9,22 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 pub struct Flights<K, V: Clone> {
     running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+    /// Followers currently waiting on someone else's run.
+    waiting: AtomicUsize,
 }
 
 impl<K, V: Clone> Default for Flights<K, V> {
     fn default() -> Self {
         Flights {
             running: Arc::default(),
+            waiting: AtomicUsize::new(0),
         }
     }
 }
@@ -62,7 +66,26 @@ where
                 }
             }
         };
+        if role == Role::Leader {
+            return (shared.await, role);
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         (shared.await, role)
+    }
+
+    /// How many callers are waiting on a run another caller started.
+    pub fn followers_waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements the waiting count however the wait ends (result or cancellation).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -86,6 +86,11 @@ pub enum StartError {
 }
 
 impl AppState {
+    /// Requests waiting on a manifest fetch or tag revalidation that another request started.
+    pub fn coalesced_waiting(&self) -> usize {
+        self.manifest_flights.followers_waiting() + self.revalidations.followers_waiting()
+    }
+
     /// Opens the cache (rebuilding the index from disk) and prepares the upstreams.
     pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
         let cache_config = config.cache.clone();
@@ -98,14 +103,36 @@ impl AppState {
                 source,
             })?;
         let upstreams = Upstreams::new(&config).map_err(StartError::Client)?;
+        let cache = Arc::new(cache);
+        if let Some(min_free) = config.cache.min_free {
+            tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
+        }
         Ok(Arc::new(AppState {
             fills: Arc::new(Fills::new(config.client.read_timeout)),
             upstreams,
-            cache: Arc::new(cache),
+            cache,
             metrics: Arc::new(Metrics::new()),
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,
         }))
+    }
+}
+
+/// How often free space is checked against `cache.min_free`.
+const FREE_SPACE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps `min_free` bytes available on the cache filesystem for as long as the cache lives.
+async fn keep_free_space(cache: std::sync::Weak<Cache>, min_free: u64) {
+    let mut ticks = tokio::time::interval(FREE_SPACE_CHECK);
+    loop {
+        ticks.tick().await;
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        let result = tokio::task::spawn_blocking(move || cache.enforce_min_free(min_free)).await;
+        if let Ok(Err(err)) = result {
+            tracing::warn!(%err, "cannot check free space of the cache directory");
+        }
     }
 }

@@ -24,6 +24,10 @@ pub struct Metrics {
     /// Fills whose bytes did not match the digest; each one is an upstream serving wrong content.
     pub digest_mismatches: IntCounter,
     pub manifest_fetch_seconds: Histogram,
+    /// Tag requests answered from a stale mapping because the upstream failed.
+    pub stale_served: IntCounter,
+    /// Tag requests answered 404 from the negative cache without asking the upstream.
+    pub negative_hits: IntCounter,
 }
 
 impl Metrics {
@@ -104,6 +108,22 @@ impl Metrics {
         registry
             .register(Box::new(manifest_fetch_seconds.clone()))
             .expect("unique metric");
+        let stale_served = IntCounter::new(
+            "berth_stale_served_total",
+            "Tag requests served from a stale mapping while the upstream failed",
+        )
+        .expect("valid metric");
+        let negative_hits = IntCounter::new(
+            "berth_negative_hits_total",
+            "Tag requests answered 404 from the negative cache",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(stale_served.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(negative_hits.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
             requests,
@@ -115,6 +135,8 @@ impl Metrics {
             fill_followers,
             digest_mismatches,
             manifest_fetch_seconds,
+            stale_served,
+            negative_hits,
         }
     }
 

@@ -87,33 +87,102 @@ async fn by_tag(
         tag: tag.clone(),
     };
     let accept_key = accept.clone().unwrap_or_default();
-    if let Some(entry) = state
-        .cache
-        .tags
-        .get(&key)
-        .filter(|e| accepts(accept.as_deref(), &e.media_type))
-    {
-        if let Some(manifest) = state.cache.manifest(&entry.digest).await {
-            if entry.checked.elapsed() < target.upstream.tag_ttl {
-                return Ok((manifest, Outcome::Hit));
-            }
-            if let Some(current) = revalidate(state, &target, &key, &accept_key, &accept).await? {
-                return Ok((current, Outcome::Revalidated));
-            }
+    let upstream = Arc::clone(&target.upstream);
+    let clock = state.cache.tags.clock;
+    let known = last_known(state, &key, accept.as_deref()).await;
+    if let Some((entry, manifest)) = &known {
+        if clock.age(entry.checked_ms) < upstream.tag_ttl {
+            return Ok((manifest.clone(), Outcome::Hit));
         }
     }
+    if known.is_none() && state.cache.tags.is_missing(&key, upstream.negative_ttl) {
+        state.metrics.negative_hits.inc();
+        return Err(tag_unknown(&key));
+    }
+    let answered = match &known {
+        Some(_) => match revalidate(state, &target, &key, &accept_key, &accept).await {
+            Ok(Some(current)) => return Ok((current, Outcome::Revalidated)),
+            Ok(None) => fetch_tag(state, target, key.clone(), accept_key, accept).await,
+            Err(error) => Err(error),
+        },
+        None => fetch_tag(state, target, key.clone(), accept_key, accept).await,
+    };
+    let error = match answered {
+        Ok(answer) => return Ok(answer),
+        Err(error) => error,
+    };
+    if error.status == StatusCode::NOT_FOUND {
+        state.cache.forget_tag(key);
+        return Err(error);
+    }
+    match known {
+        Some((entry, manifest))
+            if upstream_failed(&error)
+                && clock.age(entry.checked_ms) < upstream.tag_ttl + upstream.stale_if_error =>
+        {
+            state.metrics.stale_served.inc();
+            tracing::warn!(upstream = %upstream.name, tag = %key.tag, error = %error, "serving a stale tag");
+            Ok((manifest, Outcome::Stale))
+        }
+        _ => Err(error),
+    }
+}
+
+/// The tag's last known mapping, if the client accepts its media type and the manifest is
+/// still cached.
+async fn last_known(
+    state: &AppState,
+    key: &TagKey,
+    accept: Option<&str>,
+) -> Option<(TagEntry, Manifest)> {
+    let entry = state
+        .cache
+        .tags
+        .get(key)
+        .filter(|e| accepts(accept, &e.media_type))?;
+    let manifest = state.cache.manifest(&entry.digest).await?;
+    Some((entry, manifest))
+}
+
+/// GETs the tag's manifest (one request however many clients ask) and records the mapping.
+async fn fetch_tag(
+    state: &Arc<AppState>,
+    target: Target,
+    key: TagKey,
+    accept_key: String,
+    accept: Option<String>,
+) -> Result<(Manifest, Outcome), ApiError> {
     let work_state = Arc::clone(state);
     let work_key = key.clone();
+    let tag = key.tag.clone();
     let (fetched, role) = state
         .manifest_flights
         .run(FetchKey::Tag(key, accept_key), move || async move {
-            let manifest =
-                fetch(Arc::clone(&work_state), target, Reference::Tag(tag), accept).await?;
+            let reference = Reference::Tag(tag);
+            let manifest = fetch(Arc::clone(&work_state), target, reference, accept).await?;
             remember_tag(&work_state, work_key, &manifest);
             Ok(manifest)
         })
         .await;
     Ok((fetched?, miss_outcome(role)))
+}
+
+/// Failures that serve-stale covers: the upstream is unreachable, timed out, failed (5xx) or
+/// rate-limited us (429). Refusals (401/403) and 404s are answers, not failures.
+fn upstream_failed(error: &ApiError) -> bool {
+    matches!(error.status.as_u16(), 429 | 500..=599)
+}
+
+fn tag_unknown(key: &TagKey) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        Code::ManifestUnknown,
+        "manifest unknown",
+    )
+    .with_detail(format!(
+        "{}:{} is not known upstream (remembered)",
+        key.repository, key.tag
+    ))
 }
 
 /// Asks the upstream (HEAD) where the tag points now. Returns the manifest if it is cached, and
@@ -160,9 +229,9 @@ fn remember_tag(state: &AppState, key: TagKey, manifest: &Manifest) {
     let entry = TagEntry {
         digest: manifest.digest.clone(),
         media_type: Arc::clone(&manifest.media_type),
-        checked: Instant::now(),
+        checked_ms: state.cache.tags.clock.now_ms(),
     };
-    state.cache.tags.put(key, entry);
+    state.cache.remember_tag(key, entry);
 }
 
 /// GETs a manifest, checks its bytes against the digest asked for and the one announced, and

@@ -91,6 +91,14 @@ impl Index {
         self.len() == 0
     }
 
+    /// Every entry, in no particular order; for eviction scans and stats, not the request path.
+    pub fn snapshot(&self) -> Vec<(Digest, Entry)> {
+        self.entries
+            .iter()
+            .map(|(digest, entry)| (Digest::clone(&digest), entry))
+            .collect()
+    }
+
     /// Bytes accounted to cached objects, rounded up to KiB per object.
     pub fn weighted_bytes(&self) -> u64 {
         self.entries.weighted_size() * 1024

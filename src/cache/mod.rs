@@ -4,6 +4,7 @@
 //! Filling (fetching a miss) is not here but in `fill`; deciding freshness of tags is in
 //! `api::manifest`. This module answers "what do we hold?" and keeps that answer true.
 
+pub mod evict;
 pub mod index;
 pub mod reader;
 pub mod store;
@@ -87,6 +88,10 @@ impl Cache {
             );
         }
         index.settle();
+        let tags = Tags::new();
+        for (key, entry) in store.scan_tags()? {
+            tags.put(key, entry);
+        }
         let manifests = moka::sync::Cache::builder()
             .max_capacity(config.manifest_memory)
             .weigher(|_, manifest: &Manifest| manifest.bytes.len().try_into().unwrap_or(u32::MAX))
@@ -95,8 +100,59 @@ impl Cache {
             store,
             index,
             manifests,
-            tags: Tags::new(),
+            tags,
         })
+    }
+
+    /// Records where a tag points now, in memory and on disk (for serving stale after a restart).
+    pub fn remember_tag(&self, key: TagKey, entry: TagEntry) {
+        self.tags.put(key.clone(), entry.clone());
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            if let Err(err) = store.write_tag(&key, &entry) {
+                tracing::warn!(%err, "cannot persist tag mapping");
+            }
+        });
+    }
+
+    /// Records that the upstream has no such tag.
+    pub fn forget_tag(&self, key: TagKey) {
+        self.tags.put_missing(key.clone());
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.remove_tag(&key));
+    }
+
+    /// Evicts least recently used objects until the filesystem has `min_free` bytes available
+    /// (or the cache is empty). Blocking: stats files. Returns the bytes freed.
+    pub fn enforce_min_free(&self, min_free: u64) -> std::io::Result<u64> {
+        let available = evict::free_space(self.store.dir())?;
+        if available >= min_free {
+            return Ok(0);
+        }
+        let candidates = self
+            .index
+            .snapshot()
+            .into_iter()
+            .filter_map(|(digest, entry)| {
+                let path = self.store.path(entry.kind, &digest);
+                let touched = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+                Some(evict::Candidate {
+                    digest,
+                    kind: entry.kind,
+                    size: entry.size,
+                    touched,
+                })
+            })
+            .collect();
+        let mut freed = 0;
+        for victim in evict::choose_victims(candidates, min_free - available) {
+            self.index.forget(&victim.digest);
+            self.manifests.invalidate(&victim.digest);
+            self.store.remove(victim.kind, &victim.digest)?;
+            freed += victim.size;
+        }
+        tracing::info!(freed, min_free, "evicted to keep free space");
+        Ok(freed)
     }
 
     /// A cached manifest by digest, from memory or disk. A manifest the index lists but the disk

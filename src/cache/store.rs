@@ -1,5 +1,6 @@
 //! The content-addressed disk store: `<dir>/blobs/sha256/ab/<hex>` for layers and configs,
-//! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests.
+//! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests,
+//! and `<dir>/tags/<upstream>/<repository>/@<tag>` for the last known tag mappings.
 //!
 //! Content enters only through a temp file under `<dir>/tmp` that is fsynced and renamed into
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
@@ -12,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use super::tags::{TagEntry, TagKey};
 use crate::oci::digest::Digest;
+use crate::oci::name::{Repository, Tag};
 
 /// Which tree an object lives in; manifests carry a media type, blobs do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,7 +54,7 @@ impl Store {
     /// Creates the tree if needed and removes temp files left by a crash: they were never
     /// verified, so nothing may serve them.
     pub fn open(dir: &Path) -> io::Result<Store> {
-        for sub in ["blobs/sha256", "manifests/sha256", "tmp"] {
+        for sub in ["blobs/sha256", "manifests/sha256", "tags", "tmp"] {
             fs::create_dir_all(dir.join(sub))?;
         }
         for entry in fs::read_dir(dir.join("tmp"))? {
@@ -150,6 +153,76 @@ impl Store {
         }
     }
 
+    fn tag_path(&self, key: &TagKey) -> Option<PathBuf> {
+        // Upstream names come from config or a host pattern; refuse anything path-like anyway.
+        let upstream = &*key.upstream;
+        if upstream.is_empty() || upstream.contains('/') || upstream.starts_with('.') {
+            return None;
+        }
+        let mut path = self.dir.join("tags").join(upstream);
+        for component in key.repository.components() {
+            path.push(component);
+        }
+        path.push(format!("@{}", key.tag.as_str()));
+        Some(path)
+    }
+
+    /// Records a tag mapping (digest, media type, when it was checked) atomically.
+    pub fn write_tag(&self, key: &TagKey, entry: &TagEntry) -> io::Result<()> {
+        let Some(path) = self.tag_path(key) else {
+            return Ok(());
+        };
+        let text = format!(
+            "{}\n{}\n{}\n",
+            entry.digest, entry.media_type, entry.checked_ms
+        );
+        let (temp, mut file) = self.temp_file()?;
+        if let Err(err) = file.write_all(text.as_bytes()) {
+            let _ = fs::remove_file(&temp);
+            return Err(err);
+        }
+        fs::create_dir_all(path.parent().expect("tag paths have a parent"))?;
+        fs::rename(&temp, &path)
+    }
+
+    pub fn remove_tag(&self, key: &TagKey) {
+        if let Some(path) = self.tag_path(key) {
+            let _ = fs::remove_file(path);
+        }
+    }
+
+    /// Every persisted tag mapping; unreadable or malformed files are removed.
+    pub fn scan_tags(&self) -> io::Result<Vec<(TagKey, TagEntry)>> {
+        let root = self.dir.join("tags");
+        let mut found = Vec::new();
+        for upstream in fs::read_dir(&root)? {
+            let upstream = upstream?;
+            let name = upstream.file_name().to_string_lossy().into_owned();
+            let mut pending = vec![(upstream.path(), String::new())];
+            while let Some((dir, repository)) = pending.pop() {
+                for entry in fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let file_name = entry.file_name().to_string_lossy().into_owned();
+                    if entry.file_type()?.is_dir() {
+                        let nested = match repository.is_empty() {
+                            true => file_name,
+                            false => format!("{repository}/{file_name}"),
+                        };
+                        pending.push((entry.path(), nested));
+                    } else if let Some(tag) = file_name.strip_prefix('@') {
+                        match read_tag(&entry.path(), &name, &repository, tag) {
+                            Some(mapping) => found.push(mapping),
+                            None => {
+                                let _ = fs::remove_file(entry.path());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Everything committed on disk. Files whose name is not a digest are removed: only this
     /// module writes here, so they are debris.
     pub fn scan(&self) -> io::Result<Vec<Found>> {
@@ -203,9 +276,64 @@ impl Store {
     }
 }
 
+fn read_tag(
+    path: &Path,
+    upstream: &str,
+    repository: &str,
+    tag: &str,
+) -> Option<(TagKey, TagEntry)> {
+    let text = fs::read_to_string(path).ok()?;
+    let mut lines = text.lines();
+    let digest = Digest::parse(lines.next()?).ok()?;
+    let media_type = lines.next().filter(|m| !m.is_empty())?;
+    let checked_ms = lines.next()?.parse().ok()?;
+    let key = TagKey {
+        upstream: upstream.into(),
+        repository: Repository::parse(repository).ok()?,
+        tag: Tag::parse(tag).ok()?,
+    };
+    let entry = TagEntry {
+        digest,
+        media_type: media_type.into(),
+        checked_ms,
+    };
+    Some((key, entry))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tag_mappings_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let key = TagKey {
+            upstream: "127.0.0.1:5000".into(),
+            repository: Repository::parse("team/app").unwrap(),
+            tag: Tag::parse("v1.2").unwrap(),
+        };
+        let entry = TagEntry {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: 1234,
+        };
+        store.write_tag(&key, &entry).unwrap();
+        fs::write(
+            dir.path().join("tags/127.0.0.1:5000/team/@broken"),
+            "nonsense",
+        )
+        .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let found = store.scan_tags().unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, key);
+        assert_eq!(
+            (found[0].1.digest.clone(), found[0].1.checked_ms),
+            (entry.digest, 1234)
+        );
+        assert!(!dir.path().join("tags/127.0.0.1:5000/team/@broken").exists());
+    }
 
     #[test]
     fn open_removes_temp_leftovers_and_scan_finds_committed_objects() {

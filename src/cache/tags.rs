@@ -1,10 +1,16 @@
 //! The tag table: (upstream, repository, tag) -> the digest and media type it pointed at, and
-//! when the upstream last confirmed that.
+//! when the upstream last confirmed that; and the negative table of tags the upstream said do
+//! not exist.
 //!
 //! Entries are not expired by age here: a stale mapping is still worth having when the upstream
-//! is down. Whether an entry is fresh is decided by the caller against the upstream's TTL.
+//! is down, so whether an entry is fresh, or still servable as stale, is decided by the caller
+//! against the upstream's TTLs. Mappings are written through to disk (`Store::write_tag`) so a
+//! restart during an upstream outage can still serve them. Times are `WallClock` milliseconds:
+//! comparable with what was persisted before a restart, and driven by tokio's clock so tests
+//! can advance it.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -22,8 +28,43 @@ pub struct TagKey {
 pub struct TagEntry {
     pub digest: Digest,
     pub media_type: Arc<str>,
-    /// When the upstream last said this tag points at `digest`.
-    pub checked: Instant,
+    /// When the upstream last said this tag points at `digest` (`WallClock` milliseconds).
+    pub checked_ms: u64,
+}
+
+/// Unix time in milliseconds, advanced by tokio's clock (so `tokio::time::pause` and `advance`
+/// move it) from a wall-clock reading taken at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    base: Instant,
+    base_ms: u64,
+}
+
+impl WallClock {
+    pub fn new() -> WallClock {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        WallClock {
+            base: Instant::now(),
+            base_ms,
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+
+    /// How long ago `ms` was; zero for times in the future (a clock step backwards).
+    pub fn age(&self, ms: u64) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(ms))
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        WallClock::new()
+    }
 }
 
 /// Bounded, so a client enumerating random tags cannot grow memory without limit.
@@ -31,12 +72,17 @@ const MAX_TAGS: u64 = 200_000;
 
 pub struct Tags {
     entries: moka::sync::Cache<TagKey, TagEntry>,
+    /// Tags the upstream answered 404 for, with when it did.
+    missing: moka::sync::Cache<TagKey, u64>,
+    pub clock: WallClock,
 }
 
 impl Tags {
     pub fn new() -> Tags {
         Tags {
             entries: moka::sync::Cache::new(MAX_TAGS),
+            missing: moka::sync::Cache::new(MAX_TAGS),
+            clock: WallClock::new(),
         }
     }
 
@@ -45,12 +91,95 @@ impl Tags {
     }
 
     pub fn put(&self, key: TagKey, entry: TagEntry) {
+        self.missing.invalidate(&key);
         self.entries.insert(key, entry);
+    }
+
+    /// Records an upstream 404 for the tag; the mapping, if any, is dropped.
+    pub fn put_missing(&self, key: TagKey) {
+        self.entries.invalidate(&key);
+        self.missing.insert(key, self.clock.now_ms());
+    }
+
+    /// Whether the upstream said the tag does not exist less than `ttl` ago.
+    pub fn is_missing(&self, key: &TagKey, ttl: Duration) -> bool {
+        self.missing
+            .get(key)
+            .is_some_and(|at| self.clock.age(at) < ttl)
+    }
+
+    /// Drops every mapping of one repository of one upstream; returns how many went.
+    pub fn forget_repository(&self, upstream: &str, repository: &Repository) -> usize {
+        let keys: Vec<Arc<TagKey>> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| &*key.upstream == upstream && &key.repository == repository)
+            .map(|(key, _)| key)
+            .collect();
+        for key in &keys {
+            self.entries.invalidate(key.as_ref());
+        }
+        keys.len()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl Default for Tags {
     fn default() -> Self {
         Tags::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> TagKey {
+        TagKey {
+            upstream: "r.test".into(),
+            repository: Repository::parse("team/app").unwrap(),
+            tag: Tag::parse("v1").unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_tag_is_remembered_for_its_ttl_only() {
+        let tags = Tags::new();
+        tags.put_missing(key());
+        assert!(tags.is_missing(&key(), Duration::from_secs(10)));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!tags.is_missing(&key(), Duration::from_secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wall_clock_follows_tokio_time() {
+        let clock = WallClock::new();
+        let start = clock.now_ms();
+        tokio::time::advance(Duration::from_secs(90)).await;
+        assert_eq!(clock.now_ms() - start, 90_000);
+        assert_eq!(clock.age(start), Duration::from_secs(90));
+        assert_eq!(clock.age(clock.now_ms() + 5), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_new_mapping_clears_a_negative_entry() {
+        let tags = Tags::new();
+        tags.put_missing(key());
+        let entry = TagEntry {
+            digest: Digest::of(b"x"),
+            media_type: "m".into(),
+            checked_ms: tags.clock.now_ms(),
+        };
+        tags.put(key(), entry);
+        assert!(!tags.is_missing(&key(), Duration::from_secs(10)));
+        assert_eq!(tags.forget_repository("r.test", &key().repository), 1);
+        assert!(tags.get(&key()).is_none());
     }
 }

@@ -23,7 +23,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::config::{Config, PlatformConfig, UpstreamConfig};
+use crate::config::{CacheConfig, Config, PlatformConfig, UpstreamConfig};
 use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
 use crate::secret::Secret;
@@ -62,6 +62,10 @@ pub struct Upstream {
     /// Docker Hub puts one-component names under `library/`.
     pub docker_hub: bool,
     pub tag_ttl: Duration,
+    /// How long past `tag_ttl` a tag may be served stale while this upstream fails.
+    pub stale_if_error: Duration,
+    /// How long a 404 for a tag is remembered.
+    pub negative_ttl: Duration,
     /// Another org's platform registry: only with a docker secret for it.
     pub requires_secret: bool,
     /// `username`/`password` from the upstream's config, used for every repository.
@@ -100,7 +104,9 @@ impl Upstream {
             name: host.into(),
             base: config.endpoint_for(host),
             docker_hub: config.is_docker_hub(),
-            tag_ttl: config.tag_ttl.unwrap_or(shared.tag_ttl),
+            tag_ttl: config.tag_ttl.unwrap_or(shared.cache.tag_ttl),
+            stale_if_error: config.stale_if_error.unwrap_or(shared.cache.stale_if_error),
+            negative_ttl: config.negative_ttl.unwrap_or(shared.cache.negative_ttl),
             requires_secret: shared.platform.is_foreign_org_registry(host),
             configured,
             secret: config.secret.clone(),
@@ -302,7 +308,7 @@ struct Shared {
     client: HttpClient,
     secrets: Arc<Secrets>,
     platform: PlatformConfig,
-    tag_ttl: Duration,
+    cache: CacheConfig,
 }
 
 /// Pattern-matched hosts are remembered so each keeps its token cache; bounded because a
@@ -326,7 +332,7 @@ impl Upstreams {
             client,
             secrets,
             platform: config.platform.clone(),
-            tag_ttl: config.cache.tag_ttl,
+            cache: config.cache.clone(),
         };
         let mut by_name = HashMap::new();
         let mut patterns = Vec::new();

@@ -49,13 +49,17 @@ pub enum Fault {
     /// Send this many bytes, then hold the body until `Tap::resume`. The deterministic way to
     /// have a second client join a fill in progress (`Tap::wait_paused` says when it is held).
     PauseAt(u64),
+    /// Hold the request before it reaches the upstream, whatever its method, until
+    /// `Tap::resume` (`Tap::wait_paused` counts it). How a test keeps a HEAD or a manifest GET
+    /// in flight while other clients arrive.
+    Hold,
 }
 
 impl Fault {
     /// Faults that alter a successful upstream body; they apply to GETs only, since a HEAD has no
     /// body to fault.
     pub fn is_body_fault(&self) -> bool {
-        !matches!(self, Fault::None | Fault::Status(..))
+        !matches!(self, Fault::None | Fault::Status(..) | Fault::Hold)
     }
 }
 
@@ -177,7 +181,7 @@ impl Plan {
             Fault::Stall => plan.stop_at = Some((middle.min(STALL_AT_MOST), Stop::Stall)),
             Fault::PauseAt(n) => plan.stop_at = Some((n, Stop::Pause)),
             Fault::Slow(chunk, delay) => plan.pace = Some((chunk.max(1), delay)),
-            Fault::None | Fault::Status(..) => {}
+            Fault::None | Fault::Status(..) | Fault::Hold => {}
         }
         plan
     }

@@ -179,7 +179,7 @@ impl Tap {
     }
 
     fn set_rule(&self, kind: Kind, fault: Fault, remaining: Option<usize>) {
-        if matches!(fault, Fault::PauseAt(_)) {
+        if matches!(fault, Fault::PauseAt(_) | Fault::Hold) {
             self.state.gate.released.send_replace(false);
         }
         let mut rules = self.state.rules.lock().unwrap();
@@ -265,6 +265,11 @@ async fn forward(
         state.take(kind, |f| matches!(f, Fault::Status(..)))
     {
         return Ok(fault::status_response(status, retry_after, kind));
+    }
+    if state.take(kind, |f| *f == Fault::Hold).is_some() {
+        state.gate.paused.send_modify(|n| *n += 1);
+        let mut released = state.gate.released.subscribe();
+        let _ = released.wait_for(|open| *open).await;
     }
     let is_get = req.method() == Method::GET;
     let (mut parts, body) = req.into_parts();
