@@ -100,11 +100,20 @@ impl Store {
 
     /// Moves a verified, fsynced temp file into place and makes the rename durable.
     pub fn commit(&self, temp: &Path, kind: Kind, digest: &Digest) -> io::Result<()> {
-        let target = self.path(kind, digest);
-        let parent = target.parent().expect("store paths have a parent");
-        fs::create_dir_all(parent)?;
-        fs::rename(temp, &target)?;
+        let parent = self.commit_unsynced(temp, kind, digest)?;
         File::open(parent)?.sync_all()
+    }
+
+    /// The rename alone, for bulk loads (benchmarks, imports) that sync once at the end.
+    pub fn commit_unsynced(&self, temp: &Path, kind: Kind, digest: &Digest) -> io::Result<PathBuf> {
+        let target = self.path(kind, digest);
+        let parent = target
+            .parent()
+            .expect("store paths have a parent")
+            .to_path_buf();
+        fs::create_dir_all(&parent)?;
+        fs::rename(temp, &target)?;
+        Ok(parent)
     }
 
     /// Writes a whole manifest (already verified by the caller) with its media type.

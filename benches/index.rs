@@ -1,0 +1,99 @@
+//! The cache index under load: lookups and inserts per second with 1M entries, and start-up
+//! time (scan the store, rebuild the index) with 100k cached blobs.
+//!
+//! `cargo bench --bench index`. Test runners also execute bench targets (without `--bench`);
+//! then the sizes shrink so the suite stays fast, and the figures mean nothing.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth::cache::{Cache, Entry, Index, Kind, Store};
+use berth::config::CacheConfig;
+use berth::oci::digest::Digest;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+fn measuring() -> bool {
+    std::env::args().any(|arg| arg == "--bench")
+}
+
+fn digest(n: u64) -> Digest {
+    Digest::of(&n.to_le_bytes())
+}
+
+fn index_operations(c: &mut Criterion) {
+    let entries: u64 = if measuring() { 1_000_000 } else { 1_000 };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let index = Index::new(store, u64::MAX / 2);
+    let keys: Vec<Digest> = (0..entries).map(digest).collect();
+    for key in &keys {
+        index.insert(key.clone(), Entry::new(Kind::Blob, 4 << 20, None));
+    }
+    index.settle();
+    let mut group = c.benchmark_group(format!("index_{entries}"));
+    group.throughput(Throughput::Elements(1));
+    let mut next = 0usize;
+    group.bench_function("get_hit", |b| {
+        b.iter(|| {
+            next = (next + 7919) % keys.len();
+            index.get(&keys[next]).expect("present")
+        })
+    });
+    let absent = digest(u64::MAX);
+    group.bench_function("get_miss", |b| b.iter(|| index.get(&absent)));
+    let mut fresh = entries;
+    group.bench_function("insert", |b| {
+        b.iter_batched(
+            || {
+                fresh += 1;
+                digest(fresh)
+            },
+            |key| index.insert(key, Entry::new(Kind::Blob, 4 << 20, None)),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+/// Writes `count` committed one-KiB blobs the way fills do (temp file, rename).
+fn populate(dir: &std::path::Path, count: u64) {
+    let store = Store::open(dir).unwrap();
+    for n in 0..count {
+        let content = [n.to_le_bytes().as_slice(), &[0u8; 1016]].concat();
+        let (temp, mut file) = store.temp_file().unwrap();
+        file.write_all(&content).unwrap();
+        store
+            .commit_unsynced(&temp, Kind::Blob, &Digest::of(&content))
+            .unwrap();
+    }
+}
+
+fn start_up(c: &mut Criterion) {
+    let blobs: u64 = if measuring() { 100_000 } else { 500 };
+    let dir = tempfile::tempdir().unwrap();
+    populate(dir.path(), blobs);
+    let config = CacheConfig {
+        dir: dir.path().to_path_buf(),
+        ..CacheConfig::default()
+    };
+    let mut group = c.benchmark_group("start_up");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(20));
+    group.bench_function(format!("open_{blobs}_blobs"), |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let started = Instant::now();
+                let cache = Cache::open(&config).unwrap();
+                total += started.elapsed();
+                assert_eq!(cache.index.len(), blobs);
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, index_operations, start_up);
+criterion_main!(benches);
