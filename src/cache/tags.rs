@@ -63,8 +63,9 @@ impl Tags {
         keys.len()
     }
 
-    /// Tag mappings held (approximate: moka counts lazily).
+    /// Tag mappings held. Applies moka's pending bookkeeping first, which counts lazily.
     pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
 
