@@ -25,7 +25,8 @@ fn index_operations(c: &mut Criterion) {
     let entries: u64 = if measuring() { 1_000_000 } else { 1_000 };
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let index = Index::new(store, u64::MAX / 2);
+    let metrics = Arc::new(berth::metrics::Metrics::new());
+    let index = Index::new(store, u64::MAX / 2, metrics);
     let keys: Vec<Digest> = (0..entries).map(digest).collect();
     for key in &keys {
         index.insert(key.clone(), Entry::new(Kind::Blob, 4 << 20, None));
@@ -85,7 +86,8 @@ fn start_up(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iterations {
                 let started = Instant::now();
-                let cache = Cache::open(&config).unwrap();
+                let metrics = Arc::new(berth::metrics::Metrics::new());
+                let cache = Cache::open(&config, metrics).unwrap();
                 total += started.elapsed();
                 assert_eq!(cache.index.len(), blobs);
             }

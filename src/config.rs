@@ -45,6 +45,13 @@ pub struct Config {
     /// Address the registry API listens on.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz` and the admin API.
+    /// Loopback by default: metrics and the admin API are not for the nodes.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the admin API (`/admin/...`); unset, the admin API is disabled.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
     /// Upstream (by `host`) for request paths that name no registry, e.g. `/v2/nginx/...`.
     #[serde(default)]
     pub default_upstream: Option<String>,
@@ -332,6 +339,16 @@ impl Config {
                 }
             }
         }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|token| token.expose().trim().len() < 16)
+        {
+            return Err(invalid(
+                "admin_token",
+                "must be at least 16 characters (it guards purging the cache)",
+            ));
+        }
         if self.cache.max_size == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
         }
@@ -379,6 +396,10 @@ fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigEr
 
 fn default_listen() -> SocketAddr {
     "0.0.0.0:5000".parse().expect("valid address")
+}
+
+fn default_admin_listen() -> SocketAddr {
+    "127.0.0.1:9090".parse().expect("valid address")
 }
 
 fn default_cache_dir() -> PathBuf {
@@ -491,6 +512,8 @@ mod tests {
         assert_eq!(config.cache.tag_ttl, Duration::from_secs(30));
         assert_eq!(config.cache.max_size, 50 << 30);
         assert!(config.upstreams.is_empty());
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
+        assert!(config.admin_token.is_none());
     }
 
     #[test]
@@ -536,6 +559,8 @@ mod tests {
                 "upstream[0].aliases",
             ),
             ("surprise = 1", "surprise"),
+            ("admin_token = \"short\"", "admin_token"),
+            ("admin_listen = \"9090\"", "admin_listen"),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

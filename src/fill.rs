@@ -115,6 +115,7 @@ impl Fills {
             let digest = job.digest.clone();
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
             if let Err(error) = outcome {
+                metrics.fills_failed.inc();
                 tracing::warn!(%digest, message = %error.message, detail = ?error.detail, "fill failed");
                 tx.send_replace(Progress::Failed(error));
             }
@@ -158,7 +159,8 @@ impl Fills {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(&file, queue, &progress))
         };
-        let read = self.pump(response.into_body(), chunks).await;
+        let received = metrics.upstream_bytes.with_label_values(&["blob"]);
+        let read = self.pump(response.into_body(), chunks, &received).await;
         let (digest, written) = writer.await.map_err(std::io::Error::other)??;
         read?;
         if total.is_some_and(|total| total != written) {
@@ -198,6 +200,7 @@ impl Fills {
         &self,
         mut body: hyper::body::Incoming,
         chunks: mpsc::Sender<Bytes>,
+        received: &prometheus::IntCounter,
     ) -> Result<(), ApiError> {
         loop {
             let frame = match tokio::time::timeout(self.read_timeout, body.frame()).await {
@@ -209,6 +212,7 @@ impl Fills {
                 Ok(Some(Ok(frame))) => frame,
             };
             if let Ok(data) = frame.into_data() {
+                received.inc_by(data.len() as u64);
                 if chunks.send(data).await.is_err() {
                     // The writer stopped on a disk error; it reports that error itself.
                     return Ok(());

@@ -19,6 +19,9 @@
 //! - `api`      the `/v2/` handlers as named phases.
 //! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - `metrics`  the `berth_*` Prometheus families.
+//! - `health`   readiness: serving, not shutting down, cache directory writable.
+//! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
+//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress.
 //!
 //! # The life of one blob request
 //!
@@ -37,12 +40,17 @@
 //!                                                                            X-Cache: MISS | COALESCED
 //! ```
 //!
+//! `api::handle` stamps `X-Cache` and `X-Request-Id` on the head, counts the request and its
+//! time to first byte, and wraps the body (`api::record`) so that the bytes served, the total
+//! duration and the one log line per request are recorded when the body ends or is dropped.
+//!
 //! Manifests follow the same phases but are small: fetched whole (single flight), verified,
 //! stored by digest and kept in memory; tags map to digests for `tag_ttl`, then revalidate
 //! with a HEAD.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod body;
 pub mod cache;
@@ -50,6 +58,7 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod flight;
+pub mod health;
 pub mod metrics;
 pub mod oci;
 pub mod route;
@@ -57,12 +66,14 @@ pub mod secret;
 pub mod secrets;
 pub mod server;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::Arc;
 
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::fill::Fills;
+use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
@@ -73,6 +84,8 @@ pub struct AppState {
     pub cache: Arc<Cache>,
     pub fills: Arc<Fills>,
     pub metrics: Arc<Metrics>,
+    /// Set by the server (serving, shutting down); read by `/readyz`.
+    pub readiness: Readiness,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -93,8 +106,10 @@ impl AppState {
 
     /// Opens the cache (rebuilding the index from disk) and prepares the upstreams.
     pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
+        let metrics = Arc::new(Metrics::new());
         let cache_config = config.cache.clone();
-        let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_config))
+        let cache_metrics = Arc::clone(&metrics);
+        let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_config, cache_metrics))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|opened| opened)
@@ -102,7 +117,8 @@ impl AppState {
                 dir: config.cache.dir.display().to_string(),
                 source,
             })?;
-        let upstreams = Upstreams::new(&config).map_err(StartError::Client)?;
+        let upstreams =
+            Upstreams::with_metrics(&config, Arc::clone(&metrics)).map_err(StartError::Client)?;
         let cache = Arc::new(cache);
         if let Some(min_free) = config.cache.min_free {
             tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
@@ -111,7 +127,8 @@ impl AppState {
             fills: Arc::new(Fills::new(config.client.read_timeout)),
             upstreams,
             cache,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            readiness: Readiness::new(),
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,

@@ -32,11 +32,33 @@ enum Command {
         /// Overrides `cache.dir` from the config.
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Overrides `admin_listen` (metrics, health, admin API) from the config.
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
     },
     /// Show where image references go: upstream, endpoint, repository, tag or digest, and the
     /// credentials a pull would use. Any reference form: `nginx:latest`, `ghcr.io/o/a@sha256:..`,
     /// `//image/app:v1`, `/org/ORG/image/app:v1`.
     Resolve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Pre-pull images through a running berth (manifest, the platform's image of an index,
+    /// config, every layer), with progress, so a location has them before its pods start.
+    Warm {
+        /// The berth to warm.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        target: String,
+        /// The platform to pull from multi-platform images.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: berth::warm::Platform,
+        /// Blobs of one image fetched at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// A config to take `platform.org` (for `//image/...` references) and `[client]`
+        /// settings (timeouts, `ca_file` for an https target) from.
         #[arg(long)]
         config: Option<PathBuf>,
         #[arg(required = true)]
@@ -53,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             config,
             listen,
             cache_dir,
+            admin_listen,
         } => {
             let mut config = match config {
                 Some(path) => Config::load(&path)?,
@@ -63,6 +86,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(dir) = cache_dir {
                 config.cache.dir = dir;
+            }
+            if let Some(admin_listen) = admin_listen {
+                config.admin_listen = admin_listen;
             }
             init_logging(config.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
@@ -89,6 +115,35 @@ fn main() -> anyhow::Result<()> {
                     "{failed} of {} references did not resolve",
                     references.len()
                 );
+            }
+            Ok(())
+        }
+        Command::Warm {
+            target,
+            platform,
+            concurrency,
+            config,
+            references,
+        } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::embedded_default(),
+            };
+            let options = berth::warm::Options {
+                target,
+                platform,
+                references,
+                platform_config: config.platform,
+                client: config.client,
+                concurrency,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let summary = runtime
+                .block_on(berth::warm::warm(options))
+                .map_err(anyhow::Error::msg)?;
+            println!("{summary}");
+            if !summary.failed.is_empty() {
+                anyhow::bail!("{} image(s) failed to warm", summary.failed.len());
             }
             Ok(())
         }
@@ -127,14 +182,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding listen address {}", config.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin_listen address {}", config.admin_listen))?;
     let state = berth::AppState::open(config).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
+        admin_listen = %admin_listener.local_addr()?,
         cache_dir = %state.config.cache.dir.display(),
         cached_objects = state.cache.index.len(),
         "berth is serving"
     );
+    // The admin listener outlives the API's drain, so /readyz reports it and scrapes continue.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(berth::admin::run(
+        admin_listener,
+        std::sync::Arc::clone(&state),
+        async {
+            let _ = admin_stopped.await;
+        },
+    ));
     berth::server::run(listener, state, shutdown_signal()).await?;
+    let _ = admin_stop.send(());
+    admin.await.context("admin listener task")??;
     tracing::info!("berth stopped");
     Ok(())
 }

@@ -1,24 +1,52 @@
 //! Prometheus metrics: one registry holding every `berth_*` family.
 //!
-//! Labels are small closed sets (route, method, status class, cache outcome, upstream name from
-//! config); never a digest or a client-chosen repository. Rendering the text format is here;
-//! serving it is the server's job.
+//! Labels are small closed sets: route, method, status class, cache outcome, object kind, and
+//! the upstream's configured `host` (for a host pattern, the pattern itself, so a client naming
+//! random hosts under `*.azurecr.io` cannot grow the series count). Never a digest or a
+//! repository. Names use base units and `_total` for counters; README's "Metrics" section maps
+//! them to the distribution registry's `registry_proxy_*` counters. Rendering the text format is
+//! here; serving it is `admin`'s job.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The values of the `route` label; `api::RouteKind` produces them.
+pub const ROUTES: [&str; 6] = ["ping", "manifest", "blob", "tags", "referrers", "other"];
+
+/// Where served bytes came from: `cache` for hits (and revalidated or stale serves), `upstream`
+/// for bytes that arrived from a registry for this request or a fill it joined.
+pub const SOURCES: [&str; 2] = ["cache", "upstream"];
+
+/// Request latencies: from a millisecond (a hit's head) to ten minutes (a multi-GiB layer's body).
+const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0,
+];
 
 pub struct Metrics {
     pub registry: Registry,
-    /// Requests by route, method, status class and cache outcome.
+    /// Requests by route, method, status class and cache outcome; counted at the response head.
     pub requests: IntCounterVec,
+    /// Time from the request to its response head, by route.
+    pub time_to_first_byte: HistogramVec,
+    /// Time from the request to the end of its body (or the client going away), by route.
     pub request_seconds: HistogramVec,
-    /// Body bytes sent to clients, by source (cache or upstream fill).
+    /// Body bytes sent to clients, by route and source.
     pub bytes_served: IntCounterVec,
+    /// Requests sent to upstreams (each redirect hop is one), by upstream and status class;
+    /// `error` when no response came (connect failure, timeout, protocol error).
     pub upstream_requests: IntCounterVec,
+    /// Time to an upstream's response head, by upstream.
+    pub upstream_seconds: HistogramVec,
+    /// Body bytes received from upstreams for the cache, by kind (blob, manifest).
+    pub upstream_bytes: IntCounterVec,
+    /// Registry token fetches, by upstream and result (ok, error).
+    pub token_fetches: IntCounterVec,
     pub fills_in_flight: IntGauge,
     pub fills_completed: IntCounter,
+    /// Fills that ended without caching anything: upstream error, cut body, mismatch, disk.
+    pub fills_failed: IntCounter,
     /// Requests that joined a fill someone else started.
     pub fill_followers: IntCounter,
     /// Fills whose bytes did not match the digest; each one is an upstream serving wrong content.
@@ -28,116 +56,216 @@ pub struct Metrics {
     pub stale_served: IntCounter,
     /// Tag requests answered 404 from the negative cache without asking the upstream.
     pub negative_hits: IntCounter,
+    /// Objects deleted to keep the cache within `cache.max_size`, and their bytes.
+    pub evictions: IntCounter,
+    pub evicted_bytes: IntCounter,
+    /// Set at scrape time from the index and the filesystem (`admin`).
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_max_bytes: IntGauge,
+    pub filesystem_avail_bytes: IntGauge,
+    pub filesystem_size_bytes: IntGauge,
+    /// 1 while `/readyz` would answer 200; set at scrape time.
+    pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+    HistogramVec::new(opts, labels).expect("valid metric")
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("berth_requests_total", "Registry API requests answered"),
-            &["route", "method", "status", "cache"],
-        )
-        .expect("valid metric");
-        let request_seconds = HistogramVec::new(
-            HistogramOpts::new(
+        let metrics = Metrics {
+            registry: Registry::new(),
+            requests: counter_vec(
+                "berth_requests_total",
+                "Registry API requests answered",
+                &["route", "method", "status", "cache"],
+            ),
+            time_to_first_byte: histogram_vec(
+                "berth_time_to_first_byte_seconds",
+                "Time from a request to its response head",
+                &["route"],
+            ),
+            request_seconds: histogram_vec(
                 "berth_request_duration_seconds",
-                "Time to the response head",
+                "Time from a request to the end of its response body",
+                &["route"],
             ),
-            &["route"],
-        )
-        .expect("valid metric");
-        let bytes_served = IntCounterVec::new(
-            Opts::new("berth_served_bytes_total", "Blob bytes sent to clients"),
-            &["source"],
-        )
-        .expect("valid metric");
-        let upstream_requests = IntCounterVec::new(
-            Opts::new(
+            bytes_served: counter_vec(
+                "berth_served_bytes_total",
+                "Response body bytes sent to clients",
+                &["route", "source"],
+            ),
+            upstream_requests: counter_vec(
                 "berth_upstream_requests_total",
-                "Requests sent to upstream registries",
+                "Requests sent to upstream registries, by status class",
+                &["upstream", "status"],
             ),
-            &["upstream", "kind"],
-        )
-        .expect("valid metric");
-        let fills_in_flight =
-            IntGauge::new("berth_fills_in_flight", "Blob fills under way").expect("valid metric");
-        let fills_completed = IntCounter::new(
-            "berth_fills_completed_total",
-            "Blob fills verified and committed",
-        )
-        .expect("valid metric");
-        let fill_followers = IntCounter::new(
-            "berth_fill_followers_total",
-            "Blob requests that joined a fill already under way",
-        )
-        .expect("valid metric");
-        let digest_mismatches = IntCounter::new(
-            "berth_digest_mismatches_total",
-            "Upstream blobs whose bytes did not match their digest",
-        )
-        .expect("valid metric");
-        let manifest_fetch_seconds = Histogram::with_opts(HistogramOpts::new(
-            "berth_manifest_fetch_seconds",
-            "Time to fetch a manifest from an upstream",
-        ))
-        .expect("valid metric");
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(request_seconds.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(bytes_served.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(upstream_requests.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(fills_in_flight.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(fills_completed.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(fill_followers.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(digest_mismatches.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(manifest_fetch_seconds.clone()))
-            .expect("unique metric");
-        let stale_served = IntCounter::new(
-            "berth_stale_served_total",
-            "Tag requests served from a stale mapping while the upstream failed",
-        )
-        .expect("valid metric");
-        let negative_hits = IntCounter::new(
-            "berth_negative_hits_total",
-            "Tag requests answered 404 from the negative cache",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(stale_served.clone()))
-            .expect("unique metric");
-        registry
-            .register(Box::new(negative_hits.clone()))
-            .expect("unique metric");
-        Metrics {
-            registry,
-            requests,
-            request_seconds,
-            bytes_served,
-            upstream_requests,
-            fills_in_flight,
-            fills_completed,
-            fill_followers,
-            digest_mismatches,
-            manifest_fetch_seconds,
-            stale_served,
-            negative_hits,
+            upstream_seconds: histogram_vec(
+                "berth_upstream_request_duration_seconds",
+                "Time to an upstream registry's response head",
+                &["upstream"],
+            ),
+            upstream_bytes: counter_vec(
+                "berth_upstream_received_bytes_total",
+                "Body bytes received from upstream registries for the cache",
+                &["kind"],
+            ),
+            token_fetches: counter_vec(
+                "berth_token_fetches_total",
+                "Registry token fetches",
+                &["upstream", "result"],
+            ),
+            fills_in_flight: gauge("berth_fills_in_flight", "Blob fills under way"),
+            fills_completed: counter(
+                "berth_fills_completed_total",
+                "Blob fills verified and committed",
+            ),
+            fills_failed: counter(
+                "berth_fills_failed_total",
+                "Blob fills that ended without caching anything",
+            ),
+            fill_followers: counter(
+                "berth_fill_followers_total",
+                "Blob requests that joined a fill already under way",
+            ),
+            digest_mismatches: counter(
+                "berth_digest_mismatches_total",
+                "Upstream blobs and manifests whose bytes did not match their digest",
+            ),
+            manifest_fetch_seconds: Histogram::with_opts(HistogramOpts::new(
+                "berth_manifest_fetch_seconds",
+                "Time to fetch a manifest from an upstream",
+            ))
+            .expect("valid metric"),
+            stale_served: counter(
+                "berth_stale_served_total",
+                "Tag requests served from a stale mapping while the upstream failed",
+            ),
+            negative_hits: counter(
+                "berth_negative_hits_total",
+                "Tag requests answered 404 from the negative cache",
+            ),
+            evictions: counter(
+                "berth_evictions_total",
+                "Cached objects deleted to stay within cache.max_size",
+            ),
+            evicted_bytes: counter(
+                "berth_evicted_bytes_total",
+                "Bytes of cached objects deleted to stay within cache.max_size",
+            ),
+            cache_bytes: gauge("berth_cache_disk_bytes", "Bytes of cached objects on disk"),
+            cache_entries: gauge(
+                "berth_cache_entries",
+                "Cached objects (blobs and manifests)",
+            ),
+            cache_max_bytes: gauge(
+                "berth_cache_max_bytes",
+                "The configured cache.max_size in bytes",
+            ),
+            filesystem_avail_bytes: gauge(
+                "berth_cache_filesystem_avail_bytes",
+                "Bytes available to berth on the cache directory's filesystem",
+            ),
+            filesystem_size_bytes: gauge(
+                "berth_cache_filesystem_size_bytes",
+                "Size in bytes of the cache directory's filesystem",
+            ),
+            ready: gauge("berth_ready", "1 when berth is ready to serve (as /readyz)"),
+            build_info: IntGaugeVec::new(
+                Opts::new("berth_build_info", "Always 1; the version in a label"),
+                &["version"],
+            )
+            .expect("valid metric"),
+        };
+        metrics.register_all();
+        metrics.initialise_known_series();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.time_to_first_byte.clone()),
+            Box::new(self.request_seconds.clone()),
+            Box::new(self.bytes_served.clone()),
+            Box::new(self.upstream_requests.clone()),
+            Box::new(self.upstream_seconds.clone()),
+            Box::new(self.upstream_bytes.clone()),
+            Box::new(self.token_fetches.clone()),
+            Box::new(self.fills_in_flight.clone()),
+            Box::new(self.fills_completed.clone()),
+            Box::new(self.fills_failed.clone()),
+            Box::new(self.fill_followers.clone()),
+            Box::new(self.digest_mismatches.clone()),
+            Box::new(self.manifest_fetch_seconds.clone()),
+            Box::new(self.stale_served.clone()),
+            Box::new(self.negative_hits.clone()),
+            Box::new(self.evictions.clone()),
+            Box::new(self.evicted_bytes.clone()),
+            Box::new(self.cache_bytes.clone()),
+            Box::new(self.cache_entries.clone()),
+            Box::new(self.cache_max_bytes.clone()),
+            Box::new(self.filesystem_avail_bytes.clone()),
+            Box::new(self.filesystem_size_bytes.clone()),
+            Box::new(self.ready.clone()),
+            Box::new(self.build_info.clone()),
+        ];
+        for collector in collectors {
+            self.registry.register(collector).expect("unique metric");
         }
+    }
+
+    /// Series whose label values are known up front start at zero, so `rate()` and ratios work
+    /// from the first scrape instead of appearing only after the first event.
+    fn initialise_known_series(&self) {
+        for route in ROUTES {
+            self.time_to_first_byte.with_label_values(&[route]);
+            self.request_seconds.with_label_values(&[route]);
+            for source in SOURCES {
+                self.bytes_served.with_label_values(&[route, source]);
+            }
+        }
+        for kind in ["blob", "manifest"] {
+            self.upstream_bytes.with_label_values(&[kind]);
+        }
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+    }
+
+    /// Starts the per-upstream series of a configured upstream at zero.
+    pub fn initialise_upstream(&self, upstream: &str) {
+        self.upstream_seconds.with_label_values(&[upstream]);
+        for result in ["ok", "error"] {
+            self.token_fetches.with_label_values(&[upstream, result]);
+        }
+    }
+
+    /// Counts one upstream request: its status class (or `error`) and its time to the head.
+    pub fn observe_upstream(&self, upstream: &str, status: Option<http::StatusCode>, secs: f64) {
+        let class = status.map_or("error", status_class);
+        self.upstream_requests
+            .with_label_values(&[upstream, class])
+            .inc();
+        self.upstream_seconds
+            .with_label_values(&[upstream])
+            .observe(secs);
     }
 
     /// The Prometheus text exposition of every family.
@@ -153,5 +281,47 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// `2xx`-style class of a status: the `status` label of request metrics.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_series_are_exposed_before_any_traffic() {
+        let metrics = Metrics::new();
+        metrics.initialise_upstream("ghcr.io");
+        let text = metrics.render();
+        for family in [
+            "berth_request_duration_seconds_bucket{route=\"blob\"",
+            "berth_served_bytes_total{route=\"manifest\",source=\"cache\"} 0",
+            "berth_token_fetches_total{result=\"ok\",upstream=\"ghcr.io\"} 0",
+            "berth_evictions_total 0",
+            "berth_build_info{version=",
+        ] {
+            assert!(text.contains(family), "{family} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn upstream_failures_without_a_response_are_class_error() {
+        let metrics = Metrics::new();
+        metrics.observe_upstream("a.io", None, 0.1);
+        metrics.observe_upstream("a.io", Some(http::StatusCode::BAD_GATEWAY), 0.1);
+        let requests = &metrics.upstream_requests;
+        assert_eq!(requests.with_label_values(&["a.io", "error"]).get(), 1);
+        assert_eq!(requests.with_label_values(&["a.io", "5xx"]).get(), 1);
     }
 }

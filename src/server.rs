@@ -1,6 +1,7 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 (hyper-util's auto connection builder) on a bound
 //! listener, each connection served by `api::handle`, and graceful shutdown: on the shutdown
-//! signal stop accepting and give connections in flight a bounded time to finish.
+//! signal stop accepting (and report not ready) and give connections in flight a bounded time
+//! to finish.
 //!
 //! Binding the socket is the caller's job (so tests bind port 0); TLS termination and
 //! connection limits are not here yet.
@@ -28,6 +29,7 @@ pub async fn run(
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    state.readiness.mark_serving();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -39,7 +41,10 @@ pub async fn run(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown => {
+                state.readiness.mark_shutting_down();
+                break;
+            }
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);

@@ -268,6 +268,11 @@ async fn fetch(
         .await
         .map_err(|e| bad_manifest(format!("reading manifest: {e}")))?
         .to_bytes();
+    state
+        .metrics
+        .upstream_bytes
+        .with_label_values(&["manifest"])
+        .inc_by(bytes.len() as u64);
     let digest = Digest::of(&bytes);
     if let Some(wanted) = reference.digest().filter(|wanted| **wanted != digest) {
         state.metrics.digest_mismatches.inc();

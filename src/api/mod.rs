@@ -2,12 +2,14 @@
 //!
 //! `handle` is the whole life of a request: it parses the path, refuses writes, resolves the
 //! upstream and repository, and hands over to the manifest, blob or pass-through handler, then
-//! stamps `X-Cache`, counts the request and logs one line. Errors from any phase become a
-//! response in exactly one place (`ApiError::into_response`).
+//! stamps `X-Cache` and `X-Request-Id`, counts the request, and wraps the body so the bytes, the
+//! duration and one log line are recorded when it ends (`record`). Errors from any phase become
+//! a response in exactly one place (`ApiError::into_response`).
 
 mod blob;
 mod manifest;
 mod passthrough;
+pub mod record;
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use tokio::time::Instant;
 use crate::body::{self, Body};
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
+use crate::metrics::status_class;
 use crate::oci::name::{split_api_path, ApiPath};
 use crate::route::{self, RouteError};
 use crate::upstream::CredentialSource;
@@ -55,65 +58,69 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
     let started = Instant::now();
     let method = request.method().clone();
     let head = method == Method::HEAD;
-    let (kind, served) = dispatch(&state, &request).await;
-    let (mut response, outcome) = match served {
-        Ok(served) => served,
+    let id = record::request_id(request.headers());
+    let (kind, upstream, served) = dispatch(&state, &request).await;
+    let (mut response, outcome, error) = match served {
+        Ok((response, outcome)) => (response, outcome, None),
         Err(error) => {
             let outcome = if error.code == Code::Denied {
                 Outcome::Denied
             } else {
                 Outcome::Error
             };
-            (error.into_response(head), outcome)
+            let message = error.to_string();
+            (error.into_response(head), outcome, Some(message))
         }
     };
-    response
-        .headers_mut()
-        .insert("x-cache", HeaderValue::from_static(outcome.as_str()));
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(outcome.as_str()));
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", value);
+    }
     let status = response.status();
-    let status_class = status_class(status);
-    state
-        .metrics
+    let route = kind.as_str();
+    let metrics = &state.metrics;
+    metrics
         .requests
         .with_label_values(&[
-            kind.as_str(),
+            route,
             method.as_str(),
-            status_class,
+            status_class(status),
             outcome.as_str(),
         ])
         .inc();
-    let elapsed = started.elapsed();
-    state
-        .metrics
-        .request_seconds
-        .with_label_values(&[kind.as_str()])
-        .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        method = %method,
-        path = request.uri().path(),
-        status = status.as_u16(),
-        cache = outcome.as_str(),
-        ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
-    response
+    let time_to_first_byte = started.elapsed();
+    metrics
+        .time_to_first_byte
+        .with_label_values(&[route])
+        .observe(time_to_first_byte.as_secs_f64());
+    let served = record::source(route, outcome)
+        .map(|source| metrics.bytes_served.with_label_values(&[route, source]));
+    let record = record::Record {
+        id,
+        method,
+        path: request.uri().path().to_string(),
+        route,
+        upstream,
+        status,
+        outcome,
+        error,
+        started,
+        time_to_first_byte,
+        served,
+        duration: metrics.request_seconds.with_label_values(&[route]),
+    };
+    response.map(|body| record::observe(body, record))
 }
 
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
+/// The route a request hit, the upstream it was routed to (if it got that far), and the answer.
+type Dispatched = (RouteKind, Option<Arc<str>>, Served);
 
-async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind, Served) {
+async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched {
     let path = request.uri().path();
     let method = request.method();
     if path == "/v2/" || path == "/v2" {
-        return (RouteKind::Ping, ping(method));
+        return (RouteKind::Ping, None, ping(method));
     }
     let parsed = path.strip_prefix("/v2/").and_then(split_api_path);
     let kind = match &parsed {
@@ -131,15 +138,11 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind,
         let error = ApiError::unsupported(
             "berth is a pull-through cache; pushes and deletes go to the registry",
         );
-        return (kind, Err(error));
+        return (kind, None, Err(error));
     }
     if !matches!(*method, Method::GET | Method::HEAD) {
-        return (
-            kind,
-            Err(ApiError::unsupported(format!(
-                "method {method} is not supported"
-            ))),
-        );
+        let error = ApiError::unsupported(format!("method {method} is not supported"));
+        return (kind, None, Err(error));
     }
     let Some(parsed) = parsed else {
         let error = ApiError::new(
@@ -148,9 +151,11 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind,
             "not a registry API path",
         )
         .with_detail(path.to_string());
-        return (kind, Err(error));
+        return (kind, None, Err(error));
     };
-    (kind, serve(state, request, parsed).await)
+    let mut upstream = None;
+    let served = serve(state, request, parsed, &mut upstream).await;
+    (kind, upstream, served)
 }
 
 fn ping(method: &Method) -> Served {
@@ -173,7 +178,14 @@ fn ping(method: &Method) -> Served {
     Ok((response, Outcome::Bypass))
 }
 
-async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'_>) -> Served {
+/// Serves a parsed API path; `upstream` is filled in as soon as routing picked one, so the log
+/// line names it even when a later phase fails.
+async fn serve<B>(
+    state: &Arc<AppState>,
+    request: &Request<B>,
+    parsed: ApiPath<'_>,
+    upstream: &mut Option<Arc<str>>,
+) -> Served {
     let head = request.method() == Method::HEAD;
     let query = request.uri().query();
     let ns = route::ns_param(query);
@@ -193,6 +205,7 @@ async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'
     };
     // Route: which upstream, which repository. Nothing is dialled for an unknown registry.
     let target = route::resolve(&state.upstreams, ns, name).map_err(route_error)?;
+    *upstream = Some(Arc::clone(&target.upstream.name));
     // Another org's platform registry is reached only with a docker secret for it.
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous

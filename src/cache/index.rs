@@ -3,15 +3,18 @@
 //!
 //! The index is the only way content is found, so it must never name a file that is gone: an
 //! entry leaves the index first and its file is deleted after (moka's eviction listener), and a
-//! reader that still has the file open keeps reading it to the end (POSIX unlink semantics). It
-//! does not fetch or verify anything.
+//! reader that still has the file open keeps reading it to the end (POSIX unlink semantics).
+//! Capacity evictions are counted in the metrics, and the exact bytes indexed are tracked for
+//! the disk-use gauge. It does not fetch or verify anything.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 
 use super::store::{Kind, Store};
+use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 
 /// What the index knows about one object on disk.
@@ -40,24 +43,33 @@ fn weight(size: u64) -> u32 {
 
 pub struct Index {
     entries: moka::sync::Cache<Digest, Entry>,
+    /// Exact bytes of the indexed objects: added on insert, subtracted for every removal
+    /// (replaced, forgotten, evicted). Signed because moka may report a replacement's removal
+    /// before the insert that caused it has been added.
+    bytes: Arc<AtomicI64>,
 }
 
 impl Index {
-    pub fn new(store: Arc<Store>, max_size: u64) -> Index {
+    pub fn new(store: Arc<Store>, max_size: u64, metrics: Arc<Metrics>) -> Index {
+        let bytes = Arc::new(AtomicI64::new(0));
+        let removed = Arc::clone(&bytes);
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_size.div_ceil(1024))
             .weigher(|_, entry: &Entry| weight(entry.size))
             .eviction_policy(EvictionPolicy::lru())
             .eviction_listener(move |digest: Arc<Digest>, entry: Entry, cause| {
+                removed.fetch_sub(entry.size as i64, Ordering::Relaxed);
                 // Replaced entries describe the same file; only capacity evictions delete.
                 if cause == RemovalCause::Size {
+                    metrics.evictions.inc();
+                    metrics.evicted_bytes.inc_by(entry.size);
                     if let Err(err) = store.remove(entry.kind, &digest) {
                         tracing::warn!(%digest, %err, "cannot delete evicted object");
                     }
                 }
             })
             .build();
-        Index { entries }
+        Index { entries, bytes }
     }
 
     /// Looks up a digest and marks it recently used.
@@ -70,6 +82,7 @@ impl Index {
     }
 
     pub fn insert(&self, digest: Digest, entry: Entry) {
+        self.bytes.fetch_add(entry.size as i64, Ordering::Relaxed);
         self.entries.insert(digest, entry);
     }
 
@@ -103,6 +116,11 @@ impl Index {
     pub fn weighted_bytes(&self) -> u64 {
         self.entries.weighted_size() * 1024
     }
+
+    /// Exact bytes of the cached objects (what `du` would show, less filesystem overhead).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed).max(0) as u64
+    }
 }
 
 #[cfg(test)]
@@ -127,7 +145,8 @@ mod tests {
     fn evicts_least_recently_used_and_deletes_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Index::new(Arc::clone(&store), 3 * 1024);
+        let metrics = Arc::new(Metrics::new());
+        let index = Index::new(Arc::clone(&store), 3 * 1024, Arc::clone(&metrics));
         let a = put(&store, &index, &[1; 1024]);
         let b = put(&store, &index, &[2; 1024]);
         let c = put(&store, &index, &[3; 1024]);
@@ -140,5 +159,8 @@ mod tests {
             assert!(store.path(Kind::Blob, kept).exists());
         }
         assert!(index.weighted_bytes() <= 3 * 1024);
+        assert_eq!(index.bytes(), 3 * 1024);
+        assert_eq!(metrics.evictions.get(), 1);
+        assert_eq!(metrics.evicted_bytes.get(), 1024);
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 pub use index::{Entry, Index};
 pub use store::{Kind, Store};
@@ -75,9 +76,9 @@ pub struct Cache {
 
 impl Cache {
     /// Opens the store and rebuilds the index from what is on disk.
-    pub fn open(config: &CacheConfig) -> std::io::Result<Cache> {
+    pub fn open(config: &CacheConfig, metrics: Arc<Metrics>) -> std::io::Result<Cache> {
         let store = Arc::new(Store::open(&config.dir)?);
-        let index = Index::new(Arc::clone(&store), config.max_size);
+        let index = Index::new(Arc::clone(&store), config.max_size, metrics);
         let mut found = store.scan()?;
         // Oldest first, so the LRU order after a restart follows the recorded access times.
         found.sort_by_key(|object| object.touched);
@@ -183,6 +184,24 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// Removes an object from the cache: index first (so nothing new finds it), the in-memory
+    /// manifest copy, then the file. Readers that have the file open finish their download. A
+    /// fill of the digest already under way is not stopped and will cache it again. Returns what
+    /// was removed, or `None` if the digest was not cached.
+    pub async fn purge(&self, digest: &Digest) -> std::io::Result<Option<Entry>> {
+        let Some(entry) = self.index.get(digest) else {
+            return Ok(None);
+        };
+        self.index.forget(digest);
+        self.manifests.invalidate(digest);
+        let store = Arc::clone(&self.store);
+        let (kind, owned) = (entry.kind, digest.clone());
+        tokio::task::spawn_blocking(move || store.remove(kind, &owned))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(Some(entry))
     }
 
     /// Stores a manifest the caller has verified against its digest.

@@ -108,12 +108,13 @@ impl Tags {
             .is_some_and(|at| self.clock.age(at) < ttl)
     }
 
-    /// Drops every mapping of one repository of one upstream; returns how many went.
-    pub fn forget_repository(&self, upstream: &str, repository: &Repository) -> usize {
+    /// Drops every tag mapping of one repository of one upstream, so its tags are asked of the
+    /// upstream again. Returns how many were dropped.
+    pub fn invalidate_repository(&self, upstream: &str, repository: &Repository) -> usize {
         let keys: Vec<Arc<TagKey>> = self
             .entries
             .iter()
-            .filter(|(key, _)| &*key.upstream == upstream && &key.repository == repository)
+            .filter(|(key, _)| &*key.upstream == upstream && key.repository == *repository)
             .map(|(key, _)| key)
             .collect();
         for key in &keys {
@@ -122,7 +123,9 @@ impl Tags {
         keys.len()
     }
 
+    /// Tag mappings held. Applies moka's pending bookkeeping first, which counts lazily.
     pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
 
@@ -141,7 +144,7 @@ impl Default for Tags {
 mod tests {
     use super::*;
 
-    fn key() -> TagKey {
+    fn one_key() -> TagKey {
         TagKey {
             upstream: "r.test".into(),
             repository: Repository::parse("team/app").unwrap(),
@@ -152,10 +155,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_missing_tag_is_remembered_for_its_ttl_only() {
         let tags = Tags::new();
-        tags.put_missing(key());
-        assert!(tags.is_missing(&key(), Duration::from_secs(10)));
+        tags.put_missing(one_key());
+        assert!(tags.is_missing(&one_key(), Duration::from_secs(10)));
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!tags.is_missing(&key(), Duration::from_secs(10)));
+        assert!(!tags.is_missing(&one_key(), Duration::from_secs(10)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -171,15 +174,49 @@ mod tests {
     #[test]
     fn a_new_mapping_clears_a_negative_entry() {
         let tags = Tags::new();
-        tags.put_missing(key());
+        tags.put_missing(one_key());
         let entry = TagEntry {
             digest: Digest::of(b"x"),
             media_type: "m".into(),
             checked_ms: tags.clock.now_ms(),
         };
-        tags.put(key(), entry);
-        assert!(!tags.is_missing(&key(), Duration::from_secs(10)));
-        assert_eq!(tags.forget_repository("r.test", &key().repository), 1);
-        assert!(tags.get(&key()).is_none());
+        tags.put(one_key(), entry);
+        assert!(!tags.is_missing(&one_key(), Duration::from_secs(10)));
+        assert_eq!(
+            tags.invalidate_repository("r.test", &one_key().repository),
+            1
+        );
+        assert!(tags.get(&one_key()).is_none());
+    }
+
+    fn key(upstream: &str, repository: &str, tag: &str) -> TagKey {
+        TagKey {
+            upstream: upstream.into(),
+            repository: Repository::parse(repository).unwrap(),
+            tag: Tag::parse(tag).unwrap(),
+        }
+    }
+
+    #[test]
+    fn invalidating_a_repository_keeps_other_repositories_and_upstreams() {
+        let tags = Tags::new();
+        let entry = TagEntry {
+            digest: Digest::of(b"x"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: 0,
+        };
+        for k in [
+            key("a.io", "team/app", "v1"),
+            key("a.io", "team/app", "v2"),
+            key("a.io", "team/other", "v1"),
+            key("b.io", "team/app", "v1"),
+        ] {
+            tags.put(k, entry.clone());
+        }
+        let app = Repository::parse("team/app").unwrap();
+        assert_eq!(tags.invalidate_repository("a.io", &app), 2);
+        assert!(tags.get(&key("a.io", "team/app", "v1")).is_none());
+        assert!(tags.get(&key("a.io", "team/other", "v1")).is_some());
+        assert!(tags.get(&key("b.io", "team/app", "v1")).is_some());
     }
 }

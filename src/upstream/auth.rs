@@ -8,7 +8,7 @@
 //! sensitive header values and `Secret`s, never in logs. Which credentials a request presents
 //! is decided by the caller (`Upstream::credentials`).
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::challenge::{parse_challenges, token_url, Challenge};
 use super::{HttpClient, UpstreamError};
 use crate::flight::Flights;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::secrets::Credentials;
 
@@ -45,15 +46,20 @@ const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 pub struct Auth {
     upstream: String,
+    /// The upstream's metric label (see `Upstream::metric_label`).
+    metric_label: Arc<str>,
+    metrics: Arc<Metrics>,
     scheme: RwLock<Option<Scheme>>,
     tokens: moka::sync::Cache<String, Token>,
     flights: Flights<String, Result<Token, UpstreamError>>,
 }
 
 impl Auth {
-    pub fn new(upstream: String) -> Auth {
+    pub fn new(upstream: String, metric_label: Arc<str>, metrics: Arc<Metrics>) -> Auth {
         Auth {
             upstream,
+            metric_label,
+            metrics,
             scheme: RwLock::new(None),
             tokens: moka::sync::Cache::new(10_000),
             flights: Flights::default(),
@@ -139,14 +145,19 @@ impl Auth {
         let basic = creds.map(basic);
         let upstream = self.upstream.clone();
         let key = token_key(scope, creds);
+        let (label, metrics) = (Arc::clone(&self.metric_label), Arc::clone(&self.metrics));
         let (token, _) = self
             .flights
             .run(key.clone(), move || async move {
-                request_token(&client, &url, basic)
-                    .await
-                    .inspect_err(|err| {
-                        tracing::warn!(upstream, %err, "token fetch failed");
-                    })
+                let token = request_token(&client, &url, basic).await;
+                let result = if token.is_ok() { "ok" } else { "error" };
+                metrics
+                    .token_fetches
+                    .with_label_values(&[&label, result])
+                    .inc();
+                token.inspect_err(|err| {
+                    tracing::warn!(upstream, %err, "token fetch failed");
+                })
             })
             .await;
         let token = token?;

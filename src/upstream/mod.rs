@@ -24,6 +24,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::config::{CacheConfig, Config, PlatformConfig, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
 use crate::secret::Secret;
@@ -57,6 +58,9 @@ pub struct Upstream {
     /// The registry name as references use it (`docker.io`, or the host a pattern matched);
     /// secrets are matched against it, and metrics and logs use it.
     pub name: Arc<str>,
+    /// The `upstream` label of metrics: the configured `host`, which for a pattern is the
+    /// pattern itself, so clients naming hosts cannot add series.
+    pub metric_label: Arc<str>,
     /// Scheme, authority and optional path prefix, without a trailing slash.
     base: String,
     /// Docker Hub puts one-component names under `library/`.
@@ -75,6 +79,7 @@ pub struct Upstream {
     secrets: Arc<Secrets>,
     client: HttpClient,
     auth: Auth,
+    metrics: Arc<Metrics>,
 }
 
 /// Where a request's credentials come from; printed by `berth resolve`.
@@ -100,6 +105,7 @@ impl Upstream {
             }),
             _ => None,
         };
+        let metric_label: Arc<str> = config.host.to_ascii_lowercase().into();
         Upstream {
             name: host.into(),
             base: config.endpoint_for(host),
@@ -111,8 +117,14 @@ impl Upstream {
             configured,
             secret: config.secret.clone(),
             secrets: Arc::clone(&shared.secrets),
-            auth: Auth::new(host.to_string()),
+            auth: Auth::new(
+                host.to_string(),
+                Arc::clone(&metric_label),
+                Arc::clone(&shared.metrics),
+            ),
+            metric_label,
             client: shared.client.clone(),
+            metrics: Arc::clone(&shared.metrics),
         }
     }
 
@@ -260,7 +272,13 @@ impl Upstream {
             let request = request
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-            let response = self.client.send(request).await?;
+            let started = tokio::time::Instant::now();
+            let sent = self.client.send(request).await;
+            let status = sent.as_ref().ok().map(Response::status);
+            let secs = started.elapsed().as_secs_f64();
+            self.metrics
+                .observe_upstream(&self.metric_label, status, secs);
+            let response = sent?;
             if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
             {
                 return Ok(response);
@@ -309,6 +327,7 @@ struct Shared {
     secrets: Arc<Secrets>,
     platform: PlatformConfig,
     cache: CacheConfig,
+    metrics: Arc<Metrics>,
 }
 
 /// Pattern-matched hosts are remembered so each keeps its token cache; bounded because a
@@ -325,7 +344,12 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Upstreams whose traffic is counted in metrics nobody reads (`berth resolve`, tests).
     pub fn new(config: &Config) -> Result<Upstreams, String> {
+        Upstreams::with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, String> {
         let client = HttpClient::new(&config.client)?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let shared = Shared {
@@ -333,6 +357,7 @@ impl Upstreams {
             secrets,
             platform: config.platform.clone(),
             cache: config.cache.clone(),
+            metrics,
         };
         let mut by_name = HashMap::new();
         let mut patterns = Vec::new();
@@ -346,6 +371,7 @@ impl Upstreams {
                 &upstream_config.host,
                 &shared,
             ));
+            shared.metrics.initialise_upstream(&upstream.metric_label);
             for name in upstream_config.names() {
                 by_name.insert(name.to_ascii_lowercase(), Arc::clone(&upstream));
             }

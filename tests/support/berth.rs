@@ -1,5 +1,6 @@
 //! Starting berth in-process for a test: a config on `127.0.0.1:0`, a cache directory, the
-//! server task, and graceful shutdown so a test can restart berth on the same cache.
+//! server task and the admin listener (also on port 0), and graceful shutdown so a test can
+//! restart berth on the same cache.
 //!
 //! Does not own: upstream registries or clients; tests wire those (usually a `Tap` in front of a
 //! `Registry`) into the config they pass.
@@ -15,6 +16,8 @@ use tokio::task::JoinHandle;
 
 pub struct Berth {
     pub addr: SocketAddr,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/admin/...`.
+    pub admin_addr: SocketAddr,
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -44,18 +47,32 @@ impl Berth {
         let state = AppState::open(config).await.expect("berth starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin_listener.local_addr().unwrap();
         let (shutdown, signal) = oneshot::channel::<()>();
         let server_state = Arc::clone(&state);
         let task = tokio::spawn(async move {
             let signal = async {
                 let _ = signal.await;
             };
+            let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+            let admin = tokio::spawn(berth::admin::run(
+                admin_listener,
+                Arc::clone(&server_state),
+                async {
+                    let _ = admin_stopped.await;
+                },
+            ));
             berth::server::run(listener, server_state, signal)
                 .await
                 .unwrap();
+            let _ = admin_stop.send(());
+            let _ = admin.await;
         });
+        state.readiness.wait_serving().await;
         Berth {
             addr,
+            admin_addr,
             state,
             shutdown: Some(shutdown),
             task: Some(task),
@@ -69,6 +86,10 @@ impl Berth {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 
     /// `host:port`, as image references through berth spell it.

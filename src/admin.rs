@@ -1,0 +1,335 @@
+//! The admin listener, on its own address (`admin_listen`), apart from the registry API so
+//! metrics and cache surgery are never reachable by the nodes that pull:
+//!
+//! - `GET /metrics`  Prometheus text format; disk and readiness gauges are refreshed per scrape.
+//! - `GET /healthz`  200 while the process runs (liveness).
+//! - `GET /readyz`   200 when ready, else 503 with the reasons (`health`).
+//! - `/admin/...`    behind `Authorization: Bearer <admin_token>` (disabled without a token):
+//!   - `GET /admin/stats`                        cache and fill figures as JSON;
+//!   - `DELETE /admin/digests/<digest>`          removes one blob or manifest (index + disk);
+//!   - `DELETE /admin/repositories/<name>[?ns=]` drops the repository's tag mappings. Blobs
+//!     and manifests are content-addressed and may be shared with other repositories, so they
+//!     are kept (they age out by LRU, or purge them by digest).
+//!
+//! The registry API and its metrics are `api`'s; readiness rules are `health`'s.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+
+use crate::body::{self, Body};
+use crate::oci::digest::Digest;
+use crate::oci::name::Repository;
+use crate::AppState;
+
+/// Admin requests are short; a scrape in flight at shutdown gets this long.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The content type Prometheus expects for the text exposition format.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let state = Arc::clone(&state);
+        let service = service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, std::convert::Infallible>(handle(&state, request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+    Ok(())
+}
+
+pub async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            refresh_gauges(state).await;
+            respond(StatusCode::OK, METRICS_TYPE, state.metrics.render())
+        }
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") => {
+            let problems = state.readiness.problems(&state.cache.store).await;
+            if problems.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                let text = format!("not ready: {}\n", problems.join("; "));
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", text)
+            }
+        }
+        (_, p) if p.starts_with("/admin/") => {
+            if let Err(refusal) = authorize(state, request.headers()) {
+                return refusal;
+            }
+            let rest = &p["/admin/".len()..];
+            let answer = admin(state, &method, rest, request.uri().query()).await;
+            tracing::info!(method = %method, path = p, status = answer.status().as_u16(), "admin request");
+            answer
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found"}),
+        ),
+    }
+}
+
+/// Sets the gauges that are read from the cache and the filesystem rather than counted.
+async fn refresh_gauges(state: &AppState) {
+    let metrics = &state.metrics;
+    metrics
+        .cache_bytes
+        .set(gauge_value(state.cache.index.bytes()));
+    metrics
+        .cache_entries
+        .set(gauge_value(state.cache.index.len()));
+    metrics
+        .cache_max_bytes
+        .set(gauge_value(state.config.cache.max_size));
+    if let Ok((avail, size)) = filesystem_space(&state.cache.store) {
+        metrics.filesystem_avail_bytes.set(gauge_value(avail));
+        metrics.filesystem_size_bytes.set(gauge_value(size));
+    }
+    let ready = state
+        .readiness
+        .problems(&state.cache.store)
+        .await
+        .is_empty();
+    metrics.ready.set(i64::from(ready));
+}
+
+fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Bytes available to an unprivileged writer, and the size, of the cache's filesystem.
+fn filesystem_space(store: &crate::cache::Store) -> std::io::Result<(u64, u64)> {
+    let stat = rustix::fs::statvfs(store.dir()).map_err(std::io::Error::from)?;
+    Ok((
+        stat.f_bavail.saturating_mul(stat.f_frsize),
+        stat.f_blocks.saturating_mul(stat.f_frsize),
+    ))
+}
+
+/// Checks the bearer token in constant time. Without a configured token the admin API is off.
+#[allow(clippy::result_large_err)]
+fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response<Body>> {
+    let Some(token) = &state.config.admin_token else {
+        let message = "the admin API is disabled: set admin_token in the config";
+        return Err(json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({ "error": message }),
+        ));
+    };
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if tokens_match(presented, token.expose()) {
+        return Ok(());
+    }
+    let mut refusal = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"error": "a valid admin bearer token is required"}),
+    );
+    refusal
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Err(refusal)
+}
+
+/// Compares hashes of both tokens with an xor fold, so neither the position of the first
+/// differing byte nor the expected length shows in the timing.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    let a = Sha256::digest(presented.as_bytes());
+    let b = Sha256::digest(expected.as_bytes());
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn admin(
+    state: &AppState,
+    method: &Method,
+    rest: &str,
+    query: Option<&str>,
+) -> Response<Body> {
+    if let (&Method::GET, "stats") = (method, rest) {
+        return json(StatusCode::OK, stats(state));
+    }
+    if let Some(digest) = rest.strip_prefix("digests/") {
+        if method != Method::DELETE {
+            return method_not_allowed();
+        }
+        return purge_digest(state, digest).await;
+    }
+    if let Some(name) = rest.strip_prefix("repositories/") {
+        if method != Method::DELETE {
+            return method_not_allowed();
+        }
+        return purge_repository(state, name, crate::route::ns_param(query));
+    }
+    json(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({"error": "no such admin endpoint"}),
+    )
+}
+
+fn stats(state: &AppState) -> serde_json::Value {
+    let index = &state.cache.index;
+    let metrics = &state.metrics;
+    let filesystem = filesystem_space(&state.cache.store)
+        .ok()
+        .map(|(avail, size)| serde_json::json!({"avail_bytes": avail, "size_bytes": size}));
+    serde_json::json!({
+        "entries": index.len(),
+        "disk_bytes": index.bytes(),
+        "max_bytes": state.config.cache.max_size,
+        "tags": state.cache.tags.len(),
+        "fills_in_flight": state.fills.in_flight(),
+        "fills_completed": metrics.fills_completed.get(),
+        "fills_failed": metrics.fills_failed.get(),
+        "digest_mismatches": metrics.digest_mismatches.get(),
+        "evictions": metrics.evictions.get(),
+        "evicted_bytes": metrics.evicted_bytes.get(),
+        "filesystem": filesystem,
+        "ready": state.readiness.is_serving() && !state.readiness.is_shutting_down(),
+    })
+}
+
+async fn purge_digest(state: &AppState, text: &str) -> Response<Body> {
+    let digest = match Digest::parse(text) {
+        Ok(digest) => digest,
+        Err(err) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": err.to_string()}),
+            )
+        }
+    };
+    match state.cache.purge(&digest).await {
+        Ok(Some(entry)) => {
+            let kind = match entry.kind {
+                crate::cache::Kind::Blob => "blob",
+                crate::cache::Kind::Manifest => "manifest",
+            };
+            tracing::info!(%digest, kind, bytes = entry.size, "purged");
+            json(
+                StatusCode::OK,
+                serde_json::json!({"purged": digest.as_str(), "kind": kind, "bytes": entry.size}),
+            )
+        }
+        Ok(None) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "digest not cached", "digest": digest.as_str()}),
+        ),
+        Err(err) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": format!("removing the file failed: {err}")}),
+        ),
+    }
+}
+
+/// Resolves `name` exactly as a `/v2/<name>/...` path would be (host prefix, `?ns=`, default
+/// upstream, Docker Hub's `library/`), so the purge hits the same cache keys pulls use.
+fn purge_repository(state: &AppState, name: &str, ns: Option<&str>) -> Response<Body> {
+    let target = match crate::route::resolve(&state.upstreams, ns, name) {
+        Ok(target) => target,
+        Err(err) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": err.to_string()}),
+            )
+        }
+    };
+    let repository: &Repository = &target.repository;
+    let dropped = state
+        .cache
+        .tags
+        .invalidate_repository(&target.upstream.name, repository);
+    tracing::info!(upstream = %target.upstream.name, %repository, dropped, "purged repository tags");
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "upstream": &*target.upstream.name,
+            "repository": repository.as_str(),
+            "tags_dropped": dropped,
+            "note": "tag mappings were dropped, so the next pull of a tag asks the upstream; \
+                     blobs and manifests are content-addressed and may be shared with other \
+                     repositories, so they were kept: purge them by digest to remove them",
+        }),
+    )
+}
+
+fn method_not_allowed() -> Response<Body> {
+    json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({"error": "use DELETE"}),
+    )
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let text = serde_json::to_string_pretty(&value).expect("JSON values serialise") + "\n";
+    respond(status, "application/json", text)
+}
+
+fn respond(status: StatusCode, content_type: &'static str, text: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(body::full(text))
+        .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(tokens_match("s3cret-token-value", "s3cret-token-value"));
+        assert!(!tokens_match("s3cret-token-valuE", "s3cret-token-value"));
+        assert!(!tokens_match("", "s3cret-token-value"));
+        assert!(!tokens_match(
+            "s3cret-token-value-and-more",
+            "s3cret-token-value"
+        ));
+    }
+}

@@ -1,0 +1,666 @@
+//! `berth warm`: pre-pulls images through a running berth so a location has them before its
+//! pods start.
+//!
+//! For each reference: GET the manifest (every manifest type accepted), pick the requested
+//! platform's child of an index or manifest list, then GET the config and every layer,
+//! verifying each digest and size while it streams (a wrong digest is an error). Progress bars
+//! (bytes, blobs) go to stderr when it is a terminal; a summary (images, blobs, bytes, seconds,
+//! the `X-Cache` outcomes seen) comes back to the caller. References are written as for
+//! `berth resolve` and become `/v2/<registry-host>/<repository>/...` paths on the target
+//! (host-prefix routing), or `/v2/<repository>/...` for names without a registry, which the
+//! target routes to its `default_upstream`. The parsing and selection steps are pure functions;
+//! the I/O is `warm`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::{ClientConfig, PlatformConfig};
+use crate::oci::digest::{Digest, Verifier};
+use crate::oci::name::Reference;
+use crate::route::{parse_image_reference, ImageRef, RouteError};
+use crate::upstream::HttpClient;
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Longest silence tolerated inside a body. Generous: berth holds a blob's last byte until the
+/// whole blob is verified and fsynced, which takes a while for a multi-GiB layer.
+const STALL: Duration = Duration::from_secs(120);
+
+/// Manifests are small; the distribution registry refuses anything over 4 MiB.
+const MAX_MANIFEST: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error(transparent)]
+    Reference(#[from] RouteError),
+    #[error("{what}: {message}")]
+    Http { what: String, message: String },
+    #[error("{what}: the target answered {status}: {body}")]
+    Status {
+        what: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("{what}: expected {expected}, received content with digest {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("{what}: expected {expected} bytes, received {actual}")]
+    SizeMismatch {
+        what: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what}: {message}")]
+    Manifest { what: String, message: String },
+    #[error("no {wanted} image in the index (it has: {available})")]
+    NoPlatform { wanted: Platform, available: String },
+}
+
+/// An image platform, `os/architecture[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl FromStr for Platform {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let valid = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric());
+        match parts.as_slice() {
+            [os, arch] if valid(os) && valid(arch) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, variant] if valid(os) && valid(arch) && valid(variant) => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(variant.to_string()),
+            }),
+            _ => Err(format!(
+                "{text:?} is not a platform like linux/amd64 or linux/arm64/v8"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(variant) => write!(f, "/{variant}"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PlatformJson {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+/// A content descriptor as manifests list them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    platform: Option<PlatformJson>,
+}
+
+#[derive(Deserialize)]
+struct ManifestJson {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Option<Vec<Descriptor>>,
+}
+
+/// What a manifest document is: an index of per-platform images, or one image.
+#[derive(Debug)]
+pub enum Parsed {
+    Index(Vec<Descriptor>),
+    Image {
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    },
+}
+
+/// Classifies a manifest by its media type (the response's, else the document's), falling
+/// back to its shape for registries that send neither.
+pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Parsed, String> {
+    let json: ManifestJson =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
+    let media_type = content_type
+        .filter(|t| !t.is_empty() && *t != "application/json")
+        .map(str::to_string)
+        .or(json.media_type);
+    let is_index = match media_type.as_deref() {
+        Some(OCI_INDEX | DOCKER_LIST) => true,
+        Some(OCI_MANIFEST | DOCKER_MANIFEST) => false,
+        Some(other) if other.contains("manifest.v1") => {
+            return Err(format!("{other} (Docker schema 1) is not supported"))
+        }
+        _ => json.manifests.is_some(),
+    };
+    if is_index {
+        let manifests = json.manifests.ok_or("an index without `manifests`")?;
+        return Ok(Parsed::Index(manifests));
+    }
+    match (json.config, json.layers) {
+        (Some(config), Some(layers)) => Ok(Parsed::Image { config, layers }),
+        _ => Err("an image manifest needs `config` and `layers`".into()),
+    }
+}
+
+/// The index entry for `wanted`. An entry without a variant matches a request with one (as
+/// containerd does for `linux/arm64/v8` against plain `linux/arm64`), and a request without a
+/// variant takes the first entry of the os and architecture.
+pub fn select_platform<'a>(
+    manifests: &'a [Descriptor],
+    wanted: &Platform,
+) -> Result<&'a Descriptor, WarmError> {
+    let matches = |d: &&Descriptor| {
+        d.platform.as_ref().is_some_and(|p| {
+            p.os == wanted.os
+                && p.architecture == wanted.architecture
+                && match (&wanted.variant, &p.variant) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                }
+        })
+    };
+    let exact = manifests
+        .iter()
+        .find(|d| matches(d) && d.platform.as_ref().map(|p| &p.variant) == Some(&wanted.variant));
+    exact
+        .or_else(|| manifests.iter().find(matches))
+        .ok_or_else(|| WarmError::NoPlatform {
+            wanted: wanted.clone(),
+            available: manifests
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// The `<name>` of `/v2/<name>/...` on the target for an image reference: the registry host
+/// as a path prefix (berth's host-prefix routing), or the bare name for the default upstream.
+pub fn api_name(image: &ImageRef) -> String {
+    match &image.registry {
+        Some(registry) => format!("{registry}/{}", image.name),
+        None => image.name.clone(),
+    }
+}
+
+pub struct Options {
+    /// Base URL of the berth to warm, e.g. `http://127.0.0.1:5000`.
+    pub target: String,
+    pub platform: Platform,
+    pub references: Vec<String>,
+    /// For `//image/...` and `/org/ORG/image/...` references.
+    pub platform_config: PlatformConfig,
+    pub client: ClientConfig,
+    /// Blobs of one image downloaded at once.
+    pub concurrency: usize,
+}
+
+/// What one warm run did, for the summary line.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub images: usize,
+    pub failed: Vec<(String, String)>,
+    pub blobs: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// `X-Cache` values of every manifest and blob response.
+    pub outcomes: BTreeMap<String, usize>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(outcome, n)| format!("{outcome}={n}"))
+            .collect();
+        write!(
+            f,
+            "warmed {} image(s), {} blob(s), {} in {:.1}s ({}/s); cache outcomes: {}",
+            self.images,
+            self.blobs,
+            bytesize::ByteSize::b(self.bytes).display().iec(),
+            self.seconds,
+            bytesize::ByteSize::b((self.bytes as f64 / self.seconds.max(0.001)) as u64)
+                .display()
+                .iec(),
+            if outcomes.is_empty() {
+                "none".to_string()
+            } else {
+                outcomes.join(" ")
+            },
+        )?;
+        for (reference, error) in &self.failed {
+            write!(f, "\nfailed {reference}: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Shared by the images of one run: the client, progress, and what was already fetched.
+struct Run {
+    client: HttpClient,
+    target: String,
+    progress: MultiProgress,
+    seen: Mutex<HashSet<String>>,
+    outcomes: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Run {
+    fn tally(&self, response: &http::Response<hyper::body::Incoming>) {
+        let outcome = response
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        *self
+            .outcomes
+            .lock()
+            .expect("outcomes lock")
+            .entry(outcome)
+            .or_default() += 1;
+    }
+}
+
+/// Warms every reference (one after another, each image's blobs concurrently); a failed image
+/// is recorded in the summary and the run goes on with the next.
+pub async fn warm(options: Options) -> Result<Summary, String> {
+    let started = Instant::now();
+    let target = options.target.trim_end_matches('/').to_string();
+    let uri: http::Uri = target
+        .parse()
+        .map_err(|e| format!("--target {target:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(format!(
+            "--target {target:?} must be an http:// or https:// URL"
+        ));
+    }
+    let run = Arc::new(Run {
+        client: HttpClient::new(&options.client)?,
+        target,
+        progress: MultiProgress::new(),
+        seen: Mutex::default(),
+        outcomes: Mutex::default(),
+    });
+    let mut summary = Summary::default();
+    for text in &options.references {
+        let warmed = warm_one(&run, text, &options).await;
+        match warmed {
+            Ok((blobs, bytes)) => {
+                summary.images += 1;
+                summary.blobs += blobs;
+                summary.bytes += bytes;
+            }
+            Err(err) => summary.failed.push((text.clone(), err.to_string())),
+        }
+    }
+    summary.outcomes = std::mem::take(&mut *run.outcomes.lock().expect("outcomes lock"));
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+async fn warm_one(
+    run: &Arc<Run>,
+    text: &str,
+    options: &Options,
+) -> Result<(usize, u64), WarmError> {
+    let image = parse_image_reference(text, &options.platform_config)?;
+    let name = api_name(&image);
+    let (bytes, content_type) = get_manifest(run, &name, &image.reference).await?;
+    let what = format!("manifest {text}");
+    let parsed = parse_manifest(&bytes, content_type.as_deref())
+        .map_err(|message| WarmError::Manifest { what, message })?;
+    let (config, layers) = match parsed {
+        Parsed::Image { config, layers } => (config, layers),
+        Parsed::Index(manifests) => {
+            let child = select_platform(&manifests, &options.platform)?;
+            let digest = parse_digest(&child.digest, text)?;
+            let reference = Reference::Digest(digest);
+            let (bytes, content_type) = get_manifest(run, &name, &reference).await?;
+            let what = format!("{} manifest of {text}", options.platform);
+            match parse_manifest(&bytes, content_type.as_deref()) {
+                Ok(Parsed::Image { config, layers }) => (config, layers),
+                Ok(Parsed::Index(_)) => {
+                    let message = "an index inside an index".to_string();
+                    return Err(WarmError::Manifest { what, message });
+                }
+                Err(message) => return Err(WarmError::Manifest { what, message }),
+            }
+        }
+    };
+    let mut blobs = Vec::new();
+    {
+        let mut seen = run.seen.lock().expect("seen lock");
+        for descriptor in std::iter::once(config).chain(layers) {
+            if seen.insert(descriptor.digest.clone()) {
+                blobs.push(descriptor);
+            }
+        }
+    }
+    let total: u64 = blobs.iter().map(|b| b.size).sum();
+    let (bytes_bar, blobs_bar) = bars(run, text, total, blobs.len() as u64);
+    let count = blobs.len();
+    let fetched: Vec<u64> = futures_util::stream::iter(blobs)
+        .map(|descriptor| {
+            let (run, name, bytes_bar, blobs_bar) = (run, &name, &bytes_bar, &blobs_bar);
+            async move {
+                let size = get_blob(run, name, &descriptor, bytes_bar).await?;
+                blobs_bar.inc(1);
+                Ok::<u64, WarmError>(size)
+            }
+        })
+        .buffer_unordered(options.concurrency.max(1))
+        .try_collect()
+        .await
+        .inspect_err(|_| {
+            bytes_bar.abandon();
+            blobs_bar.abandon();
+        })?;
+    bytes_bar.finish();
+    blobs_bar.finish();
+    Ok((count, fetched.iter().sum()))
+}
+
+fn bars(run: &Run, text: &str, total: u64, blobs: u64) -> (ProgressBar, ProgressBar) {
+    let bytes_style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    let blobs_style =
+        ProgressStyle::with_template("{prefix} {pos}/{len} blobs").expect("valid template");
+    let bytes_bar = run
+        .progress
+        .add(ProgressBar::new(total).with_style(bytes_style));
+    bytes_bar.set_prefix(text.to_string());
+    let blobs_bar = run
+        .progress
+        .add(ProgressBar::new(blobs).with_style(blobs_style));
+    blobs_bar.set_prefix(text.to_string());
+    (bytes_bar, blobs_bar)
+}
+
+fn parse_digest(text: &str, what: &str) -> Result<Digest, WarmError> {
+    Digest::parse(text).map_err(|e| WarmError::Manifest {
+        what: what.to_string(),
+        message: format!("bad digest {text:?}: {e}"),
+    })
+}
+
+async fn send(
+    run: &Run,
+    path: &str,
+    what: &str,
+    accept: Option<&str>,
+) -> Result<http::Response<hyper::body::Incoming>, WarmError> {
+    let mut request = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{}{path}", run.target));
+    if let Some(accept) = accept {
+        request = request.header(ACCEPT, accept);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| WarmError::Http {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+    let response = run
+        .client
+        .send(request)
+        .await
+        .map_err(|e| WarmError::Http {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+    run.tally(&response);
+    if response.status() != StatusCode::OK {
+        let status = response.status();
+        let body = Limited::new(response.into_body(), 4096)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        return Err(WarmError::Status {
+            what: what.to_string(),
+            status,
+            body: body.trim().to_string(),
+        });
+    }
+    Ok(response)
+}
+
+/// GETs a manifest and checks it against the digest asked for and the one announced.
+async fn get_manifest(
+    run: &Run,
+    name: &str,
+    reference: &Reference,
+) -> Result<(Bytes, Option<String>), WarmError> {
+    let what = format!("manifest {name}:{}", reference.as_str());
+    let accept = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].join(", ");
+    let path = format!("/v2/{name}/manifests/{}", reference.as_str());
+    let response = send(run, &path, &what, Some(&accept)).await?;
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+    let announced = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v.trim()).ok());
+    let bytes = Limited::new(response.into_body(), MAX_MANIFEST)
+        .collect()
+        .await
+        .map_err(|e| WarmError::Http {
+            what: what.clone(),
+            message: e.to_string(),
+        })?
+        .to_bytes();
+    let actual = Digest::of(&bytes);
+    if let Some(expected) = reference.digest().cloned().or(announced) {
+        if expected != actual {
+            return Err(WarmError::DigestMismatch {
+                what,
+                expected,
+                actual,
+            });
+        }
+    }
+    Ok((bytes, content_type))
+}
+
+/// GETs a blob, hashing it as it streams; the digest and size must match the descriptor.
+async fn get_blob(
+    run: &Run,
+    name: &str,
+    descriptor: &Descriptor,
+    bar: &ProgressBar,
+) -> Result<u64, WarmError> {
+    let what = format!("blob {}", descriptor.digest);
+    let expected = parse_digest(&descriptor.digest, &what)?;
+    let path = format!("/v2/{name}/blobs/{expected}");
+    let response = send(run, &path, &what, None).await?;
+    let mut body = response.into_body();
+    let mut verifier = Verifier::new();
+    let mut received = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(STALL, body.frame()).await {
+            Err(_) => {
+                let message = format!("no data for {}s", STALL.as_secs());
+                return Err(WarmError::Http { what, message });
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                let message = format!("body failed after {received} bytes: {err}");
+                return Err(WarmError::Http { what, message });
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            verifier.update(&data);
+            received += data.len() as u64;
+            bar.inc(data.len() as u64);
+        }
+    }
+    let actual = verifier.finish();
+    if actual != expected {
+        return Err(WarmError::DigestMismatch {
+            what,
+            expected,
+            actual,
+        });
+    }
+    if received != descriptor.size {
+        return Err(WarmError::SizeMismatch {
+            what,
+            expected: descriptor.size,
+            actual: received,
+        });
+    }
+    Ok(received)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index() -> Vec<Descriptor> {
+        let json = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "1".repeat(64)), "size": 10,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "2".repeat(64)), "size": 10,
+                 "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+                {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "3".repeat(64)), "size": 10,
+                 "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+                {"mediaType": OCI_MANIFEST, "digest": format!("sha256:{}", "4".repeat(64)), "size": 10,
+                 "platform": {"os": "unknown", "architecture": "unknown"}},
+            ]
+        });
+        match parse_manifest(json.to_string().as_bytes(), Some(OCI_INDEX)).unwrap() {
+            Parsed::Index(manifests) => manifests,
+            other => panic!("not an index: {other:?}"),
+        }
+    }
+
+    fn pick(platform: &str) -> Result<char, String> {
+        let manifests = index();
+        select_platform(&manifests, &platform.parse().unwrap())
+            .map(|d| d.digest.chars().last().unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn selects_the_requested_platform_of_an_index() {
+        assert_eq!(pick("linux/amd64"), Ok('1'));
+        assert_eq!(pick("linux/arm/v7"), Ok('2'));
+        assert_eq!(pick("linux/arm64"), Ok('3'));
+        assert_eq!(pick("linux/arm64/v8"), Ok('3'));
+        let missing = pick("windows/amd64").unwrap_err();
+        assert!(missing.contains("linux/arm/v7"), "{missing}");
+        assert!(pick("linux/arm/v6").is_err());
+    }
+
+    #[test]
+    fn platforms_parse_with_an_optional_variant() {
+        let p: Platform = "linux/arm64/v8".parse().unwrap();
+        assert_eq!(p.variant.as_deref(), Some("v8"));
+        assert_eq!(p.to_string(), "linux/arm64/v8");
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d", "linux/am d64"] {
+            assert!(bad.parse::<Platform>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn manifests_are_told_apart_by_media_type_or_shape() {
+        let image = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "c", "digest": format!("sha256:{}", "a".repeat(64)), "size": 3},
+            "layers": [{"mediaType": "l", "digest": format!("sha256:{}", "b".repeat(64)), "size": 5}],
+        })
+        .to_string();
+        match parse_manifest(image.as_bytes(), Some(DOCKER_MANIFEST)).unwrap() {
+            Parsed::Image { config, layers } => {
+                assert_eq!(config.size, 3);
+                assert_eq!(layers.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_manifest(image.as_bytes(), None).unwrap(),
+            Parsed::Image { .. }
+        ));
+        let list = serde_json::json!({"schemaVersion": 2, "manifests": []}).to_string();
+        assert!(matches!(
+            parse_manifest(list.as_bytes(), Some("application/json")).unwrap(),
+            Parsed::Index(_)
+        ));
+        let schema1 = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+        assert!(parse_manifest(b"{}", Some(schema1)).is_err());
+        assert!(parse_manifest(b"<html>", None).is_err());
+    }
+
+    #[test]
+    fn references_become_host_prefixed_names() {
+        let platform = PlatformConfig {
+            org: Some("my-org".into()),
+            ..PlatformConfig::default()
+        };
+        let name = |text: &str| api_name(&parse_image_reference(text, &platform).unwrap());
+        assert_eq!(name("nginx:1.27"), "nginx");
+        assert_eq!(name("ghcr.io/org/app:v1"), "ghcr.io/org/app");
+        assert_eq!(name("127.0.0.1:5000/team/app"), "127.0.0.1:5000/team/app");
+        assert_eq!(name("//image/app:v1"), "my-org.registry.cpln.io/app");
+    }
+}

@@ -1,0 +1,118 @@
+//! The request log: one JSON line per request, written when its body ends, with the request
+//! id, upstream, outcome, bytes and duration, and never a secret. Its own test binary, because
+//! it installs the process-wide tracing subscriber.
+
+mod support;
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use support::{
+    fetch, push_image, request, single_upstream_config, Auth, Berth, Flavor, Image, Registry, Tap,
+};
+use tokio::sync::mpsc;
+
+/// A `MakeWriter` that sends every formatted event to the test.
+#[derive(Clone)]
+struct Capture(mpsc::UnboundedSender<String>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads captured lines until one is the `request` line of `id` (bounded in time).
+async fn request_line(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    id: &str,
+) -> serde_json::Value {
+    let wait = async {
+        while let Some(chunk) = lines.recv().await {
+            for line in chunk.lines() {
+                seen.push(line.to_string());
+                let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+                if json["fields"]["message"] == "request" && json["fields"]["request_id"] == id {
+                    return json;
+                }
+            }
+        }
+        panic!("log channel closed");
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no request line for {id}; saw {seen:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets() {
+    const PASSWORD: &str = "hunter2-very-secret";
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    let capture = Capture(tx);
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("info")
+        .with_writer(move || capture.clone())
+        .init();
+
+    let registry = Registry::start(Auth::basic("puller", PASSWORD)).await;
+    let tap = Tap::start(&registry.url()).await;
+    let cache = tempfile::tempdir().unwrap();
+    let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), "");
+    let config = format!("{config}username = \"puller\"\npassword = \"{PASSWORD}\"\n");
+    let berth = Berth::start(&config).await;
+    let image = Image::random(Flavor::Oci, 40, &[20_000]);
+    push_image(&registry.url(), "team/app", "v1", &image, registry.creds())
+        .await
+        .unwrap();
+
+    let url = format!("{}/v2/team/app/manifests/v1", berth.url());
+    // distribution answers 404 to a client that does not accept OCI manifests.
+    let headers = [
+        ("x-request-id", "log-test-1"),
+        ("accept", Flavor::Oci.manifest_type()),
+    ];
+    let fetched = fetch(request(Method::GET, &url, None, &headers, Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200, "{:?}", fetched.body);
+    let mut seen = Vec::new();
+    let line = request_line(&mut lines, &mut seen, "log-test-1").await;
+    let fields = &line["fields"];
+    assert_eq!(fields["upstream"], tap.host().as_str());
+    assert_eq!(fields["cache"], "MISS");
+    assert_eq!(fields["status"], 200);
+    assert_eq!(fields["route"], "manifest");
+    assert_eq!(fields["bytes"], image.manifest.len() as u64);
+    assert_eq!(fields["body"], "complete");
+    assert_eq!(fields["path"], "/v2/team/app/manifests/v1");
+    assert!(fields["ms"].as_f64().is_some() && fields["ttfb_ms"].as_f64().is_some());
+
+    let missing = format!("{}/v2/team/app/manifests/nope", berth.url());
+    let headers = [("x-request-id", "log-test-2")];
+    let fetched = fetch(request(Method::GET, &missing, None, &headers, Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 404);
+    let line = request_line(&mut lines, &mut seen, "log-test-2").await;
+    assert_eq!(line["fields"]["cache"], "ERROR");
+    assert!(line["fields"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("MANIFEST_UNKNOWN"));
+
+    let basic = support::client::basic_auth("puller", PASSWORD);
+    let encoded = basic.to_str().unwrap().trim_start_matches("Basic ");
+    for line in &seen {
+        assert!(!line.contains(PASSWORD), "secret in log: {line}");
+        assert!(!line.contains(encoded), "encoded secret in log: {line}");
+    }
+}
