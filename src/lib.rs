@@ -50,12 +50,14 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod flight;
+pub mod limits;
 pub mod metrics;
 pub mod oci;
 pub mod route;
 pub mod secret;
 pub mod secrets;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -99,7 +101,11 @@ impl AppState {
             })?;
         let upstreams = Upstreams::new(&config).map_err(StartError::Client)?;
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(config.client.read_timeout)),
+            fills: Arc::new(Fills::new(
+                config.client.read_timeout,
+                config.limits.max_fills,
+                config.limits.retry_after,
+            )),
             upstreams,
             cache: Arc::new(cache),
             metrics: Arc::new(Metrics::new()),

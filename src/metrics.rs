@@ -24,6 +24,13 @@ pub struct Metrics {
     /// Fills whose bytes did not match the digest; each one is an upstream serving wrong content.
     pub digest_mismatches: IntCounter,
     pub manifest_fetch_seconds: Histogram,
+    /// Disk reads or writes of the cache that failed; each one was passed through or refetched.
+    pub disk_errors: IntCounter,
+    /// Fills whose upstream body failed mid-way and that continued with a Range request.
+    pub fill_resumes: IntCounter,
+    /// Requests and connections refused by a limit, by which limit.
+    pub rejected: IntCounterVec,
+    pub connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -77,6 +84,34 @@ impl Metrics {
             "Time to fetch a manifest from an upstream",
         ))
         .expect("valid metric");
+        let disk_errors = IntCounter::new(
+            "berth_disk_errors_total",
+            "Cache disk reads or writes that failed (content was passed through or refetched)",
+        )
+        .expect("valid metric");
+        let fill_resumes = IntCounter::new(
+            "berth_fill_resumes_total",
+            "Fills resumed with a Range request after the upstream body failed",
+        )
+        .expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "berth_rejected_total",
+                "Requests or connections refused by a limit",
+            ),
+            &["limit"],
+        )
+        .expect("valid metric");
+        let connections_open = IntGauge::new("berth_connections_open", "Client connections open")
+            .expect("valid metric");
+        for family in [
+            Box::new(disk_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(fill_resumes.clone()),
+            Box::new(rejected.clone()),
+            Box::new(connections_open.clone()),
+        ] {
+            registry.register(family).expect("unique metric");
+        }
         registry
             .register(Box::new(requests.clone()))
             .expect("unique metric");
@@ -115,6 +150,10 @@ impl Metrics {
             fill_followers,
             digest_mismatches,
             manifest_fetch_seconds,
+            disk_errors,
+            fill_resumes,
+            rejected,
+            connections_open,
         }
     }
 

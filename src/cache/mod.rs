@@ -6,6 +6,7 @@
 
 pub mod index;
 pub mod reader;
+pub mod spill;
 pub mod store;
 pub mod tags;
 
