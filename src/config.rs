@@ -72,6 +72,80 @@ pub struct Config {
     /// Pull secrets, matched to requests by registry and repository.
     #[serde(default, rename = "secret")]
     pub secrets: Vec<SecretConfig>,
+    /// Caps and timeouts that keep berth answering under overload and hostile clients.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// Caps and timeouts on the serving side. Over a cap berth answers 503 (or 429 for one client
+/// over its share) with `Retry-After`, instead of queueing without bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open client connections; one more is answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Blob fills from upstreams running at once; a miss beyond it is answered 503.
+    #[serde(default = "default_max_fills")]
+    pub max_fills: usize,
+    /// Requests in flight (bodies included) from one client IP; one more is answered 429.
+    #[serde(default = "default_max_client_requests")]
+    pub max_client_requests: usize,
+    /// Longest request target (path and query) accepted; longer ones get 414.
+    #[serde(default = "default_max_uri_bytes", deserialize_with = "de_size_usize")]
+    pub max_uri_bytes: usize,
+    /// Largest request head (names and values of all headers); larger ones get 431.
+    #[serde(
+        default = "default_max_header_bytes",
+        deserialize_with = "de_size_usize"
+    )]
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head (slowloris).
+    #[serde(
+        default = "default_header_read_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub header_read_timeout: Duration,
+    /// Time a client may refuse to take response bytes before its connection is dropped.
+    #[serde(default = "default_write_timeout", deserialize_with = "de_duration")]
+    pub write_timeout: Duration,
+    /// On SIGTERM: how long downloads and fills in flight get to finish.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// The `Retry-After` berth sends when it refuses work because of these limits.
+    #[serde(default = "default_retry_after", deserialize_with = "de_duration")]
+    pub retry_after: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            max_fills: default_max_fills(),
+            max_client_requests: default_max_client_requests(),
+            max_uri_bytes: default_max_uri_bytes(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            header_read_timeout: default_header_read_timeout(),
+            write_timeout: default_write_timeout(),
+            shutdown_grace: default_shutdown_grace(),
+            retry_after: default_retry_after(),
+        }
+    }
+}
+
+/// PEM certificate chain and private key for serving HTTPS; re-read when either file changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// The platform berth serves: each org has a central registry `ORG.<registry_domain>`.
@@ -183,6 +257,19 @@ pub struct ClientConfig {
     /// Extra PEM CA bundle trusted on top of the webpki roots, for self-hosted registries.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Extra attempts for a request that failed without reaching the upstream, timed out, or
+    /// was answered 429/503 with a short `Retry-After`.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Longest `Retry-After` berth waits out itself; a longer one goes back to the client.
+    #[serde(default = "default_max_retry_after", deserialize_with = "de_duration")]
+    pub max_retry_after: Duration,
+    /// Consecutive connection failures or timeouts that open an upstream's circuit breaker.
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// How long an open breaker fails requests at once before one probe may try again.
+    #[serde(default = "default_breaker_cooldown", deserialize_with = "de_duration")]
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for ClientConfig {
@@ -192,6 +279,10 @@ impl Default for ClientConfig {
             response_timeout: default_response_timeout(),
             read_timeout: default_read_timeout(),
             ca_file: None,
+            retries: default_retries(),
+            max_retry_after: default_max_retry_after(),
+            breaker_threshold: default_breaker_threshold(),
+            breaker_cooldown: default_breaker_cooldown(),
         }
     }
 }
@@ -223,6 +314,10 @@ pub struct UpstreamConfig {
     /// Overrides `cache.negative_ttl` for this upstream.
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub negative_ttl: Option<Duration>,
+    /// Skip TLS certificate verification for this upstream only. Logged loudly at start-up;
+    /// prefer `client.ca_file`.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 impl UpstreamConfig {
@@ -280,6 +375,7 @@ impl Config {
                 secret: None,
                 stale_if_error: None,
                 negative_ttl: None,
+                insecure: false,
             });
         }
     }
@@ -349,8 +445,39 @@ impl Config {
                 "must be at least 16 characters (it guards purging the cache)",
             ));
         }
+        self.validate_limits()?;
         if self.cache.max_size == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        let counts = [
+            ("limits.max_connections", limits.max_connections),
+            ("limits.max_fills", limits.max_fills),
+            ("limits.max_client_requests", limits.max_client_requests),
+            ("limits.max_headers", limits.max_headers),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        if limits.max_uri_bytes < 256 {
+            return Err(invalid("limits.max_uri_bytes", "must be at least 256"));
+        }
+        if limits.max_header_bytes < 1024 {
+            return Err(invalid("limits.max_header_bytes", "must be at least 1KiB"));
+        }
+        if self.client.breaker_threshold == 0 {
+            return Err(invalid(
+                "client.breaker_threshold",
+                "must be greater than zero",
+            ));
         }
         Ok(())
     }
@@ -438,6 +565,62 @@ fn default_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_breaker_threshold() -> u32 {
+    5
+}
+
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_max_fills() -> usize {
+    256
+}
+
+fn default_max_client_requests() -> usize {
+    256
+}
+
+fn default_max_uri_bytes() -> usize {
+    8 << 10
+}
+
+fn default_max_header_bytes() -> usize {
+    32 << 10
+}
+
+fn default_max_headers() -> usize {
+    100
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_write_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_retry_after() -> Duration {
+    Duration::from_secs(1)
+}
+
 /// Parses sizes such as "50GiB", "512 MiB" or a plain byte count.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     text.trim()
@@ -467,6 +650,11 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     de_size(d).map(Some)
+}
+
+fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let size = de_size(d)?;
+    usize::try_from(size).map_err(serde::de::Error::custom)
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -561,6 +749,13 @@ mod tests {
             ("surprise = 1", "surprise"),
             ("admin_token = \"short\"", "admin_token"),
             ("admin_listen = \"9090\"", "admin_listen"),
+            ("[limits]\nmax_fills = 0", "limits.max_fills"),
+            ("[limits]\nmax_uri_bytes = 10", "limits.max_uri_bytes"),
+            ("[limits]\nwrite_timeout = \"never\"", "write_timeout"),
+            (
+                "[client]\nbreaker_threshold = 0",
+                "client.breaker_threshold",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

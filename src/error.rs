@@ -220,6 +220,13 @@ impl ApiError {
                 )
                 .with_detail(message)
             }
+            UpstreamError::CircuitOpen(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "upstream unavailable",
+            )
+            .with_detail(message)
+            .with_header(RETRY_AFTER, HeaderValue::from_static("5")),
             UpstreamError::Invalid(_) => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 Code::Unavailable,

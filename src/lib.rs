@@ -59,12 +59,14 @@ pub mod error;
 pub mod fill;
 pub mod flight;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod oci;
 pub mod route;
 pub mod secret;
 pub mod secrets;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod warm;
 
@@ -124,7 +126,11 @@ impl AppState {
             tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
         }
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(config.client.read_timeout)),
+            fills: Arc::new(Fills::new(
+                config.client.read_timeout,
+                config.limits.max_fills,
+                config.limits.retry_after,
+            )),
             upstreams,
             cache,
             metrics,

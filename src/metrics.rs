@@ -56,6 +56,13 @@ pub struct Metrics {
     pub stale_served: IntCounter,
     /// Tag requests answered 404 from the negative cache without asking the upstream.
     pub negative_hits: IntCounter,
+    /// Disk reads or writes of the cache that failed; each one was passed through or refetched.
+    pub disk_errors: IntCounter,
+    /// Fills whose upstream body failed mid-way and that continued with a Range request.
+    pub fill_resumes: IntCounter,
+    /// Requests and connections refused by a limit, by which limit.
+    pub rejected: IntCounterVec,
+    pub connections_open: IntGauge,
     /// Objects deleted to keep the cache within `cache.max_size`, and their bytes.
     pub evictions: IntCounter,
     pub evicted_bytes: IntCounter,
@@ -161,6 +168,20 @@ impl Metrics {
                 "berth_negative_hits_total",
                 "Tag requests answered 404 from the negative cache",
             ),
+            disk_errors: counter(
+                "berth_disk_errors_total",
+                "Cache disk reads or writes that failed (content was passed through or refetched)",
+            ),
+            fill_resumes: counter(
+                "berth_fill_resumes_total",
+                "Fills resumed with a Range request after the upstream body failed",
+            ),
+            rejected: counter_vec(
+                "berth_rejected_total",
+                "Requests or connections refused by a limit",
+                &["limit"],
+            ),
+            connections_open: gauge("berth_connections_open", "Client connections open"),
             evictions: counter(
                 "berth_evictions_total",
                 "Cached objects deleted to stay within cache.max_size",
@@ -216,6 +237,10 @@ impl Metrics {
             Box::new(self.manifest_fetch_seconds.clone()),
             Box::new(self.stale_served.clone()),
             Box::new(self.negative_hits.clone()),
+            Box::new(self.disk_errors.clone()),
+            Box::new(self.fill_resumes.clone()),
+            Box::new(self.rejected.clone()),
+            Box::new(self.connections_open.clone()),
             Box::new(self.evictions.clone()),
             Box::new(self.evicted_bytes.clone()),
             Box::new(self.cache_bytes.clone()),

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::Served;
 use crate::body::{self, Body};
+use crate::cache::reader::Evict;
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::fill::{self, Job, Progress};
@@ -31,8 +32,13 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
-    if let Some(progress) = fill::open_cached(&state.cache, &digest) {
-        let response = respond(progress, &digest, range, head).await?;
+    if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
+        let evict = Evict {
+            cache: Arc::clone(&state.cache),
+            metrics: Arc::clone(&state.metrics),
+            digest: digest.clone(),
+        };
+        let response = respond(progress, &digest, range, head, Some(evict)).await?;
         return Ok((response, Outcome::Hit));
     }
     if head {
@@ -43,14 +49,14 @@ pub async fn serve(
         repository: target.repository,
         digest: digest.clone(),
     };
-    let joined = state.fills.join(&state.cache, &state.metrics, job);
+    let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
         Outcome::Coalesced
     } else {
         Outcome::Miss
     };
     Ok((
-        respond(joined.progress, &digest, range, head).await?,
+        respond(joined.progress, &digest, range, head, None).await?,
         outcome,
     ))
 }
@@ -61,6 +67,7 @@ async fn respond(
     digest: &Digest,
     range: Option<&str>,
     head: bool,
+    evict: Option<Evict>,
 ) -> Result<Response<Body>, ApiError> {
     let state = progress
         .wait_for(|p| !matches!(p, Progress::Connecting))
@@ -121,7 +128,7 @@ async fn respond(
     let body = if head {
         body::empty()
     } else {
-        crate::cache::reader::blob_body(progress, start, end)
+        crate::cache::reader::blob_body(progress, start, end, evict)
     };
     Ok(builder.body(body).expect("valid response"))
 }

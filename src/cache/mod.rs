@@ -7,6 +7,7 @@
 pub mod evict;
 pub mod index;
 pub mod reader;
+pub mod spill;
 pub mod store;
 pub mod tags;
 

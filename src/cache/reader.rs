@@ -4,7 +4,10 @@
 //! final byte of its response before the whole blob is verified, so a client can never receive a
 //! complete-looking body of wrong content: on a failed fill the body ends in an error instead.
 //! Reads are positional (`pread`) on the blocking pool, so any number of readers share one file
-//! handle. Choosing the range is the caller's job.
+//! handle. After a disk failure during a fill, bytes past the file's good length come from the
+//! fill's in-memory window (`spill`). A read error on a cached blob drops it from the cache (the
+//! next request refetches) and ends this body in an error: a body cannot be resumed mid-way.
+//! Choosing the range is the caller's job.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,25 +17,50 @@ use bytes::Bytes;
 use http_body::Frame;
 use tokio::sync::watch;
 
+use super::spill::Spill;
+use super::Cache;
 use crate::body::{self, Body, BoxError};
 use crate::fill::Progress;
+use crate::metrics::Metrics;
+use crate::oci::digest::Digest;
 
 /// Largest single read; bounds the memory one slow client can pin.
 const CHUNK: u64 = 128 * 1024;
+
+/// What to drop from the cache when a read of the file fails.
+pub struct Evict {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub digest: Digest,
+}
 
 struct Reader {
     progress: watch::Receiver<Progress>,
     pos: u64,
     /// Exclusive; `None` until the blob's length is known.
     end: Option<u64>,
+    evict: Option<Evict>,
+}
+
+/// Where the next bytes are and how far this reader may go right now.
+struct Readable {
+    file: Option<Arc<File>>,
+    spill: Option<Arc<Spill>>,
+    limit: u64,
 }
 
 /// A body for bytes `start..end` (`end` None: to the end of the blob, however long it turns out).
-pub fn blob_body(progress: watch::Receiver<Progress>, start: u64, end: Option<u64>) -> Body {
+pub fn blob_body(
+    progress: watch::Receiver<Progress>,
+    start: u64,
+    end: Option<u64>,
+    evict: Option<Evict>,
+) -> Body {
     let reader = Reader {
         progress,
         pos: start,
         end,
+        evict,
     };
     body::stream(futures_util::stream::unfold(
         reader,
@@ -55,10 +83,19 @@ impl Reader {
             if self.end.is_some_and(|end| self.pos >= end) {
                 return Ok(None);
             }
-            let (file, readable) = self.readable()?;
-            if let Some(file) = file.filter(|_| self.pos < readable) {
-                let len = (readable - self.pos).min(CHUNK);
-                let bytes = read_at(file, self.pos, len).await?;
+            let readable = self.readable()?;
+            if let Some(file) = readable.file.filter(|_| self.pos < readable.limit) {
+                let len = (readable.limit - self.pos).min(CHUNK);
+                let bytes = match readable.spill {
+                    Some(spill) if self.pos >= spill.disk_len() => spill
+                        .read(self.pos, len as usize)?
+                        .ok_or("spill window behind its published length")?,
+                    Some(spill) => {
+                        self.read_file(file, len.min(spill.disk_len() - self.pos))
+                            .await?
+                    }
+                    None => self.read_file(file, len).await?,
+                };
                 self.pos += bytes.len() as u64;
                 return Ok(Some(bytes));
             }
@@ -68,27 +105,56 @@ impl Reader {
         }
     }
 
+    async fn read_file(&mut self, file: Arc<File>, len: u64) -> Result<Bytes, BoxError> {
+        match read_at(file, self.pos, len).await {
+            Ok(bytes) => Ok(bytes),
+            Err(err) => {
+                if let Some(evict) = self.evict.take() {
+                    tracing::warn!(digest = %evict.digest, %err, offset = self.pos, "cached blob unreadable; dropping it");
+                    crate::fill::drop_cached(&evict.cache, &evict.metrics, &evict.digest);
+                }
+                Err(err)
+            }
+        }
+    }
+
     fn is_verified(&self) -> bool {
         matches!(*self.progress.borrow(), Progress::Verified { .. })
     }
 
-    /// The file and how far into it this reader may go right now.
-    fn readable(&mut self) -> Result<(Option<Arc<File>>, u64), BoxError> {
+    fn readable(&mut self) -> Result<Readable, BoxError> {
         let state = self.progress.borrow_and_update();
         match &*state {
-            Progress::Connecting => Ok((None, 0)),
-            Progress::Streaming { file, written, .. } => {
+            Progress::Connecting => Ok(Readable {
+                file: None,
+                spill: None,
+                limit: 0,
+            }),
+            Progress::Streaming {
+                file,
+                written,
+                spill,
+                ..
+            } => {
                 // Hold back the response's last byte until the digest is verified.
                 let limit = match self.end {
                     Some(end) => (*written).min(end.saturating_sub(1)),
                     None => *written,
                 };
-                Ok((Some(Arc::clone(file)), limit))
+                Ok(Readable {
+                    file: Some(Arc::clone(file)),
+                    spill: spill.clone(),
+                    limit,
+                })
             }
-            Progress::Verified { file, total } => {
+            Progress::Verified { file, total, spill } => {
                 let end = self.end.map_or(*total, |end| end.min(*total));
                 self.end = Some(end);
-                Ok((Some(Arc::clone(file)), end))
+                Ok(Readable {
+                    file: Some(Arc::clone(file)),
+                    spill: spill.clone(),
+                    limit: end,
+                })
             }
             Progress::Failed(error) => Err(error.clone().into()),
         }

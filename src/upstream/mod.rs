@@ -7,9 +7,11 @@
 //! what to do with the bytes is decided by the caller.
 
 pub mod auth;
+pub mod breaker;
 pub mod challenge;
 pub mod client;
 pub mod pattern;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, LOCATION, RANGE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
@@ -49,6 +52,10 @@ pub enum UpstreamError {
     },
     #[error("invalid response: {0}")]
     Invalid(String),
+    /// The upstream's circuit breaker is open: it failed repeatedly and is not asked again
+    /// until its cool-down ends. Callers treat it like a connection failure.
+    #[error("circuit open: {0}")]
+    CircuitOpen(String),
 }
 
 /// Storage backends (S3, CDNs) answer blob GETs with redirects; a few hops are normal.
@@ -80,6 +87,12 @@ pub struct Upstream {
     client: HttpClient,
     auth: Auth,
     metrics: Arc<Metrics>,
+    /// Fails requests fast while the upstream is down, so clients of it do not each wait out
+    /// a timeout; cached content never reaches this point.
+    breaker: breaker::Breaker,
+    /// Extra attempts for safe retries (`retry`), and the longest `Retry-After` waited out.
+    retries: u32,
+    max_retry_after: Duration,
 }
 
 /// Where a request's credentials come from; printed by `berth resolve`.
@@ -123,8 +136,14 @@ impl Upstream {
                 Arc::clone(&shared.metrics),
             ),
             metric_label,
-            client: shared.client.clone(),
+            client: match (&shared.insecure_client, config.insecure) {
+                (Some(insecure), true) => insecure.clone(),
+                _ => shared.client.clone(),
+            },
             metrics: Arc::clone(&shared.metrics),
+            breaker: breaker::Breaker::new(shared.breaker_threshold, shared.breaker_cooldown),
+            retries: shared.retries,
+            max_retry_after: shared.max_retry_after,
         }
     }
 
@@ -194,6 +213,29 @@ impl Upstream {
         ok_or_status(response)
     }
 
+    /// GET of a blob from byte `start` on, to resume a fill cut mid-way. The upstream may
+    /// answer 206 with the rest or 200 with the whole blob; the caller checks which.
+    pub async fn get_blob_range(
+        &self,
+        repository: &Repository,
+        digest: &Digest,
+        start: u64,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let path = format!("blobs/{digest}");
+        let mut headers = HeaderMap::new();
+        let range = HeaderValue::from_str(&format!("bytes={start}-")).expect("ascii digits");
+        headers.insert(RANGE, range);
+        let response = self
+            .fetch(Method::GET, repository, &path, None, headers)
+            .await?;
+        ok_or_status(response)
+    }
+
+    /// Whether the circuit breaker is failing this upstream's requests fast right now.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
     pub async fn head_blob(
         &self,
         repository: &Repository,
@@ -251,8 +293,56 @@ impl Upstream {
         Ok(response)
     }
 
-    /// One request, following redirects. Authorization goes only to the upstream's own host.
+    /// One request through the circuit breaker, retried only where that is safe (`retry`).
     async fn send(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut attempt = 0;
+        loop {
+            if let breaker::Admission::Reject { retry_in } = self.breaker.admit() {
+                return Err(UpstreamError::CircuitOpen(format!(
+                    "{} failed repeatedly; next try in {}s",
+                    self.name,
+                    retry_in.as_secs().max(1)
+                )));
+            }
+            let sent = self.send_once(method, uri, headers, authorization).await;
+            let verdict = match &sent {
+                Ok(response) => {
+                    self.breaker.success();
+                    retry::after_status(
+                        method,
+                        response.status(),
+                        response.headers().get(RETRY_AFTER),
+                        attempt,
+                        self.retries,
+                        self.max_retry_after,
+                    )
+                }
+                Err(error) => {
+                    let unreachable =
+                        matches!(error, UpstreamError::Connect(_) | UpstreamError::Timeout(_));
+                    if unreachable && self.breaker.failure() {
+                        tracing::warn!(upstream = %self.name, %error, "circuit breaker opened");
+                    }
+                    retry::after_error(method, error, attempt, self.retries)
+                }
+            };
+            let retry::Verdict::After(wait) = verdict else {
+                return sent;
+            };
+            tracing::debug!(upstream = %self.name, attempt, ?wait, "retrying upstream request");
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One request, following redirects. Authorization goes only to the upstream's own host.
+    async fn send_once(
         &self,
         method: &Method,
         uri: &Uri,
@@ -324,10 +414,16 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// What every upstream shares: the HTTP client, the secrets, defaults.
 struct Shared {
     client: HttpClient,
+    /// Built only when some upstream sets `insecure = true`.
+    insecure_client: Option<HttpClient>,
     secrets: Arc<Secrets>,
     platform: PlatformConfig,
     cache: CacheConfig,
     metrics: Arc<Metrics>,
+    retries: u32,
+    max_retry_after: Duration,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
 }
 
 /// Pattern-matched hosts are remembered so each keeps its token cache; bounded because a
@@ -352,12 +448,30 @@ impl Upstreams {
     pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, String> {
         let client = HttpClient::new(&config.client)?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
+        let mut insecure_client = None;
+        for upstream in config.upstreams.iter().filter(|u| u.insecure) {
+            tracing::warn!(
+                upstream = %upstream.host,
+                endpoint = %upstream.endpoint_url(),
+                "TLS CERTIFICATE VERIFICATION IS DISABLED for this upstream (insecure = true): \
+                 anyone on the network path can impersonate it and serve any content; \
+                 configure client.ca_file instead"
+            );
+            if insecure_client.is_none() {
+                insecure_client = Some(HttpClient::new_insecure(&config.client)?);
+            }
+        }
         let shared = Shared {
             client,
+            insecure_client,
             secrets,
             platform: config.platform.clone(),
             cache: config.cache.clone(),
             metrics,
+            retries: config.client.retries,
+            max_retry_after: config.client.max_retry_after,
+            breaker_threshold: config.client.breaker_threshold,
+            breaker_cooldown: config.client.breaker_cooldown,
         };
         let mut by_name = HashMap::new();
         let mut patterns = Vec::new();

@@ -1,0 +1,300 @@
+//! Serving-side limits that keep berth answering under load and hostile clients: per-client
+//! request slots, request-size checks, and a transport wrapper that drops clients who stop
+//! taking bytes.
+//!
+//! Owns: the mechanics of each limit. Does not own: where they apply (the accept loop in
+//! `server`, the fill cap in `fill`) or the values (`config::LimitsConfig`). Every refusal is
+//! an `ApiError`, so it reaches the client in the OCI envelope like any other error.
+//!
+//! | limit                       | where                   | answer                          |
+//! |-----------------------------|-------------------------|---------------------------------|
+//! | `max_connections`           | accept loop             | 503 + Retry-After, then close   |
+//! | `max_fills`                 | `fill::Fills::join`     | 503 + Retry-After               |
+//! | `max_client_requests`       | per request, by peer IP | 429 + Retry-After               |
+//! | `max_uri_bytes`             | per request             | 414                             |
+//! | `max_header_bytes`/`max_headers` | per request; hyper's own 431 beyond its buffer | 431 |
+//! | `header_read_timeout`       | hyper (HTTP/1.1)        | connection closed               |
+//! | `write_timeout`             | `WriteDeadline`         | connection closed               |
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Request, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::config::LimitsConfig;
+use crate::error::{ApiError, Code};
+
+/// Requests in flight per client IP.
+pub struct ClientSlots {
+    max: usize,
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One request's slot; released when dropped (with the response body).
+pub struct ClientSlot {
+    slots: Arc<ClientSlots>,
+    ip: IpAddr,
+}
+
+impl ClientSlots {
+    pub fn new(max: usize) -> Arc<ClientSlots> {
+        Arc::new(ClientSlots {
+            max,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut in_flight = self.in_flight.lock().expect("client slots lock");
+        let count = in_flight.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            slots: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.slots.in_flight.lock().expect("client slots lock");
+        if let Some(count) = in_flight.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn retry_after(limits: &LimitsConfig) -> HeaderValue {
+    HeaderValue::from(limits.retry_after.as_secs().max(1))
+}
+
+/// The answer to a connection over `max_connections`.
+pub fn too_many_connections(limits: &LimitsConfig) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unavailable,
+        "too many connections; retry shortly",
+    )
+    .with_header(RETRY_AFTER, retry_after(limits))
+}
+
+/// The answer to a client over `max_client_requests`.
+pub fn too_many_client_requests(limits: &LimitsConfig) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        Code::TooManyRequests,
+        "too many requests in flight from this client",
+    )
+    .with_header(RETRY_AFTER, retry_after(limits))
+}
+
+/// Which size limit a request breaks, if any, as the error to answer with, and the metric
+/// label.
+pub fn check_request<B>(
+    limits: &LimitsConfig,
+    request: &Request<B>,
+) -> Option<(&'static str, ApiError)> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > limits.max_uri_bytes {
+        let error = ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            Code::NameInvalid,
+            "request target too long",
+        )
+        .with_detail(format!("{target} bytes; at most {}", limits.max_uri_bytes));
+        return Some(("uri", error));
+    }
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if bytes > limits.max_header_bytes || headers.len() > limits.max_headers {
+        let error = ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::Unsupported,
+            "request headers too large",
+        )
+        .with_detail(format!(
+            "{} fields, {bytes} bytes; at most {} fields, {} bytes",
+            headers.len(),
+            limits.max_headers,
+            limits.max_header_bytes
+        ));
+        return Some(("headers", error));
+    }
+    None
+}
+
+/// A transport whose writes fail once they have been blocked for `timeout`: a client that
+/// stops reading (slowloris on the response side) loses its connection instead of pinning a
+/// task, a file and a client slot forever.
+pub struct WriteDeadline<IO> {
+    inner: IO,
+    timeout: Duration,
+    blocked: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO> WriteDeadline<IO> {
+    pub fn new(inner: IO, timeout: Duration) -> WriteDeadline<IO> {
+        WriteDeadline {
+            inner,
+            timeout,
+            blocked: None,
+        }
+    }
+
+    /// Tracks how long the write side has been pending.
+    fn pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.timeout;
+        let blocked = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match blocked.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took no response bytes within limits.write_timeout",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(result) => {
+                self.blocked = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.pending(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(result) => {
+                self.blocked = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.pending(cx).map(Err),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(result) => {
+                self.blocked = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.pending(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_slots_cap_each_ip_and_free_on_drop() {
+        let slots = ClientSlots::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = slots.try_acquire(a).unwrap();
+        let _second = slots.try_acquire(a).unwrap();
+        assert!(slots.try_acquire(a).is_none());
+        assert!(
+            slots.try_acquire(b).is_some(),
+            "other clients are unaffected"
+        );
+        drop(first);
+        assert!(slots.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn oversized_targets_and_heads_are_refused_with_414_and_431() {
+        let limits = LimitsConfig {
+            max_uri_bytes: 300,
+            max_header_bytes: 1024,
+            max_headers: 3,
+            ..LimitsConfig::default()
+        };
+        let ok = Request::get("/v2/a/manifests/b").body(()).unwrap();
+        assert!(check_request(&limits, &ok).is_none());
+        let long = Request::get(format!("/v2/{}/manifests/b", "a".repeat(400)))
+            .body(())
+            .unwrap();
+        let (_, error) = check_request(&limits, &long).unwrap();
+        assert_eq!(error.status, StatusCode::URI_TOO_LONG);
+        let big = Request::get("/v2/")
+            .header("x-big", "v".repeat(2000))
+            .body(())
+            .unwrap();
+        assert_eq!(check_request(&limits, &big).unwrap().1.status.as_u16(), 431);
+        let mut many = Request::get("/v2/");
+        for i in 0..4 {
+            many = many.header(format!("x-{i}"), "v");
+        }
+        let many = many.body(()).unwrap();
+        assert_eq!(
+            check_request(&limits, &many).unwrap().1.status.as_u16(),
+            431
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_blocked_past_the_deadline_fails() {
+        use tokio::io::AsyncWriteExt;
+        let (client, server) = tokio::io::duplex(64);
+        let mut guarded = WriteDeadline::new(server, Duration::from_millis(20));
+        // Nobody reads `client`: the duplex buffer fills and the write blocks until the deadline.
+        let err = guarded.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(client);
+    }
+}

@@ -1,0 +1,738 @@
+//! Faults, overload and hostile input: berth keeps answering and never serves a wrong byte.
+//!
+//! Upstream faults come from the tap in front of a real registry (cut, stalled, 429) or from
+//! the real registry stopped mid-test (connection refused); disk faults from a tiny tmpfs
+//! (ENOSPC) and from a cached file truncated under a reader (read error); crashes and
+//! shutdowns from signals to the real binary.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+use sha2::{Digest as _, Sha256};
+use support::{
+    fetch, get, push_blob, random_blob, read_body, request, send, single_upstream_config, Auth,
+    Berth, BerthProcess, Blob, Fault, Kind, Registry, Tap,
+};
+
+fn blob_url(base: &str, repo: &str, digest: &str) -> String {
+    format!("{base}/v2/{repo}/blobs/{digest}")
+}
+
+fn error_code(body: &Bytes) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("error body is the OCI envelope: {body:?}"));
+    json["errors"][0]["code"].as_str().unwrap().to_string()
+}
+
+/// Every file in `tmp/` of a cache.
+fn temp_files(cache: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache.join("tmp"))
+        .map(|dir| dir.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
+/// Every committed blob file, checked to hash to its name.
+fn assert_blobs_hash_to_their_names(cache: &Path) -> usize {
+    let mut count = 0;
+    let root = cache.join("blobs/sha256");
+    for shard in std::fs::read_dir(root).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert_eq!(
+                hex::encode(Sha256::digest(&bytes)),
+                name,
+                "{}",
+                path.display()
+            );
+            count += 1;
+        }
+    }
+    count
+}
+
+/// A registry with a tap in front, berth (in-process) in front of the tap.
+struct Stack {
+    registry: Registry,
+    tap: Tap,
+    berth: Berth,
+    _cache: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(extra: &str) -> Stack {
+        let registry = Registry::start(Auth::None).await;
+        let tap = Tap::start(&registry.url()).await;
+        let cache = tempfile::tempdir().unwrap();
+        let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), extra);
+        let berth = Berth::start(&config).await;
+        Stack {
+            registry,
+            tap,
+            berth,
+            _cache: cache,
+        }
+    }
+
+    async fn push(&self, size: usize, seed: u64) -> Blob {
+        let blob = random_blob(size, seed);
+        push_blob(&self.registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
+        blob
+    }
+
+    fn url(&self, blob: &Blob) -> String {
+        blob_url(&self.berth.url(), "team/app", &blob.digest)
+    }
+}
+
+// ---- upstream faults -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_fill_resumes_from_the_byte_it_reached_and_every_client_gets_the_whole_blob() {
+    let stack = Stack::start("").await;
+    let blob = stack.push(3_000_000, 1).await;
+    stack.tap.reset();
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::CutBlobAt(1_234_567), 1);
+
+    let first = send(request(
+        Method::GET,
+        &stack.url(&blob),
+        None,
+        &[],
+        Bytes::new(),
+    ));
+    let second = send(request(
+        Method::GET,
+        &stack.url(&blob),
+        None,
+        &[],
+        Bytes::new(),
+    ));
+    let (first, second) = tokio::join!(first, second);
+    for response in [first.unwrap(), second.unwrap()] {
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body == blob.bytes, "whole blob, byte for byte");
+    }
+    let gets: Vec<_> = stack
+        .tap
+        .seen()
+        .into_iter()
+        .filter(|s| s.kind == Kind::Blob && s.method == Method::GET)
+        .collect();
+    assert_eq!(gets.len(), 2, "one fill, one resume: {gets:#?}");
+    assert_eq!(gets[1].headers["range"], "bytes=1234567-");
+    assert_eq!(stack.berth.state.metrics.fill_resumes.get(), 1);
+    assert!(
+        stack
+            .berth
+            .state
+            .cache
+            .index
+            .get(&blob.digest.parse().unwrap())
+            .is_some(),
+        "the resumed fill was verified and cached"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_fill_resumes_after_the_read_timeout() {
+    let stack = Stack::start("[client]\nread_timeout = \"300ms\"").await;
+    let blob = stack.push(1_000_000, 2).await;
+    stack.tap.inject_times(Kind::Blob, Fault::Stall, 1);
+    let fetched = get(&stack.url(&blob), None).await.unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == blob.bytes);
+    let ranged = stack
+        .tap
+        .seen()
+        .into_iter()
+        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
+        .count();
+    assert_eq!(ranged, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_429_is_retried_but_a_long_one_and_a_404_go_to_the_client() {
+    let stack = Stack::start("").await;
+    let blob = stack.push(10_000, 3).await;
+    stack.tap.reset();
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::Status(429, Some(0)), 1);
+    let fetched = get(&stack.url(&blob), None).await.unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == blob.bytes);
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 2, "retried once");
+
+    let other = stack.push(10_000, 4).await;
+    stack.tap.reset();
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::Status(429, Some(120)), 1);
+    let fetched = get(&stack.url(&other), None).await.unwrap();
+    assert_eq!(fetched.status, 429);
+    assert_eq!(fetched.header("retry-after"), Some("120"));
+    assert_eq!(error_code(&fetched.body), "TOOMANYREQUESTS");
+    assert_eq!(
+        stack.tap.count(Method::GET, Kind::Blob),
+        1,
+        "not waited out"
+    );
+
+    stack.tap.reset();
+    let missing = random_blob(100, 5);
+    let fetched = get(&stack.url(&missing), None).await.unwrap();
+    assert_eq!(fetched.status, 404);
+    assert_eq!(
+        stack.tap.count(Method::GET, Kind::Blob),
+        1,
+        "a 404 is an answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_upstream_opens_the_breaker_while_cached_content_is_still_served() {
+    // berth talks to the real registry directly, so stopping it means connection refused.
+    let mut registry = Registry::start(Auth::None).await;
+    let cached = random_blob(200_000, 6);
+    let uncached = random_blob(1_000, 7);
+    for blob in [&cached, &uncached] {
+        push_blob(&registry.url(), "team/app", blob, None)
+            .await
+            .unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let extra = "[client]\nretries = 1\nbreaker_threshold = 2\nbreaker_cooldown = \"1h\"";
+    let config = single_upstream_config(&registry.host(), &registry.url(), cache.path(), extra);
+    let berth = Berth::start(&config).await;
+    let url = |blob: &Blob| blob_url(&berth.url(), "team/app", &blob.digest);
+    assert_eq!(get(&url(&cached), None).await.unwrap().status, 200);
+
+    registry.stop();
+    let refused = get(&url(&uncached), None).await.unwrap();
+    assert_eq!(refused.status, 502, "{:?}", refused.body);
+    assert!(String::from_utf8_lossy(&refused.body).contains("connect"));
+    // The first request's two attempts reached the threshold: the circuit is open now.
+    let fast = get(&url(&uncached), None).await.unwrap();
+    assert_eq!(fast.status, 503);
+    assert_eq!(error_code(&fast.body), "UNAVAILABLE");
+    assert!(String::from_utf8_lossy(&fast.body).contains("circuit open"));
+    assert!(fast.header("retry-after").is_some());
+
+    let hit = get(&url(&cached), None).await.unwrap();
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert!(hit.body == cached.bytes);
+}
+
+// ---- disk faults ---------------------------------------------------------------------------
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop. Needs root (the test VM
+/// and CI run as root); fails loudly otherwise rather than skipping.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs failed: this test needs root to make a disk fill up"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_during_a_fill_passes_the_blob_through_and_caches_nothing() {
+    let disk = SmallDisk::mount("2m");
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let big = random_blob(6_000_000, 8);
+    let small = random_blob(100_000, 9);
+    for blob in [&big, &small] {
+        push_blob(&registry.url(), "team/app", blob, None)
+            .await
+            .unwrap();
+    }
+    let cache = disk.path().join("cache");
+    let berth = Berth::with_upstream(&tap.host(), &tap.url(), &cache).await;
+    let url = |blob: &Blob| blob_url(&berth.url(), "team/app", &blob.digest);
+
+    // Two clients, so one of them reads the part past the disk failure from the memory window.
+    let big_url = url(&big);
+    let (a, b) = tokio::join!(get(&big_url, None), get(&big_url, None));
+    for fetched in [a.unwrap(), b.unwrap()] {
+        assert_eq!(fetched.status, 200);
+        assert!(fetched.body == big.bytes, "passed through byte for byte");
+    }
+    let metrics = &berth.state.metrics;
+    assert_eq!(metrics.disk_errors.get(), 1);
+    assert_eq!(
+        temp_files(&cache),
+        Vec::<PathBuf>::new(),
+        "nothing half-written remains"
+    );
+    assert!(berth
+        .state
+        .cache
+        .index
+        .get(&big.digest.parse().unwrap())
+        .is_none());
+    assert!(metrics.render().contains("berth_disk_errors_total 1"));
+
+    // The space came back: a blob that fits is cached as usual.
+    assert_eq!(get(&url(&small), None).await.unwrap().status, 200);
+    assert!(berth
+        .state
+        .cache
+        .index
+        .get(&small.digest.parse().unwrap())
+        .is_some());
+    assert_eq!(assert_blobs_hash_to_their_names(&cache), 1);
+    berth.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_error_on_a_cached_blob_drops_it_and_the_next_pull_refetches() {
+    let stack = Stack::start("").await;
+    let blob = stack.push(48 << 20, 10).await;
+    assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
+    let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
+    let path = stack
+        .berth
+        .state
+        .cache
+        .store
+        .path(berth::cache::Kind::Blob, &digest);
+
+    let response = send(request(
+        Method::GET,
+        &stack.url(&blob),
+        None,
+        &[],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(response.headers()["x-cache"], "HIT");
+    let mut body = response.into_body();
+    let (head, _) = read_body(&mut body, 1).await;
+    assert!(!head.is_empty());
+    // The file shrinks under the reader: its next read fails.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let (rest, error) = read_body(&mut body, usize::MAX).await;
+    assert!(error.is_some(), "the body ends in an error, not short");
+    assert!(head.len() + rest.len() < blob.len());
+    assert!(stack.berth.state.cache.index.get(&digest).is_none());
+    assert!(!path.exists(), "the unreadable file is deleted");
+    assert!(stack.berth.state.metrics.disk_errors.get() >= 1);
+
+    stack.tap.reset();
+    let again = get(&stack.url(&blob), None).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("x-cache"), Some("MISS"));
+    assert!(again.body == blob.bytes);
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_blob_truncated_on_disk_is_refetched_not_served() {
+    let stack = Stack::start("").await;
+    let blob = stack.push(300_000, 11).await;
+    assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
+    let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
+    let path = stack
+        .berth
+        .state
+        .cache
+        .store
+        .path(berth::cache::Kind::Blob, &digest);
+    std::fs::write(&path, &blob.bytes[..1000]).unwrap();
+    stack.tap.reset();
+    let again = get(&stack.url(&blob), None).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("x-cache"), Some("MISS"));
+    assert!(again.body == blob.bytes);
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
+}
+
+// ---- crash safety and shutdown -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_fill_never_leaves_a_partial_blob_to_serve() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, "");
+    let done = random_blob(500_000, 20);
+    push_blob(&registry.url(), "team/app", &done, None)
+        .await
+        .unwrap();
+
+    let mut berth = BerthProcess::start(&config, work.path());
+    let fetched = get(&blob_url(&berth.url(), "team/app", &done.digest), None)
+        .await
+        .unwrap();
+    assert!(fetched.body == done.bytes);
+
+    for round in 0..3u64 {
+        let blob = random_blob(2_000_000, 30 + round);
+        push_blob(&registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
+        tap.inject_times(Kind::Blob, Fault::PauseAt(700_000), 1);
+        let response = send(request(
+            Method::GET,
+            &blob_url(&berth.url(), "team/app", &blob.digest),
+            None,
+            &[],
+            Bytes::new(),
+        ))
+        .await
+        .unwrap();
+        tap.wait_paused(round as usize + 1).await;
+        assert_eq!(
+            temp_files(&cache).len(),
+            1,
+            "round {round}: the fill is under way"
+        );
+        berth.kill9();
+        drop(response);
+
+        berth = BerthProcess::start(&config, work.path());
+        assert_eq!(temp_files(&cache), Vec::<PathBuf>::new(), "round {round}");
+        assert_eq!(assert_blobs_hash_to_their_names(&cache), 1 + round as usize);
+        tap.reset();
+        let hit = get(&blob_url(&berth.url(), "team/app", &done.digest), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            hit.header("x-cache"),
+            Some("HIT"),
+            "the index matches the disk"
+        );
+        assert!(hit.body == done.bytes);
+        let pulled = get(&blob_url(&berth.url(), "team/app", &blob.digest), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            pulled.header("x-cache"),
+            Some("MISS"),
+            "the half fill was not kept"
+        );
+        assert!(pulled.body == blob.bytes);
+        assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
+    }
+    tap.resume();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_accepting_and_lets_the_download_in_flight_finish() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, "");
+    let blob = random_blob(3_000_000, 40);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+
+    let mut berth = BerthProcess::start(&config, work.path());
+    tap.inject_times(Kind::Blob, Fault::PauseAt(1_000_000), 1);
+    let url = blob_url(&berth.url(), "team/app", &blob.digest);
+    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tap.wait_paused(1).await;
+
+    berth.signal("TERM");
+    berth.wait_line("draining");
+    let refused = std::net::TcpStream::connect(&berth.addr);
+    assert!(refused.is_err(), "no new connections once draining");
+    tap.resume();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body == blob.bytes, "the download in flight finished");
+    let status = berth.wait_exit();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(temp_files(&cache), Vec::<PathBuf>::new());
+    assert_eq!(
+        assert_blobs_hash_to_their_names(&cache),
+        1,
+        "the fill committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_discards_a_fill_that_outlives_the_grace_period() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let extra = "[limits]\nshutdown_grace = \"500ms\"";
+    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, extra);
+    let blob = random_blob(2_000_000, 41);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+
+    let mut berth = BerthProcess::start(&config, work.path());
+    tap.inject_times(Kind::Blob, Fault::PauseAt(500_000), 1);
+    let url = blob_url(&berth.url(), "team/app", &blob.digest);
+    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    tap.wait_paused(1).await;
+    berth.signal("TERM");
+    let status = berth.wait_exit();
+    assert!(status.success(), "{status:?}");
+    let body = response.into_body().collect().await;
+    assert!(
+        body.is_err(),
+        "the unfinished download ends in an error, never short"
+    );
+    assert_eq!(
+        temp_files(&cache),
+        Vec::<PathBuf>::new(),
+        "temp file removed"
+    );
+    assert_eq!(assert_blobs_hash_to_their_names(&cache), 0);
+    tap.resume();
+}
+
+// ---- limits --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_fill_cap_a_miss_gets_503_with_retry_after() {
+    let stack = Stack::start("[limits]\nmax_fills = 1\nretry_after = \"3s\"").await;
+    let first = stack.push(1_000_000, 50).await;
+    let second = stack.push(1_000, 51).await;
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
+    let held = send(request(
+        Method::GET,
+        &stack.url(&first),
+        None,
+        &[],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    stack.tap.wait_paused(1).await;
+    let refused = get(&stack.url(&second), None).await.unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("3"));
+    assert_eq!(error_code(&refused.body), "UNAVAILABLE");
+    stack.tap.resume();
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert!(body == first.bytes);
+    assert_eq!(get(&stack.url(&second), None).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_its_share_gets_429_and_others_are_unaffected() {
+    let stack = Stack::start("[limits]\nmax_client_requests = 1").await;
+    let blob = stack.push(1_000_000, 52).await;
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
+    let held = send(request(
+        Method::GET,
+        &stack.url(&blob),
+        None,
+        &[],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    stack.tap.wait_paused(1).await;
+    let refused = get(&format!("{}/v2/", stack.berth.url()), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 429);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(error_code(&refused.body), "TOOMANYREQUESTS");
+    stack.tap.resume();
+    let body = held.into_body().collect().await.unwrap().to_bytes();
+    assert!(body == blob.bytes);
+    // The slot was held by the body and is free again.
+    assert_eq!(
+        get(&format!("{}/v2/", stack.berth.url()), None)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_connection_cap_a_new_connection_gets_503_and_is_closed() {
+    let stack = Stack::start("[limits]\nmax_connections = 1").await;
+    let _holder = tokio::net::TcpStream::connect(stack.berth.addr)
+        .await
+        .unwrap();
+    let mut extra = std::net::TcpStream::connect(stack.berth.addr).unwrap();
+    extra
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: berth\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    extra.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(answer.contains("UNAVAILABLE"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_on_both_sides() {
+    let extra = "[limits]\nheader_read_timeout = \"300ms\"\nwrite_timeout = \"300ms\"";
+    let stack = Stack::start(extra).await;
+    // Slowloris: half a request head, then silence. The connection is closed.
+    let mut slow = std::net::TcpStream::connect(stack.berth.addr).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    slow.write_all(b"GET /v2/ HTTP/1.1\r\nHost: be").unwrap();
+    let mut rest = Vec::new();
+    let read = slow.read_to_end(&mut rest);
+    assert!(
+        read.is_ok(),
+        "closed by berth, not by our read timeout: {read:?}"
+    );
+
+    // A client that asks for a large blob and never reads loses its connection.
+    let blob = stack.push(32 << 20, 53).await;
+    assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
+    let mut stuck = tokio::net::TcpStream::connect(stack.berth.addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /v2/team/app/blobs/{} HTTP/1.1\r\nHost: berth\r\n\r\n",
+        blob.digest
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, head.as_bytes())
+        .await
+        .unwrap();
+    let metrics = &stack.berth.state.metrics;
+    let mut closed = false;
+    for _ in 0..500 {
+        if metrics.connections_open.get() == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the stalled reader's connection was dropped");
+    drop(stuck);
+}
+
+// ---- hostile input -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_paths_and_oversized_requests_get_a_4xx_in_the_oci_envelope() {
+    let stack = Stack::start("[limits]\nmax_uri_bytes = 2048\nmax_header_bytes = \"4KiB\"").await;
+    let base = stack.berth.url();
+    let long_name = "a/".repeat(150) + "b";
+    let cases = [
+        "/v2/../../etc/passwd/manifests/latest".to_string(),
+        "/v2/team/%2e%2e/%2e%2e/manifests/latest".to_string(),
+        "/v2/team/app%00/manifests/latest".to_string(),
+        "/v2/team/app/manifests/latest%00".to_string(),
+        "/v2/team/%ff%fe/blobs/sha256:00".to_string(),
+        "/v2/team/app/blobs/sha256:..%2f..%2fetc".to_string(),
+        "/v2/team/app/blobs/sha256:zz".to_string(),
+        format!("/v2/{}/manifests/latest", "x".repeat(300)),
+        format!("/v2/{long_name}/manifests/latest"),
+        "/v2/team/app/manifests/".to_string() + &"t".repeat(200),
+        "/etc/passwd".to_string(),
+    ];
+    for path in &cases {
+        let fetched = get(&format!("{base}{path}"), None).await.unwrap();
+        assert!(
+            fetched.status.is_client_error(),
+            "{path}: {}",
+            fetched.status
+        );
+        error_code(&fetched.body);
+    }
+    stack.tap.reset();
+
+    let long = get(&format!("{base}/v2/{}/manifests/x", "a".repeat(3000)), None)
+        .await
+        .unwrap();
+    assert_eq!(long.status, 414);
+    error_code(&long.body);
+    let big = fetch(request(
+        Method::GET,
+        &format!("{base}/v2/"),
+        None,
+        &[("x-filler", &"f".repeat(5000))],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(big.status, 431);
+    error_code(&big.body);
+    assert_eq!(
+        stack.tap.requests(),
+        vec![],
+        "nothing hostile reached the upstream"
+    );
+
+    // Raw bytes no URI may hold (NUL, invalid UTF-8) never reach berth's code: hyper answers
+    // 400 itself, before any handler runs.
+    for raw in [
+        &b"GET /v2/a\x00b/manifests/x HTTP/1.1\r\nHost: b\r\n\r\n"[..],
+        b"GET /v2/\xff\xfe/manifests/x HTTP/1.1\r\nHost: b\r\n\r\n",
+    ] {
+        let mut stream = std::net::TcpStream::connect(stack.berth.addr).unwrap();
+        stream.write_all(raw).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! The real `berth` binary as a child process, for tests that need signals: SIGKILL mid-fill
+//! (crash safety) and SIGTERM (graceful shutdown).
+//!
+//! Owns: writing the config file, spawning the binary, learning its address from the
+//! `listen=` log line, collecting its log lines so a test can wait for one, and killing it on
+//! drop. Does not own: the upstream (tests pass a config naming one) or assertions.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long to wait for a log line or an exit before failing the test.
+const WAIT: Duration = Duration::from_secs(30);
+
+pub struct BerthProcess {
+    child: Child,
+    pub addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl BerthProcess {
+    /// Writes `config_toml` next to the cache and starts `berth serve` on it.
+    pub fn start(config_toml: &str, work: &Path) -> BerthProcess {
+        let config_path = work.join("berth.toml");
+        std::fs::write(&config_path, config_toml).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn berth");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = BerthProcess {
+            child,
+            addr: String::new(),
+            lines,
+        };
+        let line = process.wait_line("listen=");
+        let rest = line.split("listen=").nth(1).unwrap();
+        process.addr = rest.split_whitespace().next().unwrap().to_string();
+        process
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Blocks until a log line containing `needle` appears; returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("berth never logged {needle:?}; it logged {seen:#?}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit on its own, at most `WAIT`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        for _ in 0..(WAIT.as_millis() / 20) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("berth did not exit within {WAIT:?}");
+    }
+}
+
+impl Drop for BerthProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
