@@ -21,7 +21,8 @@
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
-//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress.
+//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress;
+//!   `warm::image` picks the platform and reads manifests (pure).
 //!
 //! # The life of one blob request
 //!

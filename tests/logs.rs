@@ -96,6 +96,25 @@ async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets
     assert_eq!(fields["path"], "/v2/team/app/manifests/v1");
     assert!(fields["ms"].as_f64().is_some() && fields["ttfb_ms"].as_f64().is_some());
 
+    // A streamed blob body: hyper stops at its Content-Length, which still counts as complete.
+    let layer = &image.layers[0].blob;
+    let blob_url = format!("{}/v2/team/app/blobs/{}", berth.url(), layer.digest);
+    let headers = [("x-request-id", "log-test-blob")];
+    let fetched = fetch(request(
+        Method::GET,
+        &blob_url,
+        None,
+        &headers,
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(fetched.body.len(), layer.len());
+    let line = request_line(&mut lines, &mut seen, "log-test-blob").await;
+    assert_eq!(line["fields"]["bytes"], layer.len() as u64);
+    assert_eq!(line["fields"]["body"], "complete");
+    assert_eq!(line["fields"]["cache"], "MISS");
+
     let missing = format!("{}/v2/team/app/manifests/nope", berth.url());
     let headers = [("x-request-id", "log-test-2")];
     let fetched = fetch(request(Method::GET, &missing, None, &headers, Bytes::new()))

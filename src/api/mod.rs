@@ -110,7 +110,12 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
         served,
         duration: metrics.request_seconds.with_label_values(&[route]),
     };
-    response.map(|body| record::observe(body, record))
+    let content_length = if head {
+        Some(0)
+    } else {
+        crate::upstream::content_length(response.headers())
+    };
+    response.map(|body| record::observe(body, record, content_length))
 }
 
 /// The route a request hit, the upstream it was routed to (if it got that far), and the answer.

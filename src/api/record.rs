@@ -87,9 +87,11 @@ impl End {
     }
 }
 
-/// Wraps a response body so the record is completed when it ends.
-pub fn observe(body: Body, record: Record) -> Body {
-    let expected = body.size_hint().exact();
+/// Wraps a response body so the record is completed when it ends. `content_length` is the
+/// response's `Content-Length` (0 for HEAD): hyper stops polling a body once that many bytes
+/// went out, so reaching it is how a streamed body's completion is recognised.
+pub fn observe(body: Body, record: Record, content_length: Option<u64>) -> Body {
+    let expected = content_length.or(body.size_hint().exact());
     Observed {
         inner: body,
         record: Some(record),
@@ -226,7 +228,7 @@ mod tests {
             served: Some(served.clone()),
             duration: metrics.request_seconds.with_label_values(&["blob"]),
         };
-        let body = observe(crate::body::full(vec![7u8; 1000]), record);
+        let body = observe(crate::body::full(vec![7u8; 1000]), record, Some(1000));
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(bytes.len(), 1000);
         assert_eq!(served.get(), 1000);
