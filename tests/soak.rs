@@ -84,14 +84,19 @@ async fn pull(
                 _ => expected.clone(),
             };
             if body != want {
-                eprintln!("WRONG BYTES from {url} ({status}, {range:?}, {:?})", parts.headers);
+                eprintln!(
+                    "WRONG BYTES from {url} ({status}, {range:?}, {:?})",
+                    parts.headers
+                );
                 add(&tally.wrong_bytes);
             } else {
                 add(&tally.complete);
             }
         }
         429 | 500..=599 => {
-            let text = body.map(|b| String::from_utf8_lossy(&b).to_string()).unwrap_or_default();
+            let text = body
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+                .unwrap_or_default();
             let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             let message = json["errors"][0]["message"].as_str().unwrap_or("");
             if status.as_u16() == 429 || message.starts_with("upstream") {
@@ -141,7 +146,8 @@ async fn mixed_pulls_under_random_upstream_faults_never_deliver_a_wrong_byte() {
         images.push(image);
     }
     let cache = tempfile::tempdir().unwrap();
-    let extra = "max_size = \"12MiB\"\n[client]\nread_timeout = \"500ms\"\nmax_retry_after = \"1s\"";
+    let extra =
+        "max_size = \"12MiB\"\n[client]\nread_timeout = \"500ms\"\nmax_retry_after = \"1s\"";
     let berth = Berth::start(&single_upstream_config(
         &tap.host(),
         &tap.url(),
@@ -177,7 +183,11 @@ async fn mixed_pulls_under_random_upstream_faults_never_deliver_a_wrong_byte() {
                 let i = rng.random_range(0..images.len());
                 let image = &images[i];
                 let repo = format!("soak/app{i}");
-                let reference = if rng.random_bool(0.5) { "v1" } else { image.digest() };
+                let reference = if rng.random_bool(0.5) {
+                    "v1"
+                } else {
+                    image.digest()
+                };
                 let url = format!("{base}/v2/{repo}/manifests/{reference}");
                 let accept = Some(image.media_type());
                 pull(&tally, &url, &image.manifest.bytes, None, accept).await;
@@ -234,7 +244,10 @@ async fn mixed_pulls_under_random_upstream_faults_never_deliver_a_wrong_byte() {
     assert_eq!(load(&t.wrong_bytes), 0, "a client received wrong bytes");
     assert_eq!(load(&t.berth_errors), 0, "berth itself answered 5xx");
     assert_eq!(load(&t.unexpected), 0);
-    assert!(load(&t.complete) > load(&t.requests) / 2, "most pulls succeed");
+    assert!(
+        load(&t.complete) > load(&t.requests) / 2,
+        "most pulls succeed"
+    );
     assert!(injected > 0);
 
     // Clean afterwards: no fill running, no temp file, every cached blob is what its name says.
@@ -245,7 +258,9 @@ async fn mixed_pulls_under_random_upstream_faults_never_deliver_a_wrong_byte() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(berth.state.fills.in_flight(), 0);
-    let temp: Vec<_> = std::fs::read_dir(cache.path().join("tmp")).unwrap().collect();
+    let temp: Vec<_> = std::fs::read_dir(cache.path().join("tmp"))
+        .unwrap()
+        .collect();
     assert!(temp.is_empty(), "{temp:?}");
     let root = cache.path().join("blobs/sha256");
     for shard in std::fs::read_dir(root).unwrap() {
