@@ -8,7 +8,8 @@
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
 //! - `body`     the response body type.
-//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a manifest's media type.
+//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
+//!   manifest's media type.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
 //! - `upstream` the registries berth fetches from: host patterns, HTTP client, token auth keyed
 //!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
