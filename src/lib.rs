@@ -8,16 +8,21 @@
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
 //! - `body`     the response body type.
-//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges.
+//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
+//!   manifest's media type.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
 //! - `upstream` the registries berth fetches from: host patterns, HTTP client, token auth keyed
-//!   by credentials, redirects.
+//!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
 //! - `cache`    disk store, in-memory index with LRU eviction, manifests in memory, tag table,
-//!   blob readers over complete or growing files, the `Outcome` of each response.
-//! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers.
+//!   blob readers over complete or growing files, the in-memory window of a fill whose disk
+//!   failed (`spill`), the `Outcome` of each response.
+//! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
+//!   resumed with Range requests when the upstream body fails, passed through when the disk does.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases.
-//! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
+//! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown (requests, then fills).
+//! - `limits`   connection, fill and per-client caps, request size checks, write deadlines.
+//! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
@@ -27,7 +32,7 @@
 //! # The life of one blob request
 //!
 //! ```text
-//! server: accept -> hyper connection -> api::handle
+//! server: accept (connection cap) -> [TLS] -> hyper connection -> limits -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
 //!         authorize (anonymous mode: everyone may pull)
@@ -35,6 +40,8 @@
 //!              \---- miss --> fill::Fills::join(digest)
 //!                               first caller: spawn fill task -> upstream GET (auth, redirects)
 //!                                   body -> blocking writer: sha256 + temp file, publish length
+//!                                   body fails -> Range: bytes=<received>- , same file + hash
+//!                                   disk fails -> unlink; rest through memory (spill), no commit
 //!                                   end  -> verify digest+length -> fsync, rename, index
 //!                               every caller (first one too): cache::reader over the temp file,
 //!                                   up to the published length, last byte held until verified

@@ -319,15 +319,7 @@ fn announced_digest(headers: &HeaderMap) -> Option<Digest> {
 
 /// The `mediaType` field, for upstreams that send no usable Content-Type.
 fn embedded_media_type(bytes: &Bytes) -> String {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-    }
-    serde_json::from_slice::<Probe>(bytes)
-        .ok()
-        .and_then(|p| p.media_type)
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_string())
+    crate::oci::manifest::embedded_media_type(bytes)
 }
 
 fn accept_header(headers: &HeaderMap) -> Option<String> {

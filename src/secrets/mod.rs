@@ -74,6 +74,19 @@ pub enum SecretKind {
     Gcp,
 }
 
+/// Reads a secret file's bytes as berth would for a `[[secret]]` of `kind`, without using
+/// them: the entry point for checking a file before deploying it, and for fuzzing the parsers.
+pub fn check_secret_file(kind: SecretKind, bytes: &[u8]) -> Result<(), SecretError> {
+    let config = SecretConfig {
+        name: "secret".to_string(),
+        kind,
+        file: PathBuf::new(),
+        sts_endpoint: None,
+        ecr_endpoint: None,
+    };
+    source::parse(&config, bytes).map(|_| ())
+}
+
 /// Why a secret cannot be used. Messages name the secret and, for a malformed file, the field;
 /// never a value from the file.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

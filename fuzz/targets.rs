@@ -1,0 +1,144 @@
+//! The bodies of berth's fuzz targets, one function per kind of attacker-controlled input.
+//! Shared by the cargo-fuzz binaries (`fuzz/fuzz_targets/*.rs`, nightly) and the bounded
+//! proptest run in the test suite (`tests/fuzz.rs`, stable), so both exercise the same code.
+//! Each takes arbitrary bytes and must not panic; where a parser accepts, the result is also
+//! checked against an invariant of its type.
+//!
+//! The access-policy JSON target belongs with the policy parser (issue 6) and is not here.
+
+use std::sync::OnceLock;
+
+use berth::config::Config;
+use berth::oci::digest::Digest;
+use berth::oci::name::{split_api_path, ApiPath, Reference, Repository, Tag};
+use berth::oci::range::{parse_range, RangeRequest};
+use berth::secrets::SecretKind;
+use berth::upstream::challenge::{parse_challenges, token_url, Challenge};
+use berth::upstream::Upstreams;
+
+fn text(data: &[u8]) -> Option<&str> {
+    std::str::from_utf8(data).ok()
+}
+
+/// The part of a request path after `/v2/`, then the name and reference it names.
+pub fn api_path(data: &[u8]) {
+    let Some(path) = text(data) else { return };
+    let Some(parsed) = split_api_path(path) else {
+        return;
+    };
+    let (name, reference) = match parsed {
+        ApiPath::Manifest { name, reference } => (name, Some(reference)),
+        ApiPath::Blob { name, digest } => (name, Some(digest)),
+        ApiPath::Referrers { name, digest } => (name, Some(digest)),
+        ApiPath::Tags { name } | ApiPath::BlobUpload { name } => (name, None),
+        ApiPath::Catalog => return,
+    };
+    if let Ok(repository) = Repository::parse(name) {
+        assert_eq!(repository.as_str(), name, "a valid name is kept as sent");
+        assert!(
+            !repository.as_str().contains(".."),
+            "no traversal in a valid name"
+        );
+        assert!(!repository.as_str().contains('\0'));
+    }
+    if let Some(reference) = reference {
+        if let Ok(parsed) = Reference::parse(reference) {
+            assert!(
+                !parsed.as_str().contains('/'),
+                "a reference never holds a path"
+            );
+        }
+    }
+}
+
+/// Names, tags and references alone, and whole image references (`berth resolve`).
+pub fn reference(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    if let Ok(reference) = Reference::parse(text) {
+        let again = Reference::parse(reference.as_str()).expect("a parsed reference re-parses");
+        assert_eq!(again.as_str(), reference.as_str());
+    }
+    if let Ok(tag) = Tag::parse(text) {
+        assert!(tag.as_str().len() <= 128, "tags are at most 128 characters");
+    }
+    if let Ok(repository) = Repository::parse(text) {
+        assert!(repository.components().all(|c| !c.is_empty()));
+    }
+    static UPSTREAMS: OnceLock<Upstreams> = OnceLock::new();
+    let upstreams = UPSTREAMS.get_or_init(|| {
+        Upstreams::new(&Config::embedded_default()).expect("the default config builds")
+    });
+    let _ = berth::route::resolve_image(upstreams, text);
+}
+
+pub fn digest(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    if let Ok(digest) = Digest::parse(text) {
+        assert_eq!(digest.as_str().len(), "sha256:".len() + 64);
+        assert_eq!(Digest::parse(digest.as_str()).unwrap(), digest);
+        assert!(digest.hex().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}
+
+/// A `Range` header against a blob size taken from the first 8 bytes.
+pub fn range(data: &[u8]) {
+    if data.len() < 8 {
+        return;
+    }
+    let size = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    let Some(header) = text(&data[8..]) else {
+        return;
+    };
+    if let RangeRequest::Partial(range) = parse_range(Some(header), size) {
+        assert!(
+            range.start <= range.end && range.end < size,
+            "{range:?} of {size}"
+        );
+        assert_eq!(range.len(), range.end - range.start + 1);
+        let _ = range.content_range(size);
+    }
+}
+
+pub fn www_authenticate(data: &[u8]) {
+    let Some(header) = text(data) else { return };
+    for challenge in parse_challenges(header) {
+        if let Challenge::Bearer {
+            realm,
+            service,
+            scope,
+        } = challenge
+        {
+            assert!(!realm.is_empty(), "a Bearer challenge always has a realm");
+            let scopes: Vec<String> = scope.into_iter().collect();
+            let _ = token_url(&realm, service.as_deref(), &scopes);
+        }
+    }
+}
+
+pub fn manifest_json(data: &[u8]) {
+    let media_type = berth::oci::manifest::embedded_media_type(data);
+    assert!(!media_type.is_empty());
+}
+
+/// A secret file read as each of the three secret types.
+pub fn secret_json(data: &[u8]) {
+    for kind in [SecretKind::Docker, SecretKind::Ecr, SecretKind::Gcp] {
+        if let Err(err) = berth::secrets::check_secret_file(kind, data) {
+            let _ = err.to_string();
+        }
+    }
+}
+
+/// A target's body.
+pub type Target = fn(&[u8]);
+
+/// Every target by the name of its corpus directory.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("api_path", api_path),
+    ("reference", reference),
+    ("digest", digest),
+    ("range", range),
+    ("www_authenticate", www_authenticate),
+    ("manifest_json", manifest_json),
+    ("secret_json", secret_json),
+];
