@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::access::AccessConfig;
 use crate::secret::Secret;
 use crate::secrets::SecretConfig;
 
@@ -65,6 +66,9 @@ pub struct Config {
     /// Pull secrets, matched to requests by registry and repository.
     #[serde(default, rename = "secret")]
     pub secrets: Vec<SecretConfig>,
+    /// Who may pull what: anonymous (a public mirror) or principals and policies.
+    #[serde(default)]
+    pub access: AccessConfig,
 }
 
 /// The platform berth serves: each org has a central registry `ORG.<registry_domain>`.
@@ -195,6 +199,9 @@ pub struct UpstreamConfig {
     /// The `[[secret]]` to use for this upstream, instead of matching secrets by registry.
     #[serde(default)]
     pub secret: Option<String>,
+    /// In the policy access mode, every authenticated principal may pull from this upstream.
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl UpstreamConfig {
@@ -250,6 +257,7 @@ impl Config {
                 password: None,
                 tag_ttl: None,
                 secret: None,
+                public: false,
             });
         }
     }
@@ -309,6 +317,8 @@ impl Config {
                 }
             }
         }
+        crate::access::check_config(&self.access)
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.cache.max_size == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
         }
@@ -413,7 +423,7 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }

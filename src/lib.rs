@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - `access`   who may pull what: principals and their keys, platform policies, the token
+//!   service's JWTs, slowing down wrong keys, which repository holds which digest.
 //! - `config`   TOML configuration, defaults, the embedded default, errors naming the key.
 //! - `secret`   `Secret`, a string that never prints.
 //! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
@@ -26,7 +28,10 @@
 //! server: accept -> hyper connection -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
-//!         authorize (anonymous mode: everyone may pull)
+//!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
+//!                   -> principal -> policies allow pull of the repository?   401 | 403 DENIED
+//!                   -> (policy mode) the repository is known to hold the digest, or its
+//!                      upstream confirms with a HEAD  (access::holdings)
 //!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(digest)
 //!                               first caller: spawn fill task -> upstream GET (auth, redirects)
@@ -43,6 +48,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod body;
 pub mod cache;
@@ -60,6 +66,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 
+use crate::access::Access;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::fill::Fills;
@@ -73,6 +80,7 @@ pub struct AppState {
     pub cache: Arc<Cache>,
     pub fills: Arc<Fills>,
     pub metrics: Arc<Metrics>,
+    pub access: Access,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -83,6 +91,8 @@ pub enum StartError {
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
     Client(String),
+    #[error("access: {0}")]
+    Access(String),
 }
 
 impl AppState {
@@ -98,11 +108,13 @@ impl AppState {
                 source,
             })?;
         let upstreams = Upstreams::new(&config).map_err(StartError::Client)?;
+        let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
             fills: Arc::new(Fills::new(config.client.read_timeout)),
             upstreams,
             cache: Arc::new(cache),
             metrics: Arc::new(Metrics::new()),
+            access,
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,

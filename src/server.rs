@@ -17,6 +17,11 @@ use tokio::net::TcpListener;
 
 use crate::{api, AppState};
 
+/// The client's address, put in each request's extensions for the handlers (access control
+/// slows down an address that keeps presenting wrong keys).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// How long connections in flight may run after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -43,8 +48,9 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
-        let service = service_fn(move |request| {
+        let service = service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             let state = Arc::clone(&state);
+            request.extensions_mut().insert(PeerAddr(peer));
             async move { Ok::<_, std::convert::Infallible>(api::handle(state, request).await) }
         });
         let connection = builder

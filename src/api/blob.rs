@@ -31,6 +31,8 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    // Cached bytes, or a fill another repository started, only for a repository holding them.
+    super::holds::confirm_blob(state, &target, &digest).await?;
     if let Some(progress) = fill::open_cached(&state.cache, &digest) {
         let response = respond(progress, &digest, range, head).await?;
         return Ok((response, Outcome::Hit));

@@ -1,25 +1,30 @@
 //! The `/v2/` registry API as named phases: parse -> route -> authorize -> lookup -> serve | fill.
 //!
 //! `handle` is the whole life of a request: it parses the path, refuses writes, resolves the
-//! upstream and repository, and hands over to the manifest, blob or pass-through handler, then
-//! stamps `X-Cache`, counts the request and logs one line. Errors from any phase become a
-//! response in exactly one place (`ApiError::into_response`).
+//! upstream and repository, authorizes the caller (`access`), and hands over to the manifest,
+//! blob or pass-through handler, then stamps `X-Cache`, counts the request and logs one line.
+//! Errors from any phase become a response in exactly one place (`ApiError::into_response`).
+//! `GET /token`, the token service of the policy access mode, is here too (`token`).
 
 mod blob;
+mod holds;
 mod manifest;
 mod passthrough;
+mod token;
 
 use std::sync::Arc;
 
-use http::header::HeaderValue;
+use http::header::{HeaderValue, HOST};
 use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
+use crate::access::Asker;
 use crate::body::{self, Body};
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::oci::name::{split_api_path, ApiPath};
 use crate::route::{self, RouteError};
+use crate::server::PeerAddr;
 use crate::upstream::CredentialSource;
 use crate::AppState;
 
@@ -33,6 +38,7 @@ enum RouteKind {
     Blob,
     Tags,
     Referrers,
+    Token,
     Other,
 }
 
@@ -44,6 +50,7 @@ impl RouteKind {
             RouteKind::Blob => "blob",
             RouteKind::Tags => "tags",
             RouteKind::Referrers => "referrers",
+            RouteKind::Token => "token",
             RouteKind::Other => "other",
         }
     }
@@ -59,7 +66,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
     let (mut response, outcome) = match served {
         Ok(served) => served,
         Err(error) => {
-            let outcome = if error.code == Code::Denied {
+            let outcome = if matches!(error.code, Code::Denied | Code::Unauthorized) {
                 Outcome::Denied
             } else {
                 Outcome::Error
@@ -113,7 +120,10 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind,
     let path = request.uri().path();
     let method = request.method();
     if path == "/v2/" || path == "/v2" {
-        return (RouteKind::Ping, ping(method));
+        return (RouteKind::Ping, ping(state, request).await);
+    }
+    if path == "/token" {
+        return (RouteKind::Token, token::serve(state, request).await);
     }
     let parsed = path.strip_prefix("/v2/").and_then(split_api_path);
     let kind = match &parsed {
@@ -153,12 +163,14 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> (RouteKind,
     (kind, serve(state, request, parsed).await)
 }
 
-fn ping(method: &Method) -> Served {
+async fn ping<B>(state: &AppState, request: &Request<B>) -> Served {
+    let method = request.method();
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(ApiError::unsupported(format!(
             "method {method} is not supported"
         )));
     }
+    state.access.authorize_ping(&asker(request)).await?;
     let response = Response::builder()
         .status(StatusCode::OK)
         .header("docker-distribution-api-version", "registry/2.0")
@@ -204,7 +216,9 @@ async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'
             ));
         return Err(error);
     }
-    // Authorize: every caller may pull in the anonymous access mode, the only one so far.
+    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
+    // policies let it pull this repository. Before any cache lookup or upstream request.
+    state.access.authorize(&asker(request), &target).await?;
     let headers = request.headers();
     match parsed {
         ApiPath::Manifest { reference, .. } => {
@@ -221,6 +235,23 @@ async fn serve<B>(state: &Arc<AppState>, request: &Request<B>, parsed: ApiPath<'
         ApiPath::BlobUpload { .. } | ApiPath::Catalog => {
             Err(ApiError::unsupported("not supported"))
         }
+    }
+}
+
+/// What access control needs from a request: credentials, the host it was sent to, the peer.
+fn asker<B>(request: &Request<B>) -> Asker<'_> {
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|v| v.to_str().ok()));
+    Asker {
+        headers: request.headers(),
+        host,
+        peer: request
+            .extensions()
+            .get::<PeerAddr>()
+            .map(|peer| peer.0.ip()),
     }
 }
 

@@ -64,6 +64,8 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     /// Another org's platform registry: only with a docker secret for it.
     pub requires_secret: bool,
+    /// `public = true`: in the policy access mode, every authenticated principal may pull.
+    pub public: bool,
     /// `username`/`password` from the upstream's config, used for every repository.
     configured: Option<Credentials>,
     /// The `[[secret]]` the config pins this upstream to, if any.
@@ -102,6 +104,7 @@ impl Upstream {
             docker_hub: config.is_docker_hub(),
             tag_ttl: config.tag_ttl.unwrap_or(shared.tag_ttl),
             requires_secret: shared.platform.is_foreign_org_registry(host),
+            public: config.public,
             configured,
             secret: config.secret.clone(),
             secrets: Arc::clone(&shared.secrets),
