@@ -490,8 +490,9 @@ impl Access {
         key: &Secret,
     ) -> Result<Caller, &'static str> {
         let mut mac = hmac::Context::with_key(&self.verified_key);
+        // Length-prefixed, so no other (user, key) split of the same bytes has the same entry.
+        mac.update(&(user.len() as u64).to_be_bytes());
         mac.update(user.as_bytes());
-        mac.update(&[0]);
         mac.update(key.expose().as_bytes());
         let cache_key: [u8; 32] = mac.sign().as_ref().try_into().expect("SHA-256 size");
         if let Some((generation, principal)) = self.verified.get(&cache_key) {
