@@ -6,6 +6,7 @@
 //! - `GET /readyz`   200 when ready, else 503 with the reasons (`health`).
 //! - `/admin/...`    behind `Authorization: Bearer <admin_token>` (disabled without a token):
 //!   - `GET /admin/stats`                        cache and fill figures as JSON;
+//!   - `GET /admin/access-report?image=IMAGE`    who may do what to an image (`access`);
 //!   - `DELETE /admin/digests/<digest>`          removes one blob or manifest (index + disk);
 //!   - `DELETE /admin/repositories/<name>[?ns=]` drops the repository's tag mappings. Blobs
 //!     and manifests are content-addressed and may be shared with other repositories, so they
@@ -193,6 +194,9 @@ async fn admin(
 ) -> Response<Body> {
     if let (&Method::GET, "stats") = (method, rest) {
         return json(StatusCode::OK, stats(state));
+    }
+    if let (&Method::GET, "access-report") = (method, rest) {
+        return crate::access::report_json(state, query);
     }
     if let Some(digest) = rest.strip_prefix("digests/") {
         if method != Method::DELETE {

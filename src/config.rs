@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::access::AccessConfig;
 use crate::secret::Secret;
 use crate::secrets::SecretConfig;
 
@@ -78,6 +79,9 @@ pub struct Config {
     /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Who may pull what: anonymous (a public mirror) or principals and policies.
+    #[serde(default)]
+    pub access: AccessConfig,
 }
 
 /// Caps and timeouts on the serving side. Over a cap berth answers 503 (or 429 for one client
@@ -318,6 +322,9 @@ pub struct UpstreamConfig {
     /// prefer `client.ca_file`.
     #[serde(default)]
     pub insecure: bool,
+    /// In the policy access mode, every authenticated principal may pull from this upstream.
+    #[serde(default)]
+    pub public: bool,
 }
 
 impl UpstreamConfig {
@@ -376,6 +383,7 @@ impl Config {
                 stale_if_error: None,
                 negative_ttl: None,
                 insecure: false,
+                public: false,
             });
         }
     }
@@ -446,6 +454,8 @@ impl Config {
             ));
         }
         self.validate_limits()?;
+        crate::access::check_config(&self.access)
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.cache.max_size == 0 {
             return Err(invalid("cache.max_size", "must be greater than zero"));
         }
@@ -657,7 +667,7 @@ fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     usize::try_from(size).map_err(serde::de::Error::custom)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse_duration(&text).map_err(serde::de::Error::custom)
 }

@@ -5,9 +5,12 @@
 //! turned into `ApiError` by the `From` impls here, so the mapping from failure to status lives in
 //! one file. Nothing here logs: the request log line does that.
 
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use http::{Response, StatusCode};
 
+use crate::access::AccessError;
 use crate::body::{self, Body};
 use crate::oci::digest::DigestError;
 use crate::oci::name::NameError;
@@ -90,6 +93,20 @@ impl ApiError {
             "repository name not known to registry",
         )
         .with_detail(detail)
+    }
+
+    /// 401 with the challenge that tells a registry client where to authenticate.
+    pub fn unauthorized(challenge: &str, detail: impl Into<String>) -> ApiError {
+        let error = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Code::Unauthorized,
+            "authentication required",
+        )
+        .with_detail(detail);
+        match HeaderValue::from_str(challenge) {
+            Ok(value) => error.with_header(WWW_AUTHENTICATE, value),
+            Err(_) => error,
+        }
     }
 
     pub fn unsupported(message: impl Into<String>) -> ApiError {
@@ -233,6 +250,26 @@ impl ApiError {
                 "upstream sent bad content",
             )
             .with_detail(message),
+        }
+    }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(err: AccessError) -> ApiError {
+        match err {
+            AccessError::Unauthenticated { challenge, reason } => {
+                ApiError::unauthorized(&challenge, reason)
+            }
+            AccessError::Denied { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, Code::Denied, "access denied")
+                    .with_detail(err.to_string())
+            }
+            AccessError::Off => {
+                ApiError::new(StatusCode::NOT_FOUND, Code::Unsupported, err.to_string())
+            }
+            AccessError::Report(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - `access`   who may pull what: principals and their keys, platform policies, the token
+//!   service's JWTs, slowing down wrong keys, which repository holds which digest.
 //! - `config`   TOML configuration, defaults, the embedded default, errors naming the key.
 //! - `secret`   `Secret`, a string that never prints.
 //! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
@@ -35,7 +37,10 @@
 //! server: accept (connection cap) -> [TLS] -> hyper connection -> limits -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
-//!         authorize (anonymous mode: everyone may pull)
+//!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
+//!                   -> principal -> policies allow pull of the repository?   401 | 403 DENIED
+//!                   -> (policy mode) the repository is known to hold the digest, or its
+//!                      upstream confirms with a HEAD  (access::holdings)
 //!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(digest)
 //!                               first caller: spawn fill task -> upstream GET (auth, redirects)
@@ -58,6 +63,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod body;
@@ -80,6 +86,7 @@ pub mod warm;
 
 use std::sync::Arc;
 
+use crate::access::Access;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::fill::Fills;
@@ -96,6 +103,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set by the server (serving, shutting down); read by `/readyz`.
     pub readiness: Readiness,
+    pub access: Access,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -106,6 +114,8 @@ pub enum StartError {
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
     Client(String),
+    #[error("access: {0}")]
+    Access(String),
 }
 
 impl AppState {
@@ -133,6 +143,7 @@ impl AppState {
         if let Some(min_free) = config.cache.min_free {
             tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
         }
+        let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
             fills: Arc::new(Fills::new(
                 config.client.read_timeout,
@@ -143,6 +154,7 @@ impl AppState {
             cache,
             metrics,
             readiness: Readiness::new(),
+            access,
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,

@@ -66,6 +66,24 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Print the hash of a key for the principals file. The key is read from stdin (one line),
+    /// so it stays out of shell history and `ps`.
+    HashKey {
+        /// Make a new random key instead, and print it with its hash.
+        #[arg(long)]
+        generate: bool,
+    },
+    /// List the principals with permissions on an image: each permission, the policy that
+    /// grants it, directly or through a group, and which permissions are implied.
+    AccessReport {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The image, in any reference form (`//image/app:v1`, `nginx:1.27`, `ghcr.io/o/a:v1`).
+        image: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -151,7 +169,52 @@ fn main() -> anyhow::Result<()> {
             print!("{}", berth::config::EMBEDDED_DEFAULT);
             Ok(())
         }
+        Command::HashKey { generate } => hash_key(generate),
+        Command::AccessReport {
+            config,
+            json,
+            image,
+        } => {
+            let config = match config {
+                Some(path) => Config::load(&path)?,
+                None => Config::embedded_default(),
+            };
+            let upstreams = berth::upstream::Upstreams::new(&config).map_err(anyhow::Error::msg)?;
+            let access = berth::access::Access::open(&config.access, &config.platform)
+                .map_err(anyhow::Error::msg)?;
+            let report = access.report(&upstreams, &image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
     }
+}
+
+fn hash_key(generate: bool) -> anyhow::Result<()> {
+    use berth::access::principals::{KeyHash, MIN_KEY_LEN};
+    use std::io::BufRead as _;
+    if generate {
+        let key = berth::access::principals::generate_key();
+        println!("key:  {key}");
+        println!("hash: {}", KeyHash::generate(&key));
+        return Ok(());
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the key from stdin")?;
+    let key = line.trim_end_matches(['\r', '\n']);
+    if key.len() < MIN_KEY_LEN {
+        anyhow::bail!(
+            "a key must be a random token of at least {MIN_KEY_LEN} characters (berth hash-key --generate makes one)"
+        );
+    }
+    println!("{}", KeyHash::generate(key));
+    Ok(())
 }
 
 fn print_resolved(

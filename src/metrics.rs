@@ -13,7 +13,15 @@ use prometheus::{
 };
 
 /// The values of the `route` label; `api::RouteKind` produces them.
-pub const ROUTES: [&str; 6] = ["ping", "manifest", "blob", "tags", "referrers", "other"];
+pub const ROUTES: [&str; 7] = [
+    "ping",
+    "manifest",
+    "blob",
+    "tags",
+    "referrers",
+    "token",
+    "other",
+];
 
 /// Where served bytes came from: `cache` for hits (and revalidated or stale serves), `upstream`
 /// for bytes that arrived from a registry for this request or a fill it joined.

@@ -28,6 +28,11 @@ use crate::limits::{self, ClientSlots, WriteDeadline};
 use crate::tls::Tls;
 use crate::{api, AppState};
 
+/// The client's address, put in each request's extensions for the handlers (access control
+/// slows down an address that keeps presenting wrong keys).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Connections over the cap that are being answered 503 at once; beyond this they are closed
 /// without an answer, so a flood costs nothing but the accept.
 const REJECTING: usize = 64;
@@ -183,7 +188,12 @@ impl Serving {
 
     /// Applies the per-request limits, then hands over to the API. The client's slot is held
     /// by the response body, so a download counts until its last byte.
-    async fn request(&self, peer: SocketAddr, request: Request<Incoming>) -> http::Response<Body> {
+    async fn request(
+        &self,
+        peer: SocketAddr,
+        mut request: Request<Incoming>,
+    ) -> http::Response<Body> {
+        request.extensions_mut().insert(PeerAddr(peer));
         let state = &self.state;
         let limits = &state.config.limits;
         let head = request.method() == http::Method::HEAD;

@@ -32,6 +32,8 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    // Cached bytes, or a fill another repository started, only for a repository holding them.
+    super::holds::confirm_blob(state, &target, &digest).await?;
     if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
             cache: Arc::clone(&state.cache),

@@ -48,10 +48,12 @@ pub async fn serve(
 ) -> Served {
     let reference = Reference::parse(reference)?;
     let accept = accept_header(headers);
+    let holder = target.clone();
     let (manifest, outcome) = match reference {
         Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
         Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
     };
+    super::holds::record_manifest(state, &holder, &manifest);
     Ok((response(&manifest, head), outcome))
 }
 
@@ -61,6 +63,7 @@ async fn by_digest(
     digest: Digest,
     accept: Option<String>,
 ) -> Result<(Manifest, Outcome), ApiError> {
+    super::holds::confirm_manifest(state, &target, &digest).await?;
     if let Some(manifest) = state.cache.manifest(&digest).await {
         return Ok((manifest, Outcome::Hit));
     }

@@ -4,25 +4,30 @@
 //! upstream and repository, and hands over to the manifest, blob or pass-through handler, then
 //! stamps `X-Cache` and `X-Request-Id`, counts the request, and wraps the body so the bytes, the
 //! duration and one log line are recorded when it ends (`record`). Errors from any phase become
-//! a response in exactly one place (`ApiError::into_response`).
+//! a response in exactly one place (`ApiError::into_response`). The authorize phase is
+//! `access`; `GET /token`, the token service of the policy access mode, is here too (`token`).
 
 mod blob;
+mod holds;
 mod manifest;
 mod passthrough;
 pub mod record;
+mod token;
 
 use std::sync::Arc;
 
-use http::header::HeaderValue;
+use http::header::{HeaderValue, HOST};
 use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
+use crate::access::Asker;
 use crate::body::{self, Body};
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::metrics::status_class;
 use crate::oci::name::{split_api_path, ApiPath};
 use crate::route::{self, RouteError};
+use crate::server::PeerAddr;
 use crate::upstream::CredentialSource;
 use crate::AppState;
 
@@ -36,6 +41,7 @@ enum RouteKind {
     Blob,
     Tags,
     Referrers,
+    Token,
     Other,
 }
 
@@ -47,6 +53,7 @@ impl RouteKind {
             RouteKind::Blob => "blob",
             RouteKind::Tags => "tags",
             RouteKind::Referrers => "referrers",
+            RouteKind::Token => "token",
             RouteKind::Other => "other",
         }
     }
@@ -63,7 +70,7 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
     let (mut response, outcome, error) = match served {
         Ok((response, outcome)) => (response, outcome, None),
         Err(error) => {
-            let outcome = if error.code == Code::Denied {
+            let outcome = if matches!(error.code, Code::Denied | Code::Unauthorized) {
                 Outcome::Denied
             } else {
                 Outcome::Error
@@ -125,7 +132,10 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched 
     let path = request.uri().path();
     let method = request.method();
     if path == "/v2/" || path == "/v2" {
-        return (RouteKind::Ping, None, ping(method));
+        return (RouteKind::Ping, None, ping(state, request).await);
+    }
+    if path == "/token" {
+        return (RouteKind::Token, None, token::serve(state, request).await);
     }
     let parsed = path.strip_prefix("/v2/").and_then(split_api_path);
     let kind = match &parsed {
@@ -163,12 +173,14 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched 
     (kind, upstream, served)
 }
 
-fn ping(method: &Method) -> Served {
+async fn ping<B>(state: &AppState, request: &Request<B>) -> Served {
+    let method = request.method();
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(ApiError::unsupported(format!(
             "method {method} is not supported"
         )));
     }
+    state.access.authorize_ping(&asker(request)).await?;
     let response = Response::builder()
         .status(StatusCode::OK)
         .header("docker-distribution-api-version", "registry/2.0")
@@ -222,7 +234,9 @@ async fn serve<B>(
             ));
         return Err(error);
     }
-    // Authorize: every caller may pull in the anonymous access mode, the only one so far.
+    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
+    // policies let it pull this repository. Before any cache lookup or upstream request.
+    state.access.authorize(&asker(request), &target).await?;
     let headers = request.headers();
     match parsed {
         ApiPath::Manifest { reference, .. } => {
@@ -239,6 +253,23 @@ async fn serve<B>(
         ApiPath::BlobUpload { .. } | ApiPath::Catalog => {
             Err(ApiError::unsupported("not supported"))
         }
+    }
+}
+
+/// What access control needs from a request: credentials, the host it was sent to, the peer.
+fn asker<B>(request: &Request<B>) -> Asker<'_> {
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|v| v.to_str().ok()));
+    Asker {
+        headers: request.headers(),
+        host,
+        peer: request
+            .extensions()
+            .get::<PeerAddr>()
+            .map(|peer| peer.0.ip()),
     }
 }
 

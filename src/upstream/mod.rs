@@ -79,6 +79,8 @@ pub struct Upstream {
     pub negative_ttl: Duration,
     /// Another org's platform registry: only with a docker secret for it.
     pub requires_secret: bool,
+    /// `public = true`: in the policy access mode, every authenticated principal may pull.
+    pub public: bool,
     /// `username`/`password` from the upstream's config, used for every repository.
     configured: Option<Credentials>,
     /// The `[[secret]]` the config pins this upstream to, if any.
@@ -127,6 +129,7 @@ impl Upstream {
             stale_if_error: config.stale_if_error.unwrap_or(shared.cache.stale_if_error),
             negative_ttl: config.negative_ttl.unwrap_or(shared.cache.negative_ttl),
             requires_secret: shared.platform.is_foreign_org_registry(host),
+            public: config.public,
             configured,
             secret: config.secret.clone(),
             secrets: Arc::clone(&shared.secrets),

@@ -1,0 +1,734 @@
+//! Access control: who is asking, and may they pull this repository.
+//!
+//! `[access] mode = "anonymous"` (the default) lets everyone pull, as a public mirror does.
+//! `mode = "policy"` requires every registry request to authenticate as a principal of the
+//! principals file, and lets it pull a repository only when the policies allow it:
+//!
+//! ```text
+//! request -> credentials?  none / wrong ........................ 401 + Bearer challenge
+//!            Basic (<token>:KEY, EMAIL:KEY) -> principals (keys)  \
+//!            Bearer (berth's own JWT)       -> token (signature) -> principal
+//!         -> policies: pull on the whole repository? no ........ 403 DENIED
+//!         -> token scope covers the repository?        no ...... 401 insufficient_scope
+//!         -> handlers (which, for cached content, also check the repository holds it)
+//! ```
+//!
+//! The parts: `policy` (parse and evaluate policies), `principals` (accounts, keys, groups),
+//! `files` (both, reloaded on change), `token` (JWTs and their clock), `guard` (slowing down
+//! repeated failures), `holdings` (which repository holds which digest) and `report` (who may
+//! do what to an image). This file holds the state that ties them to requests; the responses
+//! are built by `error` (401/403) and `api::token` (the token endpoint).
+
+pub mod files;
+pub mod guard;
+pub mod holdings;
+pub mod policy;
+pub mod principals;
+pub mod report;
+pub mod token;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::header::{HeaderMap, AUTHORIZATION};
+use ring::hmac;
+use serde::Deserialize;
+
+use crate::config::PlatformConfig;
+use crate::route::{self, Target};
+use crate::secret::Secret;
+use crate::upstream::Upstreams;
+use files::{Files, Snapshot};
+use guard::Guard;
+use holdings::Holdings;
+use policy::{ImageFacts, Permission, PrincipalLink};
+use token::{Claims, Clock, Grant, TokenError, TokenKey, SERVICE};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessMode {
+    /// Everyone may pull: a public mirror.
+    #[default]
+    Anonymous,
+    /// Principals, policies and tokens decide.
+    Policy,
+}
+
+/// The `[access]` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    #[serde(default)]
+    pub mode: AccessMode,
+    /// The principals file (service accounts, users, groups, key hashes).
+    #[serde(default)]
+    pub principals: Option<PathBuf>,
+    /// The directory of policy files (`*.json`).
+    #[serde(default)]
+    pub policies: Option<PathBuf>,
+    /// How long a token from the token endpoint is valid.
+    #[serde(
+        default = "default_token_ttl",
+        deserialize_with = "crate::config::de_duration"
+    )]
+    pub token_ttl: Duration,
+    /// The token signing secret, shared by instances that accept each other's tokens; random
+    /// per process when unset.
+    #[serde(default)]
+    pub token_key: Option<Secret>,
+    /// The token endpoint URL clients are sent to; `http://<Host>/token` when unset.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// How often the principals file and the policies directory are checked for changes.
+    #[serde(
+        default = "default_reload_interval",
+        deserialize_with = "crate::config::de_duration"
+    )]
+    pub reload_interval: Duration,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            mode: AccessMode::default(),
+            principals: None,
+            policies: None,
+            token_ttl: default_token_ttl(),
+            token_key: None,
+            realm: None,
+            reload_interval: default_reload_interval(),
+        }
+    }
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// A signing key shorter than this is guessable offline from any token.
+const MIN_TOKEN_KEY: usize = 32;
+
+/// Checks `[access]`; an error is (key, message).
+pub fn check_config(config: &AccessConfig) -> Result<(), (String, String)> {
+    let invalid = |key: &str, message: &str| Err((format!("access.{key}"), message.to_string()));
+    if config.mode == AccessMode::Policy {
+        if config.principals.is_none() {
+            return invalid("principals", "mode = \"policy\" needs a principals file");
+        }
+        if config.policies.is_none() {
+            return invalid("policies", "mode = \"policy\" needs a policies directory");
+        }
+    }
+    if config.principals.is_some() != config.policies.is_some() {
+        let key = if config.principals.is_none() {
+            "principals"
+        } else {
+            "policies"
+        };
+        return invalid(key, "principals and policies are set together");
+    }
+    if let Some(key) = &config.token_key {
+        if key.expose().len() < MIN_TOKEN_KEY {
+            return invalid("token_key", "must be at least 32 characters of random text");
+        }
+    }
+    if config.token_ttl < Duration::from_secs(10) || config.token_ttl > Duration::from_secs(86_400)
+    {
+        return invalid("token_ttl", "must be between 10s and 24h");
+    }
+    if let Some(realm) = &config.realm {
+        let ok = (realm.starts_with("http://") || realm.starts_with("https://"))
+            && !realm.contains(['"', '\\', ' ']);
+        if !ok {
+            return invalid("realm", "must be an http:// or https:// URL");
+        }
+    }
+    Ok(())
+}
+
+/// Why a request may not go on. `error` turns it into the 401 or 403 response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// No credentials, wrong ones, an expired token, or a token for another repository.
+    #[error("{reason}")]
+    Unauthenticated {
+        /// The `WWW-Authenticate` value telling the client where to get a token.
+        challenge: String,
+        reason: &'static str,
+    },
+    #[error("{principal} may not pull {repository}")]
+    Denied {
+        principal: String,
+        repository: String,
+    },
+    #[error("the token service is off: [access] mode is \"anonymous\"")]
+    Off,
+    #[error("{0}")]
+    Report(String),
+}
+
+/// What a request presents, as `authorize` needs it.
+pub struct Asker<'a> {
+    pub headers: &'a HeaderMap,
+    /// The `Host` (or HTTP/2 authority) the client used; the default token realm is built on it.
+    pub host: Option<&'a str>,
+    /// The client's address, for slowing down repeated failures.
+    pub peer: Option<IpAddr>,
+}
+
+/// An authenticated caller.
+struct Caller {
+    principal: PrincipalLink,
+    /// Present when the caller came with one of berth's tokens, which limits what it reaches.
+    token: Option<Claims>,
+}
+
+enum Presented {
+    Nothing,
+    Basic { user: String, key: Secret },
+    Bearer(String),
+    Malformed,
+}
+
+/// Credentials that verified recently are not checked (or slowed down) again for this long.
+const VERIFIED_TTL: Duration = Duration::from_secs(60);
+const MAX_VERIFIED: u64 = 10_000;
+
+/// The access state every request consults.
+pub struct Access {
+    mode: AccessMode,
+    /// Our org's registry: its repositories are named without the registry in policies.
+    own_registry: Option<String>,
+    realm: Option<String>,
+    token_ttl: Duration,
+    files: Option<Files>,
+    key: TokenKey,
+    clock: Clock,
+    guard: Guard,
+    /// Verified Basic credentials, keyed by an HMAC of them (never the key itself), with the
+    /// snapshot generation they were verified against.
+    verified: moka::sync::Cache<[u8; 32], (u64, PrincipalLink)>,
+    verified_key: hmac::Key,
+    pub holdings: Arc<Holdings>,
+}
+
+impl Access {
+    /// Loads the principals and policies (if configured); an error says which file is wrong.
+    pub fn open(config: &AccessConfig, platform: &PlatformConfig) -> Result<Access, String> {
+        let org = platform.org.as_deref();
+        let files = match (&config.principals, &config.policies) {
+            (Some(principals), Some(policies)) => Some(Files::open(
+                principals,
+                policies,
+                org,
+                config.reload_interval,
+            )?),
+            _ => None,
+        };
+        let mut verified_secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut verified_secret);
+        Ok(Access {
+            mode: config.mode,
+            own_registry: platform.own_registry(),
+            realm: config.realm.clone(),
+            token_ttl: config.token_ttl,
+            files,
+            key: match &config.token_key {
+                Some(secret) => TokenKey::new(secret.expose().as_bytes()),
+                None => TokenKey::random(),
+            },
+            clock: Clock::new(),
+            guard: Guard::new(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(MAX_VERIFIED)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
+            verified_key: hmac::Key::new(hmac::HMAC_SHA256, &verified_secret),
+            holdings: Arc::new(Holdings::new()),
+        })
+    }
+
+    /// Whether access is enforced: principals, policies, and the holdings check on cached
+    /// content.
+    pub fn enforcing(&self) -> bool {
+        self.mode == AccessMode::Policy
+    }
+
+    /// The repository as policies name it: bare in our org's registry, `<registry>/<repository>`
+    /// anywhere else.
+    pub fn policy_repository(&self, target: &Target) -> String {
+        if self.own_registry.as_deref() == Some(target.upstream.name.as_ref()) {
+            target.repository.to_string()
+        } else {
+            full_name(target)
+        }
+    }
+
+    /// May the asker pull `target`'s repository? Anonymous mode: yes.
+    pub async fn authorize(&self, ask: &Asker<'_>, target: &Target) -> Result<(), AccessError> {
+        let Some(snapshot) = self.snapshot() else {
+            return Ok(());
+        };
+        let name = full_name(target);
+        let scope = format!("repository:{name}:pull");
+        let caller = match self.authenticate(ask, &snapshot).await {
+            Ok(Some(caller)) => caller,
+            Ok(None) => return Err(self.challenge(ask, Some(&scope), "authentication required")),
+            Err(reason) => return Err(self.challenge(ask, Some(&scope), reason)),
+        };
+        if !self.may_pull(&snapshot, &caller.principal, target) {
+            tracing::info!(principal = %caller.principal, repository = %name, "pull denied by policy");
+            return Err(AccessError::Denied {
+                principal: caller.principal.to_string(),
+                repository: name,
+            });
+        }
+        tracing::debug!(principal = %caller.principal, repository = %name, "pull authorized");
+        if let Some(claims) = &caller.token {
+            if !claims.grants_pull(&name) {
+                let mut error =
+                    self.challenge(ask, Some(&scope), "token does not cover this repository");
+                if let AccessError::Unauthenticated { challenge, .. } = &mut error {
+                    challenge.push_str(",error=\"insufficient_scope\"");
+                }
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// `GET /v2/`: in policy mode, only for an authenticated caller (clients learn the token
+    /// realm from this 401).
+    pub async fn authorize_ping(&self, ask: &Asker<'_>) -> Result<(), AccessError> {
+        let Some(snapshot) = self.snapshot() else {
+            return Ok(());
+        };
+        match self.authenticate(ask, &snapshot).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(self.challenge(ask, None, "authentication required")),
+            Err(reason) => Err(self.challenge(ask, None, reason)),
+        }
+    }
+
+    /// The token endpoint: checks Basic credentials and signs a token granting `pull` on each
+    /// requested repository the policies allow (the others are left out, as the distribution
+    /// token spec has it; the registry request then answers 403).
+    pub async fn issue_token(
+        &self,
+        ask: &Asker<'_>,
+        scopes: &[String],
+        upstreams: &Upstreams,
+    ) -> Result<IssuedToken, AccessError> {
+        let snapshot = match (self.mode, self.files.as_ref()) {
+            (AccessMode::Policy, Some(files)) => files.current(),
+            _ => return Err(AccessError::Off),
+        };
+        let basic_challenge = |reason| AccessError::Unauthenticated {
+            challenge: format!("Basic realm=\"{SERVICE}\""),
+            reason,
+        };
+        if matches!(presented(ask.headers), Presented::Bearer(_)) {
+            return Err(basic_challenge(
+                "the token endpoint takes Basic credentials",
+            ));
+        }
+        let caller = match self.authenticate(ask, &snapshot).await {
+            Ok(Some(caller)) => caller,
+            Ok(None) => return Err(basic_challenge("credentials required")),
+            Err(reason) => return Err(basic_challenge(reason)),
+        };
+        let mut access: Vec<Grant> = Vec::new();
+        for scope in scopes.iter().flat_map(|s| s.split(' ')) {
+            let Some(name) = pull_scope(scope) else {
+                continue;
+            };
+            let Ok(target) = route::resolve(upstreams, None, name) else {
+                continue;
+            };
+            let full = full_name(&target);
+            if self.may_pull(&snapshot, &caller.principal, &target)
+                && !access.iter().any(|grant| grant.name == full)
+            {
+                access.push(Grant {
+                    kind: "repository".into(),
+                    name: full,
+                    actions: vec!["pull".into()],
+                });
+            }
+        }
+        let now = self.clock.unix();
+        let mut jti = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut jti);
+        let claims = Claims {
+            iss: SERVICE.into(),
+            aud: SERVICE.into(),
+            sub: caller.principal.to_string(),
+            iat: now,
+            nbf: now,
+            exp: now + self.token_ttl.as_secs(),
+            jti: hex::encode(jti),
+            access,
+        };
+        tracing::debug!(principal = %caller.principal, grants = claims.access.len(), "token issued");
+        Ok(IssuedToken {
+            token: token::issue(&self.key, &claims),
+            expires_in: self.token_ttl.as_secs(),
+            issued_at: humantime::format_rfc3339_seconds(self.clock.now()).to_string(),
+        })
+    }
+
+    /// The access report of an image in any reference form (`nginx:1`, `//image/app:v1`).
+    pub fn report(
+        &self,
+        upstreams: &Upstreams,
+        image: &str,
+    ) -> Result<report::Report, AccessError> {
+        let files = self.files.as_ref().ok_or_else(|| {
+            AccessError::Report("the access report needs [access] principals and policies".into())
+        })?;
+        let (target, reference) = route::resolve_image(upstreams, image)
+            .map_err(|e| AccessError::Report(e.to_string()))?;
+        let snapshot = files.current();
+        let repository = self.policy_repository(&target);
+        let tag = match &reference {
+            crate::oci::name::Reference::Tag(tag) => Some(tag.as_str()),
+            crate::oci::name::Reference::Digest(_) => None,
+        };
+        let separator = if tag.is_some() { ":" } else { "@" };
+        let shown = format!("{}{separator}{}", full_name(&target), reference.as_str());
+        let facts = ImageFacts {
+            repository: &repository,
+            tag,
+        };
+        Ok(report::report(
+            &shown,
+            &facts,
+            target.upstream.public,
+            &snapshot.policies,
+            &snapshot.principals,
+        ))
+    }
+
+    fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        match (self.mode, &self.files) {
+            (AccessMode::Policy, Some(files)) => Some(files.current()),
+            _ => None,
+        }
+    }
+
+    fn may_pull(&self, snapshot: &Snapshot, principal: &PrincipalLink, target: &Target) -> bool {
+        if target.upstream.public {
+            return true;
+        }
+        let repository = self.policy_repository(target);
+        let groups = snapshot.principals.groups_of(principal);
+        let facts = ImageFacts {
+            repository: &repository,
+            tag: None,
+        };
+        policy::permissions(&snapshot.policies, principal, &groups, &facts)
+            .contains(Permission::Pull)
+    }
+
+    /// Who the credentials belong to: `Ok(None)` without credentials, `Err(reason)` for wrong
+    /// ones (counted against the client).
+    async fn authenticate(
+        &self,
+        ask: &Asker<'_>,
+        snapshot: &Snapshot,
+    ) -> Result<Option<Caller>, &'static str> {
+        match presented(ask.headers) {
+            Presented::Nothing => Ok(None),
+            Presented::Malformed => {
+                self.guard.fail(ask.peer);
+                Err("malformed Authorization header")
+            }
+            Presented::Bearer(token) => self.check_token(ask, snapshot, &token).map(Some),
+            Presented::Basic { user, key } => {
+                self.check_key(ask, snapshot, &user, &key).await.map(Some)
+            }
+        }
+    }
+
+    fn check_token(
+        &self,
+        ask: &Asker<'_>,
+        snapshot: &Snapshot,
+        token: &str,
+    ) -> Result<Caller, &'static str> {
+        let claims = match token::verify(&self.key, token, self.clock.unix()) {
+            Ok(claims) => claims,
+            // Tokens expire in normal use; the client fetches a new one. Not a strike.
+            Err(TokenError::Expired) => return Err("token expired"),
+            Err(_) => {
+                self.guard.fail(ask.peer);
+                return Err("invalid token");
+            }
+        };
+        // A principal removed from the file loses its tokens at once.
+        match PrincipalLink::parse(&claims.sub, None) {
+            Ok(principal) if snapshot.principals.contains(&principal) => Ok(Caller {
+                principal,
+                token: Some(claims),
+            }),
+            _ => Err("the token's principal no longer exists"),
+        }
+    }
+
+    async fn check_key(
+        &self,
+        ask: &Asker<'_>,
+        snapshot: &Snapshot,
+        user: &str,
+        key: &Secret,
+    ) -> Result<Caller, &'static str> {
+        let mut mac = hmac::Context::with_key(&self.verified_key);
+        // Length-prefixed, so no other (user, key) split of the same bytes has the same entry.
+        mac.update(&(user.len() as u64).to_be_bytes());
+        mac.update(user.as_bytes());
+        mac.update(key.expose().as_bytes());
+        let cache_key: [u8; 32] = mac.sign().as_ref().try_into().expect("SHA-256 size");
+        if let Some((generation, principal)) = self.verified.get(&cache_key) {
+            if generation == snapshot.generation {
+                return Ok(Caller {
+                    principal,
+                    token: None,
+                });
+            }
+        }
+        let _admitted = self.guard.admit(ask.peer).await;
+        match snapshot.principals.verify(user, key.expose().as_bytes()) {
+            Some(verified) => {
+                tracing::debug!(principal = %verified.principal, key = ?verified.key_name, "key verified");
+                self.verified
+                    .insert(cache_key, (snapshot.generation, verified.principal.clone()));
+                Ok(Caller {
+                    principal: verified.principal,
+                    token: None,
+                })
+            }
+            None => {
+                let failures = self.guard.fail(ask.peer);
+                let kind = if user == principals::SERVICE_ACCOUNT_USER {
+                    "serviceaccount"
+                } else {
+                    "user"
+                };
+                tracing::warn!(peer = ?ask.peer, kind, failures, "wrong credentials");
+                Err("wrong username or key")
+            }
+        }
+    }
+
+    fn challenge(&self, ask: &Asker<'_>, scope: Option<&str>, reason: &'static str) -> AccessError {
+        let realm = match &self.realm {
+            Some(realm) => realm.clone(),
+            None => {
+                let host = ask.host.filter(|h| is_plain_host(h)).unwrap_or("localhost");
+                format!("http://{host}/token")
+            }
+        };
+        let mut challenge = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+        if let Some(scope) = scope {
+            challenge.push_str(&format!(",scope=\"{scope}\""));
+        }
+        AccessError::Unauthenticated { challenge, reason }
+    }
+}
+
+/// The admin endpoint of the access report, ready to mount: `GET ...?image=IMAGE` answers the
+/// report as JSON, or an error in the OCI envelope (400 for a bad image or no policies).
+pub fn report_json(
+    state: &crate::AppState,
+    query: Option<&str>,
+) -> http::Response<crate::body::Body> {
+    let image = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(name, _)| name == "image")
+        .map(|(_, value)| value.into_owned());
+    let report = match image {
+        Some(image) => state.access.report(&state.upstreams, &image),
+        None => Err(AccessError::Report("pass the image as ?image=IMAGE".into())),
+    };
+    match report {
+        Ok(report) => {
+            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
+            http::Response::builder()
+                .status(http::StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_LENGTH, bytes.len())
+                .body(crate::body::full(bytes))
+                .expect("valid response")
+        }
+        Err(err) => crate::error::ApiError::from(err).into_response(false),
+    }
+}
+
+/// The token endpoint's answer, in the distribution token spec's fields.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_in: u64,
+    pub issued_at: String,
+}
+
+/// `<registry>/<repository>`: the one name of a repository whatever path or `ns` reached it;
+/// tokens and challenges use it.
+pub fn full_name(target: &Target) -> String {
+    format!("{}/{}", target.upstream.name, target.repository)
+}
+
+/// The repository name of a `repository:NAME:ACTIONS` scope that asks for pull (`push` is
+/// never granted; berth does not take pushes). NAME may hold a `:port`.
+fn pull_scope(scope: &str) -> Option<&str> {
+    let rest = scope.strip_prefix("repository:")?;
+    let (name, actions) = rest.rsplit_once(':')?;
+    actions
+        .split(',')
+        .any(|action| action == "pull" || action == "*")
+        .then_some(name)
+}
+
+/// A Host value safe to put inside a quoted challenge parameter.
+fn is_plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+fn presented(headers: &HeaderMap) -> Presented {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Presented::Nothing;
+    };
+    let Ok(value) = value.to_str() else {
+        return Presented::Malformed;
+    };
+    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+        return Presented::Bearer(rest.to_string());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Presented::Malformed;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok());
+    match decoded.as_deref().and_then(|text| text.split_once(':')) {
+        Some((user, key)) if !user.is_empty() => Presented::Basic {
+            user: user.to_string(),
+            key: Secret::new(key),
+        },
+        _ => Presented::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_scopes_keep_ports_and_ignore_other_actions() {
+        assert_eq!(
+            pull_scope("repository:127.0.0.1:5000/team/app:pull"),
+            Some("127.0.0.1:5000/team/app")
+        );
+        assert_eq!(
+            pull_scope("repository:library/nginx:pull,push"),
+            Some("library/nginx")
+        );
+        assert_eq!(
+            pull_scope("repository:library/nginx:*"),
+            Some("library/nginx")
+        );
+        assert_eq!(pull_scope("repository:library/nginx:push"), None);
+        assert_eq!(pull_scope("registry:catalog:*"), None);
+    }
+
+    #[test]
+    fn credentials_are_read_from_the_authorization_header() {
+        let headers = |value: &str| {
+            let mut map = HeaderMap::new();
+            map.insert(AUTHORIZATION, value.parse().unwrap());
+            map
+        };
+        let basic = base64::engine::general_purpose::STANDARD.encode("<token>:k:with:colons");
+        match presented(&headers(&format!("Basic {basic}"))) {
+            Presented::Basic { user, key } => {
+                assert_eq!((user.as_str(), key.expose()), ("<token>", "k:with:colons"))
+            }
+            _ => panic!("basic not parsed"),
+        }
+        assert!(matches!(presented(&headers("bearer abc")), Presented::Bearer(t) if t == "abc"));
+        assert!(matches!(
+            presented(&headers("Basic !!!")),
+            Presented::Malformed
+        ));
+        assert!(matches!(
+            presented(&headers("Digest x")),
+            Presented::Malformed
+        ));
+        assert!(matches!(presented(&HeaderMap::new()), Presented::Nothing));
+    }
+
+    #[test]
+    fn config_mistakes_name_the_key() {
+        let cases = [
+            (
+                AccessConfig {
+                    mode: AccessMode::Policy,
+                    ..AccessConfig::default()
+                },
+                "access.principals",
+            ),
+            (
+                AccessConfig {
+                    principals: Some("p.json".into()),
+                    ..AccessConfig::default()
+                },
+                "access.policies",
+            ),
+            (
+                AccessConfig {
+                    token_key: Some(Secret::new("short")),
+                    ..AccessConfig::default()
+                },
+                "access.token_key",
+            ),
+            (
+                AccessConfig {
+                    token_ttl: Duration::from_secs(1),
+                    ..AccessConfig::default()
+                },
+                "access.token_ttl",
+            ),
+            (
+                AccessConfig {
+                    realm: Some("berth/token".into()),
+                    ..AccessConfig::default()
+                },
+                "access.realm",
+            ),
+        ];
+        for (config, key) in cases {
+            assert_eq!(check_config(&config).unwrap_err().0, key);
+        }
+        assert!(check_config(&AccessConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn hosts_with_quotes_never_reach_a_challenge() {
+        assert!(is_plain_host("berth.local:5000"));
+        assert!(is_plain_host("[::1]:5000"));
+        assert!(!is_plain_host("evil\",x=\"y"));
+        assert!(!is_plain_host(""));
+    }
+}
