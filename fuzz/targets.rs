@@ -117,7 +117,12 @@ pub fn www_authenticate(data: &[u8]) {
 
 pub fn manifest_json(data: &[u8]) {
     let media_type = berth::oci::manifest::embedded_media_type(data);
-    assert!(!media_type.is_empty());
+    // It becomes a Content-Type header: non-empty visible ASCII, never a control character.
+    assert!(media_type.contains('/'), "{media_type:?}");
+    assert!(
+        media_type.bytes().all(|b| b.is_ascii_graphic()),
+        "{media_type:?}"
+    );
 }
 
 /// A secret file read as each of the three secret types.
