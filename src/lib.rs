@@ -19,6 +19,7 @@
 //! - `api`      the `/v2/` handlers as named phases.
 //! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - `metrics`  the `berth_*` Prometheus families.
+//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles.
 //!
 //! # The life of one blob request
 //!
@@ -50,6 +51,7 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod flight;
+pub mod load;
 pub mod metrics;
 pub mod oci;
 pub mod route;
