@@ -30,6 +30,7 @@
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
 //! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress;
 //!   `warm::image` picks the platform and reads manifests (pure).
+//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles.
 //!
 //! # The life of one blob request
 //!
@@ -74,6 +75,7 @@ pub mod fill;
 pub mod flight;
 pub mod health;
 pub mod limits;
+pub mod load;
 pub mod metrics;
 pub mod oci;
 pub mod route;

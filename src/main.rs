@@ -84,6 +84,38 @@ enum Command {
         /// The image, in any reference form (`//image/app:v1`, `nginx:1.27`, `ghcr.io/o/a:v1`).
         image: String,
     },
+    /// Pull whole images (manifest, index child, config, layers) with N concurrent pullers,
+    /// verifying every digest, and report throughput and p50/p90/p99 per request class.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Registry to pull from, e.g. http://127.0.0.1:5000 (berth or any registry).
+    #[arg(long)]
+    target: String,
+    /// Concurrent pullers.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    concurrency: usize,
+    /// Run this long (e.g. 30s); without it, run --count pulls.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    duration: Option<std::time::Duration>,
+    /// Total pulls across all pullers (default: one per puller).
+    #[arg(long, short = 'n')]
+    count: Option<u64>,
+    /// Platform chosen from an index.
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// Per-request limit, response head to last byte.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    timeout: std::time::Duration,
+    /// The target's Prometheus text endpoint (berth's /metrics); reports the upstream requests
+    /// (`*upstream_requests_total`) made during the run.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Images: repository:tag or repository@sha256:..., pulled in rotation.
+    #[arg(required = true)]
+    images: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -165,6 +197,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Load(args) => load(args),
         Command::DefaultConfig => {
             print!("{}", berth::config::EMBEDDED_DEFAULT);
             Ok(())
@@ -239,6 +272,39 @@ fn print_resolved(
     println!("  repository: {}", target.repository);
     println!("  {:<11} {}", format!("{kind}:"), reference.as_str());
     println!("  secret:     {credentials}");
+}
+
+fn load(args: LoadArgs) -> anyhow::Result<()> {
+    use berth::load::{ImageRef, Limit, LoadConfig};
+    let images = args
+        .images
+        .iter()
+        .map(|text| ImageRef::parse(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let limit = match (args.duration, args.count) {
+        (Some(duration), _) => Limit::Duration(duration),
+        (None, Some(count)) => Limit::Count(count),
+        (None, None) => Limit::Count(args.concurrency as u64),
+    };
+    let config = LoadConfig {
+        target: args.target,
+        images,
+        concurrency: args.concurrency,
+        limit,
+        platform: args.platform,
+        request_timeout: args.timeout,
+        metrics: args.metrics,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let report = runtime
+        .block_on(berth::load::run(config))
+        .map_err(anyhow::Error::msg)?;
+    print!("{}", report.render());
+    if report.total_errors() > 0 {
+        anyhow::bail!("{} requests failed", report.total_errors());
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -145,9 +145,21 @@ impl AsRef<str> for Digest {
 
 /// Incremental sha256 over a byte stream, so a blob can be verified while it
 /// is relayed and written, without a second pass over the file.
-#[derive(Clone, Default)]
+///
+/// Uses ring's assembly sha256 rather than the `sha2` crate's portable one:
+/// on CPUs without SHA extensions it is about 3x faster (benches/hot_paths,
+/// `sha256`), and a cold blob's last byte waits for this hash.
+#[derive(Clone)]
 pub struct Verifier {
-    hasher: Sha256,
+    hasher: ring::digest::Context,
+}
+
+impl Default for Verifier {
+    fn default() -> Verifier {
+        Verifier {
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
 }
 
 impl Verifier {
@@ -161,7 +173,8 @@ impl Verifier {
 
     /// The digest of everything passed to `update`.
     pub fn finish(self) -> Digest {
-        Digest::from_sha256(self.hasher.finalize().into())
+        let hash = self.hasher.finish();
+        Digest::from_sha256(hash.as_ref().try_into().expect("sha256 is 32 bytes"))
     }
 }
 
