@@ -134,6 +134,18 @@ pub fn secret_json(data: &[u8]) {
     }
 }
 
+/// A policy file and a principals file of the access control (the platform's JSON forms).
+pub fn policy_json(data: &[u8]) {
+    for org in [None, Some("my-org")] {
+        if let Err(err) = berth::access::policy::parse_file(data, "fuzz", org) {
+            let _ = err.to_string();
+        }
+        if let Err(err) = berth::access::principals::Principals::parse(data, org) {
+            let _ = err.to_string();
+        }
+    }
+}
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
@@ -146,4 +158,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("www_authenticate", www_authenticate),
     ("manifest_json", manifest_json),
     ("secret_json", secret_json),
+    ("policy_json", policy_json),
 ];

@@ -77,6 +77,13 @@ proptest! {
     }
 
     #[test]
+    fn policy_json_never_panics(data in input(
+        "\\{\"(name|targetKind|target|targetLinks|targetQuery|bindings|kind|items|serviceAccounts|users|groups)\":(\"[a-z/:@.]{0,20}\"|\\[|\\{|null|[0-9]{1,3})(,\"(op|property|value|permissions|principalLinks|match|terms)\":(\"[a-z=<>!/]{0,12}\"|\\[\\]|\\{))?\\}?"
+    )) {
+        targets::policy_json(&data);
+    }
+
+    #[test]
     fn secret_json_never_panics(data in input(
         "\\{\"(auths|accessKey|secretKey|roleArn|externalId|type|private_key|project_id|client_email|token_uri)\":(\"[a-zA-Z0-9:/=+._@-]{0,30}\"|\\{\"[a-z.:]{0,15}\":\\{\"(auth|username|password)\":\"[a-zA-Z0-9=+/]{0,20}\"\\}\\}|null|7)\\}"
     )) {
