@@ -488,7 +488,7 @@ async fn public_upstreams_serve_every_principal_but_not_anonymous_callers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn policy_changes_apply_without_a_restart() {
+async fn policy_and_principal_changes_apply_without_a_restart() {
     let site = Site::start("reload_interval = \"0s\"").await;
     let mallory = Some(("mallory@example.com", MALLORY_KEY));
     let path = "/v2/team/app/manifests/v1";
@@ -509,6 +509,29 @@ async fn policy_changes_apply_without_a_restart() {
     std::fs::write(site.policies_dir().join("broken.json"), "{").unwrap();
     assert_eq!(site.get(path, Some(("<token>", CI_KEY))).await.status, 200);
     assert_eq!(site.get(path, mallory).await.status, 403);
+    std::fs::remove_file(site.policies_dir().join("broken.json")).unwrap();
+
+    // Revoking a key takes effect at once: the key, even just verified, and tokens of a
+    // principal that is gone.
+    let token = token_of(
+        &site
+            .token(("<token>", CI_KEY), &["repository:team/app:pull"])
+            .await,
+    );
+    assert_eq!(site.bearer(path, &token).await.status, 200);
+    write_json(
+        &site.dir.path().join("principals.json"),
+        &json!({
+            "serviceAccounts": [{"name": "admin", "keys": [{"hash": hash(ADMIN_KEY)}]}],
+            "users": [{"email": "mallory@example.com", "keys": [{"hash": hash(MALLORY_KEY)}]}],
+        }),
+    );
+    assert_eq!(site.get(path, Some(("<token>", CI_KEY))).await.status, 401);
+    assert_eq!(site.bearer(path, &token).await.status, 401);
+    assert_eq!(
+        site.get(path, Some(("<token>", ADMIN_KEY))).await.status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
