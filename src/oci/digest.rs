@@ -147,7 +147,7 @@ impl AsRef<str> for Digest {
 /// is relayed and written, without a second pass over the file.
 ///
 /// Uses ring's assembly sha256 rather than the `sha2` crate's portable one:
-/// on CPUs without SHA extensions it is about 3x faster (benches/hot_paths,
+/// on CPUs without SHA extensions it is 2.6x faster (benches/hot_paths,
 /// `sha256`), and a cold blob's last byte waits for this hash.
 #[derive(Clone)]
 pub struct Verifier {
