@@ -134,7 +134,6 @@ fn index_lookups(c: &mut Criterion) {
     for digest in &digests {
         index.insert(digest.clone(), Entry::new(Kind::Blob, 4096, None));
     }
-    index.settle();
     let missing = Digest::of(b"not cached");
     let mut group = c.benchmark_group("index");
     let mut n = 0usize;

@@ -31,7 +31,6 @@ fn index_operations(c: &mut Criterion) {
     for key in &keys {
         index.insert(key.clone(), Entry::new(Kind::Blob, 4 << 20, None));
     }
-    index.settle();
     let mut group = c.benchmark_group(format!("index_{entries}"));
     group.throughput(Throughput::Elements(1));
     let mut next = 0usize;

@@ -67,18 +67,13 @@ fn main() {
         u64::MAX / 2,
         Arc::new(berth::metrics::Metrics::new()),
     );
-    index.settle();
     let heap_before = LIVE.load(Ordering::Relaxed);
     let rss_before = rss_kib();
     for n in 0..entries {
         // Each digest is built and dropped here, as a fill's would be after commit.
         let digest = Digest::of(&n.to_le_bytes());
         index.insert(digest, Entry::new(Kind::Blob, 1 << 20, None));
-        if n % 65_536 == 0 {
-            index.settle();
-        }
     }
-    index.settle();
     let heap = LIVE.load(Ordering::Relaxed) - heap_before;
     let rss = rss_kib().saturating_sub(rss_before);
     assert_eq!(index.len(), entries);

@@ -308,7 +308,6 @@ impl Fills {
             job.digest.clone(),
             Entry::new(Kind::Blob, written.len, None),
         );
-        cache.index.settle();
         metrics.fills_completed.inc();
         progress.send_replace(Progress::Verified {
             file,

@@ -1,7 +1,7 @@
 //! Choosing what to evict when the filesystem runs short of `cache.min_free`.
 //!
-//! `cache.max_size` is enforced by the index itself (moka in LRU mode deletes the least recently
-//! used file when an insert goes over the budget). Free space is different: other tenants of the
+//! `cache.max_size` is enforced by the index itself (an insert over the budget deletes the least
+//! recently used files). Free space is different: other tenants of the
 //! filesystem use it too, so it is checked from outside (`statvfs`) and, when short, the least
 //! recently used objects go first, by the access time recorded in each file's mtime. The choice
 //! is a pure function; the caller removes what it returns from the index, then from disk.

@@ -2,16 +2,18 @@
 //! least-recently-used order and bounded by `cache.max_size`.
 //!
 //! The index is the only way content is found, so it must never name a file that is gone: an
-//! entry leaves the index first and its file is deleted after (moka's eviction listener), and a
-//! reader that still has the file open keeps reading it to the end (POSIX unlink semantics).
-//! Capacity evictions are counted in the metrics, and the exact bytes indexed are tracked for
-//! the disk-use gauge. It does not fetch or verify anything.
+//! entry leaves the index first and its file is deleted after, and a reader that still has the
+//! file open keeps reading it to the end (POSIX unlink semantics). Capacity evictions happen
+//! inside `insert`, so the disk is within `max_size` as soon as an insert returns; they are
+//! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. It
+//! does not fetch or verify anything.
+//!
+//! The index is an `lru::LruCache` under a mutex rather than moka (which berth uses for its
+//! smaller caches): at a million cached blobs moka's per-entry bookkeeping came to ~240 bytes,
+//! against ~110 here (benches/index_memory.rs), and a lookup takes a short uncontended lock
+//! instead of moka's read-buffer bookkeeping.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-
-use moka::notification::RemovalCause;
-use moka::policy::EvictionPolicy;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::store::{Kind, Store};
 use crate::metrics::Metrics;
@@ -36,14 +38,14 @@ impl Entry {
     }
 }
 
-/// Weights are in KiB because moka weighs entries with a u32: bytes would cap a blob at 4 GiB.
-fn weight(size: u64) -> u32 {
-    size.div_ceil(1024).clamp(1, u64::from(u32::MAX)) as u32
+/// Bytes an object is accounted at: its size rounded up to whole KiB (at least 1 KiB), a rough
+/// stand-in for filesystem blocks, so a million tiny objects still count against `max_size`.
+fn weight(size: u64) -> u64 {
+    size.div_ceil(1024).max(1) * 1024
 }
 
 /// The index key: the raw 32 hash bytes of a sha256 digest. The `Digest` string is 71 bytes
-/// on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys alone
-/// (benches/index_memory.rs measures the whole entry).
+/// on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys alone.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key([u8; 32]);
 
@@ -60,86 +62,126 @@ impl Key {
     }
 }
 
+struct Entries {
+    lru: lru::LruCache<Key, Entry>,
+    /// Sum of `weight` over the entries; kept at or under `max_weight` by `insert`.
+    weight: u64,
+    /// Exact bytes of the entries.
+    bytes: u64,
+}
+
+impl Entries {
+    fn removed(&mut self, entry: &Entry) {
+        self.weight -= weight(entry.size);
+        self.bytes -= entry.size;
+    }
+}
+
 pub struct Index {
-    entries: moka::sync::Cache<Key, Entry>,
-    /// Exact bytes of the indexed objects: added on insert, subtracted for every removal
-    /// (replaced, forgotten, evicted). Signed because moka may report a replacement's removal
-    /// before the insert that caused it has been added.
-    bytes: Arc<AtomicI64>,
+    entries: Mutex<Entries>,
+    max_weight: u64,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
 }
 
 impl Index {
     pub fn new(store: Arc<Store>, max_size: u64, metrics: Arc<Metrics>) -> Index {
-        let bytes = Arc::new(AtomicI64::new(0));
-        let removed = Arc::clone(&bytes);
-        let entries = moka::sync::Cache::builder()
-            .max_capacity(max_size.div_ceil(1024))
-            .weigher(|_, entry: &Entry| weight(entry.size))
-            .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |key: Arc<Key>, entry: Entry, cause| {
-                removed.fetch_sub(entry.size as i64, Ordering::Relaxed);
-                // Replaced entries describe the same file; only capacity evictions delete.
-                if cause == RemovalCause::Size {
-                    let digest = key.digest();
-                    metrics.evictions.inc();
-                    metrics.evicted_bytes.inc_by(entry.size);
-                    if let Err(err) = store.remove(entry.kind, &digest) {
-                        tracing::warn!(%digest, %err, "cannot delete evicted object");
-                    }
-                }
-            })
-            .build();
-        Index { entries, bytes }
+        Index {
+            entries: Mutex::new(Entries {
+                lru: lru::LruCache::unbounded(),
+                weight: 0,
+                bytes: 0,
+            }),
+            max_weight: max_size,
+            store,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // The entries are consistent after every statement that can panic, so a panic elsewhere
+        // while holding the lock leaves nothing half-done.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Looks up a digest and marks it recently used.
     pub fn get(&self, digest: &Digest) -> Option<Entry> {
-        self.entries.get(&Key::of(digest))
+        self.lock().lru.get(&Key::of(digest)).cloned()
     }
 
     pub fn touch(&self, digest: &Digest) {
-        let _ = self.entries.get(&Key::of(digest));
+        let _ = self.lock().lru.get(&Key::of(digest));
     }
 
+    /// Adds or replaces an entry as the most recently used, then evicts least recently used
+    /// entries, deleting their files, until the index is within `max_size` again. An object
+    /// larger than `max_size` on its own is evicted too.
     pub fn insert(&self, digest: Digest, entry: Entry) {
-        self.bytes.fetch_add(entry.size as i64, Ordering::Relaxed);
-        self.entries.insert(Key::of(&digest), entry);
+        let evicted = {
+            let mut entries = self.lock();
+            entries.weight += weight(entry.size);
+            entries.bytes += entry.size;
+            if let Some(replaced) = entries.lru.put(Key::of(&digest), entry) {
+                entries.removed(&replaced);
+            }
+            let mut evicted = Vec::new();
+            while entries.weight > self.max_weight {
+                let Some((key, entry)) = entries.lru.pop_lru() else {
+                    break;
+                };
+                entries.removed(&entry);
+                evicted.push((key, entry));
+            }
+            evicted
+        };
+        // Out of the index first, then off the disk.
+        for (key, entry) in evicted {
+            let digest = key.digest();
+            self.metrics.evictions.inc();
+            self.metrics.evicted_bytes.inc_by(entry.size);
+            if let Err(err) = self.store.remove(entry.kind, &digest) {
+                tracing::warn!(%digest, %err, "cannot delete evicted object");
+            }
+        }
     }
 
     /// Drops an entry whose file turned out unreadable; the file is left to the caller.
     pub fn forget(&self, digest: &Digest) {
-        self.entries.invalidate(&Key::of(digest));
-    }
-
-    /// Applies pending evictions now, so the disk stays within `max_size` after every commit.
-    pub fn settle(&self) {
-        self.entries.run_pending_tasks();
+        let mut entries = self.lock();
+        if let Some(entry) = entries.lru.pop(&Key::of(digest)) {
+            entries.removed(&entry);
+        }
     }
 
     pub fn len(&self) -> u64 {
-        self.entries.entry_count()
+        self.lock().lru.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Every entry, in no particular order; for eviction scans and stats, not the request path.
+    /// Every entry, least recently used first; for eviction scans and stats, not the request
+    /// path (it holds the lock while it copies).
     pub fn snapshot(&self) -> Vec<(Digest, Entry)> {
-        self.entries
+        self.lock()
+            .lru
             .iter()
-            .map(|(key, entry)| (key.digest(), entry))
+            .rev()
+            .map(|(key, entry)| (key.digest(), entry.clone()))
             .collect()
     }
 
     /// Bytes accounted to cached objects, rounded up to KiB per object.
     pub fn weighted_bytes(&self) -> u64 {
-        self.entries.weighted_size() * 1024
+        self.lock().weight
     }
 
     /// Exact bytes of the cached objects (what `du` would show, less filesystem overhead).
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed).max(0) as u64
+        self.lock().bytes
     }
 }
 
@@ -157,7 +199,6 @@ mod tests {
             digest.clone(),
             Entry::new(Kind::Blob, content.len() as u64, None),
         );
-        index.settle();
         digest
     }
 

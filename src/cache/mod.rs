@@ -89,7 +89,6 @@ impl Cache {
                 Entry::new(object.kind, object.size, object.media_type),
             );
         }
-        index.settle();
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
             tags.put(key, entry);
@@ -218,7 +217,6 @@ impl Cache {
         let entry = Entry::new(Kind::Manifest, size, Some(manifest.media_type.to_string()));
         self.index.insert(manifest.digest.clone(), entry);
         self.manifests.insert(manifest.digest.clone(), manifest);
-        self.index.settle();
         Ok(())
     }
 }
