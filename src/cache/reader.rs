@@ -3,15 +3,21 @@
 //! A reader sends bytes `[start, end)` of the file as the fill publishes them. It never sends the
 //! final byte of its response before the whole blob is verified, so a client can never receive a
 //! complete-looking body of wrong content: on a failed fill the body ends in an error instead.
-//! Reads are positional (`pread`) on the blocking pool, so any number of readers share one file
-//! handle. After a disk failure during a fill, bytes past the file's good length come from the
+//! Reads are positional (`pread`), so any number of readers share one file handle. A read is
+//! first tried in place without waiting for the disk (`RWF_NOWAIT`): a hit in the page cache,
+//! the common case for a warm blob, costs no thread hop. Only a read that would wait goes to the
+//! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing 128 KiB per chunk
+//! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill, bytes past the file's good length come from the
 //! fill's in-memory window (`spill`). A read error on a cached blob drops it from the cache (the
 //! next request refetches) and ends this body in an error: a body cannot be resumed mid-way.
 //! Choosing the range is the caller's job.
 
 use std::fs::File;
+use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use rustix::io::{Errno, ReadWriteFlags};
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -162,10 +168,73 @@ impl Reader {
 }
 
 async fn read_at(file: Arc<File>, pos: u64, len: u64) -> Result<Bytes, BoxError> {
-    let bytes = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-    })
-    .await??;
-    Ok(bytes)
+    let len = len as usize;
+    let mut buf = Pooled::take(len);
+    let mut filled = 0;
+    while filled < len {
+        let mut slices = [IoSliceMut::new(&mut buf.buf[filled..len])];
+        match rustix::io::preadv2(
+            &*file,
+            &mut slices,
+            pos + filled as u64,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            // EAGAIN: not in the page cache. EOPNOTSUPP (some filesystems), EINTR and the
+            // rest: the blocking read below decides.
+            Err(Errno::AGAIN) | Err(_) => break,
+        }
+    }
+    if filled < len {
+        buf = tokio::task::spawn_blocking(move || {
+            file.read_exact_at(&mut buf.buf[filled..len], pos + filled as u64)
+                .map(|()| buf)
+        })
+        .await??;
+    }
+    buf.len = len;
+    Ok(Bytes::from_owner(buf))
+}
+
+/// Read buffers are this size, whatever the read.
+const BUFFER: usize = CHUNK as usize;
+/// Idle buffers kept for reuse: enough for 64 busy downloads, 8 MiB at most.
+const MAX_IDLE: usize = 64;
+
+static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A read buffer lent to a response body: `Bytes` of its first `len` bytes, returned to the
+/// idle list when hyper has written them and drops the `Bytes`.
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Pooled {
+    fn take(len: usize) -> Pooled {
+        debug_assert!(len <= BUFFER);
+        let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        Pooled {
+            // Zeroed once when created; reused buffers are overwritten by the next read.
+            buf: idle.unwrap_or_else(|| vec![0; BUFFER]),
+            len: 0,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut idle = IDLE.lock().unwrap_or_else(|p| p.into_inner());
+        if buf.len() == BUFFER && idle.len() < MAX_IDLE {
+            idle.push(buf);
+        }
+    }
 }
