@@ -473,6 +473,73 @@ async fn tokens_grant_only_what_the_policies_allow() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_oauth2_password_grant_issues_the_same_tokens_as_get() {
+    let site = Site::start("").await;
+    let url = format!("{}/token", site.berth.url());
+    let post = |pairs: Vec<(&str, &str)>| {
+        let form = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        let headers = [("content-type", "application/x-www-form-urlencoded")];
+        fetch(request(
+            Method::POST,
+            &url,
+            None,
+            &headers,
+            Bytes::from(form),
+        ))
+    };
+    let alice = |password| {
+        vec![
+            ("grant_type", "password"),
+            ("username", "alice@example.com"),
+            ("password", password),
+            ("service", "berth"),
+            ("client_id", "containerd-client"),
+            // OAuth2 sends every scope in one space-separated field.
+            (
+                "scope",
+                "repository:team/app:pull repository:secret/app:pull",
+            ),
+        ]
+    };
+
+    let granted = post(alice(ALICE_KEY)).await.unwrap();
+    let token = token_of(&granted);
+    assert_eq!(
+        claims_of(&token)["access"],
+        json!([{"type": "repository", "name": format!("{OWN}/team/app"), "actions": ["pull"]}])
+    );
+    let pulled = site.bearer("/v2/team/app/manifests/v1", &token).await;
+    assert_eq!(pulled.status, 200);
+    assert_eq!(pulled.body, site.app.manifest.bytes);
+
+    let wrong = post(alice("not-the-key")).await.unwrap();
+    assert_eq!(wrong.status, 401, "{:?}", wrong.body);
+    assert_eq!(error_code(&wrong), "UNAUTHORIZED");
+    let refresh = post(vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", "x"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(refresh.status, 400);
+    assert_eq!(error_code(&refresh), "UNSUPPORTED");
+    let incomplete = post(vec![
+        ("grant_type", "password"),
+        ("username", "alice@example.com"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(incomplete.status, 400);
+    assert!(
+        String::from_utf8_lossy(&incomplete.body).contains("needs username and password"),
+        "{:?}",
+        incomplete.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn public_upstreams_serve_every_principal_but_not_anonymous_callers() {
     let site = Site::start("").await;
     let mallory = Some(("mallory@example.com", MALLORY_KEY));

@@ -94,6 +94,8 @@ async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets
     assert_eq!(fields["bytes"], image.manifest.len() as u64);
     assert_eq!(fields["body"], "complete");
     assert_eq!(fields["path"], "/v2/team/app/manifests/v1");
+    // The anonymous access mode has no principal to name.
+    assert_eq!(fields["principal"], "-");
     assert!(fields["ms"].as_f64().is_some() && fields["ttfb_ms"].as_f64().is_some());
 
     // A streamed blob body: hyper stops at its Content-Length, which still counts as complete.
@@ -133,5 +135,78 @@ async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets
     for line in &seen {
         assert!(!line.contains(PASSWORD), "secret in log: {line}");
         assert!(!line.contains(encoded), "encoded secret in log: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_policy_mode_the_line_names_the_principal_allowed_or_denied() {
+    const ALICE_KEY: &str = "alice-key-0123456789abcdef";
+    const MALLORY_KEY: &str = "mallory-key-0123456789abcdef";
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    let capture = Capture(tx);
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("info")
+        .with_writer(move || capture.clone())
+        .init();
+
+    let registry = Registry::start(Auth::None).await;
+    let image = Image::random(Flavor::Oci, 41, &[1_000]);
+    push_image(&registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hash = |key| berth::access::principals::KeyHash::generate(key).to_string();
+    let principals = serde_json::json!({"users": [
+        {"email": "alice@example.com", "keys": [{"hash": hash(ALICE_KEY)}]},
+        {"email": "mallory@example.com", "keys": [{"hash": hash(MALLORY_KEY)}]},
+    ]});
+    std::fs::write(dir.path().join("principals.json"), principals.to_string()).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let policy = serde_json::json!({
+        "kind": "policy", "name": "alice", "targetKind": "image", "target": "all",
+        "bindings": [{"permissions": ["pull"], "principalLinks": ["//user/alice@example.com"]}],
+    });
+    std::fs::write(dir.path().join("policies/alice.json"), policy.to_string()).unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ndefault_upstream = \"registry.test\"\n\
+         [cache]\ndir = \"{cache}\"\n\
+         [access]\nmode = \"policy\"\nprincipals = \"{dir}/principals.json\"\npolicies = \"{dir}/policies\"\n\
+         [[upstream]]\nhost = \"registry.test\"\nendpoint = \"{upstream}\"\n",
+        cache = dir.path().join("cache").display(),
+        dir = dir.path().display(),
+        upstream = registry.url(),
+    );
+    let berth = Berth::start(&config).await;
+
+    let url = format!("{}/v2/team/app/manifests/v1", berth.url());
+    let mut seen = Vec::new();
+    for (id, user, key, status) in [
+        ("log-alice", "alice@example.com", ALICE_KEY, 200),
+        ("log-mallory", "mallory@example.com", MALLORY_KEY, 403),
+    ] {
+        let headers = [
+            ("x-request-id", id),
+            ("accept", Flavor::Oci.manifest_type()),
+        ];
+        let fetched = fetch(request(
+            Method::GET,
+            &url,
+            Some((user, key)),
+            &headers,
+            Bytes::new(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(fetched.status, status, "{:?}", fetched.body);
+        let line = request_line(&mut lines, &mut seen, id).await;
+        assert_eq!(line["fields"]["principal"], format!("//user/{user}"));
+        assert_eq!(line["fields"]["status"], status);
+    }
+    for line in &seen {
+        assert!(
+            !line.contains(ALICE_KEY) && !line.contains(MALLORY_KEY),
+            "secret in log: {line}"
+        );
     }
 }

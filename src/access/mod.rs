@@ -167,10 +167,15 @@ impl Access {
         }
     }
 
-    /// May the asker pull `target`'s repository? Anonymous mode: yes.
-    pub async fn authorize(&self, ask: &Asker<'_>, target: &Target) -> Result<(), AccessError> {
+    /// May the asker pull `target`'s repository? Anonymous mode: yes (`None`). Policy mode: the
+    /// principal that may, for the request log.
+    pub async fn authorize(
+        &self,
+        ask: &Asker<'_>,
+        target: &Target,
+    ) -> Result<Option<String>, AccessError> {
         let Some(snapshot) = self.snapshot() else {
-            return Ok(());
+            return Ok(None);
         };
         let name = full_name(target);
         let scope = format!("repository:{name}:pull");
@@ -197,7 +202,7 @@ impl Access {
                 return Err(error);
             }
         }
-        Ok(())
+        Ok(Some(caller.principal.to_string()))
     }
 
     /// `GET /v2/`: in policy mode, only for an authenticated caller (clients learn the token

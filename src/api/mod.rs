@@ -5,7 +5,7 @@
 //! stamps `X-Cache` and `X-Request-Id`, counts the request, and wraps the body so the bytes, the
 //! duration and one log line are recorded when it ends (`record`). Errors from any phase become
 //! a response in exactly one place (`ApiError::into_response`). The authorize phase is
-//! `access`; `GET /token`, the token service of the policy access mode, is here too (`token`).
+//! `access`; `/token`, the token service of the policy access mode, is here too (`token`).
 
 mod blob;
 mod holds;
@@ -20,7 +20,7 @@ use http::header::{HeaderValue, HOST};
 use http::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use crate::access::Asker;
+use crate::access::{AccessError, Asker};
 use crate::body::{self, Body};
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
@@ -61,12 +61,23 @@ impl RouteKind {
 
 type Served = Result<(Response<Body>, Outcome), ApiError>;
 
-pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body> {
+pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let started = Instant::now();
     let method = request.method().clone();
     let head = method == Method::HEAD;
     let id = record::request_id(request.headers());
-    let (kind, upstream, served) = dispatch(&state, &request).await;
+    let read_timeout = state.config.limits.header_read_timeout;
+    let (request, (kind, seen, served)) = match token::password_grant(request, read_timeout).await {
+        Ok(request) => {
+            let dispatched = dispatch(&state, &request).await;
+            (request, dispatched)
+        }
+        Err((request, error)) => (request, (RouteKind::Token, Seen::default(), Err(error))),
+    };
     let (mut response, outcome, error) = match served {
         Ok((response, outcome)) => (response, outcome, None),
         Err(error) => {
@@ -108,7 +119,8 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
         method,
         path: request.uri().path().to_string(),
         route,
-        upstream,
+        upstream: seen.upstream,
+        principal: seen.principal,
         status,
         outcome,
         error,
@@ -125,17 +137,28 @@ pub async fn handle<B>(state: Arc<AppState>, request: Request<B>) -> Response<Bo
     response.map(|body| record::observe(body, record, content_length))
 }
 
-/// The route a request hit, the upstream it was routed to (if it got that far), and the answer.
-type Dispatched = (RouteKind, Option<Arc<str>>, Served);
+/// The route a request hit, what the phases learned on the way, and the answer.
+type Dispatched = (RouteKind, Seen, Served);
+
+/// Filled in by the phases as they pass, so the log line names them even when a later phase
+/// fails.
+#[derive(Default)]
+struct Seen {
+    /// The upstream routing picked.
+    upstream: Option<Arc<str>>,
+    /// Who the authorize phase found asking (policy mode), allowed or denied.
+    principal: Option<String>,
+}
 
 async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched {
     let path = request.uri().path();
     let method = request.method();
     if path == "/v2/" || path == "/v2" {
-        return (RouteKind::Ping, None, ping(state, request).await);
+        return (RouteKind::Ping, Seen::default(), ping(state, request).await);
     }
     if path == "/token" {
-        return (RouteKind::Token, None, token::serve(state, request).await);
+        let served = token::serve(state, request).await;
+        return (RouteKind::Token, Seen::default(), served);
     }
     let parsed = path.strip_prefix("/v2/").and_then(split_api_path);
     let kind = match &parsed {
@@ -153,11 +176,11 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched 
         let error = ApiError::unsupported(
             "berth is a pull-through cache; pushes and deletes go to the registry",
         );
-        return (kind, None, Err(error));
+        return (kind, Seen::default(), Err(error));
     }
     if !matches!(*method, Method::GET | Method::HEAD) {
         let error = ApiError::unsupported(format!("method {method} is not supported"));
-        return (kind, None, Err(error));
+        return (kind, Seen::default(), Err(error));
     }
     let Some(parsed) = parsed else {
         let error = ApiError::new(
@@ -166,11 +189,11 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched 
             "not a registry API path",
         )
         .with_detail(path.to_string());
-        return (kind, None, Err(error));
+        return (kind, Seen::default(), Err(error));
     };
-    let mut upstream = None;
-    let served = serve(state, request, parsed, &mut upstream).await;
-    (kind, upstream, served)
+    let mut seen = Seen::default();
+    let served = serve(state, request, parsed, &mut seen).await;
+    (kind, seen, served)
 }
 
 async fn ping<B>(state: &AppState, request: &Request<B>) -> Served {
@@ -195,13 +218,12 @@ async fn ping<B>(state: &AppState, request: &Request<B>) -> Served {
     Ok((response, Outcome::Bypass))
 }
 
-/// Serves a parsed API path; `upstream` is filled in as soon as routing picked one, so the log
-/// line names it even when a later phase fails.
+/// Serves a parsed API path, noting in `seen` what each phase found.
 async fn serve<B>(
     state: &Arc<AppState>,
     request: &Request<B>,
     parsed: ApiPath<'_>,
-    upstream: &mut Option<Arc<str>>,
+    seen: &mut Seen,
 ) -> Served {
     let head = request.method() == Method::HEAD;
     let query = request.uri().query();
@@ -222,7 +244,7 @@ async fn serve<B>(
     };
     // Route: which upstream, which repository. Nothing is dialled for an unknown registry.
     let target = route::resolve(&state.upstreams, ns, name).map_err(route_error)?;
-    *upstream = Some(Arc::clone(&target.upstream.name));
+    seen.upstream = Some(Arc::clone(&target.upstream.name));
     // Another org's platform registry is reached only with a docker secret for it.
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
@@ -236,7 +258,13 @@ async fn serve<B>(
     }
     // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
     // policies let it pull this repository. Before any cache lookup or upstream request.
-    state.access.authorize(&asker(request), &target).await?;
+    let authorized = state.access.authorize(&asker(request), &target).await;
+    seen.principal = match &authorized {
+        Ok(principal) => principal.clone(),
+        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
+        Err(_) => None,
+    };
+    authorized?;
     let headers = request.headers();
     match parsed {
         ApiPath::Manifest { reference, .. } => {

@@ -56,6 +56,8 @@ pub struct Record {
     pub path: String,
     pub route: &'static str,
     pub upstream: Option<Arc<str>>,
+    /// The principal the access policies saw (policy mode), allowed or denied.
+    pub principal: Option<String>,
     pub status: StatusCode,
     pub outcome: Outcome,
     /// Why the request failed, for the log line (already free of secrets: `ApiError` details
@@ -124,6 +126,7 @@ impl Observed {
             path = %record.path,
             route = record.route,
             upstream = record.upstream.as_deref().unwrap_or("-"),
+            principal = record.principal.as_deref().unwrap_or("-"),
             status = record.status.as_u16(),
             cache = record.outcome.as_str(),
             bytes = self.bytes,
@@ -220,6 +223,7 @@ mod tests {
             path: "/v2/x/blobs/y".into(),
             route: "blob",
             upstream: None,
+            principal: None,
             status: StatusCode::OK,
             outcome: Outcome::Hit,
             error: None,

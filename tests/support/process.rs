@@ -21,10 +21,17 @@ pub struct BerthProcess {
 }
 
 impl BerthProcess {
-    /// Writes `config_toml` next to the cache and starts `berth serve` on it.
+    /// Writes `config_toml` next to the cache and starts `berth serve` on it. Unless the config
+    /// names one, the admin listener takes a free port: the default (9090) would collide
+    /// between tests running at once.
     pub fn start(config_toml: &str, work: &Path) -> BerthProcess {
         let config_path = work.join("berth.toml");
-        std::fs::write(&config_path, config_toml).unwrap();
+        let config = if config_toml.contains("admin_listen") {
+            config_toml.to_string()
+        } else {
+            format!("admin_listen = \"127.0.0.1:0\"\n{config_toml}")
+        };
+        std::fs::write(&config_path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
             .args(["serve", "--config"])
             .arg(&config_path)
