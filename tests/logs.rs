@@ -29,6 +29,18 @@ impl Write for Capture {
     }
 }
 
+/// Installs the process-wide subscriber writing JSON lines to the returned channel.
+fn capture_logs() -> mpsc::UnboundedReceiver<String> {
+    let (tx, lines) = mpsc::unbounded_channel();
+    let capture = Capture(tx);
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter("info")
+        .with_writer(move || capture.clone())
+        .init();
+    lines
+}
+
 /// Reads captured lines until one is the `request` line of `id` (bounded in time).
 async fn request_line(
     lines: &mut mpsc::UnboundedReceiver<String>,
@@ -55,13 +67,7 @@ async fn request_line(
 #[tokio::test(flavor = "multi_thread")]
 async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets() {
     const PASSWORD: &str = "hunter2-very-secret";
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    let capture = Capture(tx);
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("info")
-        .with_writer(move || capture.clone())
-        .init();
+    let mut lines = capture_logs();
 
     let registry = Registry::start(Auth::basic("puller", PASSWORD)).await;
     let tap = Tap::start(&registry.url()).await;
@@ -142,13 +148,7 @@ async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets
 async fn in_the_policy_mode_the_line_names_the_principal_allowed_or_denied() {
     const ALICE_KEY: &str = "alice-key-0123456789abcdef";
     const MALLORY_KEY: &str = "mallory-key-0123456789abcdef";
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    let capture = Capture(tx);
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter("info")
-        .with_writer(move || capture.clone())
-        .init();
+    let mut lines = capture_logs();
 
     let registry = Registry::start(Auth::None).await;
     let image = Image::random(Flavor::Oci, 41, &[1_000]);

@@ -6,11 +6,11 @@
 //! Reads are positional (`pread`), so any number of readers share one file handle. A read is
 //! first tried in place without waiting for the disk (`RWF_NOWAIT`): a hit in the page cache,
 //! the common case for a warm blob, costs no thread hop. Only a read that would wait goes to the
-//! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing 128 KiB per chunk
-//! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill, bytes past the file's good length come from the
-//! fill's in-memory window (`spill`). A read error on a cached blob drops it from the cache (the
-//! next request refetches) and ends this body in an error: a body cannot be resumed mid-way.
-//! Choosing the range is the caller's job.
+//! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing a buffer per chunk
+//! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
+//! bytes past the file's good length come from the fill's in-memory window (`spill`). A read
+//! error on a cached blob drops it from the cache (the next request refetches) and ends this
+//! body in an error: a body cannot be resumed mid-way. Choosing the range is the caller's job.
 
 use std::fs::File;
 use std::io::IoSliceMut;
@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 
 /// Largest single read; bounds the memory one slow client can pin.
-const CHUNK: u64 = 128 * 1024;
+const CHUNK: u64 = 256 * 1024;
 
 /// What to drop from the cache when a read of the file fails.
 pub struct Evict {
@@ -199,7 +199,7 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> Result<Bytes, BoxError>
 
 /// Read buffers are this size, whatever the read.
 const BUFFER: usize = CHUNK as usize;
-/// Idle buffers kept for reuse: enough for 64 busy downloads, 8 MiB at most.
+/// Idle buffers kept for reuse: enough for 64 busy downloads, 16 MiB at most.
 const MAX_IDLE: usize = 64;
 
 static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
