@@ -25,6 +25,7 @@
 //! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown (requests, then fills).
 //! - `limits`   connection, fill and per-client caps, request size checks, write deadlines.
 //! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.
+//! - `stamp`    "has this file changed?" (time, length, inode), for every file re-read on change.
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
@@ -82,6 +83,7 @@ pub mod route;
 pub mod secret;
 pub mod secrets;
 pub mod server;
+pub mod stamp;
 pub mod tls;
 pub mod upstream;
 pub mod warm;

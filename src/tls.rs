@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
@@ -16,20 +15,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::stamp::Stamp;
 
-/// What identifies a version of a file: replacing it (rename) or rewriting it changes one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<(SystemTime, u64, u64)>);
-
-fn stamp(path: &Path) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    Stamp(std::fs::metadata(path).ok().map(|m| {
-        (
-            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            m.len(),
-            m.ino(),
-        )
-    }))
+/// A version of a file, or `None` while it cannot be read.
+fn stamp(path: &Path) -> Option<Stamp> {
+    Stamp::of(path).ok()
 }
 
 pub struct Tls {
@@ -39,7 +29,7 @@ pub struct Tls {
 }
 
 struct Current {
-    stamps: (Stamp, Stamp),
+    stamps: (Option<Stamp>, Option<Stamp>),
     acceptor: TlsAcceptor,
 }
 

@@ -13,7 +13,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
+
+use crate::stamp::Stamp;
 
 use super::policy::{self, Policy};
 use super::principals::Principals;
@@ -44,13 +46,6 @@ struct State {
     snapshot: Arc<Snapshot>,
     /// The last load error, so it is logged once rather than at every check.
     failed: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
 }
 
 impl Files {
@@ -156,23 +151,10 @@ fn stamps(principals: &Path, policies: &Path) -> Result<Vec<(PathBuf, Stamp)>, S
     std::iter::once(principals.to_path_buf())
         .chain(policy_files(policies)?)
         .map(|path| {
-            let stamp = stat(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let stamp = Stamp::of(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             Ok((path, stamp))
         })
         .collect()
-}
-
-fn stat(path: &Path) -> std::io::Result<Stamp> {
-    let meta = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Ok(Stamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode,
-    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {

@@ -8,9 +8,10 @@
 //! empties the caches, so nothing minted from the old contents is served for the new ones.
 //! What the contents mean is in `docker`, `ecr` and `gcp`.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use crate::stamp::Stamp;
 
 use super::aws::AwsCredentials;
 use super::docker::DockerAuths;
@@ -41,16 +42,6 @@ struct State {
     /// Counts loads, so ids and cache keys change whenever the contents may have.
     generation: u64,
     loaded: Result<Arc<Parsed>, SecretError>,
-}
-
-/// What `stat` says about the file; any difference means "read it again".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    /// Kubernetes replaces a mounted Secret with a new file, so a new inode is a change even
-    /// when the time and length happen to match.
-    inode: u64,
 }
 
 /// A secret file's contents, by type.
@@ -105,7 +96,7 @@ impl Source {
         };
         if due {
             state.checked = Some(std::time::Instant::now());
-            let stamp = stat(&self.config.file);
+            let stamp = Stamp::of(&self.config.file);
             let changed = match (&stamp, state.stamp) {
                 (Ok(new), Some(old)) => *new != old,
                 (Ok(_), None) => true,
@@ -125,7 +116,7 @@ impl Source {
         state.stamp = stamp.as_ref().ok().copied();
         state.loaded = match stamp {
             Err(err) => Err(self.read_error(err.to_string())),
-            Ok(stamp) if stamp.len > MAX_FILE => {
+            Ok(stamp) if stamp.file_len() > MAX_FILE => {
                 Err(self.read_error(format!("larger than {MAX_FILE} bytes")))
             }
             Ok(_) => std::fs::read(&self.config.file)
@@ -153,19 +144,6 @@ impl Source {
             reason,
         }
     }
-}
-
-fn stat(path: &Path) -> std::io::Result<Stamp> {
-    let meta = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    Ok(Stamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode,
-    })
 }
 
 /// Parses a secret file's bytes as the configured type.
