@@ -17,7 +17,7 @@ use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use rustix::io::{Errno, ReadWriteFlags};
+use rustix::io::ReadWriteFlags;
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -181,9 +181,9 @@ async fn read_at(file: Arc<File>, pos: u64, len: u64) -> Result<Bytes, BoxError>
         ) {
             Ok(0) => break,
             Ok(n) => filled += n,
-            // EAGAIN: not in the page cache. EOPNOTSUPP (some filesystems), EINTR and the
-            // rest: the blocking read below decides.
-            Err(Errno::AGAIN) | Err(_) => break,
+            // EAGAIN: not in the page cache. EOPNOTSUPP (some filesystems), EINTR and any
+            // other error: the blocking read below retries and decides.
+            Err(_) => break,
         }
     }
     if filled < len {
