@@ -203,6 +203,16 @@ public = true
         .await
     }
 
+    /// Tokens berth's token service has handed out so far.
+    fn tokens_issued(&self) -> u64 {
+        self.berth
+            .state
+            .metrics
+            .requests
+            .with_label_values(&["token", "GET", "2xx", "BYPASS"])
+            .get()
+    }
+
     fn policies_dir(&self) -> std::path::PathBuf {
         self.dir.path().join("policies")
     }
@@ -254,13 +264,7 @@ async fn skopeo_with_a_service_account_key_or_a_user_key_pulls_an_allowed_image(
         site.app.blobs().len()
     );
     // skopeo took the token route: a 401 challenge, then berth's token service, per pull.
-    let tokens = site
-        .berth
-        .state
-        .metrics
-        .requests
-        .with_label_values(&["token", "GET", "2xx", "BYPASS"])
-        .get();
+    let tokens = site.tokens_issued();
     assert!(tokens >= 2, "{tokens} tokens issued");
 }
 
@@ -662,13 +666,7 @@ async fn containerd_with_credentials_pulls_allowed_images_and_is_refused_others(
     }
     assert_eq!(containerd.escapes(), Vec::<String>::new());
     // containerd sent the Basic header from hosts.toml on every request: no token round trips.
-    let tokens = site
-        .berth
-        .state
-        .metrics
-        .requests
-        .with_label_values(&["token", "GET", "2xx", "BYPASS"])
-        .get();
+    let tokens = site.tokens_issued();
     assert_eq!(tokens, 0);
 
     site.tap.reset();

@@ -91,6 +91,17 @@ impl Stack {
     fn url(&self, blob: &Blob) -> String {
         blob_url(&self.berth.url(), "team/app", &blob.digest)
     }
+
+    /// A GET of `blob` whose fill the tap holds after 100,000 bytes: its response head is here,
+    /// and the request (and its fill) stay in flight until `tap.resume()`.
+    async fn hold(&self, blob: &Blob) -> http::Response<hyper::body::Incoming> {
+        self.tap
+            .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
+        let get = request(Method::GET, &self.url(blob), None, &[], Bytes::new());
+        let held = send(get).await.unwrap();
+        self.tap.wait_paused(1).await;
+        held
+    }
 }
 
 // ---- upstream faults -------------------------------------------------------------------------
@@ -545,19 +556,7 @@ async fn over_the_fill_cap_a_miss_gets_503_with_retry_after() {
     let stack = Stack::start("[limits]\nmax_fills = 1\nretry_after = \"3s\"").await;
     let first = stack.push(1_000_000, 50).await;
     let second = stack.push(1_000, 51).await;
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
-    let held = send(request(
-        Method::GET,
-        &stack.url(&first),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
-    stack.tap.wait_paused(1).await;
+    let held = stack.hold(&first).await;
     let refused = get(&stack.url(&second), None).await.unwrap();
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("retry-after"), Some("3"));
@@ -572,19 +571,7 @@ async fn over_the_fill_cap_a_miss_gets_503_with_retry_after() {
 async fn a_client_over_its_share_gets_429_and_others_are_unaffected() {
     let stack = Stack::start("[limits]\nmax_client_requests = 1").await;
     let blob = stack.push(1_000_000, 52).await;
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
-    let held = send(request(
-        Method::GET,
-        &stack.url(&blob),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
-    stack.tap.wait_paused(1).await;
+    let held = stack.hold(&blob).await;
     let refused = get(&format!("{}/v2/", stack.berth.url()), None)
         .await
         .unwrap();

@@ -25,20 +25,22 @@ fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadCo
     }
 }
 
-fn two_platform_index() -> Index {
+/// A registry holding `load/app:v1`, a two-platform index (linux/amd64, linux/arm64).
+async fn registry_with_index() -> (Registry, Index) {
+    let registry = Registry::start(Auth::None).await;
     let amd64 = Image::random(Flavor::Oci, 40, &[200_000, 30_000]);
     let arm = Platform::new("linux", "arm64", Some("v8"));
     let arm64 = Image::for_platform(Flavor::Oci, arm, vec![random_layer(10_000, 41)]);
-    Index::new(Flavor::Oci, vec![amd64, arm64])
+    let index = Index::new(Flavor::Oci, vec![amd64, arm64]);
+    push_index(&registry.url(), "load/app", "v1", &index, None)
+        .await
+        .unwrap();
+    (registry, index)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pulls_whole_index_images_through_berth_and_each_object_is_fetched_upstream_once() {
-    let registry = Registry::start(Auth::None).await;
-    let index = two_platform_index();
-    push_index(&registry.url(), "load/app", "v1", &index, None)
-        .await
-        .unwrap();
+    let (registry, index) = registry_with_index().await;
     let tap = Tap::start(&registry.url()).await;
     let cache = tempfile::tempdir().unwrap();
     let berth = Berth::with_upstream(&tap.host(), &tap.url(), cache.path()).await;
@@ -87,11 +89,7 @@ async fn pulls_whole_index_images_through_berth_and_each_object_is_fetched_upstr
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reports_a_blob_whose_bytes_do_not_match_its_digest_as_an_error() {
-    let registry = Registry::start(Auth::None).await;
-    let index = two_platform_index();
-    push_index(&registry.url(), "load/app", "v1", &index, None)
-        .await
-        .unwrap();
+    let (registry, _) = registry_with_index().await;
     // Straight at a misbehaving registry: the load tool is a client of any registry.
     let tap = Tap::start(&registry.url()).await;
     tap.inject(Kind::Blob, Fault::CorruptBlob);

@@ -12,8 +12,9 @@ use crate::access::holdings::referenced_digests;
 use crate::cache::Manifest;
 use crate::error::{ApiError, Code};
 use crate::oci::digest::Digest;
-use crate::oci::name::Reference;
+use crate::oci::name::{Reference, Repository};
 use crate::route::Target;
+use crate::upstream::{Upstream, UpstreamError};
 use crate::AppState;
 
 const ANY_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -27,23 +28,10 @@ pub async fn confirm_blob(
     target: &Target,
     digest: &Digest,
 ) -> Result<(), ApiError> {
-    if !state.access.enforcing() {
-        return Ok(());
-    }
-    let upstream = Arc::clone(&target.upstream);
-    let repository = target.repository.clone();
-    let owned = digest.clone();
-    state
-        .access
-        .holdings
-        .confirm(
-            &target.upstream.name,
-            &target.repository,
-            digest,
-            move || async move { upstream.head_blob(&repository, &owned).await.map(drop) },
-        )
-        .await
-        .map_err(|e| ApiError::from_upstream(e, Code::BlobUnknown))
+    let ask = |upstream: Arc<Upstream>, repository: Repository, digest: Digest| async move {
+        upstream.head_blob(&repository, &digest).await.map(drop)
+    };
+    confirm(state, target, digest, Code::BlobUnknown, ask).await
 }
 
 /// Before a manifest is looked up or fetched by digest for `target`: Ok if its repository holds
@@ -53,12 +41,38 @@ pub async fn confirm_manifest(
     target: &Target,
     digest: &Digest,
 ) -> Result<(), ApiError> {
+    let ask = |upstream: Arc<Upstream>, repository: Repository, digest: Digest| async move {
+        // Any manifest type will do: the question is only whether the digest is there. The
+        // types are listed because distribution answers 404 to an OCI manifest when the Accept
+        // header does not name OCI types, `*/*` included.
+        let accept = HeaderValue::from_static(ANY_MANIFEST);
+        let reference = Reference::Digest(digest);
+        upstream
+            .manifest(Method::HEAD, &repository, &reference, Some(&accept))
+            .await
+            .map(drop)
+    };
+    confirm(state, target, digest, Code::ManifestUnknown, ask).await
+}
+
+/// Ok at once outside the policy mode or when the holding is known; else one coalesced `ask`
+/// of the upstream (given owned copies, as the probe may outlive the request), whose 404
+/// becomes `unknown`.
+async fn confirm<F>(
+    state: &AppState,
+    target: &Target,
+    digest: &Digest,
+    unknown: Code,
+    ask: impl FnOnce(Arc<Upstream>, Repository, Digest) -> F,
+) -> Result<(), ApiError>
+where
+    F: std::future::Future<Output = Result<(), UpstreamError>> + Send + 'static,
+{
     if !state.access.enforcing() {
         return Ok(());
     }
-    let upstream = Arc::clone(&target.upstream);
-    let repository = target.repository.clone();
-    let reference = Reference::Digest(digest.clone());
+    let (upstream, repository) = (Arc::clone(&target.upstream), target.repository.clone());
+    let owned = digest.clone();
     state
         .access
         .holdings
@@ -66,19 +80,10 @@ pub async fn confirm_manifest(
             &target.upstream.name,
             &target.repository,
             digest,
-            move || async move {
-                // Any manifest type will do: the question is only whether the digest is there. The
-                // types are listed because distribution answers 404 to an OCI manifest when the
-                // Accept header does not name OCI types, `*/*` included.
-                let accept = HeaderValue::from_static(ANY_MANIFEST);
-                upstream
-                    .manifest(Method::HEAD, &repository, &reference, Some(&accept))
-                    .await
-                    .map(drop)
-            },
+            move || ask(upstream, repository, owned),
         )
         .await
-        .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))
+        .map_err(|e| ApiError::from_upstream(e, unknown))
 }
 
 /// After a manifest was served for `target`: its repository holds it and all it references.

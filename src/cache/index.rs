@@ -164,13 +164,17 @@ impl Index {
     }
 
     /// Every entry, least recently used first; for eviction scans and stats, not the request
-    /// path (it holds the lock while it copies).
+    /// path. The lock is held only to copy the raw entries; digests are spelled out after.
     pub fn snapshot(&self) -> Vec<(Digest, Entry)> {
-        self.lock()
+        let raw: Vec<(Key, Entry)> = self
+            .lock()
             .lru
             .iter()
             .rev()
-            .map(|(key, entry)| (key.digest(), entry.clone()))
+            .map(|(key, entry)| (*key, entry.clone()))
+            .collect();
+        raw.into_iter()
+            .map(|(key, entry)| (key.digest(), entry))
             .collect()
     }
 

@@ -28,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::oci::digest::{Digest, Verifier};
+use crate::upstream::client::error_chain;
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -368,17 +369,6 @@ fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A manifest as a puller needs it.

@@ -134,7 +134,7 @@ fn redact_query(uri: &http::Uri) -> String {
 }
 
 /// hyper's errors put the useful cause (refused, TLS, DNS) several sources deep.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
