@@ -11,44 +11,9 @@ use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 use support::{
     fetch, get, push_blob, push_image, random_blob, read_body, read_oci_layout, request, send,
-    skopeo_copy_ok, Auth, Berth, Fault, Flavor, Image, Kind, Registry, Tap,
+    skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
 };
 use tokio::sync::Barrier;
-
-/// A registry with a tap in front and berth in front of the tap, caching in a temp dir.
-struct Stack {
-    registry: Registry,
-    tap: Tap,
-    berth: Berth,
-    cache: tempfile::TempDir,
-}
-
-impl Stack {
-    async fn start() -> Stack {
-        let registry = Registry::start(Auth::None).await;
-        let tap = Tap::start(&registry.url()).await;
-        let cache = tempfile::tempdir().unwrap();
-        let berth = Berth::with_upstream(&tap.host(), &tap.url(), cache.path()).await;
-        Stack {
-            registry,
-            tap,
-            berth,
-            cache,
-        }
-    }
-
-    async fn restart_berth(&mut self) {
-        let old = std::mem::replace(
-            &mut self.berth,
-            Berth::with_upstream(&self.tap.host(), &self.tap.url(), self.cache.path()).await,
-        );
-        old.stop().await;
-    }
-
-    fn blob_url(&self, repo: &str, digest: &str) -> String {
-        format!("{}/v2/{repo}/blobs/{digest}", self.berth.url())
-    }
-}
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -64,7 +29,7 @@ fn error_code(body: &Bytes) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn skopeo_pulls_by_tag_and_digest_and_a_second_pull_makes_no_blob_get() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let image = Image::random(Flavor::Oci, 1, &[300_000, 1_000_000, 50_000]);
     push_image(&stack.registry.url(), "team/app", "v1", &image, None)
         .await
@@ -101,7 +66,7 @@ async fn skopeo_pulls_by_tag_and_digest_and_a_second_pull_makes_no_blob_get() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn docker_manifests_pass_through_byte_for_byte() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let image = Image::random(Flavor::Docker, 2, &[10_000]);
     push_image(&stack.registry.url(), "team/docker", "v1", &image, None)
         .await
@@ -142,7 +107,7 @@ async fn docker_manifests_pass_through_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread")]
 async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
     const CLIENTS: usize = 32;
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(64 << 20, 7);
     push_blob(&stack.registry.url(), "team/big", &blob, None)
         .await
@@ -230,7 +195,7 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_bytes_fail_the_transfer_and_are_never_cached() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(3 << 20, 11);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -267,7 +232,7 @@ async fn wrong_bytes_fail_the_transfer_and_are_never_cached() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fill_that_cannot_finish_aborts_its_clients_and_caches_nothing() {
-    let mut stack = Stack::start().await;
+    let mut stack = Stack::start("").await;
     // Larger than the loopback socket buffers, so killing the registry really cuts the body.
     let blob = random_blob(32 << 20, 12);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
@@ -315,7 +280,7 @@ async fn a_fill_that_cannot_finish_aborts_its_clients_and_caches_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_serves_cached_content_with_zero_upstream_traffic() {
-    let mut stack = Stack::start().await;
+    let mut stack = Stack::start("").await;
     let image = Image::random(Flavor::Oci, 3, &[200_000, 400_000]);
     push_image(&stack.registry.url(), "team/app", "v1", &image, None)
         .await
@@ -325,7 +290,7 @@ async fn restart_serves_cached_content_with_zero_upstream_traffic() {
     let source = format!("docker://{}/{by_digest}", stack.berth.host());
     skopeo_copy_ok(&source, first.path(), &["--preserve-digests"]).await;
 
-    stack.restart_berth().await;
+    stack.restart_berth("").await;
     assert!(
         stack.berth.state.cache.index.len() >= 3,
         "the index was rebuilt from disk"
@@ -348,7 +313,7 @@ async fn restart_serves_cached_content_with_zero_upstream_traffic() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_work_on_hits_and_while_filling() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(2 << 20, 13);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -413,7 +378,7 @@ async fn ranges_work_on_hits_and_while_filling() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn head_requests_describe_without_bodies() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(100_000, 14);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -447,7 +412,7 @@ async fn head_requests_describe_without_bodies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_use_the_oci_envelope_with_the_right_status() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let base = stack.berth.url();
     let unknown_blob = format!("sha256:{}", "0".repeat(64));
     let cases: Vec<(Method, String, u16, &str)> = vec![
@@ -557,7 +522,7 @@ async fn errors_use_the_oci_envelope_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_is_a_gateway_error_not_a_500() {
-    let mut stack = Stack::start().await;
+    let mut stack = Stack::start("").await;
     stack.registry.stop();
     let url = format!("{}/v2/team/app/manifests/v1", stack.berth.url());
     let fetched = get(&url, None).await.unwrap();
@@ -578,7 +543,7 @@ async fn an_unreachable_upstream_is_a_gateway_error_not_a_500() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tag_lists_keep_their_query_and_referrers_pass_through() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let image = Image::random(Flavor::Oci, 4, &[1000]);
     for tag in ["a", "b", "c"] {
         push_image(&stack.registry.url(), "team/app", tag, &image, None)

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 use support::{
     fetch, get, push_blob, random_blob, read_body, request, send, single_upstream_config, Auth,
-    Berth, BerthProcess, Blob, Fault, Kind, Registry, Tap,
+    Berth, BerthProcess, Blob, Fault, Kind, Registry, Stack, Tap,
 };
 
 fn blob_url(base: &str, repo: &str, digest: &str) -> String {
@@ -57,29 +57,7 @@ fn assert_blobs_hash_to_their_names(cache: &Path) -> usize {
     count
 }
 
-/// A registry with a tap in front, berth (in-process) in front of the tap.
-struct Stack {
-    registry: Registry,
-    tap: Tap,
-    berth: Berth,
-    _cache: tempfile::TempDir,
-}
-
 impl Stack {
-    async fn start(extra: &str) -> Stack {
-        let registry = Registry::start(Auth::None).await;
-        let tap = Tap::start(&registry.url()).await;
-        let cache = tempfile::tempdir().unwrap();
-        let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), extra);
-        let berth = Berth::start(&config).await;
-        Stack {
-            registry,
-            tap,
-            berth,
-            _cache: cache,
-        }
-    }
-
     async fn push(&self, size: usize, seed: u64) -> Blob {
         let blob = random_blob(size, seed);
         push_blob(&self.registry.url(), "team/app", &blob, None)
@@ -405,52 +383,97 @@ async fn a_cached_blob_truncated_on_disk_is_refetched_not_served() {
 
 // ---- crash safety and shutdown -------------------------------------------------------------
 
+/// What a test of the real binary needs: a registry, a tap in front of it, and berth's config
+/// and working directory (its cache is `work/cache`).
+struct Process {
+    registry: Registry,
+    tap: Tap,
+    work: tempfile::TempDir,
+    cache: PathBuf,
+    config: String,
+}
+
+impl Process {
+    /// `extra` goes into berth's `[cache]` table (and may open later tables).
+    async fn set_up(extra: &str) -> Process {
+        let registry = Registry::start(Auth::None).await;
+        let tap = Tap::start(&registry.url()).await;
+        let work = tempfile::tempdir().unwrap();
+        let cache = work.path().join("cache");
+        let config = single_upstream_config(&tap.host(), &tap.url(), &cache, extra);
+        Process {
+            registry,
+            tap,
+            work,
+            cache,
+            config,
+        }
+    }
+
+    async fn push(&self, size: usize, seed: u64) -> Blob {
+        let blob = random_blob(size, seed);
+        push_blob(&self.registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
+        blob
+    }
+
+    fn start_berth(&self) -> BerthProcess {
+        BerthProcess::start(&self.config, self.work.path())
+    }
+
+    /// A GET of `blob` through `berth` whose fill the tap holds after `at` bytes; returns once
+    /// the tap holds `held` fills in all.
+    async fn hold(
+        &self,
+        berth: &BerthProcess,
+        blob: &Blob,
+        at: u64,
+        held: usize,
+    ) -> http::Response<hyper::body::Incoming> {
+        self.tap.inject_times(Kind::Blob, Fault::PauseAt(at), 1);
+        let url = blob_url(&berth.url(), "team/app", &blob.digest);
+        let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
+            .await
+            .unwrap();
+        self.tap.wait_paused(held).await;
+        response
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_fill_never_leaves_a_partial_blob_to_serve() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
-    let work = tempfile::tempdir().unwrap();
-    let cache = work.path().join("cache");
-    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, "");
-    let done = random_blob(500_000, 20);
-    push_blob(&registry.url(), "team/app", &done, None)
-        .await
-        .unwrap();
+    let setup = Process::set_up("").await;
+    let done = setup.push(500_000, 20).await;
 
-    let mut berth = BerthProcess::start(&config, work.path());
+    let mut berth = setup.start_berth();
     let fetched = get(&blob_url(&berth.url(), "team/app", &done.digest), None)
         .await
         .unwrap();
     assert!(fetched.body == done.bytes);
 
     for round in 0..3u64 {
-        let blob = random_blob(2_000_000, 30 + round);
-        push_blob(&registry.url(), "team/app", &blob, None)
-            .await
-            .unwrap();
-        tap.inject_times(Kind::Blob, Fault::PauseAt(700_000), 1);
-        let response = send(request(
-            Method::GET,
-            &blob_url(&berth.url(), "team/app", &blob.digest),
-            None,
-            &[],
-            Bytes::new(),
-        ))
-        .await
-        .unwrap();
-        tap.wait_paused(round as usize + 1).await;
+        let blob = setup.push(2_000_000, 30 + round).await;
+        let response = setup.hold(&berth, &blob, 700_000, round as usize + 1).await;
         assert_eq!(
-            temp_files(&cache).len(),
+            temp_files(&setup.cache).len(),
             1,
             "round {round}: the fill is under way"
         );
         berth.kill9();
         drop(response);
 
-        berth = BerthProcess::start(&config, work.path());
-        assert_eq!(temp_files(&cache), Vec::<PathBuf>::new(), "round {round}");
-        assert_eq!(assert_blobs_hash_to_their_names(&cache), 1 + round as usize);
-        tap.reset();
+        berth = setup.start_berth();
+        assert_eq!(
+            temp_files(&setup.cache),
+            Vec::<PathBuf>::new(),
+            "round {round}"
+        );
+        assert_eq!(
+            assert_blobs_hash_to_their_names(&setup.cache),
+            1 + round as usize
+        );
+        setup.tap.reset();
         let hit = get(&blob_url(&berth.url(), "team/app", &done.digest), None)
             .await
             .unwrap();
@@ -469,44 +492,32 @@ async fn sigkill_mid_fill_never_leaves_a_partial_blob_to_serve() {
             "the half fill was not kept"
         );
         assert!(pulled.body == blob.bytes);
-        assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
+        assert_eq!(setup.tap.count(Method::GET, Kind::Blob), 1);
     }
-    tap.resume();
+    setup.tap.resume();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_accepting_and_lets_the_download_in_flight_finish() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
-    let work = tempfile::tempdir().unwrap();
-    let cache = work.path().join("cache");
-    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, "");
-    let blob = random_blob(3_000_000, 40);
-    push_blob(&registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
+    let setup = Process::set_up("").await;
+    let blob = setup.push(3_000_000, 40).await;
 
-    let mut berth = BerthProcess::start(&config, work.path());
-    tap.inject_times(Kind::Blob, Fault::PauseAt(1_000_000), 1);
-    let url = blob_url(&berth.url(), "team/app", &blob.digest);
-    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
-        .await
-        .unwrap();
+    let mut berth = setup.start_berth();
+    let response = setup.hold(&berth, &blob, 1_000_000, 1).await;
     assert_eq!(response.status(), 200);
-    tap.wait_paused(1).await;
 
     berth.signal("TERM");
     berth.wait_line("draining");
     let refused = std::net::TcpStream::connect(&berth.addr);
     assert!(refused.is_err(), "no new connections once draining");
-    tap.resume();
+    setup.tap.resume();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(body == blob.bytes, "the download in flight finished");
     let status = berth.wait_exit();
     assert!(status.success(), "{status:?}");
-    assert_eq!(temp_files(&cache), Vec::<PathBuf>::new());
+    assert_eq!(temp_files(&setup.cache), Vec::<PathBuf>::new());
     assert_eq!(
-        assert_blobs_hash_to_their_names(&cache),
+        assert_blobs_hash_to_their_names(&setup.cache),
         1,
         "the fill committed"
     );
@@ -514,24 +525,11 @@ async fn sigterm_stops_accepting_and_lets_the_download_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_discards_a_fill_that_outlives_the_grace_period() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
-    let work = tempfile::tempdir().unwrap();
-    let cache = work.path().join("cache");
-    let extra = "[limits]\nshutdown_grace = \"500ms\"";
-    let config = single_upstream_config(&tap.host(), &tap.url(), &cache, extra);
-    let blob = random_blob(2_000_000, 41);
-    push_blob(&registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
+    let setup = Process::set_up("[limits]\nshutdown_grace = \"500ms\"").await;
+    let blob = setup.push(2_000_000, 41).await;
 
-    let mut berth = BerthProcess::start(&config, work.path());
-    tap.inject_times(Kind::Blob, Fault::PauseAt(500_000), 1);
-    let url = blob_url(&berth.url(), "team/app", &blob.digest);
-    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
-        .await
-        .unwrap();
-    tap.wait_paused(1).await;
+    let mut berth = setup.start_berth();
+    let response = setup.hold(&berth, &blob, 500_000, 1).await;
     berth.signal("TERM");
     let status = berth.wait_exit();
     assert!(status.success(), "{status:?}");
@@ -541,12 +539,12 @@ async fn sigterm_discards_a_fill_that_outlives_the_grace_period() {
         "the unfinished download ends in an error, never short"
     );
     assert_eq!(
-        temp_files(&cache),
+        temp_files(&setup.cache),
         Vec::<PathBuf>::new(),
         "temp file removed"
     );
-    assert_eq!(assert_blobs_hash_to_their_names(&cache), 0);
-    tap.resume();
+    assert_eq!(assert_blobs_hash_to_their_names(&setup.cache), 0);
+    setup.tap.resume();
 }
 
 // ---- limits --------------------------------------------------------------------------------

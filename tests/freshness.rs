@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::Method;
 use sha2::{Digest as _, Sha256};
 use support::{
-    fetch, get, push_blob, push_image, random_blob, read_body, request, send,
-    single_upstream_config, Auth, Berth, Fault, Fetched, Flavor, Image, Kind, Registry, Tap,
+    fetch, get, push_blob, push_image, random_blob, read_body, request, send, Berth, Fault,
+    Fetched, Flavor, Image, Kind, Stack,
 };
 
 /// Moves tokio's clock (and so berth's view of time) forward.
@@ -23,35 +23,7 @@ async fn age(by: Duration) {
     tokio::time::resume();
 }
 
-struct Stack {
-    registry: Registry,
-    tap: Tap,
-    berth: Berth,
-    cache: tempfile::TempDir,
-}
-
 impl Stack {
-    async fn start(extra: &str) -> Stack {
-        let registry = Registry::start(Auth::None).await;
-        let tap = Tap::start(&registry.url()).await;
-        let cache = tempfile::tempdir().unwrap();
-        let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), extra);
-        let berth = Berth::start(&config).await;
-        Stack {
-            registry,
-            tap,
-            berth,
-            cache,
-        }
-    }
-
-    async fn restart_berth(&mut self, extra: &str) {
-        let config =
-            single_upstream_config(&self.tap.host(), &self.tap.url(), self.cache.path(), extra);
-        let old = std::mem::replace(&mut self.berth, Berth::start(&config).await);
-        old.stop().await;
-    }
-
     async fn pull_tag(&self, repo: &str, tag: &str) -> Fetched {
         let url = format!("{}/v2/{repo}/manifests/{tag}", self.berth.url());
         let accept = [("accept", Flavor::Oci.manifest_type())];

@@ -12,42 +12,11 @@ use http::Method;
 use http_body_util::BodyExt;
 use std::io::Write as _;
 use support::{
-    fetch, get, push_blob, push_image, random_blob, request, send, single_upstream_config, Auth,
-    Berth, Fault, Flavor, Image, Kind, Registry, Tap,
+    fetch, get, push_blob, push_image, random_blob, request, send, Fault, Flavor, Image, Kind,
+    Stack,
 };
 
-/// A registry, a tap in front of it, and berth in front of the tap.
-struct Stack {
-    registry: Registry,
-    tap: Tap,
-    berth: Berth,
-    _cache: tempfile::TempDir,
-}
-
 impl Stack {
-    async fn start() -> Stack {
-        Stack::with_config("", "").await
-    }
-
-    /// `cache_extra` goes into `[cache]`, `top` before it.
-    async fn with_config(top: &str, cache_extra: &str) -> Stack {
-        let registry = Registry::start(Auth::None).await;
-        let tap = Tap::start(&registry.url()).await;
-        let cache = tempfile::tempdir().unwrap();
-        let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), cache_extra);
-        let berth = Berth::start(&format!("{top}\n{config}")).await;
-        Stack {
-            registry,
-            tap,
-            berth,
-            _cache: cache,
-        }
-    }
-
-    fn blob_url(&self, repo: &str, digest: &str) -> String {
-        format!("{}/v2/{repo}/blobs/{digest}", self.berth.url())
-    }
-
     async fn scrape(&self) -> Scrape {
         let scraped = get(&format!("{}/metrics", self.berth.admin_url()), None)
             .await
@@ -123,7 +92,7 @@ impl Scrape {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_miss_then_a_hit_move_the_request_byte_and_upstream_counters() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(300_000, 21);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -213,7 +182,7 @@ async fn a_miss_then_a_hit_move_the_request_byte_and_upstream_counters() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coalesced_follower_is_counted_as_one_fill_with_a_follower() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(2 << 20, 22);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -269,7 +238,7 @@ async fn a_coalesced_follower_is_counted_as_one_fill_with_a_follower() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_digest_mismatch_is_counted_and_nothing_is_cached() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let blob = random_blob(1 << 20, 23);
     push_blob(&stack.registry.url(), "team/app", &blob, None)
         .await
@@ -356,7 +325,7 @@ async fn varied_traffic(stack: &Stack) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn promtool_accepts_a_real_scrape() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     varied_traffic(&stack).await;
     let scrape = stack.scrape().await;
     let dir = tempfile::tempdir().unwrap();
@@ -446,7 +415,7 @@ fn queries(value: &serde_json::Value, out: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_and_alerts_query_only_families_a_real_scrape_has() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     varied_traffic(&stack).await;
     let families = stack.scrape().await.families();
 
@@ -490,7 +459,7 @@ async fn dashboard_and_alerts_query_only_families_a_real_scrape_has() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_and_readiness_report_why_berth_is_not_ready() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let admin = stack.berth.admin_url();
     let healthz = get(&format!("{admin}/healthz"), None).await.unwrap();
     assert_eq!(healthz.status, 200);
@@ -548,7 +517,7 @@ fn json(fetched: &support::Fetched) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_api_is_off_without_a_token() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("").await;
     let refused = admin_call(&stack, Method::GET, "/admin/stats", Some(TOKEN)).await;
     assert_eq!(refused.status, 403);
     assert!(json(&refused)["error"]

@@ -287,32 +287,12 @@ pub fn check_configs(configs: &[SecretConfig]) -> Result<(), (String, String)> {
 
 #[cfg(test)]
 mod tests {
+    use super::standin::{secret_file, transport};
     use super::*;
     use base64::Engine;
     use serde_json::json;
 
     const ECR_HOST: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
-
-    fn transport() -> Transport {
-        crate::upstream::HttpClient::new(&crate::config::ClientConfig::default()).unwrap()
-    }
-
-    fn write(
-        dir: &tempfile::TempDir,
-        name: &str,
-        kind: SecretKind,
-        doc: &serde_json::Value,
-    ) -> SecretConfig {
-        let file = dir.path().join(name);
-        std::fs::write(&file, doc.to_string()).unwrap();
-        SecretConfig {
-            name: name.to_string(),
-            kind,
-            file,
-            sts_endpoint: None,
-            ecr_endpoint: None,
-        }
-    }
 
     fn auth(user: &str, password: &str) -> serde_json::Value {
         let encoded =
@@ -325,13 +305,13 @@ mod tests {
         let pem = standin::rsa_key().private_pem.clone();
         let gcp_key = gcp::tests::key_json(&pem, "my-proj", "https://oauth2.googleapis.com/token");
         vec![
-            write(
+            secret_file(
                 dir,
                 "broken",
                 SecretKind::Docker,
                 &json!({"auths": {"quay.io": {"auth": "hunter2!"}}}),
             ),
-            write(
+            secret_file(
                 dir,
                 "hub",
                 SecretKind::Docker,
@@ -341,7 +321,7 @@ mod tests {
                     "localhost:5000": auth("local", "hunter4"),
                 }}),
             ),
-            write(
+            secret_file(
                 dir,
                 "aws",
                 SecretKind::Ecr,
@@ -350,7 +330,7 @@ mod tests {
                     "repos": [format!("{ECR_HOST}/team/*"), "shared/base"]
                 }),
             ),
-            write(dir, "gcp", SecretKind::Gcp, &gcp_key),
+            secret_file(dir, "gcp", SecretKind::Gcp, &gcp_key),
         ]
     }
 
@@ -399,13 +379,13 @@ mod tests {
     #[test]
     fn the_first_matching_secret_in_configuration_order_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let first = write(
+        let first = secret_file(
             &dir,
             "first",
             SecretKind::Docker,
             &json!({"auths": {"ghcr.io": auth("a", "b")}}),
         );
-        let second = write(
+        let second = secret_file(
             &dir,
             "second",
             SecretKind::Docker,
@@ -463,7 +443,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_read_again_when_they_change() {
         let dir = tempfile::tempdir().unwrap();
-        let config = write(
+        let config = secret_file(
             &dir,
             "hub",
             SecretKind::Docker,
@@ -530,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_not_checked_more_often_than_the_recheck_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let config = write(
+        let config = secret_file(
             &dir,
             "hub",
             SecretKind::Docker,

@@ -400,12 +400,12 @@ async fn google(client_email: &'static str, expires_in: u64) -> StandIn {
     stand_in
 }
 
-fn transport() -> super::Transport {
+pub(super) fn transport() -> super::Transport {
     crate::upstream::HttpClient::new(&crate::config::ClientConfig::default()).unwrap()
 }
 
 /// Writes `doc` as the file of a secret called `name` and returns its config.
-fn secret_file(
+pub(super) fn secret_file(
     dir: &tempfile::TempDir,
     name: &str,
     kind: SecretKind,

@@ -25,6 +25,7 @@ pub mod process;
 pub mod push;
 pub mod registry;
 pub mod skopeo;
+pub mod stack;
 pub mod tap;
 pub mod token;
 
@@ -37,5 +38,6 @@ pub use process::BerthProcess;
 pub use push::{push_blob, push_image, push_index, push_manifest, PushError};
 pub use registry::{Auth, Registry};
 pub use skopeo::{read_oci_layout, skopeo_copy, skopeo_copy_ok, OciLayout};
+pub use stack::Stack;
 pub use tap::{Kind, Seen, Tap};
 pub use token::{push_image_bearer, Access, Challenge, Policy, TokenRequest, TokenServer};
