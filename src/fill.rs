@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{HeaderValue, CONTENT_RANGE, RETRY_AFTER};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
@@ -225,7 +225,10 @@ impl Fills {
         job: Job,
         progress: &watch::Sender<Progress>,
     ) -> Result<(), ApiError> {
-        let response = job.upstream.get_blob(&job.repository, &job.digest).await?;
+        let response = job
+            .upstream
+            .blob(Method::GET, &job.repository, &job.digest)
+            .await?;
         let total = crate::upstream::content_length(response.headers());
         let store = Arc::clone(&cache.store);
         let (path, file) = match tokio::task::spawn_blocking(move || store.temp_file()).await {

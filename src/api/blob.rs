@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::{
     HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
 };
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use tokio::sync::watch;
 
 use super::Served;
@@ -147,7 +147,7 @@ fn not_found_as_blob(mut error: ApiError) -> ApiError {
 async fn head_upstream(target: &Target, digest: &Digest) -> Served {
     let response = target
         .upstream
-        .head_blob(&target.repository, digest)
+        .blob(Method::HEAD, &target.repository, digest)
         .await
         .map_err(|e| ApiError::from_upstream(e, Code::BlobUnknown))?;
     let mut builder = Response::builder()

@@ -29,7 +29,10 @@ pub async fn confirm_blob(
     digest: &Digest,
 ) -> Result<(), ApiError> {
     let ask = |upstream: Arc<Upstream>, repository: Repository, digest: Digest| async move {
-        upstream.head_blob(&repository, &digest).await.map(drop)
+        upstream
+            .blob(Method::HEAD, &repository, &digest)
+            .await
+            .map(drop)
     };
     confirm(state, target, digest, Code::BlobUnknown, ask).await
 }

@@ -204,14 +204,16 @@ impl Upstream {
         ok_or_status(response)
     }
 
-    pub async fn get_blob(
+    /// GET or HEAD of a whole blob.
+    pub async fn blob(
         &self,
+        method: Method,
         repository: &Repository,
         digest: &Digest,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let path = format!("blobs/{digest}");
         let response = self
-            .fetch(Method::GET, repository, &path, None, HeaderMap::new())
+            .fetch(method, repository, &path, None, HeaderMap::new())
             .await?;
         ok_or_status(response)
     }
@@ -237,18 +239,6 @@ impl Upstream {
     /// Whether the circuit breaker is failing this upstream's requests fast right now.
     pub fn circuit_open(&self) -> bool {
         self.breaker.is_open()
-    }
-
-    pub async fn head_blob(
-        &self,
-        repository: &Repository,
-        digest: &Digest,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = format!("blobs/{digest}");
-        let response = self
-            .fetch(Method::HEAD, repository, &path, None, HeaderMap::new())
-            .await?;
-        ok_or_status(response)
     }
 
     /// Sends `method /v2/<repository>/<path>?<query>` with credentials for pulling `repository`,
