@@ -113,6 +113,13 @@ struct LoadArgs {
     /// (`*upstream_requests_total`) made during the run.
     #[arg(long)]
     metrics: Option<String>,
+    /// Pull as this user; the password (or key) is read from BERTH_LOAD_PASSWORD, so it is
+    /// not in the process list.
+    #[arg(long)]
+    user: Option<String>,
+    /// Extra PEM CA bundle for an https:// target signed by a private CA.
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
     /// Images: repository:tag or repository@sha256:..., pulled in rotation.
     #[arg(required = true)]
     images: Vec<String>,
@@ -287,6 +294,18 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         (None, Some(count)) => Limit::Count(count),
         (None, None) => Limit::Count(args.concurrency as u64),
     };
+    let credentials = match args.user {
+        Some(username) => {
+            let password = std::env::var("BERTH_LOAD_PASSWORD")
+                .context("--user needs the password in BERTH_LOAD_PASSWORD")?;
+            Some(berth::secrets::Credentials {
+                username,
+                password: berth::secret::Secret::new(password),
+                id: "load".into(),
+            })
+        }
+        None => None,
+    };
     let config = LoadConfig {
         target: args.target,
         images,
@@ -295,6 +314,8 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         platform: args.platform,
         request_timeout: args.timeout,
         metrics: args.metrics,
+        credentials,
+        ca_file: args.ca_file,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let report = runtime

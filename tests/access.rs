@@ -269,6 +269,41 @@ async fn skopeo_with_a_service_account_key_or_a_user_key_pulls_an_allowed_image(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn berth_load_pulls_as_a_service_account_and_reports_denied_images() {
+    let site = Site::start("").await;
+    let run = |image: &str| berth::load::LoadConfig {
+        target: site.berth.url(),
+        images: vec![berth::load::ImageRef::parse(image).unwrap()],
+        concurrency: 2,
+        limit: berth::load::Limit::Count(4),
+        platform: "linux/amd64".into(),
+        request_timeout: Duration::from_secs(60),
+        metrics: None,
+        credentials: Some(berth::secrets::Credentials {
+            username: "<token>".into(),
+            password: berth::secret::Secret::new(CI_KEY),
+            id: "ci".into(),
+        }),
+        ca_file: None,
+    };
+
+    let report = berth::load::run(run("team/app:v1")).await.unwrap();
+    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    assert_eq!(report.recorder.pulls, 4);
+    // One token per puller at most: each meets the challenge once, then reuses the token.
+    let tokens = site.tokens_issued();
+    assert!((1..=2).contains(&tokens), "{tokens} tokens issued");
+
+    let denied = berth::load::run(run("secret/app:v1")).await.unwrap();
+    assert_eq!(denied.recorder.failed_pulls, 4);
+    assert!(
+        denied.recorder.error_samples[0].contains("status 403 Forbidden"),
+        "{:?}",
+        denied.recorder.error_samples
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_denied_pull_gets_403_and_never_reaches_the_upstream() {
     let site = Site::start("").await;
     let mallory = Some(("mallory@example.com", MALLORY_KEY));

@@ -6,11 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use berth::load::{Class, ImageRef, Limit, LoadConfig};
+use berth::load::{Class, ImageRef, Limit, LoadConfig, Report};
+use berth::secret::Secret;
+use berth::secrets::Credentials;
 use http::Method;
 use support::{
-    push_index, random_layer, Auth, Berth, Fault, Flavor, Image, Index, Kind, Platform, Registry,
-    Tap,
+    push_index, random_layer, Auth, Berth, Fault, Flavor, Image, Index, Kind, Platform, Policy,
+    Registry, Tap, TokenServer,
 };
 
 fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadConfig {
@@ -22,16 +24,43 @@ fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadCo
         platform: "linux/amd64".into(),
         request_timeout: Duration::from_secs(60),
         metrics: None,
+        credentials: None,
+        ca_file: None,
     }
 }
 
-/// A registry holding `load/app:v1`, a two-platform index (linux/amd64, linux/arm64).
-async fn registry_with_index() -> (Registry, Index) {
-    let registry = Registry::start(Auth::None).await;
+fn as_user(mut config: LoadConfig, user: &str, password: &str) -> LoadConfig {
+    config.credentials = Some(Credentials {
+        username: user.into(),
+        password: Secret::new(password),
+        id: "test".into(),
+    });
+    config
+}
+
+/// Every pull failed, and the first error says why.
+fn assert_all_failed(report: &Report, pulls: u64, why: &str) {
+    assert_eq!(report.recorder.pulls, pulls);
+    assert_eq!(report.recorder.failed_pulls, pulls, "{}", report.render());
+    assert!(
+        report.recorder.error_samples[0].contains(why),
+        "{:?}",
+        report.recorder.error_samples
+    );
+}
+
+/// A two-platform index (linux/amd64, linux/arm64).
+fn two_platforms() -> Index {
     let amd64 = Image::random(Flavor::Oci, 40, &[200_000, 30_000]);
     let arm = Platform::new("linux", "arm64", Some("v8"));
     let arm64 = Image::for_platform(Flavor::Oci, arm, vec![random_layer(10_000, 41)]);
-    let index = Index::new(Flavor::Oci, vec![amd64, arm64]);
+    Index::new(Flavor::Oci, vec![amd64, arm64])
+}
+
+/// A registry holding `load/app:v1`, `two_platforms()`.
+async fn registry_with_index() -> (Registry, Index) {
+    let registry = Registry::start(Auth::None).await;
+    let index = two_platforms();
     push_index(&registry.url(), "load/app", "v1", &index, None)
         .await
         .unwrap();
@@ -106,4 +135,73 @@ async fn reports_a_blob_whose_bytes_do_not_match_its_digest_as_an_error() {
         report.recorder.error_samples
     );
     assert!(report.render().contains("error: "));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_through_the_token_flow_with_one_token_for_the_run() {
+    let tokens =
+        TokenServer::start(Policy::new().user("alice", "alice-pw", &[("load/*", "pull")])).await;
+    let registry = Registry::start(tokens.auth()).await;
+    tokens
+        .seed_index(&registry.url(), "load/app", "v1", &two_platforms())
+        .await
+        .unwrap();
+
+    let run = config(registry.url(), "load/app:v1", 1, 4);
+    let report = berth::load::run(as_user(run, "alice", "alice-pw"))
+        .await
+        .unwrap();
+    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    assert_eq!(report.recorder.pulls, 4);
+    // The first request meets the challenge; its token serves the other 19 requests.
+    let requests = tokens.requests();
+    assert_eq!(requests.len(), 1, "{requests:#?}");
+    assert_eq!(requests[0].user.as_deref(), Some("alice"));
+    assert_eq!(requests[0].scopes, ["repository:load/app:pull"]);
+    assert_eq!(requests[0].granted, ["repository:load/app:pull"]);
+
+    tokens.reset();
+    let concurrent = config(registry.url(), "load/app:v1", 4, 8);
+    let report = berth::load::run(as_user(concurrent, "alice", "alice-pw"))
+        .await
+        .unwrap();
+    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    assert!(tokens.count(Some("alice")) <= 4, "{:#?}", tokens.requests());
+
+    let wrong = config(registry.url(), "load/app:v1", 1, 2);
+    let report = berth::load::run(as_user(wrong, "alice", "not-her-pw"))
+        .await
+        .unwrap();
+    assert_all_failed(&report, 2, "getting a token: upstream answered 401");
+
+    let anonymous = config(registry.url(), "load/app:v1", 1, 2);
+    let report = berth::load::run(anonymous).await.unwrap();
+    // An anonymous token grants nothing here: the registry refuses it.
+    assert_all_failed(&report, 2, "status 401 Unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_from_a_basic_auth_registry_with_credentials_and_is_refused_without() {
+    let registry = Registry::start(Auth::basic("puller", "pull-pw")).await;
+    push_index(
+        &registry.url(),
+        "load/app",
+        "v1",
+        &two_platforms(),
+        registry.creds(),
+    )
+    .await
+    .unwrap();
+
+    let run = config(registry.url(), "load/app:v1", 2, 4);
+    let report = berth::load::run(as_user(run, "puller", "pull-pw"))
+        .await
+        .unwrap();
+    assert_eq!(report.total_errors(), 0, "{}", report.render());
+
+    let wrong = config(registry.url(), "load/app:v1", 1, 2);
+    let report = berth::load::run(as_user(wrong, "puller", "nope"))
+        .await
+        .unwrap();
+    assert_all_failed(&report, 2, "status 401 Unauthorized");
 }

@@ -9,26 +9,31 @@
 //! class (`stats`). With `--metrics`, it reads the target's Prometheus text before and after and
 //! reports how many upstream requests the run caused.
 //!
-//! It does not push content, authenticate, or share code with berth's upstream client on
-//! purpose: it is a client of the registry API and measures it from outside.
+//! With credentials it authenticates as a node does: Basic, or the registry token flow (a
+//! `WWW-Authenticate: Bearer` challenge, one token per repository, reused until it expires).
+//! That flow and the HTTP client are berth's own upstream ones (`upstream::Auth`,
+//! `upstream::HttpClient`); the verification of every body is not shared with the server.
 
 pub mod stats;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::ACCEPT;
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::config::ClientConfig;
+use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
+use crate::secrets::Credentials;
 use crate::upstream::client::error_chain;
+use crate::upstream::{Auth, HttpClient};
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -95,21 +100,10 @@ pub struct LoadConfig {
     pub request_timeout: Duration,
     /// Prometheus text endpoint to read the upstream fetch count from.
     pub metrics: Option<String>,
-}
-
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
-fn http_client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+    /// Pull as this user (Basic, or the token flow if the target asks for it).
+    pub credentials: Option<Credentials>,
+    /// Extra PEM CA bundle for an `https://` target with a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Runs the load and returns what it measured.
@@ -117,13 +111,23 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     if config.images.is_empty() || config.concurrency == 0 {
         return Err("need at least one image and one puller".into());
     }
-    let client = http_client();
+    let client = HttpClient::new(&ClientConfig {
+        ca_file: config.ca_file.clone(),
+        response_timeout: config.request_timeout,
+        ..ClientConfig::default()
+    })?;
     let before = match &config.metrics {
         Some(url) => Some(upstream_requests(&client, url).await?),
         None => None,
     };
     let shared = Arc::new(Shared {
         client: client.clone(),
+        auth: Auth::new(
+            config.target.clone(),
+            "load".into(),
+            Arc::new(Metrics::new()),
+        ),
+        credentials: config.credentials,
         target: config.target.trim_end_matches('/').to_string(),
         images: config.images,
         platform: config.platform,
@@ -166,7 +170,11 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
 async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, String> {
     let uri: Uri = url.parse().map_err(|e| format!("--metrics {url}: {e}"))?;
     let response = client
-        .request(Request::get(uri).body(Empty::new()).expect("valid request"))
+        .send(
+            Request::get(uri)
+                .body(Full::default())
+                .expect("valid request"),
+        )
         .await
         .map_err(|e| format!("--metrics {url}: {e}"))?;
     if response.status() != StatusCode::OK {
@@ -185,6 +193,8 @@ async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, String
 
 struct Shared {
     client: HttpClient,
+    auth: Auth,
+    credentials: Option<Credentials>,
     target: String,
     images: Vec<ImageRef>,
     platform: String,
@@ -233,7 +243,14 @@ impl Shared {
         let expected = Digest::parse(&image.reference).ok();
         let path = format!("{}/manifests/{}", image.repository, image.reference);
         let top = self
-            .fetch(Class::Manifest, &path, expected.as_ref(), None, recorder)
+            .fetch(
+                image,
+                Class::Manifest,
+                &path,
+                expected.as_ref(),
+                None,
+                recorder,
+            )
             .await?;
         let manifest = match parse_manifest(&top.body) {
             Ok(Parsed::Index(children)) => {
@@ -245,6 +262,7 @@ impl Shared {
                 let path = format!("{}/manifests/{}", image.repository, child.digest);
                 let fetched = self
                     .fetch(
+                        image,
                         Class::Child,
                         &path,
                         Some(&child.digest),
@@ -271,7 +289,7 @@ impl Shared {
             .chain(layers.into_iter().map(|layer| (Class::Layer, layer)))
         {
             let path = format!("{}/blobs/{}", image.repository, blob.digest);
-            self.fetch(class, &path, Some(&blob.digest), blob.size, recorder)
+            self.fetch(image, class, &path, Some(&blob.digest), blob.size, recorder)
                 .await?;
         }
         Ok(())
@@ -280,6 +298,7 @@ impl Shared {
     /// GETs `/v2/<path>`, verifies the body, and records the outcome under `class`.
     async fn fetch(
         &self,
+        image: &ImageRef,
         class: Class,
         path: &str,
         digest: Option<&Digest>,
@@ -287,7 +306,8 @@ impl Shared {
         recorder: &mut Recorder,
     ) -> Result<Fetched, ()> {
         let url = format!("{}/v2/{path}", self.target);
-        let attempt = tokio::time::timeout(self.timeout, self.get(&url, class, digest, size));
+        let attempt =
+            tokio::time::timeout(self.timeout, self.get(image, &url, class, digest, size));
         let result = match attempt.await {
             Ok(result) => result,
             Err(_) => Err(format!("GET {url}: no answer within {:?}", self.timeout)),
@@ -304,24 +324,17 @@ impl Shared {
         }
     }
 
+    /// Times include any token fetch, as a node's pull would.
     async fn get(
         &self,
+        image: &ImageRef,
         url: &str,
         class: Class,
         digest: Option<&Digest>,
         size: Option<u64>,
     ) -> Result<Fetched, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let mut request = Request::get(uri);
-        if matches!(class, Class::Manifest | Class::Child) {
-            request = request.header(ACCEPT, MANIFEST_ACCEPT);
-        }
         let started = Instant::now();
-        let response = self
-            .client
-            .request(request.body(Empty::new()).expect("valid request"))
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+        let response = self.send_authorized(image, url, class).await?;
         let first_byte = started.elapsed();
         if response.status() != StatusCode::OK {
             return Err(format!("GET {url}: status {}", response.status()));
@@ -361,6 +374,60 @@ impl Shared {
             first_byte,
             total: started.elapsed(),
         })
+    }
+
+    /// GETs `url` with the credentials the target asks for: up front once its scheme is known,
+    /// else in answer to its first 401.
+    async fn send_authorized(
+        &self,
+        image: &ImageRef,
+        url: &str,
+        class: Class,
+    ) -> Result<hyper::Response<Incoming>, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let scope = format!("repository:{}:pull", image.repository);
+        let creds = self.credentials.as_ref();
+        let auth_error = |e| format!("GET {url}: getting a token: {e}");
+        let mut authorization = self
+            .auth
+            .authorization(&self.client, &scope, creds)
+            .await
+            .map_err(auth_error)?;
+        let mut answered = false;
+        loop {
+            let mut request = Request::get(uri.clone());
+            if matches!(class, Class::Manifest | Class::Child) {
+                request = request.header(ACCEPT, MANIFEST_ACCEPT);
+            }
+            if let Some(value) = &authorization {
+                request = request.header(AUTHORIZATION, value.clone());
+            }
+            let response = self
+                .client
+                .send(request.body(Full::default()).expect("valid request"))
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            if response.status() != StatusCode::UNAUTHORIZED || answered {
+                return Ok(response);
+            }
+            answered = true;
+            let challenge: Option<&HeaderValue> = response.headers().get(WWW_AUTHENTICATE);
+            let answer = self
+                .auth
+                .answer(
+                    &self.client,
+                    challenge,
+                    &scope,
+                    creds,
+                    authorization.as_ref(),
+                )
+                .await
+                .map_err(auth_error)?;
+            match answer {
+                Some(value) => authorization = Some(value),
+                None => return Ok(response),
+            }
+        }
     }
 }
 
