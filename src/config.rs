@@ -274,6 +274,17 @@ pub struct ClientConfig {
     /// How long an open breaker fails requests at once before one probe may try again.
     #[serde(default = "default_breaker_cooldown", deserialize_with = "de_duration")]
     pub breaker_cooldown: Duration,
+    /// HTTP/2 receive window of one upstream stream (one blob): at most this much is in flight
+    /// per round trip, so it bounds a fill's speed to `window / RTT`.
+    #[serde(default = "default_h2_stream_window", deserialize_with = "de_window")]
+    pub h2_stream_window: u32,
+    /// HTTP/2 receive window of one upstream connection, shared by its streams; also the most
+    /// an upstream connection can buffer while fills stall on the disk.
+    #[serde(
+        default = "default_h2_connection_window",
+        deserialize_with = "de_window"
+    )]
+    pub h2_connection_window: u32,
 }
 
 impl Default for ClientConfig {
@@ -287,6 +298,8 @@ impl Default for ClientConfig {
             max_retry_after: default_max_retry_after(),
             breaker_threshold: default_breaker_threshold(),
             breaker_cooldown: default_breaker_cooldown(),
+            h2_stream_window: default_h2_stream_window(),
+            h2_connection_window: default_h2_connection_window(),
         }
     }
 }
@@ -591,6 +604,14 @@ fn default_breaker_cooldown() -> Duration {
     Duration::from_secs(10)
 }
 
+fn default_h2_stream_window() -> u32 {
+    8 << 20
+}
+
+fn default_h2_connection_window() -> u32 {
+    16 << 20
+}
+
 fn default_max_connections() -> usize {
     4096
 }
@@ -662,6 +683,17 @@ fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
     de_size(d).map(Some)
 }
 
+/// An HTTP/2 flow-control window: 64 KiB (below it every stream crawls) up to 2^31 - 1 bytes.
+fn de_window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let size = de_size(d)?;
+    match u32::try_from(size) {
+        Ok(window) if (65_535..=i32::MAX as u32).contains(&window) => Ok(window),
+        _ => Err(serde::de::Error::custom(format!(
+            "an HTTP/2 window is 64KiB to 2GiB - 1 bytes, not {size}"
+        ))),
+    }
+}
+
 fn de_size_usize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     let size = de_size(d)?;
     usize::try_from(size).map_err(serde::de::Error::custom)
@@ -717,7 +749,8 @@ mod tests {
     #[test]
     fn sizes_and_durations_parse_in_human_form() {
         let config = Config::from_toml(
-            "[cache]\nmax_size = \"512MiB\"\ntag_ttl = \"5m\"\n[client]\nread_timeout = \"2s\"",
+            "[cache]\nmax_size = \"512MiB\"\ntag_ttl = \"5m\"\n[client]\nread_timeout = \"2s\"\n\
+             h2_stream_window = \"4MiB\"",
         )
         .unwrap();
         assert_eq!(config.cache.max_size, 512 << 20);
@@ -726,6 +759,8 @@ mod tests {
         assert_eq!(config.cache.min_free, None);
         assert_eq!(config.cache.tag_ttl, Duration::from_secs(300));
         assert_eq!(config.client.read_timeout, Duration::from_secs(2));
+        assert_eq!(config.client.h2_stream_window, 4 << 20);
+        assert_eq!(config.client.h2_connection_window, 16 << 20);
     }
 
     #[test]
@@ -765,6 +800,11 @@ mod tests {
             (
                 "[client]\nbreaker_threshold = 0",
                 "client.breaker_threshold",
+            ),
+            ("[client]\nh2_stream_window = \"16KiB\"", "h2_stream_window"),
+            (
+                "[client]\nh2_connection_window = \"2GiB\"",
+                "h2_connection_window",
             ),
         ];
         for (text, key) in cases {

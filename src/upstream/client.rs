@@ -75,6 +75,8 @@ impl HttpClient {
             .wrap_connector(http);
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .http2_initial_stream_window_size(config.h2_stream_window)
+            .http2_initial_connection_window_size(config.h2_connection_window)
             .build(https);
         Ok(HttpClient {
             inner,
