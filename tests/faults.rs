@@ -57,13 +57,18 @@ fn assert_blobs_hash_to_their_names(cache: &Path) -> usize {
     count
 }
 
+/// A random blob of `size` bytes pushed to `team/app`.
+async fn push_random(registry: &Registry, size: usize, seed: u64) -> Blob {
+    let blob = random_blob(size, seed);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    blob
+}
+
 impl Stack {
     async fn push(&self, size: usize, seed: u64) -> Blob {
-        let blob = random_blob(size, seed);
-        push_blob(&self.registry.url(), "team/app", &blob, None)
-            .await
-            .unwrap();
-        blob
+        push_random(&self.registry, size, seed).await
     }
 
     fn url(&self, blob: &Blob) -> String {
@@ -411,11 +416,7 @@ impl Process {
     }
 
     async fn push(&self, size: usize, seed: u64) -> Blob {
-        let blob = random_blob(size, seed);
-        push_blob(&self.registry.url(), "team/app", &blob, None)
-            .await
-            .unwrap();
-        blob
+        push_random(&self.registry, size, seed).await
     }
 
     fn start_berth(&self) -> BerthProcess {

@@ -38,6 +38,13 @@ fn as_user(mut config: LoadConfig, user: &str, password: &str) -> LoadConfig {
     config
 }
 
+/// Runs `config` and checks that nothing failed.
+async fn run_clean(config: LoadConfig) -> Report {
+    let report = berth::load::run(config).await.unwrap();
+    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    report
+}
+
 /// Every pull failed, and the first error says why.
 fn assert_all_failed(report: &Report, pulls: u64, why: &str) {
     assert_eq!(report.recorder.pulls, pulls);
@@ -74,11 +81,7 @@ async fn pulls_whole_index_images_through_berth_and_each_object_is_fetched_upstr
     let cache = tempfile::tempdir().unwrap();
     let berth = Berth::with_upstream(&tap.host(), &tap.url(), cache.path()).await;
 
-    let report = berth::load::run(config(berth.url(), "load/app:v1", 3, 6))
-        .await
-        .unwrap();
-
-    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    let report = run_clean(config(berth.url(), "load/app:v1", 3, 6)).await;
     assert_eq!(
         (report.recorder.pulls, report.recorder.failed_pulls),
         (6, 0)
@@ -148,10 +151,7 @@ async fn pulls_through_the_token_flow_with_one_token_for_the_run() {
         .unwrap();
 
     let run = config(registry.url(), "load/app:v1", 1, 4);
-    let report = berth::load::run(as_user(run, "alice", "alice-pw"))
-        .await
-        .unwrap();
-    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    let report = run_clean(as_user(run, "alice", "alice-pw")).await;
     assert_eq!(report.recorder.pulls, 4);
     // The first request meets the challenge; its token serves the other 19 requests.
     let requests = tokens.requests();
@@ -162,10 +162,7 @@ async fn pulls_through_the_token_flow_with_one_token_for_the_run() {
 
     tokens.reset();
     let concurrent = config(registry.url(), "load/app:v1", 4, 8);
-    let report = berth::load::run(as_user(concurrent, "alice", "alice-pw"))
-        .await
-        .unwrap();
-    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    run_clean(as_user(concurrent, "alice", "alice-pw")).await;
     assert!(tokens.count(Some("alice")) <= 4, "{:#?}", tokens.requests());
 
     let wrong = config(registry.url(), "load/app:v1", 1, 2);
@@ -194,10 +191,7 @@ async fn pulls_from_a_basic_auth_registry_with_credentials_and_is_refused_withou
     .unwrap();
 
     let run = config(registry.url(), "load/app:v1", 2, 4);
-    let report = berth::load::run(as_user(run, "puller", "pull-pw"))
-        .await
-        .unwrap();
-    assert_eq!(report.total_errors(), 0, "{}", report.render());
+    run_clean(as_user(run, "puller", "pull-pw")).await;
 
     let wrong = config(registry.url(), "load/app:v1", 1, 2);
     let report = berth::load::run(as_user(wrong, "puller", "nope"))
