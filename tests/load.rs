@@ -199,3 +199,22 @@ async fn pulls_from_a_basic_auth_registry_with_credentials_and_is_refused_withou
         .unwrap();
     assert_all_failed(&report, 2, "status 401 Unauthorized");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_target_fails_every_pull_and_names_the_request() {
+    // Bound and dropped: nothing listens there any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("http://127.0.0.1:{port}");
+    let report = berth::load::run(config(target.clone(), "load/app:v1", 1, 2))
+        .await
+        .unwrap();
+    assert_all_failed(
+        &report,
+        2,
+        &format!("cannot connect: GET {target}/v2/load/app/manifests/v1"),
+    );
+}

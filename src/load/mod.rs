@@ -406,7 +406,8 @@ impl Shared {
                 .client
                 .send(request.body(Full::default()).expect("valid request"))
                 .await
-                .map_err(|e| format!("GET {url}: {e}"))?;
+                // The error names the method and URL itself.
+                .map_err(|e| e.to_string())?;
             if response.status() != StatusCode::UNAUTHORIZED || answered {
                 return Ok(response);
             }
