@@ -388,47 +388,51 @@ impl Shared {
         let scope = format!("repository:{}:pull", image.repository);
         let creds = self.credentials.as_ref();
         let auth_error = |e| format!("GET {url}: getting a token: {e}");
-        let mut authorization = self
+        let authorization = self
             .auth
             .authorization(&self.client, &scope, creds)
             .await
             .map_err(auth_error)?;
-        let mut answered = false;
-        loop {
-            let mut request = Request::get(uri.clone());
-            if matches!(class, Class::Manifest | Class::Child) {
-                request = request.header(ACCEPT, MANIFEST_ACCEPT);
-            }
-            if let Some(value) = &authorization {
-                request = request.header(AUTHORIZATION, value.clone());
-            }
-            let response = self
-                .client
-                .send(request.body(Full::default()).expect("valid request"))
-                .await
-                // The error names the method and URL itself.
-                .map_err(|e| e.to_string())?;
-            if response.status() != StatusCode::UNAUTHORIZED || answered {
-                return Ok(response);
-            }
-            answered = true;
-            let challenge: Option<&HeaderValue> = response.headers().get(WWW_AUTHENTICATE);
-            let answer = self
-                .auth
-                .answer(
-                    &self.client,
-                    challenge,
-                    &scope,
-                    creds,
-                    authorization.as_ref(),
-                )
-                .await
-                .map_err(auth_error)?;
-            match answer {
-                Some(value) => authorization = Some(value),
-                None => return Ok(response),
-            }
+        let response = self.send(&uri, class, authorization.as_ref()).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(response);
         }
+        let challenge = response.headers().get(WWW_AUTHENTICATE);
+        let answer = self
+            .auth
+            .answer(
+                &self.client,
+                challenge,
+                &scope,
+                creds,
+                authorization.as_ref(),
+            )
+            .await
+            .map_err(auth_error)?;
+        match answer {
+            Some(retry_with) => self.send(&uri, class, Some(&retry_with)).await,
+            None => Ok(response),
+        }
+    }
+
+    async fn send(
+        &self,
+        uri: &Uri,
+        class: Class,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<hyper::Response<Incoming>, String> {
+        let mut request = Request::get(uri.clone());
+        if matches!(class, Class::Manifest | Class::Child) {
+            request = request.header(ACCEPT, MANIFEST_ACCEPT);
+        }
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        self.client
+            .send(request.body(Full::default()).expect("valid request"))
+            .await
+            // The error names the method and URL itself.
+            .map_err(|e| e.to_string())
     }
 }
 
