@@ -149,11 +149,7 @@ impl AppState {
         }
         let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(
-                config.client.read_timeout,
-                config.limits.max_fills,
-                config.limits.retry_after,
-            )),
+            fills: Arc::new(Fills::new(&config)),
             upstreams,
             cache,
             metrics,
