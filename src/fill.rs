@@ -10,6 +10,9 @@
 //! behind. The fill runs in its own task, so it completes even if every client goes away.
 //! Deciding whether to fill (the lookup) is the caller's job.
 //!
+//! A fill is keyed by upstream and digest: only requests routed to the same upstream join it,
+//! so a slow or hostile upstream's fill never holds (or fails) the clients of another one.
+//!
 //! Faults, and what a fill does about them:
 //! - The upstream body fails mid-way (cut, stalled past `client.read_timeout`, protocol error):
 //!   the fill asks again with `Range: bytes=<received>-` (a 206 continues the same file and the
@@ -18,6 +21,13 @@
 //! - The disk fails (ENOSPC, EIO): the temp file is unlinked, the rest of the blob goes to
 //!   readers through an in-memory window (`cache::spill`), it is still verified, and nothing is
 //!   cached; `berth_disk_errors_total` rises.
+//! - The upstream body trickles (slower than `client.min_fill_rate` over `client.min_fill_window`,
+//!   yet never silent for `read_timeout`): abandoned and resumed as after a stall, so it cannot
+//!   pin the fill or its `max_fills` slot.
+//! - The blob is too long (`limits.max_blob_size`): a longer Content-Length is refused before a
+//!   byte is written; a body without one is cut off there. A Content-Length is reserved in the
+//!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
+//!   overshoot `cache.max_size`; without room, 503 + Retry-After.
 //! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
 
 use std::collections::HashMap;

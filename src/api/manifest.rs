@@ -4,7 +4,8 @@
 //! when the digest changed and is not cached.
 //!
 //! Bytes are passed through exactly as the upstream sent them, never re-serialised, after
-//! checking they hash to the digest asked for or announced. Concurrent misses of one manifest,
+//! checking they hash to the digest asked for or announced. Their media type is the document's
+//! (`oci::manifest`), never the response's `Content-Type`, and their body has a deadline. Concurrent misses of one manifest,
 //! and concurrent revalidations of one tag, share one upstream request.
 
 use std::sync::Arc;

@@ -5,8 +5,9 @@
 //! entry leaves the index first and its file is deleted after, and a reader that still has the
 //! file open keeps reading it to the end (POSIX unlink semantics). Capacity evictions happen
 //! inside `insert`, so the disk is within `max_size` as soon as an insert returns; they are
-//! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. It
-//! does not fetch or verify anything.
+//! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. A
+//! running fill reserves its Content-Length here (`reserve`), counted against `max_size` with
+//! the entries until it commits or fails. It does not fetch or verify anything.
 //!
 //! The index is an `lru::LruCache` under a mutex rather than moka (which berth uses for its
 //! smaller caches): at a million cached blobs moka's per-entry bookkeeping came to ~240 bytes,
