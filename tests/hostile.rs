@@ -125,9 +125,9 @@ async fn a_hostile_upstreams_stalled_fill_is_not_joined_by_clients_of_another_up
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trickling_fill_is_abandoned_at_the_rate_floor_and_resumed() {
     // 1,000 bytes every 100 ms: never silent for the 30 s read timeout, but 10 KB/s against a
-    // floor of 64 KiB/s. Without the floor this fill would take half a minute and never resume.
+    // floor of 32 KiB/s. Without the floor this fill would take half a minute and never resume.
     let stack = support::Stack::start(
-        "[client]\nmin_fill_rate = \"64KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"",
+        "[client]\nmin_fill_rate = \"32KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"",
     )
     .await;
     let blob = random_blob(300_000, 42);
@@ -387,4 +387,32 @@ async fn a_manifests_type_comes_from_the_document_not_a_lying_content_type() {
         before,
         "served from the cache"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_manifest_body_fails_at_its_deadline_and_the_next_request_fetches_anew() {
+    use support::{push_image, Flavor, Image};
+    let stack = support::Stack::start("[client]\nread_timeout = \"500ms\"").await;
+    let image = Image::random(Flavor::Oci, 51, &[1000]);
+    push_image(&stack.registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let url = format!("{}/v2/team/app/manifests/v1", stack.berth.url());
+    let accept = [("accept", Flavor::Oci.manifest_type())];
+    // The upstream sends the head and half the manifest, then nothing, connection open.
+    stack.tap.inject_times(Kind::Manifest, Fault::Stall, 1);
+    let stalled = tokio::time::timeout(
+        HANG_GUARD,
+        fetch(request(Method::GET, &url, None, &accept, Bytes::new())),
+    )
+    .await
+    .expect("a stalled manifest body must not hold the request")
+    .unwrap();
+    assert_eq!(stalled.status, 502);
+    // The single flight of that fetch is gone: the next request asks the upstream again.
+    let fetched = fetch(request(Method::GET, &url, None, &accept, Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == image.manifest.bytes);
 }
