@@ -416,3 +416,22 @@ async fn a_stalled_manifest_body_fails_at_its_deadline_and_the_next_request_fetc
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == image.manifest.bytes);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_would_eat_into_min_free_is_refused_before_it_writes() {
+    // No filesystem here has a petabyte free: every fill's reservation breaks `min_free`, and
+    // evicting the (empty) cache cannot help.
+    let stack = support::Stack::start("min_free = \"1PiB\"").await;
+    let blob = random_blob(100_000, 52);
+    push_blob(&stack.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let refused = get(&stack.blob_url("team/app", &blob.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    let state = &stack.berth.state;
+    assert_eq!(state.cache.index.reserved(), 0, "the refused fill let go");
+    assert!(state.cache.index.is_empty());
+}
