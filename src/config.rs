@@ -125,6 +125,10 @@ pub struct LimitsConfig {
     /// The `Retry-After` berth sends when it refuses work because of these limits.
     #[serde(default = "default_retry_after", deserialize_with = "de_duration")]
     pub retry_after: Duration,
+    /// Largest blob berth fetches and caches; a longer one is refused before a byte is written.
+    /// Default 16 GiB, or `cache.max_size` if that is smaller; never more than `cache.max_size`.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_blob_size: Option<u64>,
 }
 
 impl Default for LimitsConfig {
@@ -140,6 +144,7 @@ impl Default for LimitsConfig {
             write_timeout: default_write_timeout(),
             shutdown_grace: default_shutdown_grace(),
             retry_after: default_retry_after(),
+            max_blob_size: None,
         }
     }
 }
@@ -285,6 +290,14 @@ pub struct ClientConfig {
         deserialize_with = "de_window"
     )]
     pub h2_connection_window: u32,
+    /// Slowest a blob fill may be, in bytes per second over `min_fill_window`; a slower body is
+    /// abandoned (and resumed, as one resume attempt), so an upstream sending a byte just
+    /// inside `read_timeout` cannot hold a fill and its `max_fills` slot for hours. 0: no floor.
+    #[serde(default = "default_min_fill_rate", deserialize_with = "de_size")]
+    pub min_fill_rate: u64,
+    /// The window `min_fill_rate` is measured over.
+    #[serde(default = "default_min_fill_window", deserialize_with = "de_duration")]
+    pub min_fill_window: Duration,
 }
 
 impl Default for ClientConfig {
@@ -300,6 +313,8 @@ impl Default for ClientConfig {
             breaker_cooldown: default_breaker_cooldown(),
             h2_stream_window: default_h2_stream_window(),
             h2_connection_window: default_h2_connection_window(),
+            min_fill_rate: default_min_fill_rate(),
+            min_fill_window: default_min_fill_window(),
         }
     }
 }
@@ -496,6 +511,20 @@ impl Config {
         if limits.max_header_bytes < 1024 {
             return Err(invalid("limits.max_header_bytes", "must be at least 1KiB"));
         }
+        if let Some(max_blob_size) = limits.max_blob_size {
+            if max_blob_size == 0 || max_blob_size > self.cache.max_size {
+                return Err(invalid(
+                    "limits.max_blob_size",
+                    "must be greater than zero and at most cache.max_size",
+                ));
+            }
+        }
+        if self.client.min_fill_window.is_zero() {
+            return Err(invalid(
+                "client.min_fill_window",
+                "must be greater than zero",
+            ));
+        }
         if self.client.breaker_threshold == 0 {
             return Err(invalid(
                 "client.breaker_threshold",
@@ -610,6 +639,28 @@ fn default_h2_stream_window() -> u32 {
 
 fn default_h2_connection_window() -> u32 {
     16 << 20
+}
+
+fn default_min_fill_rate() -> u64 {
+    64 << 10
+}
+
+fn default_min_fill_window() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `limits.max_blob_size` unless set.
+const DEFAULT_MAX_BLOB_SIZE: u64 = 16 << 30;
+
+impl Config {
+    /// The largest blob berth fills: `limits.max_blob_size`, else 16 GiB, never more than
+    /// `cache.max_size` (a blob that cannot be cached is not fetched to be evicted at once).
+    pub fn max_blob_size(&self) -> u64 {
+        self.limits
+            .max_blob_size
+            .unwrap_or(DEFAULT_MAX_BLOB_SIZE)
+            .min(self.cache.max_size)
+    }
 }
 
 fn default_max_connections() -> usize {
@@ -744,6 +795,11 @@ mod tests {
         assert!(config.upstreams.is_empty());
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
         assert!(config.admin_token.is_none());
+        assert_eq!(config.max_blob_size(), 16 << 30);
+        assert_eq!(config.client.min_fill_rate, 64 << 10);
+        assert_eq!(config.client.min_fill_window, Duration::from_secs(30));
+        let small = Config::from_toml("[cache]\nmax_size = \"1GiB\"").unwrap();
+        assert_eq!(small.max_blob_size(), 1 << 30, "capped by cache.max_size");
     }
 
     #[test]
@@ -805,6 +861,15 @@ mod tests {
             (
                 "[client]\nh2_connection_window = \"2GiB\"",
                 "h2_connection_window",
+            ),
+            (
+                "[cache]\nmax_size = \"1GiB\"\n[limits]\nmax_blob_size = \"2GiB\"",
+                "limits.max_blob_size",
+            ),
+            ("[client]\nmin_fill_rate = \"fast\"", "min_fill_rate"),
+            (
+                "[client]\nmin_fill_window = \"0s\"",
+                "client.min_fill_window",
             ),
         ];
         for (text, key) in cases {

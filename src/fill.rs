@@ -10,6 +10,9 @@
 //! behind. The fill runs in its own task, so it completes even if every client goes away.
 //! Deciding whether to fill (the lookup) is the caller's job.
 //!
+//! A fill is keyed by upstream and digest: only requests routed to the same upstream join it,
+//! so a slow or hostile upstream's fill never holds (or fails) the clients of another one.
+//!
 //! Faults, and what a fill does about them:
 //! - The upstream body fails mid-way (cut, stalled past `client.read_timeout`, protocol error):
 //!   the fill asks again with `Range: bytes=<received>-` (a 206 continues the same file and the
@@ -18,6 +21,13 @@
 //! - The disk fails (ENOSPC, EIO): the temp file is unlinked, the rest of the blob goes to
 //!   readers through an in-memory window (`cache::spill`), it is still verified, and nothing is
 //!   cached; `berth_disk_errors_total` rises.
+//! - The upstream body trickles (slower than `client.min_fill_rate` over `client.min_fill_window`,
+//!   yet never silent for `read_timeout`): abandoned and resumed as after a stall, so it cannot
+//!   pin the fill or its `max_fills` slot.
+//! - The blob is too long (`limits.max_blob_size`): a longer Content-Length is refused before a
+//!   byte is written; a body without one is cut off there. A Content-Length is reserved in the
+//!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
+//!   overshoot `cache.max_size`; without room, 503 + Retry-After.
 //! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
 
 use std::collections::HashMap;
@@ -34,9 +44,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
+use crate::cache::index::Reservation;
 use crate::cache::spill::{Spill, SPILL_WINDOW};
 use crate::cache::{Cache, Entry, Kind};
+use crate::config::Config;
 use crate::error::{ApiError, Code};
 use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
@@ -90,14 +103,36 @@ struct Running {
     task: AbortHandle,
 }
 
-/// The fills under way, by digest.
+/// A fill is shared only by requests routed to the same upstream: a request for the same digest
+/// from another upstream must not wait on (or be failed by) a slow or hostile upstream's fill.
+/// It starts its own fill, or is a hit once either one has committed the blob.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct FillKey {
+    upstream: Arc<str>,
+    digest: Digest,
+}
+
+/// The fills under way, by upstream and digest.
 pub struct Fills {
-    running: Mutex<HashMap<Digest, Running>>,
+    running: Mutex<HashMap<FillKey, Running>>,
     /// The number of fills running, for graceful shutdown to wait on.
     count: watch::Sender<usize>,
     read_timeout: Duration,
+    /// `client.min_fill_rate` over `client.min_fill_window`.
+    floor: Floor,
+    /// `limits.max_blob_size` (capped by `cache.max_size`).
+    max_blob_size: u64,
+    /// `cache.min_free`, which a fill's reservation counts against.
+    min_free: Option<u64>,
     max_fills: usize,
     retry_after: HeaderValue,
+}
+
+/// The slowest a fill may go: at least `rate` bytes per second over each `window`.
+#[derive(Clone, Copy)]
+struct Floor {
+    rate: u64,
+    window: Duration,
 }
 
 /// A reader's handle on a fill, and whether it started the fill or joined it.
@@ -114,13 +149,19 @@ const WRITE_QUEUE_CHUNKS: usize = 16;
 const MAX_RESUMES: u32 = 6;
 
 impl Fills {
-    pub fn new(read_timeout: Duration, max_fills: usize, retry_after: Duration) -> Fills {
+    pub fn new(config: &Config) -> Fills {
         Fills {
             running: Mutex::new(HashMap::new()),
             count: watch::Sender::new(0),
-            read_timeout,
-            max_fills,
-            retry_after: HeaderValue::from(retry_after.as_secs().max(1)),
+            read_timeout: config.client.read_timeout,
+            floor: Floor {
+                rate: config.client.min_fill_rate,
+                window: config.client.min_fill_window,
+            },
+            max_blob_size: config.max_blob_size(),
+            min_free: config.cache.min_free,
+            max_fills: config.limits.max_fills,
+            retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
         }
     }
 
@@ -131,8 +172,12 @@ impl Fills {
         metrics: &Arc<Metrics>,
         job: Job,
     ) -> Result<Joined, ApiError> {
+        let key = FillKey {
+            upstream: Arc::clone(&job.upstream.name),
+            digest: job.digest.clone(),
+        };
         let mut running = self.running.lock().expect("fills lock");
-        if let Some(fill) = running.get(&job.digest) {
+        if let Some(fill) = running.get(&key) {
             metrics.fill_followers.inc();
             return Ok(Joined {
                 progress: fill.progress.clone(),
@@ -161,7 +206,7 @@ impl Fills {
         let fills = Arc::clone(self);
         let cache = Arc::clone(cache);
         let metrics = Arc::clone(metrics);
-        let digest = job.digest.clone();
+        let task_key = key.clone();
         let task = tokio::spawn(async move {
             let digest = job.digest.clone();
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
@@ -170,11 +215,11 @@ impl Fills {
                 tracing::warn!(%digest, message = %error.message, detail = ?error.detail, "fill failed");
                 tx.send_replace(Progress::Failed(error));
             }
-            fills.finished(&digest);
+            fills.finished(&task_key);
             metrics.fills_in_flight.dec();
         });
         running.insert(
-            digest,
+            key,
             Running {
                 progress: rx.clone(),
                 task: task.abort_handle(),
@@ -187,9 +232,9 @@ impl Fills {
         })
     }
 
-    fn finished(&self, digest: &Digest) {
+    fn finished(&self, key: &FillKey) {
         let mut running = self.running.lock().expect("fills lock");
-        running.remove(digest);
+        running.remove(key);
         self.count.send_replace(running.len());
     }
 
@@ -220,7 +265,7 @@ impl Fills {
 
     async fn fetch(
         &self,
-        cache: &Cache,
+        cache: &Arc<Cache>,
         metrics: &Metrics,
         job: Job,
         progress: &watch::Sender<Progress>,
@@ -230,6 +275,15 @@ impl Fills {
             .blob(Method::GET, &job.repository, &job.digest)
             .await?;
         let total = crate::upstream::content_length(response.headers());
+        if let Some(total) = total.filter(|total| *total > self.max_blob_size) {
+            return Err(too_large(total));
+        }
+        // Room for the promised bytes is held from now on, so fills running side by side
+        // cannot together overshoot `max_size` or eat into `min_free`.
+        let reservation = match total {
+            Some(total) => Some(self.reserve(cache, metrics, total).await?),
+            None => None,
+        };
         let store = Arc::clone(&cache.store);
         let (path, file) = match tokio::task::spawn_blocking(move || store.temp_file()).await {
             Ok(Ok(created)) => created,
@@ -307,10 +361,11 @@ impl Fills {
             });
             return Ok(());
         }
-        cache.index.insert(
-            job.digest.clone(),
-            Entry::new(Kind::Blob, written.len, None),
-        );
+        let entry = Entry::new(Kind::Blob, written.len, None);
+        match reservation {
+            Some(reservation) => reservation.commit(job.digest.clone(), entry),
+            None => cache.index.insert(job.digest.clone(), entry),
+        }
         metrics.fills_completed.inc();
         progress.send_replace(Progress::Verified {
             file,
@@ -318,6 +373,42 @@ impl Fills {
             spill: None,
         });
         Ok(())
+    }
+
+    /// Reserves `total` bytes in the cache (evicting to make room) against `max_size` and
+    /// `min_free`; a 503 when the fills already running hold the room.
+    async fn reserve<'c>(
+        &self,
+        cache: &'c Arc<Cache>,
+        metrics: &Metrics,
+        total: u64,
+    ) -> Result<Reservation<'c>, ApiError> {
+        let full = || {
+            metrics.rejected.with_label_values(&["fills"]).inc();
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "the cache is full of blobs being fetched; retry shortly",
+            )
+            .with_header(RETRY_AFTER, self.retry_after.clone())
+        };
+        let reservation = cache.index.reserve(total).ok_or_else(full)?;
+        let Some(min_free) = self.min_free else {
+            return Ok(reservation);
+        };
+        let owned = Arc::clone(cache);
+        let room = tokio::task::spawn_blocking(move || owned.room_for_reservations(min_free))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|room| room);
+        match room {
+            Ok(true) => Ok(reservation),
+            Ok(false) => Err(full()),
+            Err(err) => {
+                metrics.disk_errors.inc();
+                Err(err.into())
+            }
+        }
     }
 
     /// Moves the upstream body into the write queue, resuming with Range requests when it
@@ -368,17 +459,31 @@ impl Fills {
     }
 
     /// Moves one upstream body into the write queue, dropping its first `skip` bytes and
-    /// counting what it queued in `received`. Fails on a stall or a broken body.
-    async fn pump(
+    /// counting what it queued in `received`. Fails on a stall, a body slower than the floor
+    /// (`Floor`), a broken body, or one longer than `max_blob_size`.
+    async fn pump<B>(
         &self,
-        mut body: Incoming,
+        mut body: B,
         mut skip: u64,
         chunks: &mpsc::Sender<Bytes>,
         received: &mut u64,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<(), UpstreamError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut pace = Pace::new(self.floor, Instant::now());
         loop {
-            let frame = match tokio::time::timeout(self.read_timeout, body.frame()).await {
-                Err(_) => return Err(UpstreamError::Timeout("blob body stalled".into())),
+            let deadline = pace.window_end().min(Instant::now() + self.read_timeout);
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) if Instant::now() < pace.window_end() => {
+                    return Err(UpstreamError::Timeout("blob body stalled".into()))
+                }
+                // The window ended while waiting: judge it, then keep waiting.
+                Err(_) => {
+                    pace.judge(Instant::now())?;
+                    continue;
+                }
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(err))) => {
                     return Err(UpstreamError::Protocol(format!("blob body: {err}")))
@@ -388,6 +493,7 @@ impl Fills {
             let Ok(mut data) = frame.into_data() else {
                 continue;
             };
+            pace.arrived(data.len() as u64);
             if skip > 0 {
                 let n = skip.min(data.len() as u64);
                 data.advance(n as usize);
@@ -397,12 +503,77 @@ impl Fills {
                 continue;
             }
             *received += data.len() as u64;
+            if *received > self.max_blob_size {
+                return Err(UpstreamError::Invalid(format!(
+                    "blob without a Content-Length ran past limits.max_blob_size ({})",
+                    self.max_blob_size
+                )));
+            }
+            let queued = Instant::now();
             if chunks.send(data).await.is_err() {
                 // The writer is gone (it panicked); the fill fails when its result is read.
                 return Ok(());
             }
+            // Time our own disk held the body back is not the upstream's slowness.
+            pace.paused(queued.elapsed());
+            if Instant::now() >= pace.window_end() {
+                pace.judge(Instant::now())?;
+            }
         }
     }
+}
+
+/// One body's progress against the `Floor`: bytes seen in the current window.
+struct Pace {
+    floor: Floor,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(floor: Floor, now: Instant) -> Pace {
+        Pace {
+            floor,
+            started: now,
+            bytes: 0,
+        }
+    }
+
+    fn window_end(&self) -> Instant {
+        self.started + self.floor.window
+    }
+
+    fn arrived(&mut self, bytes: u64) {
+        self.bytes += bytes;
+    }
+
+    fn paused(&mut self, held: Duration) {
+        self.started += held;
+    }
+
+    /// At the end of a window: a new window if the body kept to the floor, else the error
+    /// that abandons it (the fill then resumes with a Range request, as after a stall).
+    fn judge(&mut self, now: Instant) -> Result<(), UpstreamError> {
+        let wanted = (self.floor.rate as f64 * self.floor.window.as_secs_f64()) as u64;
+        if self.bytes < wanted {
+            return Err(UpstreamError::Timeout(format!(
+                "blob body slower than client.min_fill_rate: {} bytes in {:?}",
+                self.bytes, self.floor.window
+            )));
+        }
+        *self = Pace::new(self.floor, now);
+        Ok(())
+    }
+}
+
+/// The refusal of a blob over `limits.max_blob_size`: permanent, so a 4xx clients do not retry.
+fn too_large(length: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        Code::Denied,
+        "blob is larger than this mirror caches (limits.max_blob_size)",
+    )
+    .with_detail(format!("upstream Content-Length {length}"))
 }
 
 /// Asks for the rest of the blob from byte `from`. Returns the body and how many of its
@@ -608,6 +779,70 @@ impl Drop for TempFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Frame;
+
+    /// A body of `chunks` chunks of `size` bytes, each after `gap` of (virtual) time.
+    fn trickle(
+        chunks: u32,
+        size: usize,
+        gap: Duration,
+    ) -> impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames = futures_util::stream::unfold(0u32, move |n| async move {
+            if n == chunks {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            let frame = Frame::data(Bytes::from(vec![b'x'; size]));
+            Some((Ok(frame), n + 1))
+        });
+        http_body_util::StreamBody::new(Box::pin(frames))
+    }
+
+    /// Pumps `body` into a drained queue, as a fill would.
+    async fn pump_all(
+        config: &str,
+        body: impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+    ) -> (Result<(), UpstreamError>, u64) {
+        let fills = Fills::new(&Config::from_toml(config).unwrap());
+        let (chunks, mut queue) = mpsc::channel(WRITE_QUEUE_CHUNKS);
+        tokio::spawn(async move { while queue.recv().await.is_some() {} });
+        let mut received = 0;
+        let pumped = fills.pump(body, 0, &chunks, &mut received).await;
+        (pumped, received)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_byte_every_29_seconds_is_abandoned_at_the_rate_floor() {
+        // Each byte arrives inside the 30 s read timeout: only the floor can end this body.
+        let config = "[client]\nread_timeout = \"30s\"\nmin_fill_rate = \"64KiB\"\n\
+                      min_fill_window = \"30s\"";
+        let (pumped, received) = pump_all(config, trickle(1000, 1, Duration::from_secs(29))).await;
+        assert!(
+            matches!(&pumped, Err(UpstreamError::Timeout(why)) if why.contains("min_fill_rate")),
+            "{pumped:?}"
+        );
+        assert!(received <= 2, "abandoned in the first window: {received}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_above_the_floor_is_taken_whole() {
+        let config = "[client]\nmin_fill_rate = \"64KiB\"\nmin_fill_window = \"1s\"";
+        let fast = trickle(50, 128 << 10, Duration::from_millis(500));
+        let (pumped, received) = pump_all(config, fast).await;
+        assert!(pumped.is_ok(), "{pumped:?}");
+        assert_eq!(received, 50 * (128 << 10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_without_length_stops_at_max_blob_size() {
+        let config = "[cache]\nmax_size = \"1MiB\"\n[limits]\nmax_blob_size = \"64KiB\"";
+        let (pumped, received) = pump_all(config, trickle(100, 4096, Duration::ZERO)).await;
+        assert!(
+            matches!(pumped, Err(UpstreamError::Invalid(_))),
+            "{pumped:?}"
+        );
+        assert!(received <= (64 << 10) + 4096);
+    }
 
     #[test]
     fn content_range_of_a_206_is_read_strictly() {

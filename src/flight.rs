@@ -1,10 +1,12 @@
 //! Single flight: concurrent callers asking for the same key share one run of the work.
 //!
 //! Used for manifest fetches, tag revalidations and token fetches, whose results are small and
-//! cloneable. Blob fills have their own, streaming, coalescing in `fill`. The work is owned by
-//! the shared future, so it survives any one caller going away, and the key is released by the
-//! work itself when it ends, so a cancelled first caller can never leave a finished result
-//! behind for later callers.
+//! cloneable. Blob fills have their own, streaming, coalescing in `fill`. The work runs on its
+//! own task, so it completes even when every caller went away (a shared future nobody polls
+//! would sit in the map for good, and keys are built from client input), and the key is
+//! released by the work itself when it ends, so a cancelled first caller can never leave a
+//! finished result behind for later callers. The work must bound its own duration (upstream
+//! requests have deadlines).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,10 +56,19 @@ where
                     let registry = Arc::clone(&self.running);
                     let owned_key = key.clone();
                     let fut = work();
-                    let shared = async move {
+                    let task = tokio::spawn(async move {
                         let value = fut.await;
                         registry.lock().expect("flight map lock").remove(&owned_key);
                         value
+                    });
+                    let shared = async move {
+                        match task.await {
+                            Ok(value) => value,
+                            Err(err) => match err.try_into_panic() {
+                                Ok(panic) => std::panic::resume_unwind(panic),
+                                Err(_) => panic!("a single-flight task was cancelled"),
+                            },
+                        }
                     }
                     .boxed()
                     .shared();
@@ -72,6 +83,11 @@ where
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.waiting);
         (shared.await, role)
+    }
+
+    /// Runs under way (keys in the map).
+    pub fn running(&self) -> usize {
+        self.running.lock().expect("flight map lock").len()
     }
 
     /// How many callers are waiting on a run another caller started.
@@ -127,5 +143,33 @@ mod tests {
             (7, Role::Leader),
             "a finished run releases its key"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_whose_callers_all_left_completes_and_leaves_the_map() {
+        let flights: Flights<String, u32> = Flights::default();
+        let (release, gate) = oneshot::channel::<()>();
+        let (finished, done) = oneshot::channel::<()>();
+        let mut caller = Box::pin(flights.run("client-chosen-key".into(), move || async move {
+            let _ = gate.await;
+            let _ = finished.send(());
+            7
+        }));
+        assert!((&mut caller).now_or_never().is_none());
+        assert_eq!(flights.running(), 1);
+        drop(caller);
+        release.send(()).unwrap();
+        // Paused time: this timeout fires at once if nothing can make the work run.
+        tokio::time::timeout(std::time::Duration::from_secs(60), done)
+            .await
+            .expect("the work ran on although its only caller left")
+            .unwrap();
+        for _ in 0..100 {
+            if flights.running() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(flights.running(), 0, "nothing stays keyed in the map");
     }
 }

@@ -44,10 +44,11 @@
 //!                   -> (policy mode) the repository is known to hold the digest, or its
 //!                      upstream confirms with a HEAD  (access::holdings)
 //!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
-//!              \---- miss --> fill::Fills::join(digest)
+//!              \---- miss --> fill::Fills::join(upstream, digest)
 //!                               first caller: spawn fill task -> upstream GET (auth, redirects)
+//!                                   Content-Length > max_blob_size -> 403; reserve its room
 //!                                   body -> blocking writer: sha256 + temp file, publish length
-//!                                   body fails -> Range: bytes=<received>- , same file + hash
+//!                                   body fails/trickles -> Range: bytes=<received>- , same hash
 //!                                   disk fails -> unlink; rest through memory (spill), no commit
 //!                                   end  -> verify digest+length -> fsync, rename, index
 //!                               every caller (first one too): cache::reader over the temp file,
@@ -149,11 +150,7 @@ impl AppState {
         }
         let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(
-                config.client.read_timeout,
-                config.limits.max_fills,
-                config.limits.retry_after,
-            )),
+            fills: Arc::new(Fills::new(&config)),
             upstreams,
             cache,
             metrics,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::header::{
     HeaderMap, HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, RANGE,
 };
-use http::{Method, Response, StatusCode};
+use http::{Method, Response, StatusCode, Version};
 use tokio::sync::watch;
 
 use super::Served;
@@ -29,6 +29,7 @@ pub async fn serve(
     digest: &str,
     headers: &HeaderMap,
     head: bool,
+    version: Version,
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
@@ -40,7 +41,7 @@ pub async fn serve(
             metrics: Arc::clone(&state.metrics),
             digest: digest.clone(),
         };
-        let response = respond(progress, &digest, range, head, Some(evict)).await?;
+        let response = respond(progress, &digest, range, head, Some(evict), false).await?;
         return Ok((response, Outcome::Hit));
     }
     if head {
@@ -57,22 +58,30 @@ pub async fn serve(
     } else {
         Outcome::Miss
     };
-    Ok((
-        respond(joined.progress, &digest, range, head, None).await?,
-        outcome,
-    ))
+    // An HTTP/1.0 client gets a body of unknown length delimited by the connection's close,
+    // so a failed fill would look complete to it: it waits for the verified blob instead.
+    let whole_first = version <= Version::HTTP_10;
+    let progress = joined.progress;
+    let response = respond(progress, &digest, range, head, None, whole_first).await?;
+    Ok((response, outcome))
 }
 
-/// Builds the response once the fill (or the cached file) knows its size or has failed.
+/// Builds the response once the fill (or the cached file) knows its size or has failed; with
+/// `whole_first`, a blob of unknown length only once it is verified.
 async fn respond(
     mut progress: watch::Receiver<Progress>,
     digest: &Digest,
     range: Option<&str>,
     head: bool,
     evict: Option<Evict>,
+    whole_first: bool,
 ) -> Result<Response<Body>, ApiError> {
     let state = progress
-        .wait_for(|p| !matches!(p, Progress::Connecting))
+        .wait_for(|p| match p {
+            Progress::Connecting => false,
+            Progress::Streaming { total: None, .. } => !whole_first,
+            _ => true,
+        })
         .await
         .map_err(|_| {
             ApiError::new(

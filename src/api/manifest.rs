@@ -4,12 +4,12 @@
 //! when the digest changed and is not cached.
 //!
 //! Bytes are passed through exactly as the upstream sent them, never re-serialised, after
-//! checking they hash to the digest asked for or announced. Concurrent misses of one manifest,
+//! checking they hash to the digest asked for or announced. Their media type is the document's
+//! (`oci::manifest`), never the response's `Content-Type`, and their body has a deadline. Concurrent misses of one manifest,
 //! and concurrent revalidations of one tag, share one upstream request.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -260,15 +260,11 @@ async fn fetch(
         .await
         .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
     let announced = announced_digest(response.headers());
-    let media_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
-        .filter(|v| !v.is_empty());
-    let bytes = Limited::new(response.into_body(), MAX_MANIFEST)
-        .collect()
+    // The response's Content-Type is not used: the document says what it is (`oci::manifest`).
+    let read = Limited::new(response.into_body(), MAX_MANIFEST).collect();
+    let bytes = tokio::time::timeout(state.config.client.read_timeout, read)
         .await
+        .map_err(|_| bad_manifest("reading manifest: body stalled".into()))?
         .map_err(|e| bad_manifest(format!("reading manifest: {e}")))?
         .to_bytes();
     state
@@ -289,7 +285,8 @@ async fn fetch(
             "upstream announced {claimed}, sent {digest}"
         )));
     }
-    let media_type = media_type.unwrap_or_else(|| embedded_media_type(&bytes));
+    let media_type = crate::oci::manifest::media_type(&bytes)
+        .map_err(|why| bad_manifest(format!("cannot type the manifest: {why}")))?;
     let manifest = Manifest {
         digest,
         media_type: media_type.into(),
@@ -318,11 +315,6 @@ fn bad_manifest(detail: String) -> ApiError {
 fn announced_digest(headers: &HeaderMap) -> Option<Digest> {
     let value = headers.get("docker-content-digest")?.to_str().ok()?;
     Digest::parse(value.trim()).ok()
-}
-
-/// The `mediaType` field, for upstreams that send no usable Content-Type.
-fn embedded_media_type(bytes: &Bytes) -> String {
-    crate::oci::manifest::embedded_media_type(bytes)
 }
 
 fn accept_header(headers: &HeaderMap) -> Option<String> {
@@ -380,19 +372,5 @@ mod tests {
         assert!(accepts(Some(&format!("{oci}, {docker}; q=0.5")), docker));
         assert!(!accepts(Some(oci), docker));
         assert!(accepts(Some("*/*"), docker));
-    }
-
-    #[test]
-    fn media_type_falls_back_to_the_document() {
-        let bytes =
-            Bytes::from_static(br#"{"mediaType":"application/vnd.oci.image.index.v1+json"}"#);
-        assert_eq!(
-            embedded_media_type(&bytes),
-            "application/vnd.oci.image.index.v1+json"
-        );
-        assert_eq!(
-            embedded_media_type(&Bytes::from_static(b"{}")),
-            "application/vnd.oci.image.manifest.v1+json"
-        );
     }
 }

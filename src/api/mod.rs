@@ -270,7 +270,9 @@ async fn serve<B>(
         ApiPath::Manifest { reference, .. } => {
             manifest::serve(state, target, reference, headers, head).await
         }
-        ApiPath::Blob { digest, .. } => blob::serve(state, target, digest, headers, head).await,
+        ApiPath::Blob { digest, .. } => {
+            blob::serve(state, target, digest, headers, head, request.version()).await
+        }
         ApiPath::Tags { .. } => {
             passthrough::serve(target, "tags/list".into(), query, name, head).await
         }

@@ -5,8 +5,9 @@
 //! entry leaves the index first and its file is deleted after, and a reader that still has the
 //! file open keeps reading it to the end (POSIX unlink semantics). Capacity evictions happen
 //! inside `insert`, so the disk is within `max_size` as soon as an insert returns; they are
-//! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. It
-//! does not fetch or verify anything.
+//! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. A
+//! running fill reserves its Content-Length here (`reserve`), counted against `max_size` with
+//! the entries until it commits or fails. It does not fetch or verify anything.
 //!
 //! The index is an `lru::LruCache` under a mutex rather than moka (which berth uses for its
 //! smaller caches): at a million cached blobs moka's per-entry bookkeeping came to ~240 bytes,
@@ -68,6 +69,9 @@ struct Entries {
     weight: u64,
     /// Exact bytes of the entries.
     bytes: u64,
+    /// Weight promised to running fills by their Content-Length (`Reservation`), counted
+    /// against `max_weight` with the entries, so concurrent fills cannot overshoot `max_size`.
+    reserved: u64,
 }
 
 impl Entries {
@@ -91,6 +95,7 @@ impl Index {
                 lru: lru::LruCache::unbounded(),
                 weight: 0,
                 bytes: 0,
+                reserved: 0,
             }),
             max_weight: max_size,
             store,
@@ -119,23 +124,66 @@ impl Index {
     /// entries, deleting their files, until the index is within `max_size` again. An object
     /// larger than `max_size` on its own is evicted too.
     pub fn insert(&self, digest: Digest, entry: Entry) {
+        self.insert_releasing(digest, entry, 0);
+    }
+
+    /// `insert`, releasing `reserved` weight of a fill's reservation under the same lock.
+    fn insert_releasing(&self, digest: Digest, entry: Entry, reserved: u64) {
         let evicted = {
             let mut entries = self.lock();
+            entries.reserved -= reserved;
             entries.weight += weight(entry.size);
             entries.bytes += entry.size;
             if let Some(replaced) = entries.lru.put(Key::of(&digest), entry) {
                 entries.removed(&replaced);
             }
-            let mut evicted = Vec::new();
-            while entries.weight > self.max_weight {
-                let Some((key, entry)) = entries.lru.pop_lru() else {
-                    break;
-                };
-                entries.removed(&entry);
-                evicted.push((key, entry));
+            self.evict_over(&mut entries, 0)
+        };
+        self.delete(evicted);
+    }
+
+    /// Reserves room for a fill of `size` bytes: evicts least recently used entries until the
+    /// entries, the reservations of other fills and this one fit `max_size`. `None` (and
+    /// nothing evicted) when the other fills' reservations alone leave no room.
+    pub fn reserve(&self, size: u64) -> Option<Reservation<'_>> {
+        let needed = weight(size);
+        let evicted = {
+            let mut entries = self.lock();
+            if entries.reserved.saturating_add(needed) > self.max_weight {
+                return None;
             }
+            let evicted = self.evict_over(&mut entries, needed);
+            entries.reserved += needed;
             evicted
         };
+        self.delete(evicted);
+        Some(Reservation {
+            index: self,
+            weight: needed,
+        })
+    }
+
+    /// Weight reserved by running fills.
+    pub fn reserved(&self) -> u64 {
+        self.lock().reserved
+    }
+
+    /// Pops least recently used entries until `extra` more weight fits beside the entries and
+    /// the reservations.
+    fn evict_over(&self, entries: &mut Entries, extra: u64) -> Vec<(Key, Entry)> {
+        let mut evicted = Vec::new();
+        while entries.weight + entries.reserved + extra > self.max_weight {
+            let Some((key, entry)) = entries.lru.pop_lru() else {
+                break;
+            };
+            entries.removed(&entry);
+            evicted.push((key, entry));
+        }
+        evicted
+    }
+
+    /// Deletes the files of entries already out of the index.
+    fn delete(&self, evicted: Vec<(Key, Entry)>) {
         // Out of the index first, then off the disk.
         for (key, entry) in evicted {
             let digest = key.digest();
@@ -146,7 +194,32 @@ impl Index {
             }
         }
     }
+}
 
+/// Room held in the index for a running fill, from its Content-Length. Released when dropped
+/// (the fill failed), or turned into the committed entry by `commit`.
+pub struct Reservation<'a> {
+    index: &'a Index,
+    weight: u64,
+}
+
+impl Reservation<'_> {
+    /// Indexes the committed object in place of the reservation.
+    pub fn commit(mut self, digest: Digest, entry: Entry) {
+        let weight = std::mem::take(&mut self.weight);
+        self.index.insert_releasing(digest, entry, weight);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.weight > 0 {
+            self.index.lock().reserved -= self.weight;
+        }
+    }
+}
+
+impl Index {
     /// Drops an entry whose file turned out unreadable; the file is left to the caller.
     pub fn forget(&self, digest: &Digest) {
         let mut entries = self.lock();
@@ -204,6 +277,28 @@ mod tests {
             Entry::new(Kind::Blob, content.len() as u64, None),
         );
         digest
+    }
+
+    #[test]
+    fn running_fills_reserve_room_against_max_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(Arc::clone(&store), 4 * 1024, Arc::new(Metrics::new()));
+        let a = put(&store, &index, &[1; 1024]);
+        let b = put(&store, &index, &[2; 1024]);
+        let first = index.reserve(2 * 1024).expect("room after the entries");
+        assert!(index.get(&a).is_some() && index.get(&b).is_some());
+        let second = index.reserve(2 * 1024).expect("room after evicting");
+        assert!(index.get(&a).is_none() && index.get(&b).is_none());
+        assert!(!store.path(Kind::Blob, &a).exists());
+        assert!(index.reserve(1).is_none(), "the fills hold all the room");
+        drop(first);
+        assert_eq!(index.reserved(), 2 * 1024);
+        let c = Digest::of(b"c");
+        second.commit(c.clone(), Entry::new(Kind::Blob, 2 * 1024, None));
+        assert_eq!(index.reserved(), 0);
+        assert_eq!(index.weighted_bytes(), 2 * 1024);
+        assert!(index.get(&c).is_some());
     }
 
     #[test]

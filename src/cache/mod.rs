@@ -125,7 +125,9 @@ impl Cache {
 
     /// Evicts least recently used objects until the filesystem has `min_free` bytes available
     /// (or the cache is empty). Blocking: stats files. Returns the bytes freed.
+    /// The bytes reserved by running fills count as already used.
     pub fn enforce_min_free(&self, min_free: u64) -> std::io::Result<u64> {
+        let min_free = min_free.saturating_add(self.index.reserved());
         let available = evict::free_space(self.store.dir())?;
         if available >= min_free {
             return Ok(0);
@@ -156,6 +158,14 @@ impl Cache {
         Ok(freed)
     }
 
+    /// Whether the filesystem keeps `min_free` bytes beside everything running fills have
+    /// reserved, after evicting least recently used content to make room. Blocking.
+    pub fn room_for_reservations(&self, min_free: u64) -> std::io::Result<bool> {
+        self.enforce_min_free(min_free)?;
+        let wanted = min_free.saturating_add(self.index.reserved());
+        Ok(evict::free_space(self.store.dir())? >= wanted)
+    }
+
     /// A cached manifest by digest, from memory or disk. A manifest the index lists but the disk
     /// cannot produce is dropped from the index, so the next request refetches it.
     pub async fn manifest(&self, digest: &Digest) -> Option<Manifest> {
@@ -170,7 +180,12 @@ impl Cache {
         let owned = digest.clone();
         let read = tokio::task::spawn_blocking(move || store.read_manifest(&owned)).await;
         match read {
-            Ok(Ok((bytes, media_type))) if Digest::of(&bytes) == *digest => {
+            Ok(Ok(bytes)) if Digest::of(&bytes) == *digest => {
+                // The type comes from the document, as when it was fetched, never the sidecar.
+                let Ok(media_type) = crate::oci::manifest::media_type(&bytes) else {
+                    self.index.forget(digest);
+                    return None;
+                };
                 let manifest = Manifest {
                     digest: digest.clone(),
                     media_type: media_type.into(),

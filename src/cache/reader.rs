@@ -1,7 +1,8 @@
 //! Blob response bodies read from a file that is complete or still being filled.
 //!
 //! A reader sends bytes `[start, end)` of the file as the fill publishes them. It never sends the
-//! final byte of its response before the whole blob is verified, so a client can never receive a
+//! final byte of its response (of a blob of unknown length: the newest byte) before the whole
+//! blob is verified, so a client can never receive a
 //! complete-looking body of wrong content: on a failed fill the body ends in an error instead.
 //! Reads are positional (`pread`), so any number of readers share one file handle. A read is
 //! first tried in place without waiting for the disk (`RWF_NOWAIT`): a hit in the page cache,
@@ -142,10 +143,12 @@ impl Reader {
                 spill,
                 ..
             } => {
-                // Hold back the response's last byte until the digest is verified.
+                // Hold back the response's last byte until the digest is verified. Of a blob
+                // of unknown length any byte may be the last: hold back the newest one, so the
+                // last chunk and the chunked terminator go out only once it is verified.
                 let limit = match self.end {
                     Some(end) => (*written).min(end.saturating_sub(1)),
-                    None => *written,
+                    None => (*written).saturating_sub(1),
                 };
                 Ok(Readable {
                     file: Some(Arc::clone(file)),

@@ -129,16 +129,29 @@ impl Store {
             let _ = fs::remove_file(&temp);
             return Err(err);
         }
+        // The sidecar too goes through a temp file: a crash never leaves half a type behind.
         let type_path = self.type_path(digest);
+        let (type_temp, mut type_file) = self.temp_file()?;
+        if let Err(err) = type_file.write_all(media_type.as_bytes()) {
+            let _ = fs::remove_file(&type_temp);
+            let _ = fs::remove_file(&temp);
+            return Err(err);
+        }
         fs::create_dir_all(type_path.parent().expect("store paths have a parent"))?;
-        fs::write(&type_path, media_type)?;
+        fs::rename(&type_temp, &type_path)?;
         self.commit(&temp, Kind::Manifest, digest)
     }
 
-    pub fn read_manifest(&self, digest: &Digest) -> io::Result<(Vec<u8>, String)> {
-        let bytes = fs::read(self.path(Kind::Manifest, digest))?;
-        let media_type = fs::read_to_string(self.type_path(digest))?;
-        Ok((bytes, media_type))
+    /// A manifest's bytes. Its media type is read from the document by the caller; the
+    /// `.type` sidecar is informational only, so a missing or bad one changes nothing.
+    pub fn read_manifest(&self, digest: &Digest) -> io::Result<Vec<u8>> {
+        fs::read(self.path(Kind::Manifest, digest))
+    }
+
+    /// The `.type` sidecar, if it holds a media type; anything else counts as no sidecar.
+    fn read_type(&self, digest: &Digest) -> Option<String> {
+        let text = fs::read_to_string(self.type_path(digest)).ok()?;
+        crate::oci::manifest::is_media_type(&text).then_some(text)
     }
 
     pub fn open_blob(&self, kind: Kind, digest: &Digest) -> io::Result<File> {
@@ -266,14 +279,7 @@ impl Store {
         let meta = entry.metadata()?;
         let media_type = match kind {
             Kind::Blob => None,
-            Kind::Manifest => match fs::read_to_string(self.type_path(&digest)) {
-                Ok(media_type) => Some(media_type),
-                // A manifest without its media type cannot be served faithfully.
-                Err(_) => {
-                    let _ = fs::remove_file(entry.path());
-                    return Ok(None);
-                }
-            },
+            Kind::Manifest => self.read_type(&digest),
         };
         Ok(Some(Found {
             kind,
@@ -378,7 +384,7 @@ mod tests {
             found[1].media_type.as_deref(),
             Some("application/vnd.oci.image.manifest.v1+json")
         );
-        let (bytes, _) = store.read_manifest(&manifest_digest).unwrap();
+        let bytes = store.read_manifest(&manifest_digest).unwrap();
         assert_eq!(bytes, manifest);
     }
 

@@ -44,6 +44,15 @@ struct Token {
 /// Token responses are small JSON documents; anything bigger is not a token.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
+/// How long a token body may take once its head arrived (the client's response timeout covers
+/// the head only): a token endpoint trickling its answer must not hold every request waiting
+/// on that token.
+const TOKEN_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest a token is reused, whatever `expires_in` says: a day. Also keeps `now +
+/// lifetime` far from `Instant` overflow (`expires_in: 18446744073709551615` must not panic).
+const MAX_TOKEN_LIFETIME: u64 = 24 * 3600;
+
 pub struct Auth {
     upstream: String,
     /// The upstream's metric label (see `Upstream::metric_label`).
@@ -216,9 +225,10 @@ async fn request_token(
             "token endpoint answered {status}"
         )));
     }
-    let body = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
-        .collect()
+    let read = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE).collect();
+    let body = tokio::time::timeout(TOKEN_BODY_TIMEOUT, read)
         .await
+        .map_err(|_| UpstreamError::Timeout("token body stalled".into()))?
         .map_err(|e| UpstreamError::Token(format!("reading token: {e}")))?
         .to_bytes();
     parse_token(&body, Instant::now())
@@ -234,7 +244,7 @@ fn parse_token(body: &[u8], now: Instant) -> Result<Token, UpstreamError> {
         .filter(|t| !t.is_empty())
         .ok_or_else(|| UpstreamError::Token("token response holds no token".into()))?;
     // The token spec's default lifetime is 60 s.
-    let lifetime = parsed.expires_in.unwrap_or(60);
+    let lifetime = parsed.expires_in.unwrap_or(60).min(MAX_TOKEN_LIFETIME);
     let margin = (lifetime / 10).max(5);
     let usable = Duration::from_secs(lifetime.saturating_sub(margin).max(1));
     let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
@@ -258,6 +268,18 @@ mod tests {
         assert_eq!(token.expires - now, Duration::from_secs(270));
         let default = parse_token(br#"{"access_token":"xyz"}"#, now).unwrap();
         assert_eq!(default.expires - now, Duration::from_secs(54));
+    }
+
+    #[test]
+    fn absurd_token_lifetimes_are_clamped_without_overflow() {
+        let now = Instant::now();
+        for expires_in in [u64::MAX, u64::MAX / 2, i64::MAX as u64, 10u64.pow(12)] {
+            let body = format!(r#"{{"token":"abc","expires_in":{expires_in}}}"#);
+            let token = parse_token(body.as_bytes(), now).unwrap();
+            assert!(token.expires - now <= Duration::from_secs(MAX_TOKEN_LIFETIME));
+        }
+        let zero = parse_token(br#"{"token":"abc","expires_in":0}"#, now).unwrap();
+        assert_eq!(zero.expires - now, Duration::from_secs(1));
     }
 
     #[test]

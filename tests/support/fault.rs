@@ -53,6 +53,14 @@ pub enum Fault {
     /// `Tap::resume` (`Tap::wait_paused` counts it). How a test keeps a HEAD or a manifest GET
     /// in flight while other clients arrive.
     Hold,
+    /// Drop the Content-Length and stream the body chunked, as some registries and CDNs do.
+    Chunked,
+    /// `Chunked`, with the first byte of the body flipped: a wrong blob of unannounced length.
+    /// The body is held after its last byte until `Tap::resume` (`Tap::wait_paused` counts
+    /// it), so a test sees what a client got before the proxy could know the blob is wrong.
+    ChunkedCorrupt,
+    /// Replace the response's Content-Type with this one, body untouched.
+    ContentType(&'static str),
 }
 
 impl Fault {
@@ -156,6 +164,8 @@ struct Plan {
     stop_at: Option<(u64, Stop)>,
     /// Largest piece to send, and the wait after each piece.
     pace: Option<(usize, Duration)>,
+    /// Pause after the last byte, before the body ends.
+    hold_at_end: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -173,6 +183,7 @@ impl Plan {
             flip_at: None,
             stop_at: None,
             pace: None,
+            hold_at_end: false,
         };
         let middle = length.unwrap_or(0) / 2;
         match *fault {
@@ -181,7 +192,12 @@ impl Plan {
             Fault::Stall => plan.stop_at = Some((middle.min(STALL_AT_MOST), Stop::Stall)),
             Fault::PauseAt(n) => plan.stop_at = Some((n, Stop::Pause)),
             Fault::Slow(chunk, delay) => plan.pace = Some((chunk.max(1), delay)),
-            Fault::None | Fault::Status(..) | Fault::Hold => {}
+            Fault::ChunkedCorrupt => {
+                plan.flip_at = Some(0);
+                plan.hold_at_end = true;
+            }
+            Fault::None | Fault::Status(..) | Fault::Hold | Fault::Chunked => {}
+            Fault::ContentType(_) => {}
         }
         plan
     }
@@ -214,6 +230,9 @@ impl Plan {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+        if self.hold_at_end {
+            self.stop(Stop::Pause, &tx, &gate).await;
         }
     }
 

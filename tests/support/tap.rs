@@ -288,6 +288,16 @@ async fn forward(
     let body = match body_fault {
         Some(fault) => {
             let length = content_length(&parts.headers);
+            match &fault {
+                Fault::Chunked | Fault::ChunkedCorrupt => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
+                Fault::ContentType(media_type) => {
+                    let value = header::HeaderValue::from_static(media_type);
+                    parts.headers.insert(header::CONTENT_TYPE, value);
+                }
+                _ => {}
+            }
             fault::faulted_body(fault, body, length, state.gate.clone(), cut)
         }
         None => body.map_err(BoxError::from).boxed(),

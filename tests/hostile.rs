@@ -1,0 +1,437 @@
+//! What one upstream can do to the clients of another, and to the resources every client shares:
+//! a hostile upstream's slow fill is not joined by requests routed elsewhere, a trickling fill
+//! cannot pin a fill slot, an oversized blob is refused before a byte is written, and a lying
+//! `Content-Type` does not decide what type a manifest is served as.
+//!
+//! The honest upstream is a real registry; the hostile one is the tap in front of the same
+//! registry with a fault injected (a pause, a trickle, a wrong header), as no real registry
+//! misbehaves on demand.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use support::{
+    fetch, get, push_blob, random_blob, read_body, request, send, Auth, Berth, Blob, Fault, Kind,
+    Registry, Tap,
+};
+
+/// A real registry, reachable by berth as `honest.test` directly and as `hostile.test` through a
+/// tap that injects faults.
+struct TwoUpstreams {
+    registry: Registry,
+    tap: Tap,
+    berth: Berth,
+    _cache: tempfile::TempDir,
+}
+
+impl TwoUpstreams {
+    /// `extra` is appended to the config (after the `[[upstream]]` tables, so it opens its own).
+    async fn start(extra: &str) -> TwoUpstreams {
+        let registry = Registry::start(Auth::None).await;
+        let tap = Tap::start(&registry.url()).await;
+        let cache = tempfile::tempdir().unwrap();
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+default_upstream = "honest.test"
+[cache]
+dir = "{dir}"
+[[upstream]]
+host = "honest.test"
+endpoint = "{honest}"
+[[upstream]]
+host = "hostile.test"
+endpoint = "{hostile}"
+{extra}
+"#,
+            dir = cache.path().display(),
+            honest = registry.url(),
+            hostile = tap.url(),
+        );
+        let berth = Berth::start(&config).await;
+        TwoUpstreams {
+            registry,
+            tap,
+            berth,
+            _cache: cache,
+        }
+    }
+
+    async fn push(&self, size: usize, seed: u64) -> Blob {
+        let blob = random_blob(size, seed);
+        push_blob(&self.registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
+        blob
+    }
+
+    fn url(&self, blob: &Blob, upstream: &str) -> String {
+        format!(
+            "{}/v2/team/app/blobs/{}?ns={upstream}",
+            self.berth.url(),
+            blob.digest
+        )
+    }
+}
+
+/// Bounds a step that would hang on the old code, so the test fails instead of hanging.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_upstreams_stalled_fill_is_not_joined_by_clients_of_another_upstream() {
+    let two = TwoUpstreams::start("").await;
+    let blob = two.push(1_000_000, 41).await;
+
+    // The hostile upstream sends 100,000 bytes and then holds the rest of its fill.
+    two.tap.inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
+    let held = send(request(
+        Method::GET,
+        &two.url(&blob, "hostile.test"),
+        None,
+        &[],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    two.tap.wait_paused(1).await;
+
+    // A client of the honest upstream asks for the same digest meanwhile: its own fill.
+    let honest = tokio::time::timeout(HANG_GUARD, get(&two.url(&blob, "honest.test"), None))
+        .await
+        .expect("the honest client must not wait on the hostile upstream's fill")
+        .unwrap();
+    assert_eq!(honest.status, 200);
+    assert_eq!(honest.header("x-cache"), Some("MISS"), "not COALESCED");
+    assert!(honest.body == blob.bytes);
+
+    // Committed by the honest fill: from now on a hit for clients of either upstream.
+    let again = get(&two.url(&blob, "honest.test"), None).await.unwrap();
+    assert_eq!(again.header("x-cache"), Some("HIT"));
+    let hostile_hit = get(&two.url(&blob, "hostile.test"), None).await.unwrap();
+    assert_eq!(hostile_hit.header("x-cache"), Some("HIT"));
+    assert!(hostile_hit.body == blob.bytes);
+
+    // The held client still gets its whole blob once the hostile upstream goes on.
+    two.tap.resume();
+    let mut body = held.into_body();
+    let (received, error) = read_body(&mut body, blob.bytes.len() + 1).await;
+    assert!(error.is_none(), "{error:?}");
+    assert!(received == blob.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trickling_fill_is_abandoned_at_the_rate_floor_and_resumed() {
+    // 1,000 bytes every 100 ms: never silent for the 30 s read timeout, but 10 KB/s against a
+    // floor of 32 KiB/s. Without the floor this fill would take half a minute and never resume.
+    let stack = support::Stack::start(
+        "[client]\nmin_fill_rate = \"32KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"",
+    )
+    .await;
+    let blob = random_blob(300_000, 42);
+    push_blob(&stack.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    stack.tap.reset();
+    stack.tap.inject_times(
+        Kind::Blob,
+        Fault::Slow(1_000, Duration::from_millis(100)),
+        1,
+    );
+    let fetched = get(&stack.blob_url("team/app", &blob.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == blob.bytes, "whole blob, byte for byte");
+    assert_eq!(stack.berth.state.metrics.fill_resumes.get(), 1);
+    let ranged = stack
+        .tap
+        .seen()
+        .into_iter()
+        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
+        .count();
+    assert_eq!(ranged, 1, "the trickle was dropped and the rest asked for");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_over_max_blob_size_is_refused_before_a_byte_is_written() {
+    let stack = support::Stack::start("[limits]\nmax_blob_size = \"100KiB\"").await;
+    let blob = random_blob(200_000, 43);
+    push_blob(&stack.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let fetched = get(&stack.blob_url("team/app", &blob.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 403, "{:?}", fetched.body);
+    assert!(String::from_utf8_lossy(&fetched.body).contains("DENIED"));
+    let state = &stack.berth.state;
+    assert!(state.cache.index.is_empty());
+    assert_eq!(state.cache.index.reserved(), 0);
+    let blobs = std::fs::read_dir(stack.cache.path().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0, "nothing was written");
+    // A blob under the limit is filled as usual.
+    let small = random_blob(50_000, 44);
+    push_blob(&stack.registry.url(), "team/app", &small, None)
+        .await
+        .unwrap();
+    let fetched = get(&stack.blob_url("team/app", &small.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fills_running_side_by_side_cannot_overshoot_max_size() {
+    // Two 600 KB fills against a 1 MiB cache: the second would take the disk past max_size
+    // while the first runs (eviction only happens at commit), so it is refused until then.
+    let stack = support::Stack::start("max_size = \"1MiB\"").await;
+    let first = random_blob(600_000, 45);
+    let second = random_blob(600_000, 46);
+    for blob in [&first, &second] {
+        push_blob(&stack.registry.url(), "team/app", blob, None)
+            .await
+            .unwrap();
+    }
+    stack
+        .tap
+        .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
+    let held = send(request(
+        Method::GET,
+        &stack.blob_url("team/app", &first.digest),
+        None,
+        &[],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap();
+    stack.tap.wait_paused(1).await;
+    let refused = get(&stack.blob_url("team/app", &second.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+
+    stack.tap.resume();
+    let (received, error) = read_body(&mut held.into_body(), first.bytes.len() + 1).await;
+    assert!(error.is_none(), "{error:?}");
+    assert!(received == first.bytes);
+    // The first fill's room is now its committed entry; the second evicts it to fit.
+    let state = &stack.berth.state;
+    let fetched = get(&stack.blob_url("team/app", &second.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == second.bytes);
+    assert_eq!(state.cache.index.reserved(), 0);
+    assert!(state.cache.index.weighted_bytes() <= 1 << 20);
+}
+
+/// A `Stack` with one blob pushed, and the blob's URL through berth.
+async fn stack_with_blob(size: usize, seed: u64) -> (support::Stack, Blob, String) {
+    let stack = support::Stack::start("").await;
+    let blob = random_blob(size, seed);
+    push_blob(&stack.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let url = stack.blob_url("team/app", &blob.digest);
+    (stack, blob, url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_without_content_length_is_streamed_chunked_and_cached_once_verified() {
+    let (stack, blob, url) = stack_with_blob(500_000, 47).await;
+    stack.tap.inject_times(Kind::Blob, Fault::Chunked, 1);
+    let fetched = get(&url, None).await.unwrap();
+    assert_eq!(fetched.status, 200);
+    assert_eq!(
+        fetched.header("content-length"),
+        None,
+        "length unknown: chunked"
+    );
+    assert!(fetched.body == blob.bytes);
+    let digest = blob.digest.parse().unwrap();
+    assert!(stack.berth.state.cache.index.get(&digest).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_blob_without_content_length_never_reaches_a_client_whole() {
+    let (stack, blob, url) = stack_with_blob(300_000, 48).await;
+    // Every byte arrives (the first one wrong), then the upstream holds the body's end.
+    stack.tap.inject_times(Kind::Blob, Fault::ChunkedCorrupt, 1);
+    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (mut received, error) = read_body(&mut body, blob.bytes.len() - 1).await;
+    assert!(error.is_none(), "{error:?}");
+    stack.tap.wait_paused(1).await;
+    // The digest is checked when the body ends: wrong, so the held-back end never comes.
+    stack.tap.resume();
+    let (rest, error) = read_body(&mut body, 1).await;
+    received.extend_from_slice(&rest);
+    assert!(
+        error.is_some(),
+        "the body ends in an error, not a terminator"
+    );
+    assert_eq!(
+        received.len(),
+        blob.bytes.len() - 1,
+        "the last byte was held back until verification"
+    );
+    assert!(stack.berth.state.cache.index.is_empty());
+}
+
+/// Sends `GET path HTTP/1.0` over a raw socket and reads to the close.
+async fn http10_get(addr: std::net::SocketAddr, path: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.0\r\nHost: berth\r\n\r\n");
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(HANG_GUARD, socket.read_to_end(&mut response))
+        .await
+        .expect("berth answers and closes")
+        .unwrap();
+    response
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http10_client_gets_a_blob_of_unknown_length_only_once_verified() {
+    let (stack, blob, _) = stack_with_blob(200_000, 49).await;
+    let path = format!("/v2/team/app/blobs/{}", blob.digest);
+
+    // Wrong bytes: HTTP/1.0 has no way to say a body failed, so the answer is an error status.
+    stack.tap.inject_times(Kind::Blob, Fault::ChunkedCorrupt, 1);
+    let addr = stack.berth.addr;
+    let bad = tokio::spawn(async move { http10_get(addr, &path).await });
+    stack.tap.wait_paused(1).await;
+    stack.tap.resume();
+    let bad = bad.await.unwrap();
+    let status_line = String::from_utf8_lossy(&bad[..bad.len().min(20)]).to_string();
+    assert!(status_line.contains(" 502 "), "{status_line}");
+
+    // Right bytes: a 200 with the verified length.
+    stack.tap.inject_times(Kind::Blob, Fault::Chunked, 1);
+    let path = format!("/v2/team/app/blobs/{}", blob.digest);
+    let good = http10_get(addr, &path).await;
+    let split = good.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&good[..split]).to_ascii_lowercase();
+    assert!(head.contains(" 200 "), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {}", blob.bytes.len())),
+        "{head}"
+    );
+    assert!(good[split..] == blob.bytes[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifests_type_comes_from_the_document_not_a_lying_content_type() {
+    use support::{push_image, Flavor, Image};
+    let mut stack = support::Stack::start("").await;
+    let image = Image::random(Flavor::Docker, 50, &[1000]);
+    let registry = stack.registry.url();
+    for tag in ["v1", "v2"] {
+        push_image(&registry, "team/app", tag, &image, None)
+            .await
+            .unwrap();
+    }
+    let docker = Flavor::Docker.manifest_type();
+    let manifest =
+        |reference: &str| format!("{}/v2/team/app/manifests/{reference}", stack.berth.url());
+    let accept = [("accept", docker)];
+    let fetch_type = |url: String| async move {
+        let fetched = fetch(request(Method::GET, &url, None, &accept, Bytes::new()))
+            .await
+            .unwrap();
+        assert_eq!(fetched.status, 200, "{url}");
+        fetched.header("content-type").unwrap().to_string()
+    };
+
+    // The upstream claims the image manifest is an index.
+    let index = Flavor::Oci.index_type();
+    stack
+        .tap
+        .inject_times(Kind::Manifest, Fault::ContentType(index), 1);
+    assert_eq!(fetch_type(manifest("v1")).await, docker);
+    // A later response for the same digest lies differently: nothing is rewritten.
+    stack
+        .tap
+        .inject_times(Kind::Manifest, Fault::ContentType("text/html"), 1);
+    assert_eq!(fetch_type(manifest("v2")).await, docker);
+    assert_eq!(fetch_type(manifest(image.digest())).await, docker);
+
+    // A damaged `.type` sidecar on disk is as good as none: the document still tells.
+    let hex = image.digest().trim_start_matches("sha256:");
+    let sidecar = stack
+        .cache
+        .path()
+        .join(format!("manifests/sha256/{}/{hex}.type", &hex[..2]));
+    assert!(sidecar.exists());
+    std::fs::write(&sidecar, "text/html\r\nX-Injected: 1").unwrap();
+    stack.restart_berth("").await;
+    let manifest = format!(
+        "{}/v2/team/app/manifests/{}",
+        stack.berth.url(),
+        image.digest()
+    );
+    let before = stack.tap.count(Method::GET, Kind::Manifest);
+    assert_eq!(fetch_type(manifest).await, docker);
+    assert_eq!(
+        stack.tap.count(Method::GET, Kind::Manifest),
+        before,
+        "served from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_manifest_body_fails_at_its_deadline_and_the_next_request_fetches_anew() {
+    use support::{push_image, Flavor, Image};
+    let stack = support::Stack::start("[client]\nread_timeout = \"500ms\"").await;
+    let image = Image::random(Flavor::Oci, 51, &[1000]);
+    push_image(&stack.registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let url = format!("{}/v2/team/app/manifests/v1", stack.berth.url());
+    let accept = [("accept", Flavor::Oci.manifest_type())];
+    // The upstream sends the head and half the manifest, then nothing, connection open.
+    stack.tap.inject_times(Kind::Manifest, Fault::Stall, 1);
+    let stalled = tokio::time::timeout(
+        HANG_GUARD,
+        fetch(request(Method::GET, &url, None, &accept, Bytes::new())),
+    )
+    .await
+    .expect("a stalled manifest body must not hold the request")
+    .unwrap();
+    assert_eq!(stalled.status, 502);
+    // The single flight of that fetch is gone: the next request asks the upstream again.
+    let fetched = fetch(request(Method::GET, &url, None, &accept, Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(fetched.status, 200);
+    assert!(fetched.body == image.manifest.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_that_would_eat_into_min_free_is_refused_before_it_writes() {
+    // No filesystem here has a petabyte free: every fill's reservation breaks `min_free`, and
+    // evicting the (empty) cache cannot help.
+    let stack = support::Stack::start("min_free = \"1PiB\"").await;
+    let blob = random_blob(100_000, 52);
+    push_blob(&stack.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let refused = get(&stack.blob_url("team/app", &blob.digest), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    let state = &stack.berth.state;
+    assert_eq!(state.cache.index.reserved(), 0, "the refused fill let go");
+    assert!(state.cache.index.is_empty());
+}
