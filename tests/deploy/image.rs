@@ -272,7 +272,7 @@ async fn check_image_config(podman: &Podman) {
     );
     assert_eq!(labels["org.opencontainers.image.source"], SOURCE);
     // Kept only because the image is in the docker format (`--format docker`).
-    let health = &inspected[0]["HealthCheck"];
+    let health = &inspected[0]["Healthcheck"];
     assert_eq!(
         health["Test"],
         serde_json::json!(["CMD", "berth", "health"]),

@@ -120,11 +120,14 @@ async fn containerd_pulls_through_berth_with_the_shipped_hosts_toml() {
     assert_eq!(containerd.escapes(), Vec::<String>::new());
     // containerd's ?ns= chose the upstream.
     let line = site.logged("/v2/library/nodes/manifests/v1");
-    assert!(line.contains("upstream=docker.io"), "{line}");
+    assert!(line.contains("upstream=\"docker.io\""), "{line}");
     let line = site.logged("/v2/team/app/manifests/v1");
-    assert!(line.contains("upstream=ghcr.io"), "{line}");
+    assert!(line.contains("upstream=\"ghcr.io\""), "{line}");
     let line = site.logged("/v2/team/other/manifests/v1");
-    assert!(line.contains("upstream=registry.example.test"), "{line}");
+    assert!(
+        line.contains("upstream=\"registry.example.test\""),
+        "{line}"
+    );
     drop(site.registry);
 }
 
@@ -153,9 +156,9 @@ async fn podman_pulls_by_original_name_through_berth_with_the_shipped_registries
     }
     // The mirror location's path prefix chose the upstream.
     let line = site.logged("/v2/docker.io/library/nodes/manifests/v1");
-    assert!(line.contains("upstream=docker.io"), "{line}");
+    assert!(line.contains("upstream=\"docker.io\""), "{line}");
     let line = site.logged("/v2/ghcr.io/team/app/manifests/v1");
-    assert!(line.contains("upstream=ghcr.io"), "{line}");
+    assert!(line.contains("upstream=\"ghcr.io\""), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,7 +189,7 @@ async fn dockerd_pulls_docker_hub_images_through_berth_with_the_shipped_daemon_j
     assert_eq!(digest.trim(), format!("nodes@{}", site.images[0].digest()));
     // Docker names no registry in the path: berth's default_upstream (docker.io) served it.
     let line = site.logged("/v2/library/nodes/manifests/v1");
-    assert!(line.contains("upstream=docker.io"), "{line}");
+    assert!(line.contains("upstream=\"docker.io\""), "{line}");
 }
 
 /// A private dockerd: its own socket, data root, exec root and pid file under a temp dir,
