@@ -349,9 +349,7 @@ impl Drop for Container {
 
 /// The value after `name` in a log line: `listen=127.0.0.1:5000 ...`.
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
-    let start = line
-        .split_whitespace()
+    line.split_whitespace()
         .find_map(|word| word.strip_prefix(name))
-        .unwrap_or_else(|| panic!("no {name} in {line:?}"));
-    start
+        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
 }

@@ -14,25 +14,24 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::tools::{assert_ok, berth_binary, deploy, have, output_ok, with_address};
+use super::tools::{assert_ok, berth_binary, deploy, have, run_ok, with_address};
 
 /// The Kubernetes minor the objects are validated against: the oldest still supported.
 const KUBERNETES: &str = "1.35.0";
 
-#[tokio::test]
-async fn base_renders_into_valid_objects_that_fit_its_config() {
+#[test]
+fn base_renders_into_valid_objects_that_fit_its_config() {
     check_rendering(
         "base_renders_into_valid_objects_that_fit_its_config",
         "base",
         true,
-    )
-    .await;
+    );
 }
 
-#[tokio::test]
-async fn example_overlay_renders_into_valid_objects_that_fit_its_config() {
+#[test]
+fn example_overlay_renders_into_valid_objects_that_fit_its_config() {
     let test = "example_overlay_renders_into_valid_objects_that_fit_its_config";
-    let objects = check_rendering(test, "overlays/example", false).await;
+    let objects = check_rendering(test, "overlays/example", false);
     let Some(objects) = objects else { return };
     // The overlay's own values arrived: its address, replicas, and pull secret.
     assert_eq!(
@@ -47,10 +46,10 @@ async fn example_overlay_renders_into_valid_objects_that_fit_its_config() {
     assert!(secret["data"].get("ghcr.json").is_some(), "{secret}");
 }
 
-#[tokio::test]
-async fn hostpath_overlay_renders_into_valid_objects_that_fit_its_config() {
+#[test]
+fn hostpath_overlay_renders_into_valid_objects_that_fit_its_config() {
     let test = "hostpath_overlay_renders_into_valid_objects_that_fit_its_config";
-    let objects = check_rendering(test, "overlays/hostpath", false).await;
+    let objects = check_rendering(test, "overlays/hostpath", false);
     let Some(objects) = objects else { return };
     let pod = &object(&objects, "StatefulSet", "berth")["spec"]["template"]["spec"];
     let init = &pod["initContainers"][0];
@@ -61,30 +60,29 @@ async fn hostpath_overlay_renders_into_valid_objects_that_fit_its_config() {
 }
 
 /// Renders `dir` under deploy/kubernetes and checks everything; `None` if a tool is missing.
-async fn check_rendering(test: &str, dir: &str, negative_control: bool) -> Option<Vec<Value>> {
+fn check_rendering(test: &str, dir: &str, negative_control: bool) -> Option<Vec<Value>> {
     if !have(test, &["kubectl", "kubernetes-validate", "python3"]) {
         return None;
     }
-    let version = output_ok(command("kubectl", &["version", "--client"])).await;
+    let version = run_ok(command("kubectl", &["version", "--client"]));
     let version = String::from_utf8_lossy(&version.stdout).into_owned();
     eprintln!("rendering with kubectl's kustomize:\n{version}");
     assert!(version.contains("Kustomize Version: v5"), "{version}");
 
     let dir = deploy("kubernetes").join(dir);
-    let rendered = output_ok(command(
+    let rendered = run_ok(command(
         "kubectl",
         &["kustomize", &dir.display().to_string()],
-    ))
-    .await;
-    let objects = yaml_documents(&rendered.stdout).await;
+    ));
+    let objects = yaml_documents(&rendered.stdout);
     let work = tempfile::tempdir().unwrap();
-    validate_builtin(&objects, work.path(), negative_control).await;
+    validate_builtin(&objects, work.path(), negative_control);
     check_operator_objects(&objects);
     check_dashboard(&objects);
-    let config = check_config_map(&objects, work.path()).await;
+    let config = check_config_map(&objects, work.path());
     check_statefulset(&objects, &config);
     check_services_and_policies(&objects, &config);
-    check_node_hosts(&objects, work.path()).await;
+    check_node_hosts(&objects, work.path());
     Some(objects)
 }
 
@@ -95,18 +93,17 @@ fn command(program: &str, args: &[&str]) -> Command {
 }
 
 /// YAML documents as JSON values, read by PyYAML (kubernetes-validate's own YAML reader).
-async fn yaml_documents(yaml: &[u8]) -> Vec<Value> {
+fn yaml_documents(yaml: &[u8]) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("in.yaml");
     std::fs::write(&path, yaml).unwrap();
     let script = "import sys, json, yaml\n\
                   docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
                   json.dump(docs, sys.stdout)";
-    let converted = output_ok(command(
+    let converted = run_ok(command(
         "python3",
         &["-c", script, &path.display().to_string()],
-    ))
-    .await;
+    ));
     serde_json::from_slice(&converted.stdout).expect("PyYAML's JSON")
 }
 
@@ -119,7 +116,7 @@ fn is_builtin(object: &Value) -> bool {
     }
 }
 
-async fn validate_builtin(objects: &[Value], work: &Path, negative_control: bool) {
+fn validate_builtin(objects: &[Value], work: &Path, negative_control: bool) {
     let mut files = Vec::new();
     for (i, object) in objects.iter().filter(|o| is_builtin(o)).enumerate() {
         let path = work.join(format!("object-{i}.yaml"));
@@ -133,7 +130,9 @@ async fn validate_builtin(objects: &[Value], work: &Path, negative_control: bool
     );
     let mut args = vec!["--strict", "--quiet", "-k", KUBERNETES];
     args.extend(files.iter().map(String::as_str));
-    let validated = super::tools::output(command("kubernetes-validate", &args)).await;
+    let validated = command("kubernetes-validate", &args)
+        .output()
+        .expect("run kubernetes-validate");
     assert_ok("kubernetes-validate --strict", &validated);
 
     if negative_control {
@@ -149,7 +148,9 @@ async fn validate_builtin(objects: &[Value], work: &Path, negative_control: bool
             KUBERNETES,
             &path.display().to_string(),
         ];
-        let rejected = super::tools::output(command("kubernetes-validate", &args)).await;
+        let rejected = command("kubernetes-validate", &args)
+            .output()
+            .expect("run kubernetes-validate");
         assert!(
             !rejected.status.success(),
             "a misspelt field passed strict validation"
@@ -236,30 +237,11 @@ fn check_operator_objects(objects: &[Value]) {
         }
     }
     let alerts = std::fs::read(deploy("alerts.yml")).unwrap();
-    let alerts = futures_block(yaml_documents(&alerts));
+    let alerts = yaml_documents(&alerts);
     assert_eq!(
         &rule["spec"]["groups"], &alerts[0]["groups"],
         "the PrometheusRule is not deploy/alerts.yml: regenerate it (prometheusrule.yaml says how)"
     );
-}
-
-/// `yaml_documents` from a sync checker: tests run on a runtime, so hand it one more thread.
-fn futures_block<F: std::future::Future + Send>(future: F) -> F::Output
-where
-    F::Output: Send,
-{
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(future)
-            })
-            .join()
-            .unwrap()
-    })
 }
 
 fn check_dashboard(objects: &[Value]) {
@@ -273,14 +255,14 @@ fn check_dashboard(objects: &[Value]) {
 }
 
 /// The ConfigMap's berth.toml passes `berth check-config`; returns it parsed.
-async fn check_config_map(objects: &[Value], work: &Path) -> berth::config::Config {
+fn check_config_map(objects: &[Value], work: &Path) -> berth::config::Config {
     let map = object(objects, "ConfigMap", "berth-config");
     let toml = text(&map["data"]["berth.toml"], "berth.toml");
     let path = work.join("berth.toml");
     std::fs::write(&path, toml).unwrap();
     let mut check = Command::new(berth_binary());
     check.arg("check-config").arg("--config").arg(&path);
-    output_ok(check).await;
+    run_ok(check);
     berth::config::Config::from_toml(toml).expect("checked config parses")
 }
 
@@ -403,6 +385,21 @@ fn check_statefulset(objects: &[Value], config: &berth::config::Config) {
         );
     }
 
+    let access = [
+        config.access.principals.as_deref().and_then(Path::parent),
+        config.access.policies.as_deref(),
+    ];
+    for dir in access.into_iter().flatten() {
+        let (name, _) = mounts
+            .iter()
+            .find(|(_, path)| Path::new(path) == dir)
+            .unwrap_or_else(|| panic!("nothing mounted at {}", dir.display()));
+        assert!(
+            volume(name).unwrap()["secret"]["secretName"].is_string(),
+            "{name} is not a Secret"
+        );
+    }
+
     // The cache volume holds max_size + min_free.
     let needed = config.cache.max_size + config.cache.min_free.unwrap_or(0);
     match set["spec"]["volumeClaimTemplates"].as_array() {
@@ -480,7 +477,7 @@ fn check_services_and_policies(objects: &[Value], config: &berth::config::Config
 
 /// The DaemonSet's own script, run here on the ConfigMap's files, writes exactly the shipped
 /// deploy/nodes/containerd files with the berth-nodes ClusterIP in them.
-async fn check_node_hosts(objects: &[Value], work: &Path) {
+fn check_node_hosts(objects: &[Value], work: &Path) {
     let daemon = object(objects, "DaemonSet", "berth-node-hosts");
     let container = &daemon["spec"]["template"]["spec"]["containers"][0];
     let script = text(&container["args"][0], "script");
@@ -513,7 +510,7 @@ async fn check_node_hosts(objects: &[Value], work: &Path) {
         .env("HOSTS_DIR", &hosts)
         .env("ONCE", "1")
         .envs(env.iter().map(|(k, v)| (*k, *v)));
-    output_ok(run).await;
+    run_ok(run);
 
     let address = format!("{}:{}", env["BERTH_IP"], env["BERTH_PORT"]);
     let shipped = deploy("nodes/containerd");

@@ -128,7 +128,6 @@ async fn containerd_pulls_through_berth_with_the_shipped_hosts_toml() {
         line.contains("upstream=\"registry.example.test\""),
         "{line}"
     );
-    drop(site.registry);
 }
 
 #[tokio::test(flavor = "multi_thread")]

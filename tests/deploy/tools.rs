@@ -52,8 +52,17 @@ pub async fn output(mut command: Command) -> Output {
 
 /// `output`, failing the test with both streams unless the command exits 0.
 pub async fn output_ok(command: Command) -> Output {
+    tokio::task::spawn_blocking(move || run_ok(command))
+        .await
+        .expect("command thread")
+}
+
+/// Runs a command to completion, failing the test with both streams unless it exits 0.
+pub fn run_ok(mut command: Command) -> Output {
     let shown = format!("{command:?}");
-    let output = output(command).await;
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
     assert_ok(&shown, &output);
     output
 }
