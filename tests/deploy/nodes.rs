@@ -19,7 +19,7 @@ use super::tools::{deploy, have, output_ok, with_address};
 
 /// The loopback registry and berth in front of it, as every node test uses them.
 struct Site {
-    registry: Registry,
+    _registry: Registry,
     berth: BerthProcess,
     _work: tempfile::TempDir,
     /// `library/nodes:v1` (docker.io), `team/app:v1` (ghcr.io), `team/other:v1` (a registry
@@ -55,7 +55,7 @@ impl Site {
         );
         let berth = BerthProcess::start(&config, work.path());
         Site {
-            registry,
+            _registry: registry,
             berth,
             _work: work,
             images,
