@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::podman::Podman;
 use super::support::{push_image, read_oci_layout, skopeo_copy_ok, Auth, Flavor, Image, Registry};
-use super::tools::{assert_ok, berth_binary, deploy, have, output, output_ok};
+use super::tools::{assert_ok, berth_binary, deploy, have, output, output_ok, tool};
 
 const IMAGE: &str = "localhost/berth:test";
 const BASE: &str = "localhost/berth-test-base:latest";
@@ -28,7 +28,7 @@ fn hadolint_passes_on_the_dockerfile() {
     if !have("hadolint_passes_on_the_dockerfile", &["hadolint"]) {
         return;
     }
-    let output = Command::new("hadolint")
+    let output = tool("hadolint")
         .arg(deploy("Dockerfile"))
         .output()
         .expect("run hadolint");
@@ -79,7 +79,9 @@ async fn runtime_image_serves_pulls_from_a_read_only_root_as_nonroot() {
     let listen = field(&serving, "listen=");
     let admin = field(&serving, "admin_listen=");
 
-    // A pull through the container; the miss is filled into the volume, the only writable path.
+    // A pull through the container. The miss is filled into /var/cache/berth, the only
+    // writable path: an anonymous volume podman made from the image's VOLUME, owned by
+    // 65532 because the image's directory is, so berth (65532, no capabilities) can write.
     let layout = tempfile::tempdir().unwrap();
     skopeo_copy_ok(&format!("{listen}/library/app:v1"), layout.path(), &[]).await;
     let pulled = read_oci_layout(layout.path()).unwrap();

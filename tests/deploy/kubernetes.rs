@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::tools::{assert_ok, berth_binary, deploy, have, run_ok, with_address};
+use super::tools::{assert_ok, berth_binary, deploy, have, run_ok, tool, with_address};
 
 /// The Kubernetes minor the objects are validated against: the oldest still supported.
 const KUBERNETES: &str = "1.35.0";
@@ -87,7 +87,7 @@ fn check_rendering(test: &str, dir: &str, negative_control: bool) -> Option<Vec<
 }
 
 fn command(program: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(program);
+    let mut command = tool(program);
     command.args(args);
     command
 }

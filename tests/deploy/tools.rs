@@ -34,11 +34,24 @@ pub fn have(test: &str, tools: &[&str]) -> bool {
     false
 }
 
+/// A tool on PATH, or a PyPI tool in python3's scripts directory (pip installs hadolint and
+/// kubernetes-validate there, which need not be on PATH).
 pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
         .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
+        .find(|candidate| candidate.is_file());
+    found.or_else(|| {
+        let script = "import sysconfig; print(sysconfig.get_path('scripts'))";
+        let output = Command::new("python3").args(["-c", script]).output().ok()?;
+        let dir = String::from_utf8(output.stdout).ok()?;
+        Some(Path::new(dir.trim()).join(tool)).filter(|candidate| candidate.is_file())
+    })
+}
+
+/// A command for `tool`, found as `which` finds it (`have` has checked it is there).
+pub fn tool(tool: &str) -> Command {
+    Command::new(which(tool).unwrap_or_else(|| PathBuf::from(tool)))
 }
 
 /// Runs a command to completion on the blocking pool.
