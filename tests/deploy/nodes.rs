@@ -128,6 +128,53 @@ async fn containerd_pulls_through_berth_with_the_shipped_hosts_toml() {
         line.contains("upstream=\"registry.example.test\""),
         "{line}"
     );
+
+    // berth down: containerd falls back to the registry's own `server`, so a node never needs
+    // berth to pull (berth's own image included). Here that is the refusing stand-in.
+    site.berth.kill9();
+    let fetched = containerd
+        .fetch("docker.io/library/berth:v1", hosts.path(), &[])
+        .await;
+    assert!(!fetched.status.success());
+    let escapes = containerd.escapes();
+    assert!(
+        escapes
+            .iter()
+            .any(|e| e.contains("registry-1.docker.io:443")),
+        "no fallback to docker.io's server: {escapes:?}"
+    );
+}
+
+#[test]
+fn every_shipped_hosts_toml_keeps_its_registry_as_the_fallback_server() {
+    let shipped = deploy("nodes/containerd");
+    let mut registries = Vec::new();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let registry = entry.unwrap().file_name().into_string().unwrap();
+        let text = with_address(&shipped.join(&registry).join("hosts.toml"), "10.0.0.1:5000");
+        let hosts: toml::Table = toml::from_str(&text).unwrap();
+        let server = hosts.get("server").and_then(toml::Value::as_str);
+        let expected = match registry.as_str() {
+            // containerd's own default for the fallback: https://<registry>.
+            "_default" => None,
+            "docker.io" => Some("https://registry-1.docker.io".to_string()),
+            other => Some(format!("https://{other}")),
+        };
+        assert_eq!(server.map(str::to_string), expected, "{registry}");
+        let mirror = &hosts["host"]["http://10.0.0.1:5000"];
+        // Pull only: a push through berth is refused, and containerd must not try it there.
+        assert_eq!(
+            mirror["capabilities"],
+            toml::Value::Array(vec!["pull".into(), "resolve".into()]),
+            "{registry}"
+        );
+        registries.push(registry);
+    }
+    registries.sort();
+    assert!(
+        registries.len() >= 7 && registries[0] == "_default",
+        "{registries:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
