@@ -28,6 +28,7 @@
 //! - `stamp`    "has this file changed?" (time, length, inode), for every file re-read on change.
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
+//! - `probe`    `berth health`: one GET of `/healthz`, for images without a shell or curl.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
 //! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress;
 //!   `warm::image` picks the platform and reads manifests (pure).
@@ -80,6 +81,7 @@ pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod oci;
+pub mod probe;
 pub mod route;
 pub mod secret;
 pub mod secrets;

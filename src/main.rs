@@ -66,6 +66,21 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Validate a config (the embedded default without --config) and print the effective
+    /// configuration, defaults filled in and secrets redacted; exit 1 naming the bad key.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Exit 0 when a berth's `/healthz` answers 200, else 1: a HEALTHCHECK or exec probe that
+    /// needs no shell or curl in the image.
+    Health {
+        #[arg(long, default_value = berth::probe::DEFAULT_URL)]
+        url: String,
+        /// Give up after this long, connecting included.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        timeout: std::time::Duration,
+    },
     /// Print the hash of a key for the principals file. The key is read from stdin (one line),
     /// so it stays out of shell history and `ps`.
     HashKey {
@@ -207,6 +222,22 @@ fn main() -> anyhow::Result<()> {
         Command::Load(args) => load(args),
         Command::DefaultConfig => {
             print!("{}", berth::config::EMBEDDED_DEFAULT);
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let (source, config) = match config {
+                Some(path) => (path.display().to_string(), Config::load(&path)?),
+                None => ("the embedded default".into(), Config::embedded_default()),
+            };
+            println!("# {source} is valid; effective configuration:\n{config:#?}");
+            Ok(())
+        }
+        Command::Health { url, timeout } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(berth::probe::check(&url, timeout))?;
             Ok(())
         }
         Command::HashKey { generate } => hash_key(generate),
