@@ -144,8 +144,10 @@ impl AppState {
         let upstreams =
             Upstreams::with_metrics(&config, Arc::clone(&metrics)).map_err(StartError::Client)?;
         let cache = Arc::new(cache);
-        if let Some(min_free) = config.cache.min_free {
-            tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
+        let (min_free, min_free_inodes) = (config.cache.min_free, config.cache.min_free_inodes);
+        if min_free.is_some() || min_free_inodes.is_some() {
+            let floor = (min_free.unwrap_or(0), min_free_inodes.unwrap_or(0));
+            tokio::spawn(keep_free_space(Arc::downgrade(&cache), floor));
         }
         let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
@@ -166,18 +168,20 @@ impl AppState {
     }
 }
 
-/// How often free space is checked against `cache.min_free`.
+/// How often free space is checked against `cache.min_free` and `cache.min_free_inodes`.
 const FREE_SPACE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Keeps `min_free` bytes available on the cache filesystem for as long as the cache lives.
-async fn keep_free_space(cache: std::sync::Weak<Cache>, min_free: u64) {
+/// Keeps `min_free` bytes and `min_free_inodes` inodes available on the cache filesystem for
+/// as long as the cache lives.
+async fn keep_free_space(cache: std::sync::Weak<Cache>, (min_free, min_inodes): (u64, u64)) {
     let mut ticks = tokio::time::interval(FREE_SPACE_CHECK);
     loop {
         ticks.tick().await;
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        let result = tokio::task::spawn_blocking(move || cache.enforce_min_free(min_free)).await;
+        let result =
+            tokio::task::spawn_blocking(move || cache.enforce_free(min_free, min_inodes)).await;
         if let Ok(Err(err)) = result {
             tracing::warn!(%err, "cannot check free space of the cache directory");
         }

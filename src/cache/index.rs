@@ -1,9 +1,17 @@
-//! The in-memory index: digest -> kind, size and media type of every committed object, kept in
-//! least-recently-used order and bounded by `cache.max_size`.
+//! The in-memory index: (kind, digest) -> size and media type of every committed object, kept
+//! in least-recently-used order and bounded by `cache.max_size`. A blob and a manifest with the
+//! same digest are two objects (two files), so they are two entries.
+//!
+//! `max_size` bounds real disk use: an object weighs what the filesystem allocated for it
+//! (whole blocks, its media-type sidecar included, at least `MIN_WEIGHT`), read from the file
+//! when it is indexed. So the index holds at most `max_size / MIN_WEIGHT` entries, and its
+//! memory is bounded by that times the per-entry cost (README, "Disk and memory").
 //!
 //! The index is the only way content is found, so it must never name a file that is gone: an
 //! entry leaves the index first and its file is deleted after, and a reader that still has the
-//! file open keeps reading it to the end (POSIX unlink semantics). Capacity evictions happen
+//! file open keeps reading it to the end (POSIX unlink semantics). The file is deleted only if
+//! it is still the one the entry named (`Store::remove_if`, by inode): a fill that committed
+//! the digest again in between keeps its file. Capacity evictions happen
 //! inside `insert`, so the disk is within `max_size` as soon as an insert returns; they are
 //! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. It
 //! does not fetch or verify anything.
@@ -26,6 +34,10 @@ pub struct Entry {
     pub size: u64,
     /// Manifests only: the `Content-Type` the upstream served them with.
     pub media_type: Option<Arc<str>>,
+    /// Bytes accounted against `max_size`; set by `Index::insert` from the file.
+    weight: u64,
+    /// The file's inode when indexed, so a removal deletes this file and no later one.
+    inode: u64,
 }
 
 impl Entry {
@@ -34,27 +46,32 @@ impl Entry {
             kind,
             size,
             media_type: media_type.map(Into::into),
+            weight: weight(size),
+            inode: 0,
         }
     }
 }
 
-/// Bytes an object is accounted at: its size rounded up to whole KiB (at least 1 KiB), a rough
-/// stand-in for filesystem blocks, so a million tiny objects still count against `max_size`.
+/// The least an object weighs: one 4 KiB block, the usual allocation unit, so a million tiny
+/// objects still count against `max_size` and the entry count stays bounded.
+pub const MIN_WEIGHT: u64 = 4096;
+
+/// Bytes an object whose file cannot be measured is accounted at: its size in 4 KiB blocks.
 fn weight(size: u64) -> u64 {
-    size.div_ceil(1024).max(1) * 1024
+    size.div_ceil(MIN_WEIGHT).max(1) * MIN_WEIGHT
 }
 
-/// The index key: the raw 32 hash bytes of a sha256 digest. The `Digest` string is 71 bytes
-/// on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys alone.
+/// The index key: the raw 32 hash bytes of a sha256 digest and the kind. The `Digest` string
+/// is 71 bytes on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Key([u8; 32]);
+struct Key([u8; 32], Kind);
 
 impl Key {
-    fn of(digest: &Digest) -> Key {
+    fn of(kind: Kind, digest: &Digest) -> Key {
         let mut raw = [0u8; 32];
         // A `Digest` is always sha256 with 64 lowercase hex characters.
         hex::decode_to_slice(digest.hex(), &mut raw).expect("a parsed digest is valid hex");
-        Key(raw)
+        Key(raw, kind)
     }
 
     fn digest(&self) -> Digest {
@@ -72,9 +89,16 @@ struct Entries {
 
 impl Entries {
     fn removed(&mut self, entry: &Entry) {
-        self.weight -= weight(entry.size);
+        self.weight -= entry.weight;
         self.bytes -= entry.size;
     }
+}
+
+/// An entry taken out of the index whose file is still to be deleted (`Index::delete`).
+#[derive(Debug)]
+pub struct Removed {
+    pub digest: Digest,
+    pub entry: Entry,
 }
 
 pub struct Index {
@@ -106,24 +130,40 @@ impl Index {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Looks up a digest and marks it recently used.
+    /// Looks up a digest, the blob if both a blob and a manifest are cached, and marks it
+    /// recently used.
     pub fn get(&self, digest: &Digest) -> Option<Entry> {
-        self.lock().lru.get(&Key::of(digest)).cloned()
+        let mut entries = self.lock();
+        match entries.lru.get(&Key::of(Kind::Blob, digest)) {
+            Some(blob) => Some(blob.clone()),
+            None => entries.lru.get(&Key::of(Kind::Manifest, digest)).cloned(),
+        }
+    }
+
+    /// Looks up one kind of object and marks it recently used.
+    pub fn get_kind(&self, kind: Kind, digest: &Digest) -> Option<Entry> {
+        self.lock().lru.get(&Key::of(kind, digest)).cloned()
     }
 
     pub fn touch(&self, digest: &Digest) {
-        let _ = self.lock().lru.get(&Key::of(digest));
+        let mut entries = self.lock();
+        let _ = entries.lru.get(&Key::of(Kind::Blob, digest));
+        let _ = entries.lru.get(&Key::of(Kind::Manifest, digest));
     }
 
     /// Adds or replaces an entry as the most recently used, then evicts least recently used
     /// entries, deleting their files, until the index is within `max_size` again. An object
     /// larger than `max_size` on its own is evicted too.
-    pub fn insert(&self, digest: Digest, entry: Entry) {
+    pub fn insert(&self, digest: Digest, mut entry: Entry) {
+        if let Ok(footprint) = self.store.footprint(entry.kind, &digest) {
+            entry.weight = footprint.allocated.max(MIN_WEIGHT);
+            entry.inode = footprint.inode;
+        }
         let evicted = {
             let mut entries = self.lock();
-            entries.weight += weight(entry.size);
+            entries.weight += entry.weight;
             entries.bytes += entry.size;
-            if let Some(replaced) = entries.lru.put(Key::of(&digest), entry) {
+            if let Some(replaced) = entries.lru.put(Key::of(entry.kind, &digest), entry) {
                 entries.removed(&replaced);
             }
             let mut evicted = Vec::new();
@@ -138,20 +178,49 @@ impl Index {
         };
         // Out of the index first, then off the disk.
         for (key, entry) in evicted {
-            let digest = key.digest();
             self.metrics.evictions.inc();
             self.metrics.evicted_bytes.inc_by(entry.size);
-            if let Err(err) = self.store.remove(entry.kind, &digest) {
-                tracing::warn!(%digest, %err, "cannot delete evicted object");
-            }
+            self.delete(Removed {
+                digest: key.digest(),
+                entry,
+            });
         }
     }
 
-    /// Drops an entry whose file turned out unreadable; the file is left to the caller.
+    /// Drops the blob entry of a digest whose file turned out unreadable (the manifest entry
+    /// if no blob is indexed); the file is left to the caller.
     pub fn forget(&self, digest: &Digest) {
         let mut entries = self.lock();
-        if let Some(entry) = entries.lru.pop(&Key::of(digest)) {
+        let removed = match entries.lru.pop(&Key::of(Kind::Blob, digest)) {
+            Some(blob) => Some(blob),
+            None => entries.lru.pop(&Key::of(Kind::Manifest, digest)),
+        };
+        if let Some(entry) = removed {
             entries.removed(&entry);
+        }
+    }
+
+    /// Takes one object out of the index; its file is the caller's to `delete`.
+    pub fn take(&self, kind: Kind, digest: &Digest) -> Option<Removed> {
+        let mut entries = self.lock();
+        let entry = entries.lru.pop(&Key::of(kind, digest))?;
+        entries.removed(&entry);
+        Some(Removed {
+            digest: digest.clone(),
+            entry,
+        })
+    }
+
+    /// Deletes the file of an entry taken out of the index, unless a fill has committed the
+    /// digest again since (the file is not the entry's any more). Blocking.
+    pub fn delete(&self, removed: Removed) {
+        let Removed { digest, entry } = removed;
+        match self.store.remove_if(entry.kind, &digest, entry.inode) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(%digest, "kept a file committed after its removal was decided")
+            }
+            Err(err) => tracing::warn!(%digest, %err, "cannot delete a removed object"),
         }
     }
 
@@ -178,7 +247,7 @@ impl Index {
             .collect()
     }
 
-    /// Bytes accounted to cached objects, rounded up to KiB per object.
+    /// Bytes accounted to cached objects: allocated blocks, sidecars included.
     pub fn weighted_bytes(&self) -> u64 {
         self.lock().weight
     }

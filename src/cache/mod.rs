@@ -69,7 +69,7 @@ pub struct Manifest {
 /// Everything the cache holds, shared by all requests.
 pub struct Cache {
     pub store: Arc<Store>,
-    pub index: Index,
+    pub index: Arc<Index>,
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
     pub tags: Tags,
@@ -79,7 +79,7 @@ impl Cache {
     /// Opens the store and rebuilds the index from what is on disk.
     pub fn open(config: &CacheConfig, metrics: Arc<Metrics>) -> std::io::Result<Cache> {
         let store = Arc::new(Store::open(&config.dir)?);
-        let index = Index::new(Arc::clone(&store), config.max_size, metrics);
+        let index = Arc::new(Index::new(Arc::clone(&store), config.max_size, metrics));
         let mut found = store.scan()?;
         // Oldest first, so the LRU order after a restart follows the recorded access times.
         found.sort_by_key(|object| object.touched);
@@ -91,6 +91,11 @@ impl Cache {
         }
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
+            // A mapping to a manifest no longer cached (evicted, purged) is collected.
+            if index.get_kind(Kind::Manifest, &entry.digest).is_none() {
+                store.remove_tag(&key);
+                continue;
+            }
             tags.put(key, entry);
         }
         let manifests = moka::sync::Cache::builder()
@@ -126,10 +131,21 @@ impl Cache {
     /// Evicts least recently used objects until the filesystem has `min_free` bytes available
     /// (or the cache is empty). Blocking: stats files. Returns the bytes freed.
     pub fn enforce_min_free(&self, min_free: u64) -> std::io::Result<u64> {
-        let available = evict::free_space(self.store.dir())?;
-        if available >= min_free {
+        self.enforce_free(min_free, 0)
+    }
+
+    /// Evicts least recently used objects until the filesystem has `min_free` bytes and
+    /// `min_free_inodes` inodes available (or the cache is empty). Blocking: stats files.
+    /// Returns the bytes freed.
+    pub fn enforce_free(&self, min_free: u64, min_free_inodes: u64) -> std::io::Result<u64> {
+        let (available, inodes) = evict::free_space_and_inodes(self.store.dir())?;
+        if available >= min_free && inodes >= min_free_inodes {
             return Ok(0);
         }
+        let need = evict::Need {
+            bytes: min_free.saturating_sub(available),
+            inodes: min_free_inodes.saturating_sub(inodes),
+        };
         let candidates = self
             .index
             .snapshot()
@@ -146,26 +162,37 @@ impl Cache {
             })
             .collect();
         let mut freed = 0;
-        for victim in evict::choose_victims(candidates, min_free - available) {
-            self.index.forget(&victim.digest);
-            self.manifests.invalidate(&victim.digest);
-            self.store.remove(victim.kind, &victim.digest)?;
+        for victim in evict::choose_victims(candidates, need) {
+            let Some(removed) = self.index.take(victim.kind, &victim.digest) else {
+                continue;
+            };
+            if victim.kind == Kind::Manifest {
+                self.manifests.invalidate(&victim.digest);
+            }
+            self.index.delete(removed);
             freed += victim.size;
         }
-        tracing::info!(freed, min_free, "evicted to keep free space");
+        tracing::info!(
+            freed,
+            min_free,
+            min_free_inodes,
+            "evicted to keep free space"
+        );
         Ok(freed)
     }
 
     /// A cached manifest by digest, from memory or disk. A manifest the index lists but the disk
     /// cannot produce is dropped from the index, so the next request refetches it.
     pub async fn manifest(&self, digest: &Digest) -> Option<Manifest> {
+        // The index decides what is cached: a copy in memory of a manifest the index evicted
+        // is dropped, not served.
+        if self.index.get_kind(Kind::Manifest, digest).is_none() {
+            self.manifests.invalidate(digest);
+            return None;
+        }
         if let Some(manifest) = self.manifests.get(digest) {
-            self.index.touch(digest);
             return Some(manifest);
         }
-        self.index
-            .get(digest)
-            .filter(|e| e.kind == Kind::Manifest)?;
         let store = Arc::clone(&self.store);
         let owned = digest.clone();
         let read = tokio::task::spawn_blocking(move || store.read_manifest(&owned)).await;
@@ -180,28 +207,32 @@ impl Cache {
                 Some(manifest)
             }
             _ => {
-                self.index.forget(digest);
+                self.index.take(Kind::Manifest, digest);
                 None
             }
         }
     }
 
-    /// Removes an object from the cache: index first (so nothing new finds it), the in-memory
-    /// manifest copy, then the file. Readers that have the file open finish their download. A
-    /// fill of the digest already under way is not stopped and will cache it again. Returns what
-    /// was removed, or `None` if the digest was not cached.
+    /// Removes a digest from the cache, as a blob and as a manifest: index first (so nothing
+    /// new finds it), the in-memory manifest copy, then the files (only those the index named:
+    /// a fill that committed the digest again since keeps its file). Readers that have the
+    /// file open finish their download. A fill of the digest already under way is not stopped
+    /// and will cache it again. Returns what was removed (the blob if both were), or `None`
+    /// if the digest was not cached.
     pub async fn purge(&self, digest: &Digest) -> std::io::Result<Option<Entry>> {
-        let Some(entry) = self.index.get(digest) else {
-            return Ok(None);
-        };
-        self.index.forget(digest);
+        let manifest = self.index.take(Kind::Manifest, digest);
+        let blob = self.index.take(Kind::Blob, digest);
         self.manifests.invalidate(digest);
-        let store = Arc::clone(&self.store);
-        let (kind, owned) = (entry.kind, digest.clone());
-        tokio::task::spawn_blocking(move || store.remove(kind, &owned))
-            .await
-            .map_err(std::io::Error::other)??;
-        Ok(Some(entry))
+        let entry = blob.as_ref().or(manifest.as_ref()).map(|r| r.entry.clone());
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || {
+            for removed in blob.into_iter().chain(manifest) {
+                index.delete(removed);
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        Ok(entry)
     }
 
     /// Stores a manifest the caller has verified against its digest.
