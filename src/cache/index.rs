@@ -275,12 +275,24 @@ mod tests {
         digest
     }
 
+    /// What one small object weighs on this filesystem (a block, at least `MIN_WEIGHT`).
+    fn unit(store: &Store) -> u64 {
+        let digest = Digest::of(b"probe");
+        let (temp, mut file) = store.temp_file().unwrap();
+        file.write_all(b"probe").unwrap();
+        store.commit(&temp, Kind::Blob, &digest).unwrap();
+        let unit = store.footprint(Kind::Blob, &digest).unwrap().allocated;
+        store.remove(Kind::Blob, &digest).unwrap();
+        unit.max(MIN_WEIGHT)
+    }
+
     #[test]
     fn evicts_least_recently_used_and_deletes_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let index = Index::new(Arc::clone(&store), 3 * 1024, Arc::clone(&metrics));
+        let unit = unit(&store);
+        let index = Index::new(Arc::clone(&store), 3 * unit, Arc::clone(&metrics));
         let a = put(&store, &index, &[1; 1024]);
         let b = put(&store, &index, &[2; 1024]);
         let c = put(&store, &index, &[3; 1024]);
@@ -292,9 +304,94 @@ mod tests {
             assert!(index.get(kept).is_some());
             assert!(store.path(Kind::Blob, kept).exists());
         }
-        assert!(index.weighted_bytes() <= 3 * 1024);
+        assert_eq!(index.weighted_bytes(), 3 * unit);
         assert_eq!(index.bytes(), 3 * 1024);
         assert_eq!(metrics.evictions.get(), 1);
         assert_eq!(metrics.evicted_bytes.get(), 1024);
+    }
+
+    #[test]
+    fn small_objects_weigh_their_allocated_blocks_and_sidecars() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let unit = unit(&store);
+        // Room for ten 1-byte objects by their bytes, but only for two by their blocks.
+        let index = Index::new(Arc::clone(&store), 2 * unit, Arc::new(Metrics::new()));
+        let kept: Vec<Digest> = (0..10u8).map(|n| put(&store, &index, &[n])).collect();
+        assert_eq!(index.len(), 2, "tiny objects still weigh a block each");
+        let on_disk = kept
+            .iter()
+            .filter(|d| store.path(Kind::Blob, d).exists())
+            .count();
+        assert_eq!(on_disk, 2, "evicted files are gone from disk");
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        store
+            .write_manifest(
+                &digest,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest,
+            )
+            .unwrap();
+        index.insert(
+            digest.clone(),
+            Entry::new(Kind::Manifest, manifest.len() as u64, None),
+        );
+        let entry = index.get_kind(Kind::Manifest, &digest).unwrap();
+        assert!(
+            entry.weight >= 2 * unit.min(4096),
+            "manifest file + .type sidecar"
+        );
+    }
+
+    #[test]
+    fn a_blob_and_a_manifest_with_one_digest_are_two_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
+        let bytes = br#"{"schemaVersion":2,"layers":[]}"#;
+        let digest = put(&store, &index, bytes);
+        store
+            .write_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", bytes)
+            .unwrap();
+        index.insert(
+            digest.clone(),
+            Entry::new(Kind::Manifest, bytes.len() as u64, None),
+        );
+        assert_eq!(index.len(), 2);
+        assert!(index.get_kind(Kind::Blob, &digest).is_some());
+        assert!(index.get_kind(Kind::Manifest, &digest).is_some());
+        assert_eq!(index.bytes(), 2 * bytes.len() as u64);
+        let removed = index.take(Kind::Manifest, &digest).unwrap();
+        index.delete(removed);
+        assert!(
+            index.get_kind(Kind::Blob, &digest).is_some(),
+            "the blob stays"
+        );
+        assert!(store.path(Kind::Blob, &digest).exists());
+        assert!(!store.path(Kind::Manifest, &digest).exists());
+    }
+
+    #[test]
+    fn a_removal_decided_before_a_new_commit_keeps_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
+        let digest = put(&store, &index, b"layer bytes");
+        // The decision: eviction or purge takes the entry out of the index...
+        let decided = index.take(Kind::Blob, &digest).unwrap();
+        // ...a request misses, and its fill commits the digest again before the unlink.
+        let refilled = put(&store, &index, b"layer bytes");
+        assert_eq!(refilled, digest);
+        index.delete(decided);
+        assert!(
+            store.path(Kind::Blob, &digest).exists(),
+            "the new file is not deleted"
+        );
+        let entry = index.get_kind(Kind::Blob, &digest).unwrap();
+        assert_eq!(entry.size, 11);
+        // The new entry's own removal still deletes it.
+        index.delete(index.take(Kind::Blob, &digest).unwrap());
+        assert!(!store.path(Kind::Blob, &digest).exists());
     }
 }

@@ -566,4 +566,73 @@ mod tests {
         assert!(store.scan().unwrap().is_empty());
         assert!(!junk.join("not-a-digest").exists());
     }
+
+    #[test]
+    fn start_up_skips_strays_and_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        fs::write(&secret, b"not cache content").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (temp, mut file) = store.temp_file().unwrap();
+        file.write_all(b"real").unwrap();
+        let real = Digest::of(b"real");
+        store.commit(&temp, Kind::Blob, &real).unwrap();
+        // A symlink named as a digest, pointing out of the cache.
+        let planted = Digest::of(b"not cache content");
+        let link = store.path(Kind::Blob, &planted);
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        // A manifest whose media-type sidecar is a symlink.
+        let manifest = Digest::of(b"{}");
+        let manifest_path = store.path(Kind::Manifest, &manifest);
+        fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
+        fs::write(&manifest_path, b"{}").unwrap();
+        std::os::unix::fs::symlink(&secret, store.type_path(&manifest)).unwrap();
+        // Stray files where directories belong, and a symlinked shard directory.
+        fs::write(dir.path().join("blobs/sha256/stray"), b"x").unwrap();
+        fs::write(dir.path().join("tags/stray-upstream"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("manifests/sha256/ff")).unwrap();
+        fs::create_dir_all(dir.path().join("tags/up/repo")).unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join("tags/up/repo/@latest")).unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        let found = store.scan().expect("start-up survives strays");
+        let digests: Vec<&Digest> = found.iter().map(|f| &f.digest).collect();
+        assert_eq!(digests, [&real], "only the real blob is found");
+        assert!(store.scan_tags().expect("tags survive strays").is_empty());
+        assert!(
+            store.open_blob(Kind::Blob, &planted).is_err(),
+            "no open through a symlink"
+        );
+        assert_eq!(fs::read(&secret).unwrap(), b"not cache content");
+    }
+
+    #[test]
+    fn a_repository_purge_removes_its_tag_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = TagEntry {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: 1,
+        };
+        let key = |repository: &str, tag: &str| TagKey {
+            upstream: "up".into(),
+            repository: Repository::parse(repository).unwrap(),
+            tag: Tag::parse(tag).unwrap(),
+        };
+        for (repository, tag) in [("team", "a"), ("team", "b"), ("team/app", "a")] {
+            store.write_tag(&key(repository, tag), &entry).unwrap();
+        }
+        let repository = Repository::parse("team").unwrap();
+        assert_eq!(store.remove_repository_tags("up", &repository), 2);
+        let left: Vec<TagKey> = store
+            .scan_tags()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, [key("team/app", "a")]);
+    }
 }
