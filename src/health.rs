@@ -62,6 +62,12 @@ impl Readiness {
         let _ = serving.wait_for(|serving| *serving).await;
     }
 
+    /// Drops the last probe's answer, so the next check probes again: for a caller that has
+    /// reason to think the disk changed (and tests that change it).
+    pub async fn reprobe(&self) {
+        *self.probed.lock().await = None;
+    }
+
     /// Writability probes run so far (each writes a file).
     pub fn probes(&self) -> u64 {
         self.probes.load(Ordering::Relaxed)

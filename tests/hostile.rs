@@ -334,3 +334,132 @@ async fn the_admin_listener_times_out_heads_and_caps_connections() {
     assert_eq!(answer, "", "a connection over the cap is closed unanswered");
     drop(held);
 }
+
+/// A target that lies: `/evil` announces a 10-byte config and then streams without end (up to
+/// 256 MiB, counting what it managed to send); `/loud` answers 404 with terminal escapes.
+struct LyingTarget {
+    addr: std::net::SocketAddr,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+const CONFIG_BYTES: &[u8] = b"0123456789";
+
+async fn lying_target() -> LyingTarget {
+    use http_body_util::{BodyExt as _, StreamBody};
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&sent);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = std::sync::Arc::clone(&counter);
+            let service = hyper::service::service_fn(move |request: http::Request<_>| {
+                let path = request.uri().path().to_string();
+                let counter = std::sync::Arc::clone(&counter);
+                async move {
+                    let config = berth::oci::digest::Digest::of(CONFIG_BYTES);
+                    let manifest = serde_json::json!({
+                        "schemaVersion": 2,
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                   "digest": config.as_str(), "size": 10},
+                        "layers": [],
+                    })
+                    .to_string();
+                    let full = |status: u16, text: String| {
+                        let body = http_body_util::Full::new(Bytes::from(text))
+                            .map_err(|never| match never {})
+                            .boxed();
+                        http::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                            .body(body)
+                            .unwrap()
+                    };
+                    let response = if path.contains("loud") {
+                        full(404, "\x1b]0;owned\x07\x1b[2Jgone\r\nfake: line".into())
+                    } else if path.ends_with("/manifests/latest") {
+                        full(200, manifest)
+                    } else if path.contains("/blobs/") {
+                        let chunks = futures_util::stream::iter(0..4096).map(move |_| {
+                            counter.fetch_add(64 << 10, Ordering::Relaxed);
+                            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                Bytes::from(vec![b'0'; 64 << 10]),
+                            ))
+                        });
+                        http::Response::new(StreamBody::new(chunks).boxed())
+                    } else {
+                        full(404, String::new())
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    LyingTarget { addr, sent }
+}
+
+use futures_util::StreamExt as _;
+
+#[tokio::test]
+async fn warm_bounds_what_a_target_sends_and_escapes_what_it_prints() {
+    let target = lying_target().await;
+    let options = berth::warm::Options {
+        target: format!("http://{}", target.addr),
+        platform: "linux/amd64".parse().unwrap(),
+        references: vec!["evil:latest".into(), "loud:latest".into()],
+        platform_config: Default::default(),
+        client: Default::default(),
+        concurrency: 2,
+    };
+    let summary = berth::warm::warm(options).await.unwrap();
+    assert_eq!(summary.failed.len(), 2, "{summary}");
+    let (_, evil) = &summary.failed[0];
+    assert!(evil.contains("expected 10 bytes"), "{evil}");
+    let sent = target.sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 64 << 20, "warm read {sent} bytes of a 10-byte blob");
+    let printed = summary.to_string();
+    assert!(printed.contains("owned"), "{printed}");
+    for control in ['\x1b', '\x07', '\r'] {
+        assert!(
+            !printed.contains(control),
+            "{control:?} printed: {printed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn load_bounds_what_a_target_sends() {
+    let target = lying_target().await;
+    let config = berth::load::LoadConfig {
+        target: format!("http://{}", target.addr),
+        images: vec![berth::load::ImageRef::parse("evil:latest").unwrap()],
+        concurrency: 1,
+        limit: berth::load::Limit::Count(1),
+        platform: "linux/amd64".into(),
+        request_timeout: Duration::from_secs(60),
+        metrics: None,
+        credentials: None,
+        ca_file: None,
+    };
+    let report = berth::load::run(config).await.unwrap();
+    let errors = report.recorder.error_samples.join("\n");
+    assert!(errors.contains("longer than 10 bytes"), "{errors}");
+    let sent = target.sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 64 << 20, "load read {sent} bytes of a 10-byte blob");
+}
+
+#[test]
+fn printable_escapes_terminal_controls() {
+    let text = berth::warm::printable("ok \x1b[2J\r\nbell\x07 é");
+    assert_eq!(text, "ok \\u{1b}[2J\\u{d}\\u{a}bell\\u{7} é");
+    assert!(berth::warm::printable(&"x".repeat(5000)).len() < 1100);
+}
