@@ -345,7 +345,7 @@ struct LyingTarget {
 const CONFIG_BYTES: &[u8] = b"0123456789";
 
 async fn lying_target() -> LyingTarget {
-    use http_body_util::{BodyExt as _, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
     use std::sync::atomic::Ordering;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -391,7 +391,7 @@ async fn lying_target() -> LyingTarget {
                                 Bytes::from(vec![b'0'; 64 << 10]),
                             ))
                         });
-                        http::Response::new(StreamBody::new(chunks).boxed())
+                        http::Response::new(BodyExt::boxed(StreamBody::new(chunks)))
                     } else {
                         full(404, String::new())
                     };
