@@ -251,3 +251,90 @@ impl Cache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::name::{Repository, Tag};
+
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn open(dir: &std::path::Path, max_size: u64) -> Cache {
+        let config = CacheConfig {
+            dir: dir.to_path_buf(),
+            max_size,
+            ..CacheConfig::default()
+        };
+        Cache::open(&config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn manifest(n: u8) -> Manifest {
+        let bytes = Bytes::from(format!("{{\"schemaVersion\":2,\"n\":{n}}}"));
+        Manifest {
+            digest: Digest::of(&bytes),
+            media_type: OCI_MANIFEST.into(),
+            bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evicted_manifest_is_not_served_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two manifests (each a file and a sidecar, a block or more each).
+        let cache = open(dir.path(), 4 * 4096);
+        let first = manifest(1);
+        cache.put_manifest(first.clone()).await.unwrap();
+        assert!(cache.manifest(&first.digest).await.is_some());
+        for n in 2..6 {
+            cache.put_manifest(manifest(n)).await.unwrap();
+        }
+        assert!(cache
+            .index
+            .get_kind(Kind::Manifest, &first.digest)
+            .is_none());
+        assert!(
+            cache.manifest(&first.digest).await.is_none(),
+            "evicted from the index and the disk, so gone from memory too"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_removes_a_manifest_from_memory_index_and_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 1 << 30);
+        let m = manifest(1);
+        cache.put_manifest(m.clone()).await.unwrap();
+        let purged = cache.purge(&m.digest).await.unwrap().unwrap();
+        assert_eq!(purged.kind, Kind::Manifest);
+        assert!(cache.manifest(&m.digest).await.is_none());
+        assert!(!cache.store.path(Kind::Manifest, &m.digest).exists());
+        assert!(cache.purge(&m.digest).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tags_of_manifests_no_longer_cached_are_collected_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 1 << 30);
+        let (kept, gone) = (manifest(1), manifest(2));
+        cache.put_manifest(kept.clone()).await.unwrap();
+        let key = |tag: &str| TagKey {
+            upstream: "up".into(),
+            repository: Repository::parse("team/app").unwrap(),
+            tag: Tag::parse(tag).unwrap(),
+        };
+        for (tag, m) in [("kept", &kept), ("gone", &gone)] {
+            let entry = TagEntry {
+                digest: m.digest.clone(),
+                media_type: OCI_MANIFEST.into(),
+                checked_ms: 1,
+            };
+            cache.store.write_tag(&key(tag), &entry).unwrap();
+        }
+        drop(cache);
+        let cache = open(dir.path(), 1 << 30);
+        assert!(cache.tags.get(&key("kept")).is_some());
+        assert!(cache.tags.get(&key("gone")).is_none());
+        assert!(!dir.path().join("tags/up/team/app/@gone").exists());
+        assert!(dir.path().join("tags/up/team/app/@kept").exists());
+    }
+}
