@@ -7,6 +7,10 @@
 //! records the figures) and the process RSS.
 //!
 //! Each phase runs `BERTH_HOSTILE_SOAK_SECS` (default 15) seconds.
+//!
+//! Heap in use is counted by a global allocator wrapper (the only `unsafe` in the tests: the
+//! trait is unsafe by definition and each method only forwards to the system allocator), since
+//! RSS does not shrink when the allocator keeps freed pages.
 
 mod support;
 
@@ -21,6 +25,44 @@ use http::Method;
 use http_body_util::{BodyExt, Full, StreamBody};
 use support::{push_image, request, Auth, Berth, Flavor, Image, Registry, Tap};
 use tokio::time::Instant;
+
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: forwards every call to `System` unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: forwarded unchanged.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap bytes in use, in KiB.
+fn heap_kib() -> i64 {
+    (LIVE.load(Ordering::Relaxed) / 1024) as i64
+}
+
+/// Heap growth tolerated after the hostile load: the tag table and moka's bookkeeping keep
+/// a little of what the hostile clients asked for.
+const HEAP_TOLERANCE_KIB: i64 = 16 << 10;
 
 const HONEST_CLIENTS: usize = 4;
 const HOSTILE_CLIENTS: usize = 6;
@@ -262,13 +304,13 @@ endpoint = "http://{hostile}"
             .await
             .is_some());
     }
-    let (fds_before, rss_before) = (open_fds(), rss_kib());
+    let (fds_before, rss_before, heap_before) = (open_fds(), rss_kib(), heap_kib());
 
     let (alone, alone_failed) = honest_phase(&base, &images, phase()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let hostile_load = hostile_clients(&base, &hostile, &stop);
     let (beside, beside_failed) = honest_phase(&base, &images, phase()).await;
-    let rss_during = rss_kib();
+    let (rss_during, heap_during) = (rss_kib(), heap_kib());
     stop.store(true, Ordering::Relaxed);
     let mut hostile_requests = 0;
     for client in hostile_load {
@@ -291,14 +333,15 @@ endpoint = "http://{hostile}"
         tokio::time::sleep(Duration::from_millis(50)).await;
         fds_after = open_fds();
     }
-    let rss_after = rss_kib();
+    let (rss_after, heap_after) = (rss_kib(), heap_kib());
 
     let (a, b) = (median(&alone), median(&beside));
     println!(
         "hostile soak: honest median pull {:.1} ms alone ({} pulls, {alone_failed} failed), \
          {:.1} ms beside {hostile_requests} hostile requests ({} pulls, {beside_failed} failed): \
-         {:+.1}%; open fds {fds_before} -> {fds_after}; RSS {rss_before} -> {rss_during} -> \
-         {rss_after} KiB; fills failed {}, rejected: connections {}, fills {}",
+         {:+.1}%; open fds {fds_before} -> {fds_after}; heap {heap_before} -> {heap_during} -> \
+         {heap_after} KiB; RSS {rss_before} -> {rss_during} -> {rss_after} KiB; fills failed {}, \
+         rejected: connections {}, fills {}",
         a.as_secs_f64() * 1000.0,
         alone.len(),
         b.as_secs_f64() * 1000.0,
@@ -333,5 +376,9 @@ endpoint = "http://{hostile}"
     assert!(
         fds_after <= fds_before + 8,
         "open fds {fds_before} -> {fds_after}: the hostile load leaked descriptors"
+    );
+    assert!(
+        heap_after - heap_before < HEAP_TOLERANCE_KIB,
+        "heap {heap_before} -> {heap_after} KiB: the hostile load left memory behind"
     );
 }
