@@ -463,3 +463,90 @@ fn printable_escapes_terminal_controls() {
     assert_eq!(text, "ok \\u{1b}[2J\\u{d}\\u{a}bell\\u{7} é");
     assert!(berth::warm::printable(&"x".repeat(5000)).len() < 1100);
 }
+
+#[tokio::test]
+async fn idle_http1_keep_alive_connections_are_closed() {
+    let (berth, _cache) = start("idle_timeout = \"1s\"").await;
+    let mut stream = held_connection(&berth).await;
+    assert!(
+        closed_by_server(&mut stream).await,
+        "an idle keep-alive connection stayed open"
+    );
+}
+
+const ADMIN_TOKEN: &str = "admin-token-for-hostile-tests-0123";
+
+/// `DELETE` on the admin API with the token.
+async fn admin_delete(berth: &Berth, path: &str) -> support::Fetched {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let url = format!("{}{path}", berth.admin_url());
+    let headers = [("authorization", auth.as_str())];
+    support::fetch(support::request(
+        http::Method::DELETE,
+        &url,
+        None,
+        &headers,
+        Bytes::new(),
+    ))
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn purges_are_durable_and_reach_memory() {
+    use support::{push_image, Flavor, Image, Stack};
+    let stack = Stack::with_config(&format!("admin_token = \"{ADMIN_TOKEN}\""), "").await;
+    let image = Image::random(Flavor::Oci, 77, &[1000]);
+    push_image(&stack.registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let url = format!("{}/v2/team/app/manifests/v1", stack.berth.url());
+    let accept = [("accept", image.media_type())];
+    let pull = || {
+        support::fetch(support::request(
+            http::Method::GET,
+            &url,
+            None,
+            &accept,
+            Bytes::new(),
+        ))
+    };
+    assert_eq!(pull().await.unwrap().status, 200);
+    let tags_dir = stack
+        .cache
+        .path()
+        .join("tags")
+        .join(stack.tap.host())
+        .join("team/app");
+    // The tag mapping is persisted on its own task; wait for it (bounded).
+    for _ in 0..200 {
+        if tags_dir.join("@v1").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(tags_dir.join("@v1").exists());
+
+    let purged = admin_delete(&stack.berth, "/admin/repositories/team/app").await;
+    assert_eq!(purged.status, 200, "{:?}", purged.body);
+    assert!(
+        !tags_dir.join("@v1").exists(),
+        "the tag file outlived the purge"
+    );
+
+    let digest = berth::oci::digest::Digest::parse(image.digest()).unwrap();
+    assert!(stack.berth.state.cache.manifest(&digest).await.is_some());
+    let purged = admin_delete(&stack.berth, &format!("/admin/digests/{digest}")).await;
+    assert_eq!(purged.status, 200, "{:?}", purged.body);
+    assert!(
+        stack.berth.state.cache.manifest(&digest).await.is_none(),
+        "still in memory"
+    );
+    let file = stack
+        .berth
+        .state
+        .cache
+        .store
+        .path(berth::cache::Kind::Manifest, &digest);
+    assert!(!file.exists());
+}

@@ -266,9 +266,10 @@ async fn fetch(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
         .filter(|v| !v.is_empty());
-    let bytes = Limited::new(response.into_body(), MAX_MANIFEST)
-        .collect()
+    let read = Limited::new(response.into_body(), MAX_MANIFEST).collect();
+    let bytes = tokio::time::timeout(state.config.client.read_timeout, read)
         .await
+        .map_err(|_| bad_manifest("reading manifest: body stalled".into()))?
         .map_err(|e| bad_manifest(format!("reading manifest: {e}")))?
         .to_bytes();
     state
