@@ -22,8 +22,10 @@
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases.
-//! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown (requests, then fills).
-//! - `limits`   connection, fill and per-client caps, request size checks, write deadlines.
+//! - `server`   accept loop, HTTP/1.1 + HTTP/2, idle and head timeouts per connection,
+//!   graceful shutdown (requests, then fills).
+//! - `limits`   connection, fill and per-client caps (IPv6 by /64, trusted networks exempt),
+//!   request size checks, write deadlines.
 //! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.
 //! - `stamp`    "has this file changed?" (time, length, inode), for every file re-read on change.
 //! - `metrics`  the `berth_*` Prometheus families.
@@ -36,7 +38,7 @@
 //! # The life of one blob request
 //!
 //! ```text
-//! server: accept (connection cap) -> [TLS] -> hyper connection -> limits -> api::handle
+//! server: accept (connection caps) -> [TLS] -> hyper connection -> limits -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
 //!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
