@@ -8,11 +8,17 @@
 //!   - `GET /admin/stats`                        cache and fill figures as JSON;
 //!   - `GET /admin/access-report?image=IMAGE`    who may do what to an image (`access`);
 //!   - `DELETE /admin/digests/<digest>`          removes one blob or manifest (index + disk);
-//!   - `DELETE /admin/repositories/<name>[?ns=]` drops the repository's tag mappings. Blobs
+//!   - `DELETE /admin/repositories/<name>[?ns=]` drops the repository's tag mappings, in memory
+//!     and on disk. Blobs
 //!     and manifests are content-addressed and may be shared with other repositories, so they
 //!     are kept (they age out by LRU, or purge them by digest).
 //!
 //! The registry API and its metrics are `api`'s; readiness rules are `health`'s.
+//!
+//! The listener speaks HTTP/1.1 only, takes at most `MAX_CONNECTIONS` connections (more are
+//! closed at once), gives each `limits.header_read_timeout` to send a request head and
+//! `CONNECTION_LIFETIME` in all: a scraper or operator needs no more, and nobody who reaches
+//! the port can hold it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,11 +27,12 @@ use std::time::Duration;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::body::{self, Body};
 use crate::oci::digest::Digest;
@@ -35,6 +42,12 @@ use crate::AppState;
 /// Admin requests are short; a scrape in flight at shutdown gets this long.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Admin connections open at once; Prometheus and an operator or two need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// The longest an admin connection stays open, keep-alive included.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// The content type Prometheus expects for the text exposition format.
 const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -43,7 +56,12 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.limits.header_read_timeout);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -58,6 +76,9 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            continue;
+        };
         let state = Arc::clone(&state);
         let service = service_fn(move |request| {
             let state = Arc::clone(&state);
@@ -68,7 +89,8 @@ pub async fn run(
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = connection.await;
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(permit);
         });
     }
     drop(listener);
@@ -288,7 +310,12 @@ fn purge_repository(state: &AppState, name: &str, ns: Option<&str>) -> Response<
         .cache
         .tags
         .invalidate_repository(&target.upstream.name, repository);
-    tracing::info!(upstream = %target.upstream.name, %repository, dropped, "purged repository tags");
+    // And on disk, so the purge survives a restart.
+    let removed = state
+        .cache
+        .store
+        .remove_repository_tags(&target.upstream.name, repository);
+    tracing::info!(upstream = %target.upstream.name, %repository, dropped, removed, "purged repository tags");
     json(
         StatusCode::OK,
         serde_json::json!({

@@ -129,6 +129,21 @@ pub struct LimitsConfig {
     /// Default 16 GiB, or `cache.max_size` if that is smaller; never more than `cache.max_size`.
     #[serde(default, deserialize_with = "de_opt_size")]
     pub max_blob_size: Option<u64>,
+    /// A connection with no request in flight for this long is closed (HTTP/1.1 keep-alive and
+    /// HTTP/2 alike), so idle connections cannot hold `max_connections` slots.
+    #[serde(default = "default_idle_timeout", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(default = "default_h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// Open connections from one client address (an IPv6 client: its /64); one more is
+    /// closed at once. Clients in `trusted_networks` are exempt.
+    #[serde(default = "default_max_client_connections")]
+    pub max_client_connections: usize,
+    /// CIDR blocks exempt from `max_client_connections`: nodes behind SNAT or a load
+    /// balancer, and the location's own replicas.
+    #[serde(default)]
+    pub trusted_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for LimitsConfig {
@@ -145,6 +160,10 @@ impl Default for LimitsConfig {
             shutdown_grace: default_shutdown_grace(),
             retry_after: default_retry_after(),
             max_blob_size: None,
+            idle_timeout: default_idle_timeout(),
+            h2_max_concurrent_streams: default_h2_max_concurrent_streams(),
+            max_client_connections: default_max_client_connections(),
+            trusted_networks: Vec::new(),
         }
     }
 }
@@ -235,6 +254,10 @@ pub struct CacheConfig {
     /// keep it. Unset: only `max_size` bounds the cache.
     #[serde(default, deserialize_with = "de_opt_size")]
     pub min_free: Option<u64>,
+    /// Free inodes to keep on the cache's filesystem (many small objects can exhaust inodes
+    /// before bytes); least recently used content is evicted to keep them. Unset: not watched.
+    #[serde(default)]
+    pub min_free_inodes: Option<u64>,
 }
 
 impl Default for CacheConfig {
@@ -247,6 +270,7 @@ impl Default for CacheConfig {
             stale_if_error: default_stale_if_error(),
             negative_ttl: default_negative_ttl(),
             min_free: None,
+            min_free_inodes: None,
         }
     }
 }
@@ -499,6 +523,14 @@ impl Config {
             ("limits.max_fills", limits.max_fills),
             ("limits.max_client_requests", limits.max_client_requests),
             ("limits.max_headers", limits.max_headers),
+            (
+                "limits.max_client_connections",
+                limits.max_client_connections,
+            ),
+            (
+                "limits.h2_max_concurrent_streams",
+                limits.h2_max_concurrent_streams as usize,
+            ),
         ];
         for (key, value) in counts {
             if value == 0 {
@@ -701,6 +733,18 @@ fn default_shutdown_grace() -> Duration {
 
 fn default_retry_after() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+
+fn default_h2_max_concurrent_streams() -> u32 {
+    128
+}
+
+fn default_max_client_connections() -> usize {
+    128
 }
 
 /// Parses sizes such as "50GiB", "512 MiB" or a plain byte count.

@@ -753,7 +753,7 @@ fn record_access(file: &File) {
 /// fetches it again.
 pub fn drop_cached(cache: &Cache, metrics: &Metrics, digest: &Digest) {
     metrics.disk_errors.inc();
-    cache.index.forget(digest);
+    let _ = cache.index.take(Kind::Blob, digest);
     if let Err(err) = cache.store.remove(Kind::Blob, digest) {
         tracing::warn!(%digest, %err, "cannot delete an unreadable blob");
     }

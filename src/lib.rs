@@ -22,8 +22,10 @@
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases.
-//! - `server`   accept loop, HTTP/1.1 + HTTP/2, graceful shutdown (requests, then fills).
-//! - `limits`   connection, fill and per-client caps, request size checks, write deadlines.
+//! - `server`   accept loop, HTTP/1.1 + HTTP/2, idle and head timeouts per connection,
+//!   graceful shutdown (requests, then fills).
+//! - `limits`   connection, fill and per-client caps (IPv6 by /64, trusted networks exempt),
+//!   request size checks, write deadlines.
 //! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.
 //! - `stamp`    "has this file changed?" (time, length, inode), for every file re-read on change.
 //! - `metrics`  the `berth_*` Prometheus families.
@@ -37,7 +39,7 @@
 //! # The life of one blob request
 //!
 //! ```text
-//! server: accept (connection cap) -> [TLS] -> hyper connection -> limits -> api::handle
+//! server: accept (connection caps) -> [TLS] -> hyper connection -> limits -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
 //!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
@@ -147,8 +149,10 @@ impl AppState {
         let upstreams =
             Upstreams::with_metrics(&config, Arc::clone(&metrics)).map_err(StartError::Client)?;
         let cache = Arc::new(cache);
-        if let Some(min_free) = config.cache.min_free {
-            tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
+        let (min_free, min_free_inodes) = (config.cache.min_free, config.cache.min_free_inodes);
+        if min_free.is_some() || min_free_inodes.is_some() {
+            let floor = (min_free.unwrap_or(0), min_free_inodes.unwrap_or(0));
+            tokio::spawn(keep_free_space(Arc::downgrade(&cache), floor));
         }
         let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
         Ok(Arc::new(AppState {
@@ -165,18 +169,20 @@ impl AppState {
     }
 }
 
-/// How often free space is checked against `cache.min_free`.
+/// How often free space is checked against `cache.min_free` and `cache.min_free_inodes`.
 const FREE_SPACE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Keeps `min_free` bytes available on the cache filesystem for as long as the cache lives.
-async fn keep_free_space(cache: std::sync::Weak<Cache>, min_free: u64) {
+/// Keeps `min_free` bytes and `min_free_inodes` inodes available on the cache filesystem for
+/// as long as the cache lives.
+async fn keep_free_space(cache: std::sync::Weak<Cache>, (min_free, min_inodes): (u64, u64)) {
     let mut ticks = tokio::time::interval(FREE_SPACE_CHECK);
     loop {
         ticks.tick().await;
         let Some(cache) = cache.upgrade() else {
             return;
         };
-        let result = tokio::task::spawn_blocking(move || cache.enforce_min_free(min_free)).await;
+        let result =
+            tokio::task::spawn_blocking(move || cache.enforce_free(min_free, min_inodes)).await;
         if let Ok(Err(err)) = result {
             tracing::warn!(%err, "cannot check free space of the cache directory");
         }

@@ -10,16 +10,24 @@
 //! |-----------------------------|-------------------------|---------------------------------|
 //! | `max_connections`           | accept loop             | 503 + Retry-After, then close   |
 //! | `max_fills`                 | `fill::Fills::join`     | 503 + Retry-After               |
-//! | `max_client_requests`       | per request, by peer IP | 429 + Retry-After               |
+//! | `max_client_connections`    | accept loop, by client  | connection closed at once       |
+//! | `max_client_requests`       | per request, by client  | 429 + Retry-After               |
 //! | `max_uri_bytes`             | per request             | 414                             |
 //! | `max_header_bytes`/`max_headers` | per request; hyper's own 431 beyond its buffer | 431 |
-//! | `header_read_timeout`       | hyper (HTTP/1.1)        | connection closed               |
+//! | `header_read_timeout`       | hyper (HTTP/1.1); `server` (first HTTP/2 request) | connection closed |
+//! | `idle_timeout`              | `server`, no request in flight | connection closed        |
+//! | `h2_max_concurrent_streams` | hyper (HTTP/2 SETTINGS) | stream refused                  |
 //! | `write_timeout`             | `WriteDeadline`         | connection closed               |
+//!
+//! A client is an IPv4 address or an IPv6 /64 (`ClientKey`): one host usually holds a whole
+//! /64, so counting single IPv6 addresses would give it 2^64 shares. Clients in
+//! `trusted_networks` (nodes behind SNAT or a load balancer, the location's own replicas) are
+//! exempt from both per-client caps.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -33,47 +41,95 @@ use tokio::time::Sleep;
 use crate::config::LimitsConfig;
 use crate::error::{ApiError, Code};
 
-/// Requests in flight per client IP.
-pub struct ClientSlots {
-    max: usize,
-    in_flight: Mutex<HashMap<IpAddr, usize>>,
+/// What a per-client cap counts by: an IPv4 address, or the /64 of an IPv6 address (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    pub fn of(ip: IpAddr) -> ClientKey {
+        match ip {
+            IpAddr::V4(v4) => ClientKey(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !(u128::MAX >> 64);
+                    ClientKey(IpAddr::V6(Ipv6Addr::from(prefix)))
+                }
+            },
+        }
+    }
 }
 
-/// One request's slot; released when dropped (with the response body).
+/// Per-client counts under a cap: requests in flight (`max_client_requests`) or open
+/// connections (`max_client_connections`). A map entry lives only while its count is above
+/// zero, so the map holds at most one entry per thing counted.
+pub struct ClientSlots {
+    max: usize,
+    trusted: Vec<ipnet::IpNet>,
+    in_flight: Mutex<HashMap<ClientKey, usize>>,
+}
+
+/// One request's or connection's slot; released when dropped. A trusted client's slot
+/// counts nothing.
 pub struct ClientSlot {
     slots: Arc<ClientSlots>,
-    ip: IpAddr,
+    key: Option<ClientKey>,
 }
 
 impl ClientSlots {
-    pub fn new(max: usize) -> Arc<ClientSlots> {
+    pub fn new(max: usize, trusted: &[ipnet::IpNet]) -> Arc<ClientSlots> {
         Arc::new(ClientSlots {
             max,
+            trusted: trusted.to_vec(),
             in_flight: Mutex::new(HashMap::new()),
         })
     }
 
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|network| network.contains(&ip))
+    }
+
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        if self.is_trusted(ip) {
+            return Some(ClientSlot {
+                slots: Arc::clone(self),
+                key: None,
+            });
+        }
+        let key = ClientKey::of(ip);
         let mut in_flight = self.in_flight.lock().expect("client slots lock");
-        let count = in_flight.entry(ip).or_insert(0);
+        let count = in_flight.entry(key).or_insert(0);
         if *count >= self.max {
             return None;
         }
         *count += 1;
         Some(ClientSlot {
             slots: Arc::clone(self),
-            ip,
+            key: Some(key),
         })
+    }
+
+    /// Clients holding at least one slot (for tests and stats).
+    pub fn clients(&self) -> usize {
+        self.in_flight.lock().expect("client slots lock").len()
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
         let mut in_flight = self.slots.in_flight.lock().expect("client slots lock");
-        if let Some(count) = in_flight.get_mut(&self.ip) {
+        if let Some(count) = in_flight.get_mut(&key) {
             *count -= 1;
             if *count == 0 {
-                in_flight.remove(&self.ip);
+                in_flight.remove(&key);
             }
         }
     }
@@ -242,7 +298,7 @@ mod tests {
 
     #[test]
     fn client_slots_cap_each_ip_and_free_on_drop() {
-        let slots = ClientSlots::new(2);
+        let slots = ClientSlots::new(2, &[]);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let first = slots.try_acquire(a).unwrap();
@@ -254,6 +310,40 @@ mod tests {
         );
         drop(first);
         assert!(slots.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64() {
+        let slots = ClientSlots::new(1, &[]);
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8:1:2:ffff:eeee:dddd:cccc".parse().unwrap();
+        let other_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _held = slots.try_acquire(one).unwrap();
+        assert!(
+            slots.try_acquire(same_64).is_none(),
+            "same /64, same client"
+        );
+        assert!(slots.try_acquire(other_64).is_some());
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let _v4 = slots.try_acquire("10.0.0.1".parse().unwrap()).unwrap();
+        assert!(
+            slots.try_acquire(mapped).is_none(),
+            "mapped IPv4 is the IPv4 client"
+        );
+    }
+
+    #[test]
+    fn trusted_networks_are_not_counted() {
+        let trusted = ["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let slots = ClientSlots::new(1, &trusted);
+        let held: Vec<_> = (0..10)
+            .map(|_| slots.try_acquire("10.1.2.3".parse().unwrap()).unwrap())
+            .chain((0..10).map(|_| slots.try_acquire("fd00::7".parse().unwrap()).unwrap()))
+            .collect();
+        assert_eq!(slots.clients(), 0);
+        let _outsider = slots.try_acquire("192.0.2.1".parse().unwrap()).unwrap();
+        assert!(slots.try_acquire("192.0.2.1".parse().unwrap()).is_none());
+        drop(held);
     }
 
     #[test]

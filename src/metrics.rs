@@ -1,11 +1,11 @@
 //! Prometheus metrics: one registry holding every `berth_*` family.
 //!
-//! Labels are small closed sets: route, method, status class, cache outcome, object kind, and
-//! the upstream's configured `host` (for a host pattern, the pattern itself, so a client naming
-//! random hosts under `*.azurecr.io` cannot grow the series count). Never a digest or a
-//! repository. Names use base units and `_total` for counters; README's "Metrics" section maps
-//! them to the distribution registry's `registry_proxy_*` counters. Rendering the text format is
-//! here; serving it is `admin`'s job.
+//! Labels are small closed sets: route, method (GET, HEAD, other), status class, cache
+//! outcome, object kind, and the upstream's configured `host` (for a host pattern, the pattern
+//! itself, so a client naming random hosts under `*.azurecr.io` cannot grow the series count).
+//! Never a digest, a repository or anything else a client chooses. Names use base units and
+//! `_total` for counters; README's "Metrics" section maps them to the distribution registry's
+//! `registry_proxy_*` counters. Rendering the text format is here; serving it is `admin`'s job.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -317,6 +317,16 @@ impl Default for Metrics {
     }
 }
 
+/// The `method` label: GET, HEAD or `other`. A client may send any token as a method
+/// (`PROPFIND`, `X1`, `X2`, ...), and each new label value is a new series kept forever.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
 /// `2xx`-style class of a status: the `status` label of request metrics.
 pub fn status_class(status: http::StatusCode) -> &'static str {
     match status.as_u16() {
@@ -346,6 +356,15 @@ mod tests {
         ] {
             assert!(text.contains(family), "{family} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn the_method_label_is_get_head_or_other() {
+        let invented = http::Method::from_bytes(b"X-INVENTED-1234").unwrap();
+        assert_eq!(method_label(&http::Method::GET), "GET");
+        assert_eq!(method_label(&http::Method::HEAD), "HEAD");
+        assert_eq!(method_label(&http::Method::DELETE), "other");
+        assert_eq!(method_label(&invented), "other");
     }
 
     #[test]

@@ -4,10 +4,19 @@
 //! accepting, give requests in flight up to `limits.shutdown_grace` to finish, then let fills
 //! still running commit or discard them (temp files removed).
 //!
+//! Each connection is watched (`watch_connection`): with no request in flight it is closed
+//! after `header_read_timeout` if it never sent a request, else after `idle_timeout`. hyper
+//! times HTTP/1.1 heads itself but not HTTP/2 ones, nor idle HTTP/2 connections, which answer
+//! pings and would otherwise hold a connection slot forever. HTTP/2 floods are hyper's and
+//! h2's: `SETTINGS_MAX_CONCURRENT_STREAMS`, a cap on streams reset before they were accepted
+//! (rapid reset, CVE-2023-44487) and on streams berth reset, and a header list cap that ends
+//! a CONTINUATION flood.
+//!
 //! Binding the socket is the caller's job (so tests bind port 0).
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +26,14 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::body::Body;
-use crate::limits::{self, ClientSlots, WriteDeadline};
+use crate::config::LimitsConfig;
+use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
 use crate::tls::Tls;
 use crate::{api, AppState};
 
@@ -37,11 +46,19 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 /// without an answer, so a flood costs nothing but the accept.
 const REJECTING: usize = 64;
 
+/// Streams a client may reset before berth accepted them, and streams berth may reset on
+/// one connection, before the connection is closed with GOAWAY (ENHANCE_YOUR_CALM).
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_LOCAL_RESETS: usize = 256;
+
 /// Everything a connection task needs.
 struct Serving {
     state: Arc<AppState>,
     builder: auto::Builder<TokioExecutor>,
+    /// Requests in flight per client (`max_client_requests`).
     clients: Arc<ClientSlots>,
+    /// Open connections per client (`max_client_connections`).
+    client_connections: Arc<ClientSlots>,
     tls: Option<Tls>,
 }
 
@@ -57,13 +74,18 @@ pub async fn run(
     };
     let serving = Arc::new(Serving {
         builder: builder(&state),
-        clients: ClientSlots::new(limits.max_client_requests),
+        clients: ClientSlots::new(limits.max_client_requests, &limits.trusted_networks),
+        client_connections: ClientSlots::new(
+            limits.max_client_connections,
+            &limits.trusted_networks,
+        ),
         state: Arc::clone(&state),
         tls,
     });
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING));
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a receiver; `closed()` resolves when the last one ended.
+    let (stop, _) = watch::channel(false);
     tokio::pin!(shutdown);
     state.readiness.mark_serving();
     loop {
@@ -83,11 +105,21 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Some(client) = serving.client_connections.try_acquire(peer.ip()) else {
+            // One client over its share: closed at once, no answer, so its flood costs others
+            // nothing but the accept.
+            state
+                .metrics
+                .rejected
+                .with_label_values(&["client_connections"])
+                .inc();
+            continue;
+        };
         match Arc::clone(&connections).try_acquire_owned() {
             Ok(permit) => {
                 let serving = Arc::clone(&serving);
-                let watcher = graceful.watcher();
-                tokio::spawn(serving.connection(stream, peer, permit, watcher));
+                let stopping = stop.subscribe();
+                tokio::spawn(serving.connection(stream, peer, (permit, client), stopping));
             }
             Err(_) => {
                 state
@@ -108,7 +140,8 @@ pub async fn run(
         fills = state.fills.in_flight(),
         "draining"
     );
-    if tokio::time::timeout_at(deadline, graceful.shutdown())
+    stop.send_replace(true);
+    if tokio::time::timeout_at(deadline, stop.closed())
         .await
         .is_err()
     {
@@ -137,9 +170,83 @@ fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.write_timeout);
     builder
+}
+
+/// Counts one connection's requests in flight; each request holds a `Busy` until its
+/// response body ends or is dropped.
+#[derive(Clone)]
+struct Activity(Arc<watch::Sender<usize>>);
+
+struct Busy(Arc<watch::Sender<usize>>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity(Arc::new(watch::Sender::new(0)))
+    }
+
+    fn begin(&self) -> Busy {
+        self.0.send_modify(|n| *n += 1);
+        Busy(Arc::clone(&self.0))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Drives a connection to its end, closing it gracefully (`close`) on server shutdown, and
+/// when no request has been in flight for `header_read_timeout` (before its first request) or
+/// `idle_timeout` (after). A connection that has not ended `header_read_timeout` after an idle
+/// close (a half-sent HTTP/2 header block) is dropped. Returns the connection's error, if any.
+async fn watch_connection<F, E>(
+    mut connection: Pin<&mut F>,
+    close: impl Fn(Pin<&mut F>),
+    activity: &Activity,
+    mut stopping: watch::Receiver<bool>,
+    limits: &LimitsConfig,
+) -> Option<E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let mut busy = activity.0.subscribe();
+    let (mut was_idle, mut idle_since) = (true, Instant::now());
+    let mut idle_limit = limits.header_read_timeout;
+    let mut drop_at: Option<Instant> = None;
+    let mut shutdown_seen = false;
+    loop {
+        let idle = *busy.borrow_and_update() == 0;
+        if idle && !was_idle {
+            (idle_since, idle_limit) = (Instant::now(), limits.idle_timeout);
+        }
+        was_idle = idle;
+        let deadline = drop_at.or(idle.then_some(idle_since + idle_limit));
+        let far = Instant::now() + Duration::from_secs(86_400);
+        tokio::select! {
+            result = connection.as_mut() => return result.err(),
+            changed = stopping.changed(), if !shutdown_seen => {
+                shutdown_seen = true;
+                if changed.is_ok() {
+                    close(connection.as_mut());
+                }
+            }
+            _ = busy.changed() => {}
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                if drop_at.is_some() {
+                    return None;
+                }
+                close(connection.as_mut());
+                drop_at = Some(Instant::now() + limits.header_read_timeout);
+            }
+        }
+    }
 }
 
 impl Serving {
@@ -147,18 +254,18 @@ impl Serving {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        _permit: OwnedSemaphorePermit,
-        watcher: Watcher,
+        _held: (OwnedSemaphorePermit, ClientSlot),
+        stopping: watch::Receiver<bool>,
     ) {
         let metrics = Arc::clone(&self.state.metrics);
         metrics.connections_open.inc();
         let limits = &self.state.config.limits;
         match &self.tls {
-            None => self.serve(stream, peer, watcher).await,
+            None => self.serve(stream, peer, stopping).await,
             Some(tls) => {
                 let handshake = tls.acceptor().accept(stream);
                 match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                    Ok(Ok(stream)) => self.serve(stream, peer, watcher).await,
+                    Ok(Ok(stream)) => self.serve(stream, peer, stopping).await,
                     Ok(Err(err)) => tracing::debug!(%peer, %err, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -167,21 +274,31 @@ impl Serving {
         metrics.connections_open.dec();
     }
 
-    async fn serve<IO>(self: &Arc<Self>, io: IO, peer: SocketAddr, watcher: Watcher)
+    async fn serve<IO>(self: &Arc<Self>, io: IO, peer: SocketAddr, stopping: watch::Receiver<bool>)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let io = WriteDeadline::new(io, self.state.config.limits.write_timeout);
+        let limits = &self.state.config.limits;
+        let io = WriteDeadline::new(io, limits.write_timeout);
         let serving = Arc::clone(self);
+        let activity = Activity::new();
+        let requests = activity.clone();
         let service = service_fn(move |request| {
             let serving = Arc::clone(&serving);
-            async move { Ok::<_, std::convert::Infallible>(serving.request(peer, request).await) }
+            let busy = requests.begin();
+            async move { Ok::<_, std::convert::Infallible>(serving.request(peer, request, busy).await) }
         });
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(err) = watcher.watch(connection).await {
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let ended = watch_connection(
+            connection.as_mut(),
+            |c| c.graceful_shutdown(),
+            &activity,
+            stopping,
+            limits,
+        )
+        .await;
+        if let Some(err) = ended {
             tracing::debug!(%peer, %err, "connection ended with an error");
         }
     }
@@ -192,6 +309,7 @@ impl Serving {
         &self,
         peer: SocketAddr,
         mut request: Request<Incoming>,
+        busy: Busy,
     ) -> http::Response<Body> {
         request.extensions_mut().insert(PeerAddr(peer));
         let state = &self.state;
@@ -208,7 +326,7 @@ impl Serving {
         let response = api::handle(Arc::clone(state), request).await;
         response.map(|body| {
             body.map_frame(move |frame| {
-                let _held = &slot;
+                let _held = (&slot, &busy);
                 frame
             })
             .boxed_unsync()

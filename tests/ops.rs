@@ -470,6 +470,8 @@ async fn health_and_readiness_report_why_berth_is_not_ready() {
     // A cache directory berth cannot write turns every miss into an error: not ready.
     let tmp = stack.berth.cache_dir().join("tmp");
     std::fs::remove_dir_all(&tmp).unwrap();
+    // The probe's answer stands for a few seconds (health::PROBE_INTERVAL); ask afresh.
+    stack.berth.state.readiness.reprobe().await;
     let unwritable = get(&format!("{admin}/readyz"), None).await.unwrap();
     assert_eq!(unwritable.status, 503);
     let reason = String::from_utf8_lossy(&unwritable.body);

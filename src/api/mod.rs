@@ -102,7 +102,7 @@ where
         .requests
         .with_label_values(&[
             route,
-            method.as_str(),
+            crate::metrics::method_label(&method),
             status_class(status),
             outcome.as_str(),
         ])

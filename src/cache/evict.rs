@@ -1,4 +1,5 @@
-//! Choosing what to evict when the filesystem runs short of `cache.min_free`.
+//! Choosing what to evict when the filesystem runs short of `cache.min_free` bytes or
+//! `cache.min_free_inodes` inodes.
 //!
 //! `cache.max_size` is enforced by the index itself (an insert over the budget deletes the least
 //! recently used files). Free space is different: other tenants of the
@@ -20,16 +21,40 @@ pub struct Candidate {
     pub touched: SystemTime,
 }
 
-/// The least recently touched candidates whose sizes add up to at least `need` bytes (all of
-/// them if they do not).
-pub fn choose_victims(mut candidates: Vec<Candidate>, need: u64) -> Vec<Candidate> {
+/// What eviction must free: bytes (`min_free`) and inodes (`min_free_inodes`: a filesystem
+/// can run out of inodes with bytes to spare when it holds many small objects).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Need {
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+impl From<u64> for Need {
+    fn from(bytes: u64) -> Need {
+        Need { bytes, inodes: 0 }
+    }
+}
+
+/// Inodes an object holds: its file, and a manifest's media-type sidecar.
+fn inodes(kind: Kind) -> u64 {
+    match kind {
+        Kind::Blob => 1,
+        Kind::Manifest => 2,
+    }
+}
+
+/// The least recently touched candidates that together free at least `need` (all of them if
+/// they do not).
+pub fn choose_victims(mut candidates: Vec<Candidate>, need: impl Into<Need>) -> Vec<Candidate> {
+    let need = need.into();
     candidates.sort_by(|a, b| a.touched.cmp(&b.touched).then_with(|| b.size.cmp(&a.size)));
-    let mut freed = 0u64;
+    let mut freed = Need::default();
     candidates
         .into_iter()
         .take_while(|candidate| {
-            let take = freed < need;
-            freed += candidate.size;
+            let take = freed.bytes < need.bytes || freed.inodes < need.inodes;
+            freed.bytes += candidate.size;
+            freed.inodes += inodes(candidate.kind);
             take
         })
         .collect()
@@ -37,8 +62,13 @@ pub fn choose_victims(mut candidates: Vec<Candidate>, need: u64) -> Vec<Candidat
 
 /// Bytes available to unprivileged users on the filesystem holding `dir`.
 pub fn free_space(dir: &Path) -> std::io::Result<u64> {
+    free_space_and_inodes(dir).map(|(bytes, _)| bytes)
+}
+
+/// Bytes and inodes available to unprivileged users on the filesystem holding `dir`.
+pub fn free_space_and_inodes(dir: &Path) -> std::io::Result<(u64, u64)> {
     let stat = rustix::fs::statvfs(dir)?;
-    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    Ok((stat.f_bavail.saturating_mul(stat.f_frsize), stat.f_favail))
 }
 
 #[cfg(test)]
@@ -69,6 +99,22 @@ mod tests {
         assert_eq!(victims[0].digest, Digest::of(&[2]));
         assert_eq!(victims[1].digest, Digest::of(&[3]));
         assert!(choose_victims(vec![candidate(1, 5, 1)], 0).is_empty());
+    }
+
+    #[test]
+    fn short_of_inodes_evicts_by_count_even_with_bytes_to_spare() {
+        let candidates = vec![
+            candidate(1, 10, 30),
+            candidate(2, 10, 20),
+            candidate(3, 10, 10),
+        ];
+        let need = Need {
+            bytes: 0,
+            inodes: 2,
+        };
+        let victims = choose_victims(candidates, need);
+        let chosen: Vec<Digest> = victims.into_iter().map(|v| v.digest).collect();
+        assert_eq!(chosen, [Digest::of(&[1]), Digest::of(&[2])]);
     }
 
     #[test]

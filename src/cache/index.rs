@@ -1,9 +1,17 @@
-//! The in-memory index: digest -> kind, size and media type of every committed object, kept in
-//! least-recently-used order and bounded by `cache.max_size`.
+//! The in-memory index: (kind, digest) -> size and media type of every committed object, kept
+//! in least-recently-used order and bounded by `cache.max_size`. A blob and a manifest with the
+//! same digest are two objects (two files), so they are two entries.
+//!
+//! `max_size` bounds real disk use: an object weighs what the filesystem allocated for it
+//! (whole blocks, its media-type sidecar included, at least `MIN_WEIGHT`), read from the file
+//! when it is indexed. So the index holds at most `max_size / MIN_WEIGHT` entries, and its
+//! memory is bounded by that times the per-entry cost (README, "Disk and memory").
 //!
 //! The index is the only way content is found, so it must never name a file that is gone: an
 //! entry leaves the index first and its file is deleted after, and a reader that still has the
-//! file open keeps reading it to the end (POSIX unlink semantics). Capacity evictions happen
+//! file open keeps reading it to the end (POSIX unlink semantics). The file is deleted only if
+//! it is still the one the entry named (`Store::remove_if`, by inode): a fill that committed
+//! the digest again in between keeps its file. Capacity evictions happen
 //! inside `insert`, so the disk is within `max_size` as soon as an insert returns; they are
 //! counted in the metrics, and the exact bytes indexed are tracked for the disk-use gauge. A
 //! running fill reserves its Content-Length here (`reserve`), counted against `max_size` with
@@ -27,6 +35,10 @@ pub struct Entry {
     pub size: u64,
     /// Manifests only: the `Content-Type` the upstream served them with.
     pub media_type: Option<Arc<str>>,
+    /// Bytes accounted against `max_size`; set by `Index::insert` from the file.
+    weight: u64,
+    /// The file's inode when indexed, so a removal deletes this file and no later one.
+    inode: u64,
 }
 
 impl Entry {
@@ -35,27 +47,32 @@ impl Entry {
             kind,
             size,
             media_type: media_type.map(Into::into),
+            weight: weight(size),
+            inode: 0,
         }
     }
 }
 
-/// Bytes an object is accounted at: its size rounded up to whole KiB (at least 1 KiB), a rough
-/// stand-in for filesystem blocks, so a million tiny objects still count against `max_size`.
+/// The least an object weighs: one 4 KiB block, the usual allocation unit, so a million tiny
+/// objects still count against `max_size` and the entry count stays bounded.
+pub const MIN_WEIGHT: u64 = 4096;
+
+/// Bytes an object whose file cannot be measured is accounted at: its size in 4 KiB blocks.
 fn weight(size: u64) -> u64 {
-    size.div_ceil(1024).max(1) * 1024
+    size.div_ceil(MIN_WEIGHT).max(1) * MIN_WEIGHT
 }
 
-/// The index key: the raw 32 hash bytes of a sha256 digest. The `Digest` string is 71 bytes
-/// on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys alone.
+/// The index key: the raw 32 hash bytes of a sha256 digest and the kind. The `Digest` string
+/// is 71 bytes on the heap plus 24 inline; a million cached blobs would spend ~95 MB on keys.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Key([u8; 32]);
+struct Key([u8; 32], Kind);
 
 impl Key {
-    fn of(digest: &Digest) -> Key {
+    fn of(kind: Kind, digest: &Digest) -> Key {
         let mut raw = [0u8; 32];
         // A `Digest` is always sha256 with 64 lowercase hex characters.
         hex::decode_to_slice(digest.hex(), &mut raw).expect("a parsed digest is valid hex");
-        Key(raw)
+        Key(raw, kind)
     }
 
     fn digest(&self) -> Digest {
@@ -76,9 +93,16 @@ struct Entries {
 
 impl Entries {
     fn removed(&mut self, entry: &Entry) {
-        self.weight -= weight(entry.size);
+        self.weight -= entry.weight;
         self.bytes -= entry.size;
     }
+}
+
+/// An entry taken out of the index whose file is still to be deleted (`Index::delete`).
+#[derive(Debug)]
+pub struct Removed {
+    pub digest: Digest,
+    pub entry: Entry,
 }
 
 pub struct Index {
@@ -111,13 +135,25 @@ impl Index {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Looks up a digest and marks it recently used.
+    /// Looks up a digest, the blob if both a blob and a manifest are cached, and marks it
+    /// recently used.
     pub fn get(&self, digest: &Digest) -> Option<Entry> {
-        self.lock().lru.get(&Key::of(digest)).cloned()
+        let mut entries = self.lock();
+        match entries.lru.get(&Key::of(Kind::Blob, digest)) {
+            Some(blob) => Some(blob.clone()),
+            None => entries.lru.get(&Key::of(Kind::Manifest, digest)).cloned(),
+        }
+    }
+
+    /// Looks up one kind of object and marks it recently used.
+    pub fn get_kind(&self, kind: Kind, digest: &Digest) -> Option<Entry> {
+        self.lock().lru.get(&Key::of(kind, digest)).cloned()
     }
 
     pub fn touch(&self, digest: &Digest) {
-        let _ = self.lock().lru.get(&Key::of(digest));
+        let mut entries = self.lock();
+        let _ = entries.lru.get(&Key::of(Kind::Blob, digest));
+        let _ = entries.lru.get(&Key::of(Kind::Manifest, digest));
     }
 
     /// Adds or replaces an entry as the most recently used, then evicts least recently used
@@ -128,18 +164,22 @@ impl Index {
     }
 
     /// `insert`, releasing `reserved` weight of a fill's reservation under the same lock.
-    fn insert_releasing(&self, digest: Digest, entry: Entry, reserved: u64) {
+    fn insert_releasing(&self, digest: Digest, mut entry: Entry, reserved: u64) {
+        if let Ok(footprint) = self.store.footprint(entry.kind, &digest) {
+            entry.weight = footprint.allocated.max(MIN_WEIGHT);
+            entry.inode = footprint.inode;
+        }
         let evicted = {
             let mut entries = self.lock();
             entries.reserved -= reserved;
-            entries.weight += weight(entry.size);
+            entries.weight += entry.weight;
             entries.bytes += entry.size;
-            if let Some(replaced) = entries.lru.put(Key::of(&digest), entry) {
+            if let Some(replaced) = entries.lru.put(Key::of(entry.kind, &digest), entry) {
                 entries.removed(&replaced);
             }
             self.evict_over(&mut entries, 0)
         };
-        self.delete(evicted);
+        self.evict_files(evicted);
     }
 
     /// Reserves room for a fill of `size` bytes: evicts least recently used entries until the
@@ -156,7 +196,7 @@ impl Index {
             entries.reserved += needed;
             evicted
         };
-        self.delete(evicted);
+        self.evict_files(evicted);
         Some(Reservation {
             index: self,
             weight: needed,
@@ -182,16 +222,16 @@ impl Index {
         evicted
     }
 
-    /// Deletes the files of entries already out of the index.
-    fn delete(&self, evicted: Vec<(Key, Entry)>) {
+    /// Counts and deletes the files of entries evicted from the index.
+    fn evict_files(&self, evicted: Vec<(Key, Entry)>) {
         // Out of the index first, then off the disk.
         for (key, entry) in evicted {
-            let digest = key.digest();
             self.metrics.evictions.inc();
             self.metrics.evicted_bytes.inc_by(entry.size);
-            if let Err(err) = self.store.remove(entry.kind, &digest) {
-                tracing::warn!(%digest, %err, "cannot delete evicted object");
-            }
+            self.delete(Removed {
+                digest: key.digest(),
+                entry,
+            });
         }
     }
 }
@@ -220,11 +260,40 @@ impl Drop for Reservation<'_> {
 }
 
 impl Index {
-    /// Drops an entry whose file turned out unreadable; the file is left to the caller.
+    /// Drops the blob entry of a digest whose file turned out unreadable (the manifest entry
+    /// if no blob is indexed); the file is left to the caller.
     pub fn forget(&self, digest: &Digest) {
         let mut entries = self.lock();
-        if let Some(entry) = entries.lru.pop(&Key::of(digest)) {
+        let removed = match entries.lru.pop(&Key::of(Kind::Blob, digest)) {
+            Some(blob) => Some(blob),
+            None => entries.lru.pop(&Key::of(Kind::Manifest, digest)),
+        };
+        if let Some(entry) = removed {
             entries.removed(&entry);
+        }
+    }
+
+    /// Takes one object out of the index; its file is the caller's to `delete`.
+    pub fn take(&self, kind: Kind, digest: &Digest) -> Option<Removed> {
+        let mut entries = self.lock();
+        let entry = entries.lru.pop(&Key::of(kind, digest))?;
+        entries.removed(&entry);
+        Some(Removed {
+            digest: digest.clone(),
+            entry,
+        })
+    }
+
+    /// Deletes the file of an entry taken out of the index, unless a fill has committed the
+    /// digest again since (the file is not the entry's any more). Blocking.
+    pub fn delete(&self, removed: Removed) {
+        let Removed { digest, entry } = removed;
+        match self.store.remove_if(entry.kind, &digest, entry.inode) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(%digest, "kept a file committed after its removal was decided")
+            }
+            Err(err) => tracing::warn!(%digest, %err, "cannot delete a removed object"),
         }
     }
 
@@ -251,7 +320,7 @@ impl Index {
             .collect()
     }
 
-    /// Bytes accounted to cached objects, rounded up to KiB per object.
+    /// Bytes accounted to cached objects: allocated blocks, sidecars included.
     pub fn weighted_bytes(&self) -> u64 {
         self.lock().weight
     }
@@ -279,25 +348,37 @@ mod tests {
         digest
     }
 
+    /// What one small object weighs on this filesystem (a block, at least `MIN_WEIGHT`).
+    fn unit(store: &Store) -> u64 {
+        let digest = Digest::of(b"probe");
+        let (temp, mut file) = store.temp_file().unwrap();
+        file.write_all(b"probe").unwrap();
+        store.commit(&temp, Kind::Blob, &digest).unwrap();
+        let unit = store.footprint(Kind::Blob, &digest).unwrap().allocated;
+        store.remove(Kind::Blob, &digest).unwrap();
+        unit.max(MIN_WEIGHT)
+    }
+
     #[test]
     fn running_fills_reserve_room_against_max_size() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let index = Index::new(Arc::clone(&store), 4 * 1024, Arc::new(Metrics::new()));
+        let unit = unit(&store);
+        let index = Index::new(Arc::clone(&store), 4 * unit, Arc::new(Metrics::new()));
         let a = put(&store, &index, &[1; 1024]);
         let b = put(&store, &index, &[2; 1024]);
-        let first = index.reserve(2 * 1024).expect("room after the entries");
+        let first = index.reserve(2 * unit).expect("room after the entries");
         assert!(index.get(&a).is_some() && index.get(&b).is_some());
-        let second = index.reserve(2 * 1024).expect("room after evicting");
+        let second = index.reserve(2 * unit).expect("room after evicting");
         assert!(index.get(&a).is_none() && index.get(&b).is_none());
         assert!(!store.path(Kind::Blob, &a).exists());
         assert!(index.reserve(1).is_none(), "the fills hold all the room");
         drop(first);
-        assert_eq!(index.reserved(), 2 * 1024);
+        assert_eq!(index.reserved(), 2 * unit);
         let c = Digest::of(b"c");
-        second.commit(c.clone(), Entry::new(Kind::Blob, 2 * 1024, None));
+        second.commit(c.clone(), Entry::new(Kind::Blob, 2 * unit, None));
         assert_eq!(index.reserved(), 0);
-        assert_eq!(index.weighted_bytes(), 2 * 1024);
+        assert_eq!(index.weighted_bytes(), 2 * unit);
         assert!(index.get(&c).is_some());
     }
 
@@ -306,7 +387,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let metrics = Arc::new(Metrics::new());
-        let index = Index::new(Arc::clone(&store), 3 * 1024, Arc::clone(&metrics));
+        let unit = unit(&store);
+        let index = Index::new(Arc::clone(&store), 3 * unit, Arc::clone(&metrics));
         let a = put(&store, &index, &[1; 1024]);
         let b = put(&store, &index, &[2; 1024]);
         let c = put(&store, &index, &[3; 1024]);
@@ -318,9 +400,94 @@ mod tests {
             assert!(index.get(kept).is_some());
             assert!(store.path(Kind::Blob, kept).exists());
         }
-        assert!(index.weighted_bytes() <= 3 * 1024);
+        assert_eq!(index.weighted_bytes(), 3 * unit);
         assert_eq!(index.bytes(), 3 * 1024);
         assert_eq!(metrics.evictions.get(), 1);
         assert_eq!(metrics.evicted_bytes.get(), 1024);
+    }
+
+    #[test]
+    fn small_objects_weigh_their_allocated_blocks_and_sidecars() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let unit = unit(&store);
+        // Room for ten 1-byte objects by their bytes, but only for two by their blocks.
+        let index = Index::new(Arc::clone(&store), 2 * unit, Arc::new(Metrics::new()));
+        let kept: Vec<Digest> = (0..10u8).map(|n| put(&store, &index, &[n])).collect();
+        assert_eq!(index.len(), 2, "tiny objects still weigh a block each");
+        let on_disk = kept
+            .iter()
+            .filter(|d| store.path(Kind::Blob, d).exists())
+            .count();
+        assert_eq!(on_disk, 2, "evicted files are gone from disk");
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        store
+            .write_manifest(
+                &digest,
+                "application/vnd.oci.image.manifest.v1+json",
+                manifest,
+            )
+            .unwrap();
+        index.insert(
+            digest.clone(),
+            Entry::new(Kind::Manifest, manifest.len() as u64, None),
+        );
+        let entry = index.get_kind(Kind::Manifest, &digest).unwrap();
+        assert!(
+            entry.weight >= 2 * unit.min(4096),
+            "manifest file + .type sidecar"
+        );
+    }
+
+    #[test]
+    fn a_blob_and_a_manifest_with_one_digest_are_two_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
+        let bytes = br#"{"schemaVersion":2,"layers":[]}"#;
+        let digest = put(&store, &index, bytes);
+        store
+            .write_manifest(&digest, "application/vnd.oci.image.manifest.v1+json", bytes)
+            .unwrap();
+        index.insert(
+            digest.clone(),
+            Entry::new(Kind::Manifest, bytes.len() as u64, None),
+        );
+        assert_eq!(index.len(), 2);
+        assert!(index.get_kind(Kind::Blob, &digest).is_some());
+        assert!(index.get_kind(Kind::Manifest, &digest).is_some());
+        assert_eq!(index.bytes(), 2 * bytes.len() as u64);
+        let removed = index.take(Kind::Manifest, &digest).unwrap();
+        index.delete(removed);
+        assert!(
+            index.get_kind(Kind::Blob, &digest).is_some(),
+            "the blob stays"
+        );
+        assert!(store.path(Kind::Blob, &digest).exists());
+        assert!(!store.path(Kind::Manifest, &digest).exists());
+    }
+
+    #[test]
+    fn a_removal_decided_before_a_new_commit_keeps_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
+        let digest = put(&store, &index, b"layer bytes");
+        // The decision: eviction or purge takes the entry out of the index...
+        let decided = index.take(Kind::Blob, &digest).unwrap();
+        // ...a request misses, and its fill commits the digest again before the unlink.
+        let refilled = put(&store, &index, b"layer bytes");
+        assert_eq!(refilled, digest);
+        index.delete(decided);
+        assert!(
+            store.path(Kind::Blob, &digest).exists(),
+            "the new file is not deleted"
+        );
+        let entry = index.get_kind(Kind::Blob, &digest).unwrap();
+        assert_eq!(entry.size, 11);
+        // The new entry's own removal still deletes it.
+        index.delete(index.take(Kind::Blob, &digest).unwrap());
+        assert!(!store.path(Kind::Blob, &digest).exists());
     }
 }

@@ -69,7 +69,7 @@ pub struct Manifest {
 /// Everything the cache holds, shared by all requests.
 pub struct Cache {
     pub store: Arc<Store>,
-    pub index: Index,
+    pub index: Arc<Index>,
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
     pub tags: Tags,
@@ -79,7 +79,7 @@ impl Cache {
     /// Opens the store and rebuilds the index from what is on disk.
     pub fn open(config: &CacheConfig, metrics: Arc<Metrics>) -> std::io::Result<Cache> {
         let store = Arc::new(Store::open(&config.dir)?);
-        let index = Index::new(Arc::clone(&store), config.max_size, metrics);
+        let index = Arc::new(Index::new(Arc::clone(&store), config.max_size, metrics));
         let mut found = store.scan()?;
         // Oldest first, so the LRU order after a restart follows the recorded access times.
         found.sort_by_key(|object| object.touched);
@@ -91,6 +91,11 @@ impl Cache {
         }
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
+            // A mapping to a manifest no longer cached (evicted, purged) is collected.
+            if index.get_kind(Kind::Manifest, &entry.digest).is_none() {
+                store.remove_tag(&key);
+                continue;
+            }
             tags.put(key, entry);
         }
         let manifests = moka::sync::Cache::builder()
@@ -127,11 +132,22 @@ impl Cache {
     /// (or the cache is empty). Blocking: stats files. Returns the bytes freed.
     /// The bytes reserved by running fills count as already used.
     pub fn enforce_min_free(&self, min_free: u64) -> std::io::Result<u64> {
+        self.enforce_free(min_free, 0)
+    }
+
+    /// Evicts least recently used objects until the filesystem has `min_free` bytes and
+    /// `min_free_inodes` inodes available (or the cache is empty). The bytes reserved by
+    /// running fills count as already used. Blocking: stats files. Returns the bytes freed.
+    pub fn enforce_free(&self, min_free: u64, min_free_inodes: u64) -> std::io::Result<u64> {
         let min_free = min_free.saturating_add(self.index.reserved());
-        let available = evict::free_space(self.store.dir())?;
-        if available >= min_free {
+        let (available, inodes) = evict::free_space_and_inodes(self.store.dir())?;
+        if available >= min_free && inodes >= min_free_inodes {
             return Ok(0);
         }
+        let need = evict::Need {
+            bytes: min_free.saturating_sub(available),
+            inodes: min_free_inodes.saturating_sub(inodes),
+        };
         let candidates = self
             .index
             .snapshot()
@@ -148,13 +164,22 @@ impl Cache {
             })
             .collect();
         let mut freed = 0;
-        for victim in evict::choose_victims(candidates, min_free - available) {
-            self.index.forget(&victim.digest);
-            self.manifests.invalidate(&victim.digest);
-            self.store.remove(victim.kind, &victim.digest)?;
+        for victim in evict::choose_victims(candidates, need) {
+            let Some(removed) = self.index.take(victim.kind, &victim.digest) else {
+                continue;
+            };
+            if victim.kind == Kind::Manifest {
+                self.manifests.invalidate(&victim.digest);
+            }
+            self.index.delete(removed);
             freed += victim.size;
         }
-        tracing::info!(freed, min_free, "evicted to keep free space");
+        tracing::info!(
+            freed,
+            min_free,
+            min_free_inodes,
+            "evicted to keep free space"
+        );
         Ok(freed)
     }
 
@@ -169,13 +194,15 @@ impl Cache {
     /// A cached manifest by digest, from memory or disk. A manifest the index lists but the disk
     /// cannot produce is dropped from the index, so the next request refetches it.
     pub async fn manifest(&self, digest: &Digest) -> Option<Manifest> {
+        // The index decides what is cached: a copy in memory of a manifest the index evicted
+        // is dropped, not served.
+        if self.index.get_kind(Kind::Manifest, digest).is_none() {
+            self.manifests.invalidate(digest);
+            return None;
+        }
         if let Some(manifest) = self.manifests.get(digest) {
-            self.index.touch(digest);
             return Some(manifest);
         }
-        self.index
-            .get(digest)
-            .filter(|e| e.kind == Kind::Manifest)?;
         let store = Arc::clone(&self.store);
         let owned = digest.clone();
         let read = tokio::task::spawn_blocking(move || store.read_manifest(&owned)).await;
@@ -183,7 +210,7 @@ impl Cache {
             Ok(Ok(bytes)) if Digest::of(&bytes) == *digest => {
                 // The type comes from the document, as when it was fetched, never the sidecar.
                 let Ok(media_type) = crate::oci::manifest::media_type(&bytes) else {
-                    self.index.forget(digest);
+                    self.index.take(Kind::Manifest, digest);
                     return None;
                 };
                 let manifest = Manifest {
@@ -195,28 +222,32 @@ impl Cache {
                 Some(manifest)
             }
             _ => {
-                self.index.forget(digest);
+                self.index.take(Kind::Manifest, digest);
                 None
             }
         }
     }
 
-    /// Removes an object from the cache: index first (so nothing new finds it), the in-memory
-    /// manifest copy, then the file. Readers that have the file open finish their download. A
-    /// fill of the digest already under way is not stopped and will cache it again. Returns what
-    /// was removed, or `None` if the digest was not cached.
+    /// Removes a digest from the cache, as a blob and as a manifest: index first (so nothing
+    /// new finds it), the in-memory manifest copy, then the files (only those the index named:
+    /// a fill that committed the digest again since keeps its file). Readers that have the
+    /// file open finish their download. A fill of the digest already under way is not stopped
+    /// and will cache it again. Returns what was removed (the blob if both were), or `None`
+    /// if the digest was not cached.
     pub async fn purge(&self, digest: &Digest) -> std::io::Result<Option<Entry>> {
-        let Some(entry) = self.index.get(digest) else {
-            return Ok(None);
-        };
-        self.index.forget(digest);
+        let manifest = self.index.take(Kind::Manifest, digest);
+        let blob = self.index.take(Kind::Blob, digest);
         self.manifests.invalidate(digest);
-        let store = Arc::clone(&self.store);
-        let (kind, owned) = (entry.kind, digest.clone());
-        tokio::task::spawn_blocking(move || store.remove(kind, &owned))
-            .await
-            .map_err(std::io::Error::other)??;
-        Ok(Some(entry))
+        let entry = blob.as_ref().or(manifest.as_ref()).map(|r| r.entry.clone());
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || {
+            for removed in blob.into_iter().chain(manifest) {
+                index.delete(removed);
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        Ok(entry)
     }
 
     /// Stores a manifest the caller has verified against its digest.
@@ -233,5 +264,92 @@ impl Cache {
         self.index.insert(manifest.digest.clone(), entry);
         self.manifests.insert(manifest.digest.clone(), manifest);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::name::{Repository, Tag};
+
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn open(dir: &std::path::Path, max_size: u64) -> Cache {
+        let config = CacheConfig {
+            dir: dir.to_path_buf(),
+            max_size,
+            ..CacheConfig::default()
+        };
+        Cache::open(&config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn manifest(n: u8) -> Manifest {
+        let bytes = Bytes::from(format!("{{\"schemaVersion\":2,\"n\":{n}}}"));
+        Manifest {
+            digest: Digest::of(&bytes),
+            media_type: OCI_MANIFEST.into(),
+            bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evicted_manifest_is_not_served_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two manifests (each a file and a sidecar, a block or more each).
+        let cache = open(dir.path(), 4 * 4096);
+        let first = manifest(1);
+        cache.put_manifest(first.clone()).await.unwrap();
+        assert!(cache.manifest(&first.digest).await.is_some());
+        for n in 2..6 {
+            cache.put_manifest(manifest(n)).await.unwrap();
+        }
+        assert!(cache
+            .index
+            .get_kind(Kind::Manifest, &first.digest)
+            .is_none());
+        assert!(
+            cache.manifest(&first.digest).await.is_none(),
+            "evicted from the index and the disk, so gone from memory too"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_removes_a_manifest_from_memory_index_and_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 1 << 30);
+        let m = manifest(1);
+        cache.put_manifest(m.clone()).await.unwrap();
+        let purged = cache.purge(&m.digest).await.unwrap().unwrap();
+        assert_eq!(purged.kind, Kind::Manifest);
+        assert!(cache.manifest(&m.digest).await.is_none());
+        assert!(!cache.store.path(Kind::Manifest, &m.digest).exists());
+        assert!(cache.purge(&m.digest).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn tags_of_manifests_no_longer_cached_are_collected_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 1 << 30);
+        let (kept, gone) = (manifest(1), manifest(2));
+        cache.put_manifest(kept.clone()).await.unwrap();
+        let key = |tag: &str| TagKey {
+            upstream: "up".into(),
+            repository: Repository::parse("team/app").unwrap(),
+            tag: Tag::parse(tag).unwrap(),
+        };
+        for (tag, m) in [("kept", &kept), ("gone", &gone)] {
+            let entry = TagEntry {
+                digest: m.digest.clone(),
+                media_type: OCI_MANIFEST.into(),
+                checked_ms: 1,
+            };
+            cache.store.write_tag(&key(tag), &entry).unwrap();
+        }
+        drop(cache);
+        let cache = open(dir.path(), 1 << 30);
+        assert!(cache.tags.get(&key("kept")).is_some());
+        assert!(cache.tags.get(&key("gone")).is_none());
+        assert!(!dir.path().join("tags/up/team/app/@gone").exists());
+        assert!(dir.path().join("tags/up/team/app/@kept").exists());
     }
 }

@@ -6,6 +6,12 @@
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
 //! always holds exactly the bytes its name promises. This module does blocking file I/O; callers
 //! run it on the blocking pool. It keeps no index: `cache::index` does.
+//!
+//! A commit and a removal of the same digest are serialised (`stripes`), and a removal names
+//! the file it means by its inode (`remove_if`): an eviction or purge decided before a fill
+//! committed the digest again never deletes the new file. Nothing here follows a symlink
+//! found inside the cache directory: the scans skip anything that is not a plain file or
+//! directory, and blobs are opened with `O_NOFOLLOW`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -44,10 +50,31 @@ pub struct Found {
     pub touched: SystemTime,
 }
 
+/// Locks that serialise commits and removals per digest (by its first hash byte).
+const STRIPES: usize = 64;
+
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     temp_seq: AtomicU64,
+    stripes: [std::sync::Mutex<()>; STRIPES],
+}
+
+/// What a committed object costs the filesystem: its file and (a manifest) its media-type
+/// sidecar, in allocated bytes (whole blocks), and the file's inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub allocated: u64,
+    pub inode: u64,
+}
+
+/// Allocated bytes of a file: its blocks, but never less than its length rounded up to the
+/// filesystem's block size (a file written but not yet allocated, under delayed allocation).
+fn allocated(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let block = meta.blksize().max(512);
+    let rounded = meta.len().div_ceil(block).max(1) * block;
+    meta.blocks().saturating_mul(512).max(rounded)
 }
 
 impl Store {
@@ -63,6 +90,31 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             temp_seq: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| std::sync::Mutex::new(())),
+        })
+    }
+
+    fn stripe(&self, digest: &Digest) -> std::sync::MutexGuard<'_, ()> {
+        let first = u8::from_str_radix(&digest.hex()[..2], 16).unwrap_or(0);
+        self.stripes[usize::from(first) % STRIPES]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The allocated bytes and inode of a committed object (the sidecar's bytes included),
+    /// without following a symlink.
+    pub fn footprint(&self, kind: Kind, digest: &Digest) -> io::Result<Footprint> {
+        let meta = fs::symlink_metadata(self.path(kind, digest))?;
+        let mut allocated = allocated(&meta);
+        if kind == Kind::Manifest {
+            if let Ok(sidecar) = fs::symlink_metadata(self.type_path(digest)) {
+                allocated += self::allocated(&sidecar);
+            }
+        }
+        use std::os::unix::fs::MetadataExt;
+        Ok(Footprint {
+            allocated,
+            inode: meta.ino(),
         })
     }
 
@@ -112,6 +164,7 @@ impl Store {
             .expect("store paths have a parent")
             .to_path_buf();
         fs::create_dir_all(&parent)?;
+        let _serialised = self.stripe(digest);
         fs::rename(temp, &target)?;
         Ok(parent)
     }
@@ -155,10 +208,18 @@ impl Store {
     }
 
     pub fn open_blob(&self, kind: Kind, digest: &Digest) -> io::Result<File> {
-        File::open(self.path(kind, digest))
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(self.path(kind, digest), flags, Mode::empty())?;
+        Ok(File::from(fd))
     }
 
     pub fn remove(&self, kind: Kind, digest: &Digest) -> io::Result<()> {
+        let _serialised = self.stripe(digest);
+        self.remove_locked(kind, digest)
+    }
+
+    fn remove_locked(&self, kind: Kind, digest: &Digest) -> io::Result<()> {
         if kind == Kind::Manifest {
             let _ = fs::remove_file(self.type_path(digest));
         }
@@ -166,6 +227,44 @@ impl Store {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
+    }
+
+    /// Removes the object only if its file is still `inode`, the one the caller decided to
+    /// remove; a file committed since (a new fill of the digest) stays. Returns whether it
+    /// removed anything.
+    pub fn remove_if(&self, kind: Kind, digest: &Digest, inode: u64) -> io::Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let _serialised = self.stripe(digest);
+        match fs::symlink_metadata(self.path(kind, digest)) {
+            Ok(meta) if meta.ino() == inode => self.remove_locked(kind, digest).map(|()| true),
+            Ok(_) => Ok(false),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Removes the persisted tag mappings of one repository (not of repositories nested
+    /// under it), so a purge survives a restart. Returns how many files went.
+    pub fn remove_repository_tags(&self, upstream: &str, repository: &Repository) -> usize {
+        let probe = TagKey {
+            upstream: upstream.into(),
+            repository: repository.clone(),
+            tag: Tag::parse("x").expect("a valid tag"),
+        };
+        let Some(dir) = self
+            .tag_path(&probe)
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+        else {
+            return 0;
+        };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with('@'))
+            .filter(|entry| fs::remove_file(entry.path()).is_ok())
+            .count()
     }
 
     /// Records an access in the file's mtime; best effort, recency is a hint.
@@ -213,24 +312,42 @@ impl Store {
         }
     }
 
-    /// Every persisted tag mapping; unreadable or malformed files are removed.
+    /// Every persisted tag mapping; malformed files are removed. Unreadable entries are
+    /// logged and skipped, and symlinks are neither followed nor read.
     pub fn scan_tags(&self) -> io::Result<Vec<(TagKey, TagEntry)>> {
         let root = self.dir.join("tags");
         let mut found = Vec::new();
         for upstream in fs::read_dir(&root)? {
-            let upstream = upstream?;
+            let Some((upstream, kind)) = listed(&root, upstream) else {
+                continue;
+            };
+            if !kind.is_dir() {
+                skip_stray(&upstream.path(), "not a directory");
+                continue;
+            }
             let name = upstream.file_name().to_string_lossy().into_owned();
             let mut pending = vec![(upstream.path(), String::new())];
             while let Some((dir, repository)) = pending.pop() {
-                for entry in fs::read_dir(&dir)? {
-                    let entry = entry?;
+                let entries = match fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(err) => {
+                        tracing::warn!(path = %dir.display(), %err, "skipping unreadable cache directory");
+                        continue;
+                    }
+                };
+                for entry in entries {
+                    let Some((entry, kind)) = listed(&dir, entry) else {
+                        continue;
+                    };
                     let file_name = entry.file_name().to_string_lossy().into_owned();
-                    if entry.file_type()?.is_dir() {
+                    if kind.is_dir() {
                         let nested = match repository.is_empty() {
                             true => file_name,
                             false => format!("{repository}/{file_name}"),
                         };
                         pending.push((entry.path(), nested));
+                    } else if !kind.is_file() {
+                        skip_stray(&entry.path(), "not a plain file");
                     } else if let Some(tag) = file_name.strip_prefix('@') {
                         match read_tag(&entry.path(), &name, &repository, tag) {
                             Some(mapping) => found.push(mapping),
@@ -246,19 +363,43 @@ impl Store {
     }
 
     /// Everything committed on disk. Files whose name is not a digest are removed: only this
-    /// module writes here, so they are debris.
+    /// module writes here, so they are debris. Entries that cannot be read, and anything that
+    /// is not a plain file (a symlink above all), are logged and skipped.
     pub fn scan(&self) -> io::Result<Vec<Found>> {
         let mut found = Vec::new();
         for kind in [Kind::Blob, Kind::Manifest] {
             let root = self.dir.join(kind.dir_name()).join("sha256");
             for shard in fs::read_dir(&root)? {
-                let shard = shard?;
-                if !shard.file_type()?.is_dir() {
+                let Some((shard, file_type)) = listed(&root, shard) else {
+                    continue;
+                };
+                if !file_type.is_dir() {
+                    skip_stray(&shard.path(), "not a directory");
                     continue;
                 }
-                for entry in fs::read_dir(shard.path())? {
-                    if let Some(object) = self.scan_entry(kind, &entry?)? {
-                        found.push(object);
+                let entries = match fs::read_dir(shard.path()) {
+                    Ok(entries) => entries,
+                    Err(err) => {
+                        let path = shard.path();
+                        tracing::warn!(path = %path.display(), %err, "skipping unreadable cache directory");
+                        continue;
+                    }
+                };
+                for entry in entries {
+                    let Some((entry, file_type)) = listed(&shard.path(), entry) else {
+                        continue;
+                    };
+                    if !file_type.is_file() {
+                        skip_stray(&entry.path(), "not a plain file");
+                        continue;
+                    }
+                    match self.scan_entry(kind, &entry) {
+                        Ok(Some(object)) => found.push(object),
+                        Ok(None) => {}
+                        Err(err) => {
+                            let path = entry.path();
+                            tracing::warn!(path = %path.display(), %err, "skipping unreadable cache file");
+                        }
                     }
                 }
             }
@@ -291,13 +432,46 @@ impl Store {
     }
 }
 
+/// A directory entry and its type (not following symlinks), or `None`, logged, if it cannot
+/// be read.
+fn listed(dir: &Path, entry: io::Result<fs::DirEntry>) -> Option<(fs::DirEntry, fs::FileType)> {
+    let read = entry.and_then(|entry| entry.file_type().map(|kind| (entry, kind)));
+    match read {
+        Ok(read) => Some(read),
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), %err, "skipping unreadable cache entry");
+            None
+        }
+    }
+}
+
+fn skip_stray(path: &Path, why: &str) {
+    tracing::warn!(path = %path.display(), why, "skipping stray entry in the cache directory");
+}
+
+/// A small text file's contents, refusing a symlink or anything else that is not a plain
+/// file, and anything over 4 KiB.
+fn read_plain(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_file() || meta.len() > 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a small plain file",
+        ));
+    }
+    let mut text = String::new();
+    File::open(path)?.take(4096).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn read_tag(
     path: &Path,
     upstream: &str,
     repository: &str,
     tag: &str,
 ) -> Option<(TagKey, TagEntry)> {
-    let text = fs::read_to_string(path).ok()?;
+    let text = read_plain(path).ok()?;
     let mut lines = text.lines();
     let digest = Digest::parse(lines.next()?).ok()?;
     let media_type = lines.next().filter(|m| !m.is_empty())?;
@@ -397,5 +571,74 @@ mod tests {
         fs::write(junk.join("not-a-digest"), b"x").unwrap();
         assert!(store.scan().unwrap().is_empty());
         assert!(!junk.join("not-a-digest").exists());
+    }
+
+    #[test]
+    fn start_up_skips_strays_and_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        fs::write(&secret, b"not cache content").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (temp, mut file) = store.temp_file().unwrap();
+        file.write_all(b"real").unwrap();
+        let real = Digest::of(b"real");
+        store.commit(&temp, Kind::Blob, &real).unwrap();
+        // A symlink named as a digest, pointing out of the cache.
+        let planted = Digest::of(b"not cache content");
+        let link = store.path(Kind::Blob, &planted);
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        // A manifest whose media-type sidecar is a symlink.
+        let manifest = Digest::of(b"{}");
+        let manifest_path = store.path(Kind::Manifest, &manifest);
+        fs::create_dir_all(manifest_path.parent().unwrap()).unwrap();
+        fs::write(&manifest_path, b"{}").unwrap();
+        std::os::unix::fs::symlink(&secret, store.type_path(&manifest)).unwrap();
+        // Stray files where directories belong, and a symlinked shard directory.
+        fs::write(dir.path().join("blobs/sha256/stray"), b"x").unwrap();
+        fs::write(dir.path().join("tags/stray-upstream"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("manifests/sha256/ff")).unwrap();
+        fs::create_dir_all(dir.path().join("tags/up/repo")).unwrap();
+        std::os::unix::fs::symlink(&secret, dir.path().join("tags/up/repo/@latest")).unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        let found = store.scan().expect("start-up survives strays");
+        let digests: Vec<&Digest> = found.iter().map(|f| &f.digest).collect();
+        assert_eq!(digests, [&real], "only the real blob is found");
+        assert!(store.scan_tags().expect("tags survive strays").is_empty());
+        assert!(
+            store.open_blob(Kind::Blob, &planted).is_err(),
+            "no open through a symlink"
+        );
+        assert_eq!(fs::read(&secret).unwrap(), b"not cache content");
+    }
+
+    #[test]
+    fn a_repository_purge_removes_its_tag_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = TagEntry {
+            digest: Digest::of(b"m"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: 1,
+        };
+        let key = |repository: &str, tag: &str| TagKey {
+            upstream: "up".into(),
+            repository: Repository::parse(repository).unwrap(),
+            tag: Tag::parse(tag).unwrap(),
+        };
+        for (repository, tag) in [("team", "a"), ("team", "b"), ("team/app", "a")] {
+            store.write_tag(&key(repository, tag), &entry).unwrap();
+        }
+        let repository = Repository::parse("team").unwrap();
+        assert_eq!(store.remove_repository_tags("up", &repository), 2);
+        let left: Vec<TagKey> = store
+            .scan_tags()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, [key("team/app", "a")]);
     }
 }

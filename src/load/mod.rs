@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -180,16 +180,23 @@ async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, String
     if response.status() != StatusCode::OK {
         return Err(format!("--metrics {url}: status {}", response.status()));
     }
-    let body = response
-        .into_body()
-        .collect()
+    let body = Limited::new(response.into_body(), MAX_METRICS_BODY).collect();
+    let body = tokio::time::timeout(METRICS_DEADLINE, body)
         .await
+        .map_err(|_| format!("--metrics {url}: no whole answer within {METRICS_DEADLINE:?}"))?
         .map_err(|e| format!("--metrics {url}: {e}"))?
         .to_bytes();
     let text = String::from_utf8_lossy(&body);
     // A berth that has not fetched anything yet has no samples in the family: that is zero.
     Ok(stats::sum_family(&text, UPSTREAM_REQUESTS_FAMILY).unwrap_or(0.0))
 }
+
+/// Manifests are small; the distribution registry refuses anything over 4 MiB.
+const MAX_MANIFEST: u64 = 4 << 20;
+
+/// Bounds on the `--metrics` scrape: a berth's exposition is a few hundred KiB at most.
+const MAX_METRICS_BODY: usize = 16 << 20;
+const METRICS_DEADLINE: Duration = Duration::from_secs(30);
 
 struct Shared {
     client: HttpClient,
@@ -349,11 +356,19 @@ impl Shared {
         // Manifests are kept (they are parsed next); blobs are hashed and dropped.
         let mut kept = Vec::new();
         let keep = matches!(class, Class::Manifest | Class::Child);
+        // The target is not trusted to stop: a body is cut off past its descriptor's size, and
+        // a manifest kept for parsing past `MAX_MANIFEST`.
+        let limit = size
+            .unwrap_or(u64::MAX)
+            .min(if keep { MAX_MANIFEST } else { u64::MAX });
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("GET {url}: body: {}", error_chain(&e)))?;
             if let Ok(data) = frame.into_data() {
                 verifier.update(&data);
                 length += data.len() as u64;
+                if length > limit {
+                    return Err(format!("GET {url}: body longer than {limit} bytes"));
+                }
                 if keep {
                     kept.extend_from_slice(&data);
                 }

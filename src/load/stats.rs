@@ -207,7 +207,7 @@ impl Report {
             );
         }
         for message in &self.recorder.error_samples {
-            let _ = writeln!(out, "error: {message}");
+            let _ = writeln!(out, "error: {}", crate::warm::printable(message));
         }
         out
     }

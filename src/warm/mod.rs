@@ -10,6 +10,11 @@
 //! (host-prefix routing), or `/v2/<repository>/...` for names without a registry, which the
 //! target routes to its `default_upstream`. The parsing and selection steps are pure functions
 //! in `image`; the I/O is here.
+//!
+//! The target is not trusted either: every body read is bounded in size (a blob by its
+//! descriptor, a manifest by `MAX_MANIFEST`, an error body by `MAX_ERROR_BODY`) and in time
+//! (`STALL` between frames, `BODY_DEADLINE` for small bodies), only known `X-Cache` values are
+//! tallied, and whatever it sent is passed through `printable` before it reaches a terminal.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -42,6 +47,43 @@ const STALL: Duration = Duration::from_secs(120);
 
 /// Manifests are small; the distribution registry refuses anything over 4 MiB.
 const MAX_MANIFEST: usize = 4 << 20;
+
+/// What is kept of an error response's body for the message.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// Time allowed to read a whole manifest or error body.
+const BODY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The `X-Cache` values berth sends; anything else a target sends is tallied as `other`.
+const OUTCOMES: [&str; 8] = [
+    "HIT",
+    "MISS",
+    "COALESCED",
+    "REVALIDATED",
+    "STALE",
+    "BYPASS",
+    "DENIED",
+    "ERROR",
+];
+
+/// `text` with control characters (terminal escapes, carriage returns, newlines) shown as
+/// `\u{..}` escapes, and cut at 1024 characters: what a target sent may be printed to a
+/// terminal, which must not execute it.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == 1024 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -121,7 +163,7 @@ impl fmt::Display for Summary {
             },
         )?;
         for (reference, error) in &self.failed {
-            write!(f, "\nfailed {reference}: {error}")?;
+            write!(f, "\nfailed {}: {}", printable(reference), printable(error))?;
         }
         Ok(())
     }
@@ -141,7 +183,12 @@ impl Run {
         let outcome = response
             .headers()
             .get("x-cache")
-            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let known = OUTCOMES
+                    .iter()
+                    .find(|known| v.as_bytes() == known.as_bytes());
+                known.map_or("other", |known| *known)
+            })
             .unwrap_or("-")
             .to_string();
         *self
@@ -307,10 +354,12 @@ async fn send(
     run.tally(&response);
     if response.status() != StatusCode::OK {
         let status = response.status();
-        let body = Limited::new(response.into_body(), 4096)
-            .collect()
+        let body = Limited::new(response.into_body(), MAX_ERROR_BODY).collect();
+        let body = tokio::time::timeout(BODY_DEADLINE, body)
             .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| printable(&String::from_utf8_lossy(&b.to_bytes())))
             .unwrap_or_default();
         return Err(WarmError::Status {
             what: what.to_string(),
@@ -341,14 +390,18 @@ async fn get_manifest(
         .get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| Digest::parse(v.trim()).ok());
-    let bytes = Limited::new(response.into_body(), MAX_MANIFEST)
-        .collect()
-        .await
-        .map_err(|e| WarmError::Http {
-            what: what.clone(),
-            message: e.to_string(),
-        })?
-        .to_bytes();
+    let body = Limited::new(response.into_body(), MAX_MANIFEST).collect();
+    let bytes = match tokio::time::timeout(BODY_DEADLINE, body).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) => {
+            let message = err.to_string();
+            return Err(WarmError::Http { what, message });
+        }
+        Err(_) => {
+            let message = format!("manifest body not complete within {BODY_DEADLINE:?}");
+            return Err(WarmError::Http { what, message });
+        }
+    };
     let actual = Digest::of(&bytes);
     if let Some(expected) = reference.digest().cloned().or(announced) {
         if expected != actual {
@@ -393,6 +446,13 @@ async fn get_blob(
             verifier.update(&data);
             received += data.len() as u64;
             bar.inc(data.len() as u64);
+            if received > descriptor.size {
+                return Err(WarmError::SizeMismatch {
+                    what,
+                    expected: descriptor.size,
+                    actual: received,
+                });
+            }
         }
     }
     let actual = verifier.finish();
