@@ -1,6 +1,7 @@
 //! The content-addressed disk store: `<dir>/blobs/sha256/ab/<hex>` for layers and configs,
 //! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests,
-//! and `<dir>/tags/<upstream>/<repository>/@<tag>` for the last known tag mappings.
+//! and `<dir>/tags/<upstream>/<repository>/@<tag>@<accept class>` for the last known tag
+//! mappings.
 //!
 //! Content enters only through a temp file under `<dir>/tmp` that is fsynced and renamed into
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use super::tags::{TagEntry, TagKey};
+use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Repository, Tag};
 
@@ -172,7 +174,8 @@ impl Store {
         for component in key.repository.components() {
             path.push(component);
         }
-        path.push(format!("@{}", key.tag.as_str()));
+        // `@<tag>@<class>`: a tag never holds `@`.
+        path.push(format!("@{}@{}", key.tag.as_str(), key.accept.to_hex()));
         Some(path)
     }
 
@@ -296,10 +299,13 @@ fn read_tag(
     let digest = Digest::parse(lines.next()?).ok()?;
     let media_type = lines.next().filter(|m| !m.is_empty())?;
     let checked_ms = lines.next()?.parse().ok()?;
+    // Files from before tags were keyed by Accept class have no class: dropped, refetched.
+    let (tag, accept) = tag.split_once('@')?;
     let key = TagKey {
         upstream: upstream.into(),
         repository: Repository::parse(repository).ok()?,
         tag: Tag::parse(tag).ok()?,
+        accept: AcceptClass::from_hex(accept)?,
     };
     let entry = TagEntry {
         digest,
@@ -321,6 +327,7 @@ mod tests {
             upstream: "127.0.0.1:5000".into(),
             repository: Repository::parse("team/app").unwrap(),
             tag: Tag::parse("v1.2").unwrap(),
+            accept: AcceptClass::parse("application/vnd.oci.image.index.v1+json"),
         };
         let entry = TagEntry {
             digest: Digest::of(b"m"),

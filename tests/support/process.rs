@@ -25,6 +25,16 @@ impl BerthProcess {
     /// names one, the admin listener takes a free port: the default (9090) would collide
     /// between tests running at once.
     pub fn start(config_toml: &str, work: &Path) -> BerthProcess {
+        let mut process = BerthProcess::spawn(config_toml, work);
+        let line = process.wait_line("listen=");
+        let rest = line.split("listen=").nth(1).unwrap();
+        process.addr = rest.split_whitespace().next().unwrap().to_string();
+        process
+    }
+
+    /// Like `start`, without waiting for the API listener (`addr` stays empty): for tests of
+    /// what berth does before it serves.
+    pub fn spawn(config_toml: &str, work: &Path) -> BerthProcess {
         let config_path = work.join("berth.toml");
         let config = if config_toml.contains("admin_listen") {
             config_toml.to_string()
@@ -50,15 +60,11 @@ impl BerthProcess {
                 }
             }
         });
-        let mut process = BerthProcess {
+        BerthProcess {
             child,
             addr: String::new(),
             lines,
-        };
-        let line = process.wait_line("listen=");
-        let rest = line.split("listen=").nth(1).unwrap();
-        process.addr = rest.split_whitespace().next().unwrap().to_string();
-        process
+        }
     }
 
     pub fn url(&self) -> String {
