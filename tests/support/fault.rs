@@ -53,13 +53,19 @@ pub enum Fault {
     /// `Tap::resume` (`Tap::wait_paused` counts it). How a test keeps a HEAD or a manifest GET
     /// in flight while other clients arrive.
     Hold,
+    /// Forward, but drop `Docker-Content-Digest` from the response, as some registries and
+    /// CDNs do on HEAD.
+    DropDigestHeader,
 }
 
 impl Fault {
     /// Faults that alter a successful upstream body; they apply to GETs only, since a HEAD has no
     /// body to fault.
     pub fn is_body_fault(&self) -> bool {
-        !matches!(self, Fault::None | Fault::Status(..) | Fault::Hold)
+        !matches!(
+            self,
+            Fault::None | Fault::Status(..) | Fault::Hold | Fault::DropDigestHeader
+        )
     }
 }
 
@@ -181,7 +187,7 @@ impl Plan {
             Fault::Stall => plan.stop_at = Some((middle.min(STALL_AT_MOST), Stop::Stall)),
             Fault::PauseAt(n) => plan.stop_at = Some((n, Stop::Pause)),
             Fault::Slow(chunk, delay) => plan.pace = Some((chunk.max(1), delay)),
-            Fault::None | Fault::Status(..) | Fault::Hold => {}
+            Fault::None | Fault::Status(..) | Fault::Hold | Fault::DropDigestHeader => {}
         }
         plan
     }

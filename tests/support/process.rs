@@ -42,9 +42,14 @@ impl BerthProcess {
             format!("admin_listen = \"127.0.0.1:0\"\n{config_toml}")
         };
         std::fs::write(&config_path, config).unwrap();
+        let config_path = config_path.display().to_string();
+        BerthProcess::spawn_args(&["serve", "--config", &config_path])
+    }
+
+    /// Runs `berth ARGS...` with its log collected (`wait_line`); `addr` stays empty.
+    pub fn spawn_args(args: &[&str]) -> BerthProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
