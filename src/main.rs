@@ -38,6 +38,7 @@ enum Command {
     },
     /// Show where image references go: upstream, endpoint, repository, tag or digest, and the
     /// credentials a pull would use. Any reference form: `nginx:latest`, `ghcr.io/o/a@sha256:..`,
+    /// pinned `nginx:1.27@sha256:..` (the digest wins),
     /// `//image/app:v1`, `/org/ORG/image/app:v1`.
     Resolve {
         #[arg(long)]

@@ -470,6 +470,25 @@ endpoint = "{tap}"
         text(&warmed)
     );
     assert_eq!(tap.count(Method::GET, Kind::Blob), image.blobs().len());
+
+    // The access report reads a pinned reference too: judged by the digest, shown with its tag.
+    let config_path = dir.path().join("berth.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let pinned = format!("//image/team/app:v1@{}", image.digest());
+    let args = vec![
+        "access-report".to_string(),
+        "--config".into(),
+        config_path.display().to_string(),
+        pinned,
+    ];
+    let report = berth_cli(args, vec![]).await;
+    assert!(report.status.success(), "{}", text(&report));
+    let printed = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        printed.contains(&format!("{OWN}/team/app:v1@{}", image.digest())),
+        "{printed}"
+    );
+    assert!(printed.contains("//serviceaccount/ci"), "{printed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -596,4 +615,157 @@ async fn readyz_says_loading_index_until_the_index_is_rebuilt() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("never ready: {answers:?}");
+}
+
+/// A private podman: its own storage root and runroot (vfs, no kernel overlay needed), its own
+/// registries.conf (CONTAINERS_REGISTRIES_CONF), containers.conf and signature policy, and a
+/// dead proxy so nothing it might try beyond the mirror leaves the machine.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new(registries_conf: &str) -> Podman {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        std::fs::write(path.join("registries.conf"), registries_conf).unwrap();
+        std::fs::write(
+            path.join("containers.conf"),
+            "[containers]\ndefault_ulimits = []\n",
+        )
+        .unwrap();
+        let storage = format!(
+            "[storage]\ndriver = \"vfs\"\nrunroot = \"{}\"\ngraphroot = \"{}\"\n",
+            path.join("runroot").display(),
+            path.join("root").display()
+        );
+        std::fs::write(path.join("storage.conf"), storage).unwrap();
+        std::fs::write(
+            path.join("policy.json"),
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        for sub in ["root", "runroot", "tmp", "home"] {
+            std::fs::create_dir(path.join(sub)).unwrap();
+        }
+        Podman { dir }
+    }
+
+    async fn run(&self, args: &[&str]) -> std::process::Output {
+        let path = self.dir.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("podman")
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("HOME", path.join("home"))
+                .env("TMPDIR", path.join("tmp"))
+                .env("CONTAINERS_REGISTRIES_CONF", path.join("registries.conf"))
+                .env("CONTAINERS_CONF", path.join("containers.conf"))
+                .env("CONTAINERS_STORAGE_CONF", path.join("storage.conf"))
+                .env("HTTP_PROXY", "http://127.0.0.1:9")
+                .env("HTTPS_PROXY", "http://127.0.0.1:9")
+                .env("NO_PROXY", "127.0.0.1")
+                .arg("--root")
+                .arg(path.join("root"))
+                .arg("--runroot")
+                .arg(path.join("runroot"))
+                .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+                .args(["--events-backend", "none", "--runtime", "runc"])
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run podman")
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn pull(&self, reference: &str) -> std::process::Output {
+        let policy = self.dir.path().join("policy.json").display().to_string();
+        self.run(&["pull", "--signature-policy", &policy, reference])
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn podman_pulls_ghcr_and_docker_hub_names_through_a_path_prefix_mirror() {
+    // Two registries on loopback ports stand in for ghcr.io and Docker Hub.
+    let ghcr = Registry::start(support::Auth::None).await;
+    let ghcr_tap = Tap::start(&ghcr.url()).await;
+    let hub = Registry::start(support::Auth::None).await;
+    let hub_tap = Tap::start(&hub.url()).await;
+    let app = Image::random(Flavor::Oci, 1510, &[20_000]);
+    let base = Image::random(Flavor::Docker, 1511, &[30_000]);
+    push_image(&ghcr.url(), "org/app", "v1", &app, None)
+        .await
+        .unwrap();
+    push_image(&hub.url(), "library/base", "1.0", &base, None)
+        .await
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let berth = Berth::start(&format!(
+        r#"
+listen = "127.0.0.1:0"
+[cache]
+dir = "{}"
+[[upstream]]
+host = "ghcr.io"
+endpoint = "{}"
+[[upstream]]
+host = "docker.io"
+endpoint = "{}"
+"#,
+        cache.path().display(),
+        ghcr_tap.url(),
+        hub_tap.url()
+    ))
+    .await;
+
+    // CRI-O and podman send no ns=: the mirror location's path prefix names the registry. The
+    // registries themselves point at a dead port, so a pull can only succeed through berth.
+    let registries_conf = format!(
+        r#"
+unqualified-search-registries = []
+[[registry]]
+prefix = "ghcr.io"
+location = "127.0.0.1:9/ghcr.io"
+[[registry.mirror]]
+location = "{berth}/ghcr.io"
+insecure = true
+[[registry]]
+prefix = "docker.io"
+location = "127.0.0.1:9/docker.io"
+[[registry.mirror]]
+location = "{berth}/docker.io"
+insecure = true
+"#,
+        berth = berth.host()
+    );
+    let podman = Podman::new(&registries_conf);
+    for (reference, image, tap) in [
+        ("ghcr.io/org/app:v1", &app, &ghcr_tap),
+        ("docker.io/library/base:1.0", &base, &hub_tap),
+        ("docker.io/base:1.0", &base, &hub_tap),
+    ] {
+        let pulled = podman.pull(reference).await;
+        assert!(
+            pulled.status.success(),
+            "podman pull {reference}: {}",
+            text(&pulled)
+        );
+        let inspect = podman
+            .run(&["image", "inspect", "--format", "{{.Digest}}", reference])
+            .await;
+        assert_eq!(
+            String::from_utf8_lossy(&inspect.stdout).trim(),
+            image.digest(),
+            "{}",
+            text(&inspect)
+        );
+        assert!(tap.count(Method::GET, Kind::Manifest) >= 1, "{reference}");
+    }
+    // Each blob came from its registry once; the second docker.io name was the same image.
+    assert_eq!(ghcr_tap.count(Method::GET, Kind::Blob), app.blobs().len());
+    assert_eq!(hub_tap.count(Method::GET, Kind::Blob), base.blobs().len());
 }
