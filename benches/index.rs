@@ -1,5 +1,7 @@
-//! The cache index under load: lookups and inserts per second with 1M entries, and start-up
-//! time (scan the store, rebuild the index) with 100k cached blobs.
+//! The cache index under load: lookups and inserts per second with 1M entries, start-up time
+//! (scan the store, rebuild the index) with 100k cached blobs, and the real binary's time from
+//! process start to its first cache hit on that store (`first_hit`). The page cache is warm:
+//! dropping it needs a writable /proc/sys, which the machine these figures come from lacks.
 //!
 //! `cargo bench --bench index`. Test runners also execute bench targets (without `--bench`);
 //! then the sizes shrink so the suite stays fast, and the figures mean nothing.
@@ -96,5 +98,68 @@ fn start_up(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, index_operations, start_up);
+/// Spawns `berth serve` on the populated store and times it until one cached blob is answered
+/// with `X-Cache: HIT`: the scan, the index, the listeners and the first request together.
+fn first_hit(c: &mut Criterion) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let blobs: u64 = if measuring() { 100_000 } else { 500 };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    populate(&cache, blobs);
+    let wanted = Digest::of(&[7u64.to_le_bytes().as_slice(), &[0u8; 1016]].concat());
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndefault_upstream = \"bench.test\"\n\
+             [cache]\ndir = \"{}\"\n[[upstream]]\nhost = \"bench.test\"\nendpoint = \"http://127.0.0.1:9\"\n",
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let mut group = c.benchmark_group("start_up");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(30));
+    group.bench_function(format!("process_to_first_hit_{blobs}_blobs"), |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                let started = Instant::now();
+                let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+                    .args(["serve", "--config"])
+                    .arg(&config)
+                    .env("RUST_LOG", "info")
+                    .stderr(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+                let listen = loop {
+                    let line = lines.next().expect("berth exited before serving").unwrap();
+                    if let Some(rest) = line.split(" listen=").nth(1) {
+                        break rest.split_whitespace().next().unwrap().to_string();
+                    }
+                };
+                let mut stream = std::net::TcpStream::connect(&listen).unwrap();
+                let get = format!(
+                    "GET /v2/bench/app/blobs/{wanted} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
+                );
+                std::io::Write::write_all(&mut stream, get.as_bytes()).unwrap();
+                let mut bytes = Vec::new();
+                let _ = stream.read_to_end(&mut bytes);
+                total += started.elapsed();
+                let answer = String::from_utf8_lossy(&bytes);
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+                assert!(answer.to_ascii_lowercase().contains("x-cache: hit"));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, index_operations, start_up, first_hit);
 criterion_main!(benches);

@@ -69,6 +69,27 @@ pub fn reference(data: &[u8]) {
         Upstreams::new(&Config::embedded_default()).expect("the default config builds")
     });
     let _ = berth::route::resolve_image(upstreams, text);
+    let platform = upstreams.platform();
+    if let Ok(image) = berth::route::parse_image_reference(text, platform) {
+        // A pinned tag is only kept next to the digest that wins over it.
+        if image.pinned_tag.is_some() {
+            assert!(image.reference.digest().is_some(), "{text:?}");
+        }
+        assert!(!image.name.contains('@'), "{text:?}");
+    }
+}
+
+/// A manifest request's `Accept` header: its class and the canonical header sent upstream,
+/// which must be a valid header value of the same class.
+pub fn accept(data: &[u8]) {
+    let Some(text) = text(data) else { return };
+    let class = berth::oci::accept::AcceptClass::parse(text);
+    if let Some(value) = class.header_value() {
+        let sent = value.to_str().expect("the canonical Accept is ASCII");
+        assert_eq!(berth::oci::accept::AcceptClass::parse(sent), class);
+    }
+    let hex = class.to_hex();
+    assert_eq!(berth::oci::accept::AcceptClass::from_hex(&hex), Some(class));
 }
 
 pub fn digest(data: &[u8]) {
@@ -159,4 +180,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest_json", manifest_json),
     ("secret_json", secret_json),
     ("policy_json", policy_json),
+    ("accept", accept),
 ];

@@ -3,7 +3,8 @@
 //!
 //! - `GET /metrics`  Prometheus text format; disk and readiness gauges are refreshed per scrape.
 //! - `GET /healthz`  200 while the process runs (liveness).
-//! - `GET /readyz`   200 when ready, else 503 with the reasons (`health`).
+//! - `GET /readyz`   200 when ready, else 503 with the reasons (`health`); 503 "loading
+//!   index" while the index is rebuilt from disk at start-up (`serve_loading`).
 //! - `/admin/...`    behind `Authorization: Bearer <admin_token>` (disabled without a token):
 //!   - `GET /admin/stats`                        cache and fill figures as JSON;
 //!   - `GET /admin/access-report?image=IMAGE`    who may do what to an image (`access`);
@@ -327,6 +328,48 @@ fn purge_repository(state: &AppState, name: &str, ns: Option<&str>) -> Response<
                      repositories, so they were kept: purge them by digest to remove them",
         }),
     )
+}
+
+/// Serves the admin address while `AppState::open` rebuilds the index from disk (minutes for a
+/// large cache): `/healthz` 200, `/readyz` and everything else 503 "loading index", so an
+/// orchestrator sees a live process that is not ready yet rather than a refused connection.
+/// HTTP/1.1 without keep-alive, so no connection outlives the switch to `run`. Returns the
+/// listener once `loaded` resolves.
+pub async fn serve_loading(listener: TcpListener, loaded: impl Future<Output = ()>) -> TcpListener {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(false);
+    tokio::pin!(loaded);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut loaded => return listener,
+        };
+        let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(loading_answer(request.uri().path()))
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(DRAIN, connection).await;
+        });
+    }
+}
+
+fn loading_answer(path: &str) -> Response<Body> {
+    match path {
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: loading index\n".into(),
+        ),
+    }
 }
 
 fn method_not_allowed() -> Response<Body> {

@@ -348,10 +348,13 @@ impl Default for ClientConfig {
 pub struct UpstreamConfig {
     /// The registry name as image references use it, e.g. `docker.io` or `ghcr.io`.
     pub host: String,
-    /// Where to fetch from; default `https://<host>`. `http://` is allowed for loopback registries.
+    /// Where to fetch from; default `https://<host>`, or Docker Hub's API endpoint
+    /// (`https://registry-1.docker.io`) when this is Docker Hub. `http://` is allowed for
+    /// loopback registries.
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// Other names of the same registry (`index.docker.io` for Docker Hub).
+    /// Other names of the same registry. Docker Hub's (`DOCKER_HUB_NAMES`) are built in and
+    /// these add to them.
     #[serde(default)]
     pub aliases: Vec<String>,
     #[serde(default)]
@@ -379,12 +382,27 @@ pub struct UpstreamConfig {
     pub public: bool,
 }
 
+/// Docker Hub's names: `docker.io` in references, `index.docker.io` in old ones and docker's
+/// config, `registry-1.docker.io` its API endpoint, `registry.hub.docker.com` its old web name.
+/// An upstream with any of them is Docker Hub and answers to all of them.
+pub const DOCKER_HUB_NAMES: [&str; 4] = [
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
+
+/// `https://docker.io` serves no registry API; this does.
+pub const DOCKER_HUB_ENDPOINT: &str = "https://registry-1.docker.io";
+
 impl UpstreamConfig {
     /// The endpoint URL for a concrete registry host (the host itself, or one a pattern
-    /// matched), defaulting to `https://<host>`; `{host}` in a configured endpoint is replaced.
+    /// matched), defaulting to `https://<host>` (Docker Hub's API endpoint for Docker Hub);
+    /// `{host}` in a configured endpoint is replaced.
     pub fn endpoint_for(&self, host: &str) -> String {
         match &self.endpoint {
             Some(url) => url.trim_end_matches('/').replace("{host}", host),
+            None if self.is_docker_hub() => DOCKER_HUB_ENDPOINT.to_string(),
             None => format!("https://{host}"),
         }
     }
@@ -400,10 +418,28 @@ impl UpstreamConfig {
 
     /// Docker Hub needs `library/` on one-component names; every other registry takes names as-is.
     pub fn is_docker_hub(&self) -> bool {
-        self.names().any(|name| name == "docker.io")
+        self.configured_names().any(|name| {
+            DOCKER_HUB_NAMES
+                .iter()
+                .any(|hub| hub.eq_ignore_ascii_case(name))
+        })
     }
 
+    /// `host`, `aliases`, and for Docker Hub its built-in names not already configured.
     pub fn names(&self) -> impl Iterator<Item = &str> {
+        let built_in: &[&'static str] = if self.is_docker_hub() {
+            &DOCKER_HUB_NAMES
+        } else {
+            &[]
+        };
+        let added = built_in
+            .iter()
+            .copied()
+            .filter(|hub| !self.configured_names().any(|n| n.eq_ignore_ascii_case(hub)));
+        self.configured_names().chain(added)
+    }
+
+    fn configured_names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.host.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 }
@@ -806,6 +842,50 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_hub_by_its_name_alone_gets_its_endpoint_and_every_name() {
+        let config = Config::from_toml("[[upstream]]\nhost = \"docker.io\"").unwrap();
+        let hub = &config.upstreams[0];
+        assert!(hub.is_docker_hub());
+        assert_eq!(hub.endpoint_url(), "https://registry-1.docker.io");
+        let names: Vec<&str> = hub.names().collect();
+        assert_eq!(names, DOCKER_HUB_NAMES);
+
+        // Configured aliases add to the built-in ones; repeating a built-in one is no clash.
+        let config = Config::from_toml(
+            "[[upstream]]\nhost = \"docker.io\"\naliases = [\"index.docker.io\", \"hub.mirror.internal\"]",
+        )
+        .unwrap();
+        let names: Vec<&str> = config.upstreams[0].names().collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(names.contains(&"hub.mirror.internal"));
+        assert!(names.contains(&"registry.hub.docker.com"));
+
+        // Any of Docker Hub's names makes it Docker Hub; an explicit endpoint still wins.
+        let config = Config::from_toml(
+            "[[upstream]]\nhost = \"index.docker.io\"\nendpoint = \"http://127.0.0.1:5000\"",
+        )
+        .unwrap();
+        assert!(config.upstreams[0].is_docker_hub());
+        assert_eq!(config.upstreams[0].endpoint_url(), "http://127.0.0.1:5000");
+        assert!(config.upstreams[0].names().any(|n| n == "docker.io"));
+
+        // Other registries get nothing built in.
+        let config = Config::from_toml("[[upstream]]\nhost = \"ghcr.io\"").unwrap();
+        assert_eq!(config.upstreams[0].endpoint_url(), "https://ghcr.io");
+        assert_eq!(config.upstreams[0].names().count(), 1);
+    }
+
+    #[test]
+    fn a_second_upstream_claiming_a_docker_hub_name_is_refused() {
+        let err = Config::from_toml(
+            "[[upstream]]\nhost = \"docker.io\"\n[[upstream]]\nhost = \"registry-1.docker.io\"\nendpoint = \"http://127.0.0.1:1\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream[1].host"), "{err}");
+    }
 
     #[test]
     fn embedded_default_mirrors_the_public_registries() {

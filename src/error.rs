@@ -6,7 +6,7 @@
 //! one file. Nothing here logs: the request log line does that.
 
 use http::header::{
-    HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use http::{Response, StatusCode};
 
@@ -109,8 +109,11 @@ impl ApiError {
         }
     }
 
+    /// 405 for a method the API does not take; RFC 9110 15.5.6 requires `Allow`, and berth
+    /// only ever reads.
     pub fn unsupported(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, Code::Unsupported, message)
+            .with_header(ALLOW, HeaderValue::from_static("GET, HEAD"))
     }
 
     /// The one mapping from an error to an HTTP response. A HEAD response carries the status
@@ -216,12 +219,20 @@ impl ApiError {
                         None => error,
                     }
                 }
-                _ => ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    Code::Unavailable,
-                    "upstream failed",
-                )
-                .with_detail(message),
+                // A client should not read an upstream's 500 as berth's own fault; the
+                // upstream's Retry-After (a 503's) still tells it when to come back.
+                _ => {
+                    let error = ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        Code::Unavailable,
+                        "upstream failed",
+                    )
+                    .with_detail(message);
+                    match retry_after {
+                        Some(value) => error.with_header(RETRY_AFTER, value),
+                        None => error,
+                    }
+                }
             },
             UpstreamError::Timeout(_) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -325,5 +336,21 @@ mod tests {
         });
         assert_eq!(limited.code, Code::TooManyRequests);
         assert_eq!(limited.headers[0].1, "7");
+        let unavailable = ApiError::from(UpstreamError::Status {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: Some(HeaderValue::from_static("30")),
+        });
+        assert_eq!(unavailable.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            unavailable.headers,
+            [(RETRY_AFTER, HeaderValue::from_static("30"))]
+        );
+    }
+
+    #[test]
+    fn method_not_allowed_names_the_allowed_methods() {
+        let response = ApiError::unsupported("no").into_response(false);
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[ALLOW], "GET, HEAD");
     }
 }

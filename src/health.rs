@@ -1,6 +1,7 @@
 //! Liveness and readiness, in one place.
 //!
-//! Ready means: the index has been loaded from disk (true once an `AppState` exists), the API
+//! Ready means: the index has been loaded from disk (true once an `AppState` exists; before
+//! that `admin::serve_loading` answers "loading index"), the API
 //! server is accepting (`mark_serving`, set by `server::run`), it is not shutting down
 //! (`mark_shutting_down`, set when the shutdown signal arrives, so a load balancer stops
 //! sending new pulls during the drain), and the cache directory is writable right now (a full

@@ -11,7 +11,7 @@
 //! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
 //! - `body`     the response body type.
 //! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
-//!   manifest's media type.
+//!   manifest's media type, the Accept class of a manifest request.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
 //! - `upstream` the registries berth fetches from: host patterns, HTTP client, token auth keyed
 //!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
@@ -64,8 +64,8 @@
 //! duration and the one log line per request are recorded when the body ends or is dropped.
 //!
 //! Manifests follow the same phases but are small: fetched whole (single flight), verified,
-//! stored by digest and kept in memory; tags map to digests for `tag_ttl`, then revalidate
-//! with a HEAD.
+//! stored by digest and kept in memory; tags (per Accept class) map to digests for `tag_ttl`,
+//! then revalidate with a HEAD.
 
 #![forbid(unsafe_code)]
 

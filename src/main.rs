@@ -38,6 +38,7 @@ enum Command {
     },
     /// Show where image references go: upstream, endpoint, repository, tag or digest, and the
     /// credentials a pull would use. Any reference form: `nginx:latest`, `ghcr.io/o/a@sha256:..`,
+    /// pinned `nginx:1.27@sha256:..` (the digest wins),
     /// `//image/app:v1`, `/org/ORG/image/app:v1`.
     Resolve {
         #[arg(long)]
@@ -61,6 +62,10 @@ enum Command {
         /// settings (timeouts, `ca_file` for an https target) from.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Pull as this user (a principal of a berth in the policy access mode); the key is
+        /// read from BERTH_WARM_PASSWORD, so it stays out of shell history and `ps`.
+        #[arg(long)]
+        user: Option<String>,
         #[arg(required = true)]
         references: Vec<String>,
     },
@@ -174,8 +179,8 @@ fn main() -> anyhow::Result<()> {
             let upstreams = berth::upstream::Upstreams::new(&config).map_err(anyhow::Error::msg)?;
             let mut failed = 0;
             for text in &references {
-                match berth::route::resolve_image(&upstreams, text) {
-                    Ok((target, reference)) => print_resolved(text, &target, &reference),
+                match berth::route::resolve_image_ref(&upstreams, text) {
+                    Ok((target, image)) => print_resolved(text, &target, &image),
                     Err(err) => {
                         failed += 1;
                         println!("{text}\n  error:      {err}");
@@ -195,13 +200,26 @@ fn main() -> anyhow::Result<()> {
             platform,
             concurrency,
             config,
+            user,
             references,
         } => {
             let config = match config {
                 Some(path) => Config::load(&path)?,
                 None => Config::embedded_default(),
             };
+            let credentials = match user {
+                Some(username) => Some(berth::secrets::Credentials {
+                    username,
+                    password: berth::secret::Secret::new(
+                        std::env::var("BERTH_WARM_PASSWORD")
+                            .context("--user needs the key in BERTH_WARM_PASSWORD")?,
+                    ),
+                    id: "warm".into(),
+                }),
+                None => None,
+            };
             let options = berth::warm::Options {
+                credentials,
                 target,
                 platform,
                 references,
@@ -288,12 +306,9 @@ fn hash_key(generate: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_resolved(
-    text: &str,
-    target: &berth::route::Target,
-    reference: &berth::oci::name::Reference,
-) {
+fn print_resolved(text: &str, target: &berth::route::Target, image: &berth::route::ImageRef) {
     use berth::upstream::CredentialSource;
+    let reference = &image.reference;
     let kind = if reference.digest().is_some() {
         "digest"
     } else {
@@ -309,6 +324,9 @@ fn print_resolved(
     println!("  endpoint:   {}", target.upstream.endpoint());
     println!("  repository: {}", target.repository);
     println!("  {:<11} {}", format!("{kind}:"), reference.as_str());
+    if let Some(tag) = &image.pinned_tag {
+        println!("  pinned tag: {tag} (shown only; the digest is pulled)");
+    }
     println!("  secret:     {credentials}");
 }
 
@@ -366,7 +384,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding admin_listen address {}", config.admin_listen))?;
+    // The admin listener answers while the index is rebuilt: /readyz says "loading index".
+    tracing::info!(admin = %admin_listener.local_addr()?, "loading the cache index");
+    let (loaded, loading) = tokio::sync::oneshot::channel::<()>();
+    let loading = tokio::spawn(berth::admin::serve_loading(admin_listener, async {
+        let _ = loading.await;
+    }));
     let state = berth::AppState::open(config).await?;
+    let _ = loaded.send(());
+    let admin_listener = loading.await.context("admin listener task")?;
     tracing::info!(
         listen = %listener.local_addr()?,
         admin_listen = %admin_listener.local_addr()?,

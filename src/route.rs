@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use crate::config::PlatformConfig;
+use crate::oci::digest::Digest;
 use crate::oci::name::{NameError, Reference, Repository, Tag};
 use crate::upstream::{Upstream, Upstreams};
 
@@ -43,11 +44,26 @@ pub enum RouteError {
 pub struct ImageRef {
     pub registry: Option<String>,
     pub name: String,
+    /// What is fetched: the digest when one is given (it wins over a tag), else the tag.
     pub reference: Reference,
+    /// The tag as written in a pinned `NAME:TAG@DIGEST` (the form Kubernetes manifests pin),
+    /// kept for display only: the digest decides what is pulled.
+    pub pinned_tag: Option<Tag>,
 }
 
-/// Parses `[registry/]name[:tag][@digest]` (tag `latest` when neither is given) and the
-/// platform's `//image/NAME[:TAG]` and `/org/ORG/image/NAME[:TAG]` forms.
+impl ImageRef {
+    /// `reference` as written: `1.27`, `sha256:..` or, pinned, `1.27@sha256:..`.
+    pub fn shown_reference(&self) -> String {
+        match (&self.pinned_tag, &self.reference) {
+            (Some(tag), Reference::Digest(digest)) => format!("{tag}@{digest}"),
+            _ => self.reference.as_str().to_string(),
+        }
+    }
+}
+
+/// Parses `[registry/]name[:tag][@digest]` (tag `latest` when neither is given; the digest
+/// wins when both are) and the platform's `//image/NAME[:TAG][@DIGEST]` and
+/// `/org/ORG/image/NAME[:TAG][@DIGEST]` forms.
 pub fn parse_image_reference(
     text: &str,
     platform: &PlatformConfig,
@@ -70,28 +86,44 @@ pub fn parse_image_reference(
             _ => (None, text),
         }
     };
-    let (name, reference) = match rest.split_once('@') {
-        Some((name, digest)) => (name, Reference::parse(digest)?),
-        None => match rest.rsplit_once(':') {
-            Some((name, tag)) if !tag.contains('/') => (name, Reference::Tag(Tag::parse(tag)?)),
-            _ => (rest, Reference::Tag(Tag::parse("latest")?)),
-        },
+    let (rest, digest) = match rest.split_once('@') {
+        Some((rest, digest)) => (rest, Some(Digest::parse(digest).map_err(NameError::from)?)),
+        None => (rest, None),
+    };
+    let (name, tag) = match rest.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, Some(Tag::parse(tag)?)),
+        _ => (rest, None),
     };
     if name.is_empty() {
         return Err(malformed());
     }
+    let (reference, pinned_tag) = match (digest, tag) {
+        (Some(digest), tag) => (Reference::Digest(digest), tag),
+        (None, Some(tag)) => (Reference::Tag(tag), None),
+        (None, None) => (Reference::Tag(Tag::parse("latest")?), None),
+    };
     Ok(ImageRef {
         registry,
         name: name.to_string(),
         reference,
+        pinned_tag,
     })
 }
 
 /// Resolves a full image reference to its upstream and repository.
 pub fn resolve_image(upstreams: &Upstreams, text: &str) -> Result<(Target, Reference), RouteError> {
+    let (target, image) = resolve_image_ref(upstreams, text)?;
+    Ok((target, image.reference))
+}
+
+/// Resolves a full image reference, keeping all of it (a pinned tag too) for display.
+pub fn resolve_image_ref(
+    upstreams: &Upstreams,
+    text: &str,
+) -> Result<(Target, ImageRef), RouteError> {
     let image = parse_image_reference(text, upstreams.platform())?;
     let target = resolve(upstreams, image.registry.as_deref(), &image.name)?;
-    Ok((target, image.reference))
+    Ok((target, image))
 }
 
 /// Whether the first component of a name is a registry host (Docker's reference grammar).
@@ -186,6 +218,28 @@ mod tests {
     }
 
     #[test]
+    fn docker_hub_configured_by_name_alone_answers_to_all_its_names() {
+        let config = Config::from_toml(
+            "default_upstream = \"docker.io\"\n[[upstream]]\nhost = \"docker.io\"",
+        )
+        .unwrap();
+        let upstreams = Upstreams::new(&config).unwrap();
+        for (ns, name) in [
+            (None, "nginx"),
+            (None, "index.docker.io/library/nginx"),
+            (None, "registry-1.docker.io/nginx"),
+            (None, "registry.hub.docker.com/library/nginx"),
+            (Some("index.docker.io"), "nginx"),
+            (Some("registry-1.docker.io"), "library/nginx"),
+        ] {
+            let target = resolve(&upstreams, ns, name).unwrap();
+            assert_eq!(target.upstream.name.as_ref(), "docker.io", "{ns:?} {name}");
+            assert_eq!(target.upstream.endpoint(), "https://registry-1.docker.io");
+            assert_eq!(target.repository.as_str(), "library/nginx", "{ns:?} {name}");
+        }
+    }
+
+    #[test]
     fn ns_wins_over_a_host_looking_component() {
         assert_eq!(
             route(Some("ghcr.io"), "org/app"),
@@ -271,9 +325,18 @@ mod tests {
                 &format!("ghcr.io/org/app@{digest}"),
                 (some("ghcr.io"), "org/app", digest.clone()),
             ),
+            (&format!("app:v1@{digest}"), (None, "app", digest.clone())),
             (
-                &format!("app:v1@{digest}"),
-                (None, "app:v1", digest.clone()),
+                &format!("nginx:1.27@{digest}"),
+                (None, "nginx", digest.clone()),
+            ),
+            (
+                &format!("localhost:5000/team/app:v2@{digest}"),
+                (some("localhost:5000"), "team/app", digest.clone()),
+            ),
+            (
+                &format!("//image/app:v1@{digest}"),
+                (some("my-org.registry.cpln.io"), "app", digest.clone()),
             ),
             (
                 "//image/app:v1",
@@ -315,11 +378,29 @@ mod tests {
             "nginx:-x",
             "app@sha256:12",
             "ghcr.io/:v1",
+            "app@v1",
+            "app:v1@",
+            "app:@sha256:12",
+            "app:-x@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         ] {
             assert!(image(text).is_err(), "{text:?}");
         }
         let no_org = parse_image_reference("//image/app", &PlatformConfig::default());
         assert_eq!(no_org, Err(RouteError::NoOrg));
+    }
+
+    #[test]
+    fn a_pinned_reference_fetches_the_digest_and_keeps_the_tag_for_display() {
+        let digest = format!("sha256:{}", "b".repeat(64));
+        let text = format!("docker.io/library/nginx:1.27@{digest}");
+        let (target, image) = resolve_image_ref(&upstreams(), &text).unwrap();
+        assert_eq!(target.repository.as_str(), "library/nginx");
+        assert_eq!(image.reference.as_str(), digest);
+        assert_eq!(image.pinned_tag.as_ref().map(Tag::as_str), Some("1.27"));
+        assert_eq!(image.shown_reference(), format!("1.27@{digest}"));
+        let plain = resolve_image_ref(&upstreams(), "nginx:1.27").unwrap().1;
+        assert_eq!(plain.pinned_tag, None);
+        assert_eq!(plain.shown_reference(), "1.27");
     }
 
     #[test]

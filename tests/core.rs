@@ -455,8 +455,8 @@ async fn errors_use_the_oci_envelope_with_the_right_status() {
         (
             Method::GET,
             "/v2/team/app/manifests/-bad-tag".into(),
-            400,
-            "NAME_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             Method::GET,

@@ -89,6 +89,13 @@ proptest! {
     )) {
         targets::secret_json(&data);
     }
+
+    #[test]
+    fn accept_headers_never_panic(data in input(
+        "((application/vnd\\.(oci\\.image\\.(index|manifest)\\.v1|docker\\.distribution\\.manifest\\.(v2|list\\.v2|v1))\\+json|\\*/\\*|application/\\*|[a-zA-Z/+.*]{0,12})(;[ ]?q=[0-9.]{0,4})?[ ,]{0,2}){0,6}"
+    )) {
+        targets::accept(&data);
+    }
 }
 
 #[test]

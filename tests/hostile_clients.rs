@@ -419,6 +419,7 @@ async fn warm_bounds_what_a_target_sends_and_escapes_what_it_prints() {
         platform_config: Default::default(),
         client: Default::default(),
         concurrency: 2,
+        credentials: None,
     };
     let summary = berth::warm::warm(options).await.unwrap();
     assert_eq!(summary.failed.len(), 2, "{summary}");

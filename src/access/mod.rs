@@ -294,16 +294,26 @@ impl Access {
         let files = self.files.as_ref().ok_or_else(|| {
             AccessError::Report("the access report needs [access] principals and policies".into())
         })?;
-        let (target, reference) = route::resolve_image(upstreams, image)
+        let (target, parsed) = route::resolve_image_ref(upstreams, image)
             .map_err(|e| AccessError::Report(e.to_string()))?;
+        let reference = &parsed.reference;
         let snapshot = files.current();
         let repository = self.policy_repository(&target);
-        let tag = match &reference {
+        let tag = match reference {
             crate::oci::name::Reference::Tag(tag) => Some(tag.as_str()),
             crate::oci::name::Reference::Digest(_) => None,
         };
-        let separator = if tag.is_some() { ":" } else { "@" };
-        let shown = format!("{}{separator}{}", full_name(&target), reference.as_str());
+        // A pinned `NAME:TAG@DIGEST` is judged by its digest and shown with its tag.
+        let separator = if tag.is_some() || parsed.pinned_tag.is_some() {
+            ":"
+        } else {
+            "@"
+        };
+        let shown = format!(
+            "{}{separator}{}",
+            full_name(&target),
+            parsed.shown_reference()
+        );
         let facts = ImageFacts {
             repository: &repository,
             tag,

@@ -7,10 +7,17 @@
 //! checking they hash to the digest asked for or announced. Their media type is the document's
 //! (`oci::manifest`), never the response's `Content-Type`, and their body has a deadline. Concurrent misses of one manifest,
 //! and concurrent revalidations of one tag, share one upstream request.
+//!
+//! One tag answers different manifests, or a 404, to clients accepting different manifest
+//! types, so everything about a tag (its mapping, a remembered 404, an in-flight fetch or
+//! revalidation) is keyed by the request's Accept class (`oci::accept`), and the upstream gets
+//! that class's canonical `Accept`, on the GET and on the revalidating HEAD alike. A HEAD
+//! answered without `Docker-Content-Digest` (some registries and CDNs drop it) falls back to
+//! one GET.
 
 use std::sync::Arc;
 
-use http::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
@@ -20,24 +27,27 @@ use crate::body;
 use crate::cache::{Manifest, Outcome, TagEntry, TagKey};
 use crate::error::{ApiError, Code};
 use crate::flight::{Flights, Role};
+use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
-use crate::oci::name::{Reference, Tag};
+use crate::oci::name::{NameError, Reference, Tag};
 use crate::route::Target;
 use crate::AppState;
 
 /// The distribution registry refuses manifests over 4 MiB; so does berth.
 const MAX_MANIFEST: usize = 4 << 20;
 
-/// What a manifest fetch is keyed by: a digest, or a tag together with what the client accepts
-/// (one tag can resolve to different manifests for different `Accept` headers).
+/// What a manifest fetch is keyed by: a digest, or a tag (whose key holds the Accept class).
+/// A digest fetch carries the class too: distribution refuses an OCI manifest even by digest to
+/// a client without the OCI types, and that refusal must not reach a coalesced client with them.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum FetchKey {
-    Digest(Digest),
-    Tag(TagKey, String),
+    Digest(Digest, AcceptClass),
+    Tag(TagKey),
 }
 
 pub type ManifestFlights = Flights<FetchKey, Result<Manifest, ApiError>>;
-pub type RevalidationFlights = Flights<(TagKey, String), Result<Digest, ApiError>>;
+/// The digest a tag points at now, or `None` when the upstream's HEAD did not say.
+pub type RevalidationFlights = Flights<TagKey, Result<Option<Digest>, ApiError>>;
 
 pub async fn serve(
     state: &Arc<AppState>,
@@ -46,8 +56,8 @@ pub async fn serve(
     headers: &HeaderMap,
     head: bool,
 ) -> Served {
-    let reference = Reference::parse(reference)?;
-    let accept = accept_header(headers);
+    let reference = Reference::parse(reference).map_err(reference_error)?;
+    let accept = AcceptClass::from_headers(headers);
     let holder = target.clone();
     let (manifest, outcome) = match reference {
         Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
@@ -57,17 +67,33 @@ pub async fn serve(
     Ok((response(&manifest, head), outcome))
 }
 
+/// A reference that is not a valid tag names a manifest no registry can hold: 404
+/// MANIFEST_UNKNOWN, as distribution answers (the OCI conformance suite asks for
+/// `.INVALID_MANIFEST_NAME`). Something that looks like a digest (it has a `:`) but is
+/// malformed stays 400 DIGEST_INVALID.
+fn reference_error(err: NameError) -> ApiError {
+    match err {
+        NameError::Digest(err) => err.into(),
+        other => ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::ManifestUnknown,
+            "manifest unknown",
+        )
+        .with_detail(other.to_string()),
+    }
+}
+
 async fn by_digest(
     state: &Arc<AppState>,
     target: Target,
     digest: Digest,
-    accept: Option<String>,
+    accept: AcceptClass,
 ) -> Result<(Manifest, Outcome), ApiError> {
     super::holds::confirm_manifest(state, &target, &digest).await?;
     if let Some(manifest) = state.cache.manifest(&digest).await {
         return Ok((manifest, Outcome::Hit));
     }
-    let key = FetchKey::Digest(digest.clone());
+    let key = FetchKey::Digest(digest.clone(), accept);
     let work_state = Arc::clone(state);
     let (fetched, role) = state
         .manifest_flights
@@ -82,17 +108,17 @@ async fn by_tag(
     state: &Arc<AppState>,
     target: Target,
     tag: Tag,
-    accept: Option<String>,
+    accept: AcceptClass,
 ) -> Result<(Manifest, Outcome), ApiError> {
     let key = TagKey {
         upstream: Arc::clone(&target.upstream.name),
         repository: target.repository.clone(),
-        tag: tag.clone(),
+        tag,
+        accept,
     };
-    let accept_key = accept.clone().unwrap_or_default();
     let upstream = Arc::clone(&target.upstream);
     let clock = state.cache.tags.clock;
-    let known = last_known(state, &key, accept.as_deref()).await;
+    let known = last_known(state, &key).await;
     if let Some((entry, manifest)) = &known {
         if clock.age(entry.checked_ms) < upstream.tag_ttl {
             return Ok((manifest.clone(), Outcome::Hit));
@@ -103,12 +129,12 @@ async fn by_tag(
         return Err(tag_unknown(&key));
     }
     let answered = match &known {
-        Some(_) => match revalidate(state, &target, &key, &accept_key, &accept).await {
+        Some(_) => match revalidate(state, &target, &key).await {
             Ok(Some(current)) => return Ok((current, Outcome::Revalidated)),
-            Ok(None) => fetch_tag(state, target, key.clone(), accept_key, accept).await,
+            Ok(None) => fetch_tag(state, target, key.clone()).await,
             Err(error) => Err(error),
         },
-        None => fetch_tag(state, target, key.clone(), accept_key, accept).await,
+        None => fetch_tag(state, target, key.clone()).await,
     };
     let error = match answered {
         Ok(answer) => return Ok(answer),
@@ -131,18 +157,9 @@ async fn by_tag(
     }
 }
 
-/// The tag's last known mapping, if the client accepts its media type and the manifest is
-/// still cached.
-async fn last_known(
-    state: &AppState,
-    key: &TagKey,
-    accept: Option<&str>,
-) -> Option<(TagEntry, Manifest)> {
-    let entry = state
-        .cache
-        .tags
-        .get(key)
-        .filter(|e| accepts(accept, &e.media_type))?;
+/// The tag's last known mapping for this Accept class, if the manifest is still cached.
+async fn last_known(state: &AppState, key: &TagKey) -> Option<(TagEntry, Manifest)> {
+    let entry = state.cache.tags.get(key)?;
     let manifest = state.cache.manifest(&entry.digest).await?;
     Some((entry, manifest))
 }
@@ -152,15 +169,14 @@ async fn fetch_tag(
     state: &Arc<AppState>,
     target: Target,
     key: TagKey,
-    accept_key: String,
-    accept: Option<String>,
 ) -> Result<(Manifest, Outcome), ApiError> {
     let work_state = Arc::clone(state);
     let work_key = key.clone();
     let tag = key.tag.clone();
+    let accept = key.accept;
     let (fetched, role) = state
         .manifest_flights
-        .run(FetchKey::Tag(key, accept_key), move || async move {
+        .run(FetchKey::Tag(key), move || async move {
             let reference = Reference::Tag(tag);
             let manifest = fetch(Arc::clone(&work_state), target, reference, accept).await?;
             remember_tag(&work_state, work_key, &manifest);
@@ -188,39 +204,35 @@ fn tag_unknown(key: &TagKey) -> ApiError {
     ))
 }
 
-/// Asks the upstream (HEAD) where the tag points now. Returns the manifest if it is cached, and
-/// records the answer; `None` means the body must be fetched.
+/// Asks the upstream (HEAD, with the class's Accept) where the tag points now. Returns the
+/// manifest if it is cached, and records the answer; `None` means the body must be fetched:
+/// the digest is new, or the HEAD answer named none (then one GET settles it).
 async fn revalidate(
     state: &Arc<AppState>,
     target: &Target,
     key: &TagKey,
-    accept_key: &str,
-    accept: &Option<String>,
 ) -> Result<Option<Manifest>, ApiError> {
     let upstream = Arc::clone(&target.upstream);
     let repository = target.repository.clone();
     let reference = Reference::Tag(key.tag.clone());
-    let accept = accept.clone();
+    let accept = key.accept.header_value();
     let (digest, _) = state
         .revalidations
-        .run((key.clone(), accept_key.to_string()), move || async move {
-            let accept = accept
-                .as_deref()
-                .and_then(|a| HeaderValue::from_str(a).ok());
+        .run(key.clone(), move || async move {
             let response = upstream
                 .manifest(Method::HEAD, &repository, &reference, accept.as_ref())
                 .await
                 .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
-            announced_digest(response.headers()).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    Code::Unavailable,
-                    "upstream HEAD gave no digest",
-                )
-            })
+            let digest = announced_digest(response.headers());
+            if digest.is_none() {
+                tracing::debug!(upstream = %upstream.name, "HEAD without Docker-Content-Digest; falling back to GET");
+            }
+            Ok(digest)
         })
         .await;
-    let digest = digest?;
+    let Some(digest) = digest? else {
+        return Ok(None);
+    };
     let Some(manifest) = state.cache.manifest(&digest).await else {
         return Ok(None);
     };
@@ -243,12 +255,10 @@ async fn fetch(
     state: Arc<AppState>,
     target: Target,
     reference: Reference,
-    accept: Option<String>,
+    accept: AcceptClass,
 ) -> Result<Manifest, ApiError> {
     let started = Instant::now();
-    let accept_value = accept
-        .as_deref()
-        .and_then(|a| HeaderValue::from_str(a).ok());
+    let accept_value = accept.header_value();
     let response = target
         .upstream
         .manifest(
@@ -317,26 +327,6 @@ fn announced_digest(headers: &HeaderMap) -> Option<Digest> {
     Digest::parse(value.trim()).ok()
 }
 
-fn accept_header(headers: &HeaderMap) -> Option<String> {
-    let values: Vec<&str> = headers
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.join(", "))
-}
-
-/// Whether a client's Accept list admits a media type; no Accept admits anything.
-fn accepts(accept: Option<&str>, media_type: &str) -> bool {
-    let Some(accept) = accept else {
-        return true;
-    };
-    accept
-        .split(',')
-        .map(|item| item.split(';').next().unwrap_or("").trim())
-        .any(|item| item == media_type || item == "*/*")
-}
-
 fn miss_outcome(role: Role) -> Outcome {
     match role {
         Role::Leader => Outcome::Miss,
@@ -365,12 +355,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accept_lists_admit_listed_types_and_wildcards() {
-        let docker = "application/vnd.docker.distribution.manifest.v2+json";
-        let oci = "application/vnd.oci.image.manifest.v1+json";
-        assert!(accepts(None, docker));
-        assert!(accepts(Some(&format!("{oci}, {docker}; q=0.5")), docker));
-        assert!(!accepts(Some(oci), docker));
-        assert!(accepts(Some("*/*"), docker));
+    fn invalid_tags_are_unknown_manifests_and_bad_digests_stay_invalid() {
+        let invalid_tag = Reference::parse(".INVALID_MANIFEST_NAME").unwrap_err();
+        let error = reference_error(invalid_tag);
+        assert_eq!(
+            (error.status, error.code),
+            (StatusCode::NOT_FOUND, Code::ManifestUnknown)
+        );
+        let bad_digest = Reference::parse("sha256:xyz").unwrap_err();
+        let error = reference_error(bad_digest);
+        assert_eq!(
+            (error.status, error.code),
+            (StatusCode::BAD_REQUEST, Code::DigestInvalid)
+        );
     }
 }

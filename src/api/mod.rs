@@ -280,9 +280,13 @@ async fn serve<B>(
             let digest = crate::oci::digest::Digest::parse(digest)?;
             passthrough::serve(target, format!("referrers/{digest}"), query, name, head).await
         }
-        ApiPath::BlobUpload { .. } | ApiPath::Catalog => {
-            Err(ApiError::unsupported("not supported"))
-        }
+        // Upload endpoints allow no method at all here: an empty `Allow` says so (RFC 9110).
+        ApiPath::BlobUpload { .. } | ApiPath::Catalog => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            "berth is a pull-through cache; pushes go to the registry",
+        )
+        .with_header(http::header::ALLOW, HeaderValue::from_static(""))),
     }
 }
 

@@ -3,7 +3,9 @@
 //! fall back to the referrers tag schema).
 //!
 //! The response streams back as-is, except the `Link` header, which is rewritten to the path the
-//! client used so its next page comes through berth and the same route.
+//! client used so its next page comes through berth and the same route; and failures: an
+//! upstream 5xx becomes berth's 502 and a 429 stays 429, each with the upstream's
+//! `Retry-After`, through the one error mapping (`ApiError::from_upstream`).
 
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, LINK};
 use http::{HeaderMap, Method, Response};
@@ -52,6 +54,15 @@ pub async fn serve(
         )
         .await
         .map_err(|e| ApiError::from_upstream(e, Code::NameUnknown))?;
+    let status = response.status();
+    if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
+        let error = crate::upstream::UpstreamError::Status {
+            status,
+            retry_after,
+        };
+        return Err(ApiError::from_upstream(error, Code::NameUnknown));
+    }
     let mut builder = Response::builder().status(response.status());
     for name in [CONTENT_TYPE, CONTENT_LENGTH] {
         if let Some(value) = response.headers().get(&name) {

@@ -72,8 +72,14 @@ pub struct Cache {
     pub index: Arc<Index>,
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
+    /// Manifests whose hit was written to their file's mtime within the last minute: a hot
+    /// manifest costs one metadata write a minute, as a hot blob does (`fill::open_cached`).
+    accessed: moka::sync::Cache<Digest, ()>,
     pub tags: Tags,
 }
+
+/// How often at most a manifest hit is recorded on disk.
+const MANIFEST_ACCESS_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Cache {
     /// Opens the store and rebuilds the index from what is on disk.
@@ -102,10 +108,15 @@ impl Cache {
             .max_capacity(config.manifest_memory)
             .weigher(|_, manifest: &Manifest| manifest.bytes.len().try_into().unwrap_or(u32::MAX))
             .build();
+        let accessed = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(MANIFEST_ACCESS_GRANULARITY)
+            .build();
         Ok(Cache {
             store,
             index,
             manifests,
+            accessed,
             tags,
         })
     }
@@ -201,6 +212,8 @@ impl Cache {
             return None;
         }
         if let Some(manifest) = self.manifests.get(digest) {
+            self.index.touch(digest);
+            self.record_manifest_access(digest).await;
             return Some(manifest);
         }
         let store = Arc::clone(&self.store);
@@ -219,6 +232,7 @@ impl Cache {
                     bytes: bytes.into(),
                 };
                 self.manifests.insert(digest.clone(), manifest.clone());
+                self.record_manifest_access(digest).await;
                 Some(manifest)
             }
             _ => {
@@ -226,6 +240,19 @@ impl Cache {
                 None
             }
         }
+    }
+
+    /// Records a manifest hit in its file's mtime, as blob hits are, so the LRU order rebuilt
+    /// at start-up and `min_free` sweeps see hot manifests as hot. Awaited (once a minute per
+    /// manifest at most), so the hit is on disk when the response goes out.
+    async fn record_manifest_access(&self, digest: &Digest) {
+        if self.accessed.contains_key(digest) {
+            return;
+        }
+        self.accessed.insert(digest.clone(), ());
+        let store = Arc::clone(&self.store);
+        let owned = digest.clone();
+        let _ = tokio::task::spawn_blocking(move || store.touch(Kind::Manifest, &owned)).await;
     }
 
     /// Removes a digest from the cache, as a blob and as a manifest: index first (so nothing
@@ -336,6 +363,7 @@ mod tests {
             upstream: "up".into(),
             repository: Repository::parse("team/app").unwrap(),
             tag: Tag::parse(tag).unwrap(),
+            accept: crate::oci::accept::AcceptClass::parse(""),
         };
         for (tag, m) in [("kept", &kept), ("gone", &gone)] {
             let entry = TagEntry {

@@ -1,6 +1,7 @@
 //! The content-addressed disk store: `<dir>/blobs/sha256/ab/<hex>` for layers and configs,
 //! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests,
-//! and `<dir>/tags/<upstream>/<repository>/@<tag>` for the last known tag mappings.
+//! and `<dir>/tags/<upstream>/<repository>/@<tag>@<accept class>` for the last known tag
+//! mappings.
 //!
 //! Content enters only through a temp file under `<dir>/tmp` that is fsynced and renamed into
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use super::tags::{TagEntry, TagKey};
+use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Repository, Tag};
 
@@ -250,6 +252,7 @@ impl Store {
             upstream: upstream.into(),
             repository: repository.clone(),
             tag: Tag::parse("x").expect("a valid tag"),
+            accept: AcceptClass::parse(""),
         };
         let Some(dir) = self
             .tag_path(&probe)
@@ -284,7 +287,8 @@ impl Store {
         for component in key.repository.components() {
             path.push(component);
         }
-        path.push(format!("@{}", key.tag.as_str()));
+        // `@<tag>@<class>`: a tag never holds `@`.
+        path.push(format!("@{}@{}", key.tag.as_str(), key.accept.to_hex()));
         Some(path)
     }
 
@@ -476,10 +480,13 @@ fn read_tag(
     let digest = Digest::parse(lines.next()?).ok()?;
     let media_type = lines.next().filter(|m| !m.is_empty())?;
     let checked_ms = lines.next()?.parse().ok()?;
+    // Files from before tags were keyed by Accept class have no class: dropped, refetched.
+    let (tag, accept) = tag.split_once('@')?;
     let key = TagKey {
         upstream: upstream.into(),
         repository: Repository::parse(repository).ok()?,
         tag: Tag::parse(tag).ok()?,
+        accept: AcceptClass::from_hex(accept)?,
     };
     let entry = TagEntry {
         digest,
@@ -501,6 +508,7 @@ mod tests {
             upstream: "127.0.0.1:5000".into(),
             repository: Repository::parse("team/app").unwrap(),
             tag: Tag::parse("v1.2").unwrap(),
+            accept: AcceptClass::parse("application/vnd.oci.image.index.v1+json"),
         };
         let entry = TagEntry {
             digest: Digest::of(b"m"),
@@ -627,6 +635,7 @@ mod tests {
             upstream: "up".into(),
             repository: Repository::parse(repository).unwrap(),
             tag: Tag::parse(tag).unwrap(),
+            accept: AcceptClass::parse(""),
         };
         for (repository, tag) in [("team", "a"), ("team", "b"), ("team/app", "a")] {
             store.write_tag(&key(repository, tag), &entry).unwrap();

@@ -1,6 +1,8 @@
-//! The tag table: (upstream, repository, tag) -> the digest and media type it pointed at, and
-//! when the upstream last confirmed that; and the negative table of tags the upstream said do
-//! not exist.
+//! The tag table: (upstream, repository, tag, Accept class) -> the digest and media type it
+//! pointed at, and when the upstream last confirmed that; and the negative table of tags the
+//! upstream said do not exist. Keyed by the Accept class because one tag answers different
+//! manifests, or a 404, to clients accepting different manifest types (`oci::accept`): a 404 to
+//! a client without the OCI types is never served to one with them.
 //!
 //! Entries are not expired by age here: a stale mapping is still worth having when the upstream
 //! is down, so whether an entry is fresh, or still servable as stale, is decided by the caller
@@ -14,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Repository, Tag};
 
@@ -22,6 +25,8 @@ pub struct TagKey {
     pub upstream: Arc<str>,
     pub repository: Repository,
     pub tag: Tag,
+    /// What the asking client accepts, which decides what the upstream answers.
+    pub accept: AcceptClass,
 }
 
 #[derive(Debug, Clone)]
@@ -149,7 +154,28 @@ mod tests {
             upstream: "r.test".into(),
             repository: Repository::parse("team/app").unwrap(),
             tag: Tag::parse("v1").unwrap(),
+            accept: AcceptClass::parse("application/vnd.oci.image.manifest.v1+json"),
         }
+    }
+
+    #[test]
+    fn a_missing_tag_for_one_accept_class_is_not_missing_for_another() {
+        let tags = Tags::new();
+        let old_client = TagKey {
+            accept: AcceptClass::parse("application/vnd.docker.distribution.manifest.v2+json"),
+            ..one_key()
+        };
+        tags.put_missing(old_client.clone());
+        assert!(tags.is_missing(&old_client, Duration::from_secs(10)));
+        assert!(!tags.is_missing(&one_key(), Duration::from_secs(10)));
+        let entry = TagEntry {
+            digest: Digest::of(b"x"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: tags.clock.now_ms(),
+        };
+        tags.put(one_key(), entry);
+        assert!(tags.get(&old_client).is_none());
+        assert!(tags.is_missing(&old_client, Duration::from_secs(10)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -194,6 +220,7 @@ mod tests {
             upstream: upstream.into(),
             repository: Repository::parse(repository).unwrap(),
             tag: Tag::parse(tag).unwrap(),
+            accept: AcceptClass::parse("*/*"),
         }
     }
 

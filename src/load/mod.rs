@@ -46,7 +46,8 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 /// `crate::metrics` (`berth_upstream_requests_total`).
 pub const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
 
-/// An image to pull: `repository:tag` or `repository@sha256:...`.
+/// An image to pull: `repository:tag`, `repository@sha256:...` or, pinned, both (the digest
+/// is pulled).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
     pub repository: String,
@@ -55,20 +56,21 @@ pub struct ImageRef {
 
 impl ImageRef {
     pub fn parse(text: &str) -> Result<ImageRef, String> {
-        let (repository, reference) = match text.split_once('@') {
-            Some((repo, digest)) => {
+        // `NAME[:TAG][@DIGEST]`: the digest wins over a tag pinned next to it.
+        let (named, digest) = match text.split_once('@') {
+            Some((named, digest)) => {
                 Digest::parse(digest).map_err(|e| format!("{text}: {e}"))?;
-                (repo, digest)
+                (named, Some(digest))
             }
-            None => {
-                let slash = text.rfind('/').map_or(0, |i| i + 1);
-                match text[slash..].rfind(':') {
-                    Some(colon) => (&text[..slash + colon], &text[slash + colon + 1..]),
-                    None => (text, "latest"),
-                }
-            }
+            None => (text, None),
         };
-        if repository.is_empty() || reference.is_empty() {
+        let slash = named.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match named[slash..].rfind(':') {
+            Some(colon) => (&named[..slash + colon], &named[slash + colon + 1..]),
+            None => (named, "latest"),
+        };
+        let reference = digest.unwrap_or(tag);
+        if repository.is_empty() || tag.is_empty() {
             return Err(format!(
                 "{text}: expected repository:tag or repository@digest"
             ));
@@ -548,7 +550,13 @@ mod tests {
         assert_eq!(parsed(&format!("a/b@{A}")).reference, A);
         // A port-like colon in an earlier component is not a tag.
         assert_eq!(parsed("host:5000/app").repository, "host:5000/app");
+        assert_eq!(
+            parsed(&format!("host:5000/app:1.27@{A}")).repository,
+            "host:5000/app"
+        );
+        assert_eq!(parsed(&format!("host:5000/app:1.27@{A}")).reference, A);
         assert!(ImageRef::parse("app@sha256:nothex").is_err());
+        assert!(ImageRef::parse(&format!("app:@{A}")).is_err());
         assert!(ImageRef::parse(":tag").is_err());
     }
 

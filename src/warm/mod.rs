@@ -8,8 +8,10 @@
 //! the `X-Cache` outcomes seen) comes back to the caller. References are written as for
 //! `berth resolve` and become `/v2/<registry-host>/<repository>/...` paths on the target
 //! (host-prefix routing), or `/v2/<repository>/...` for names without a registry, which the
-//! target routes to its `default_upstream`. The parsing and selection steps are pure functions
-//! in `image`; the I/O is here.
+//! target routes to its `default_upstream`. With credentials (`berth warm --user`, the key in
+//! `BERTH_WARM_PASSWORD`) it authenticates as a node does, Basic or berth's token flow, with
+//! the same `upstream::Auth` that `berth load` uses. The parsing and selection steps are pure
+//! functions in `image`; the I/O is here.
 //!
 //! The target is not trusted either: every body read is bounded in size (a blob by its
 //! descriptor, a manifest by `MAX_MANIFEST`, an error body by `MAX_ERROR_BODY`) and in time
@@ -23,17 +25,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use http::header::{ACCEPT, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
 use crate::config::{ClientConfig, PlatformConfig};
+use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::name::Reference;
 use crate::route::{parse_image_reference, RouteError};
-use crate::upstream::HttpClient;
+use crate::secrets::Credentials;
+use crate::upstream::{Auth, HttpClient};
 
 mod image;
 pub use image::{
@@ -125,6 +129,8 @@ pub struct Options {
     pub client: ClientConfig,
     /// Blobs of one image downloaded at once.
     pub concurrency: usize,
+    /// Who to pull as, for a target in the policy access mode; `None` pulls anonymously.
+    pub credentials: Option<Credentials>,
 }
 
 /// What one warm run did, for the summary line.
@@ -172,6 +178,9 @@ impl fmt::Display for Summary {
 /// Shared by the images of one run: the client, progress, and what was already fetched.
 struct Run {
     client: HttpClient,
+    /// The target's challenge, remembered after the first 401, and its tokens per scope.
+    auth: Auth,
+    credentials: Option<Credentials>,
     target: String,
     progress: MultiProgress,
     seen: Mutex<HashSet<String>>,
@@ -215,6 +224,8 @@ pub async fn warm(options: Options) -> Result<Summary, String> {
     }
     let run = Arc::new(Run {
         client: HttpClient::new(&options.client)?,
+        auth: Auth::new(target.clone(), "warm".into(), Arc::new(Metrics::new())),
+        credentials: options.credentials.clone(),
         target,
         progress: MultiProgress::new(),
         seen: Mutex::default(),
@@ -325,32 +336,44 @@ fn parse_digest(text: &str, what: &str) -> Result<Digest, WarmError> {
     })
 }
 
+/// GETs `path` (of repository `name`) with the credentials the target asks for: up front once
+/// its scheme is known, else in answer to its first 401.
 async fn send(
     run: &Run,
+    name: &str,
     path: &str,
     what: &str,
     accept: Option<&str>,
 ) -> Result<http::Response<hyper::body::Incoming>, WarmError> {
-    let mut request = Request::builder()
-        .method(Method::GET)
-        .uri(format!("{}{path}", run.target));
-    if let Some(accept) = accept {
-        request = request.header(ACCEPT, accept);
-    }
-    let request = request
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| WarmError::Http {
-            what: what.to_string(),
-            message: e.to_string(),
-        })?;
-    let response = run
-        .client
-        .send(request)
+    let scope = format!("repository:{name}:pull");
+    let creds = run.credentials.as_ref();
+    let auth_error = |e: crate::upstream::UpstreamError| WarmError::Http {
+        what: what.to_string(),
+        message: format!("authenticating: {e}"),
+    };
+    let authorization = run
+        .auth
+        .authorization(&run.client, &scope, creds)
         .await
-        .map_err(|e| WarmError::Http {
-            what: what.to_string(),
-            message: e.to_string(),
-        })?;
+        .map_err(auth_error)?;
+    let mut response = send_once(run, path, what, accept, authorization.as_ref()).await?;
+    if response.status() == StatusCode::UNAUTHORIZED {
+        let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
+        let answer = run
+            .auth
+            .answer(
+                &run.client,
+                challenge.as_ref(),
+                &scope,
+                creds,
+                authorization.as_ref(),
+            )
+            .await
+            .map_err(auth_error)?;
+        if let Some(retry_with) = answer {
+            response = send_once(run, path, what, accept, Some(&retry_with)).await?;
+        }
+    }
     run.tally(&response);
     if response.status() != StatusCode::OK {
         let status = response.status();
@@ -370,6 +393,34 @@ async fn send(
     Ok(response)
 }
 
+async fn send_once(
+    run: &Run,
+    path: &str,
+    what: &str,
+    accept: Option<&str>,
+    authorization: Option<&HeaderValue>,
+) -> Result<http::Response<hyper::body::Incoming>, WarmError> {
+    let mut request = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{}{path}", run.target));
+    if let Some(accept) = accept {
+        request = request.header(ACCEPT, accept);
+    }
+    if let Some(value) = authorization {
+        request = request.header(AUTHORIZATION, value.clone());
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| WarmError::Http {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+    run.client.send(request).await.map_err(|e| WarmError::Http {
+        what: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// GETs a manifest and checks it against the digest asked for and the one announced.
 async fn get_manifest(
     run: &Run,
@@ -379,7 +430,7 @@ async fn get_manifest(
     let what = format!("manifest {name}:{}", reference.as_str());
     let accept = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].join(", ");
     let path = format!("/v2/{name}/manifests/{}", reference.as_str());
-    let response = send(run, &path, &what, Some(&accept)).await?;
+    let response = send(run, name, &path, &what, Some(&accept)).await?;
     let content_type = response
         .headers()
         .get(CONTENT_TYPE)
@@ -425,7 +476,7 @@ async fn get_blob(
     let what = format!("blob {}", descriptor.digest);
     let expected = parse_digest(&descriptor.digest, &what)?;
     let path = format!("/v2/{name}/blobs/{expected}");
-    let response = send(run, &path, &what, None).await?;
+    let response = send(run, name, &path, &what, None).await?;
     let mut body = response.into_body();
     let mut verifier = Verifier::new();
     let mut received = 0u64;

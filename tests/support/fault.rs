@@ -61,13 +61,19 @@ pub enum Fault {
     ChunkedCorrupt,
     /// Replace the response's Content-Type with this one, body untouched.
     ContentType(&'static str),
+    /// Forward, but drop `Docker-Content-Digest` from the response, as some registries and
+    /// CDNs do on HEAD.
+    DropDigestHeader,
 }
 
 impl Fault {
     /// Faults that alter a successful upstream body; they apply to GETs only, since a HEAD has no
     /// body to fault.
     pub fn is_body_fault(&self) -> bool {
-        !matches!(self, Fault::None | Fault::Status(..) | Fault::Hold)
+        !matches!(
+            self,
+            Fault::None | Fault::Status(..) | Fault::Hold | Fault::DropDigestHeader
+        )
     }
 }
 
@@ -197,7 +203,7 @@ impl Plan {
                 plan.hold_at_end = true;
             }
             Fault::None | Fault::Status(..) | Fault::Hold | Fault::Chunked => {}
-            Fault::ContentType(_) => {}
+            Fault::ContentType(_) | Fault::DropDigestHeader => {}
         }
         plan
     }

@@ -25,6 +25,16 @@ impl BerthProcess {
     /// names one, the admin listener takes a free port: the default (9090) would collide
     /// between tests running at once.
     pub fn start(config_toml: &str, work: &Path) -> BerthProcess {
+        let mut process = BerthProcess::spawn(config_toml, work);
+        let line = process.wait_line("listen=");
+        let rest = line.split("listen=").nth(1).unwrap();
+        process.addr = rest.split_whitespace().next().unwrap().to_string();
+        process
+    }
+
+    /// Like `start`, without waiting for the API listener (`addr` stays empty): for tests of
+    /// what berth does before it serves.
+    pub fn spawn(config_toml: &str, work: &Path) -> BerthProcess {
         let config_path = work.join("berth.toml");
         let config = if config_toml.contains("admin_listen") {
             config_toml.to_string()
@@ -32,9 +42,14 @@ impl BerthProcess {
             format!("admin_listen = \"127.0.0.1:0\"\n{config_toml}")
         };
         std::fs::write(&config_path, config).unwrap();
+        let config_path = config_path.display().to_string();
+        BerthProcess::spawn_args(&["serve", "--config", &config_path])
+    }
+
+    /// Runs `berth ARGS...` with its log collected (`wait_line`); `addr` stays empty.
+    pub fn spawn_args(args: &[&str]) -> BerthProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["serve", "--config"])
-            .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -50,15 +65,11 @@ impl BerthProcess {
                 }
             }
         });
-        let mut process = BerthProcess {
+        BerthProcess {
             child,
             addr: String::new(),
             lines,
-        };
-        let line = process.wait_line("listen=");
-        let rest = line.split("listen=").nth(1).unwrap();
-        process.addr = rest.split_whitespace().next().unwrap().to_string();
-        process
+        }
     }
 
     pub fn url(&self) -> String {

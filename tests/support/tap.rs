@@ -281,6 +281,12 @@ async fn forward(
         .await?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if state
+        .take(kind, |f| *f == Fault::DropDigestHeader)
+        .is_some()
+    {
+        parts.headers.remove("docker-content-digest");
+    }
     let body_fault = match is_get && parts.status.is_success() {
         true => state.take(kind, Fault::is_body_fault),
         false => None,
