@@ -28,11 +28,13 @@ use crate::AppState;
 /// The distribution registry refuses manifests over 4 MiB; so does berth.
 const MAX_MANIFEST: usize = 4 << 20;
 
-/// What a manifest fetch is keyed by: a digest, or a tag together with what the client accepts
-/// (one tag can resolve to different manifests for different `Accept` headers).
+/// What a manifest fetch is keyed by: the upstream and a digest, or a tag together with what the
+/// client accepts (one tag can resolve to different manifests for different `Accept` headers).
+/// A digest fetch is joined only by requests routed to the same upstream (as blob fills are): a
+/// slow or hostile upstream's fetch must not hold, or fail, the clients of another one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum FetchKey {
-    Digest(Digest),
+    Digest(Arc<str>, Digest),
     Tag(TagKey, String),
 }
 
@@ -67,7 +69,7 @@ async fn by_digest(
     if let Some(manifest) = state.cache.manifest(&digest).await {
         return Ok((manifest, Outcome::Hit));
     }
-    let key = FetchKey::Digest(digest.clone());
+    let key = FetchKey::Digest(Arc::clone(&target.upstream.name), digest.clone());
     let work_state = Arc::clone(state);
     let (fetched, role) = state
         .manifest_flights
