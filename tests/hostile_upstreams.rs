@@ -435,3 +435,60 @@ async fn a_fill_that_would_eat_into_min_free_is_refused_before_it_writes() {
     assert_eq!(state.cache.index.reserved(), 0, "the refused fill let go");
     assert!(state.cache.index.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_upstreams_held_manifest_fetch_is_not_joined_by_clients_of_another_upstream() {
+    use support::{push_image, Flavor, Image};
+    let two = TwoUpstreams::start("").await;
+    let image = Image::random(Flavor::Oci, 53, &[1000]);
+    push_image(&two.registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let url = |upstream: &str| {
+        format!(
+            "{}/v2/team/app/manifests/{}?ns={upstream}",
+            two.berth.url(),
+            image.digest()
+        )
+    };
+    let accept = [("accept", Flavor::Oci.manifest_type())];
+
+    // The hostile upstream holds its answer for the manifest, by digest.
+    two.tap.inject_times(Kind::Manifest, Fault::Hold, 1);
+    let hostile_url = url("hostile.test");
+    let held = tokio::spawn(async move {
+        let accept = [("accept", Flavor::Oci.manifest_type())];
+        fetch(request(
+            Method::GET,
+            &hostile_url,
+            None,
+            &accept,
+            Bytes::new(),
+        ))
+        .await
+    });
+    two.tap.wait_paused(1).await;
+
+    // The same digest through the honest upstream: its own fetch, not the held one.
+    let honest = tokio::time::timeout(
+        HANG_GUARD,
+        fetch(request(
+            Method::GET,
+            &url("honest.test"),
+            None,
+            &accept,
+            Bytes::new(),
+        )),
+    )
+    .await
+    .expect("the honest client must not wait on the hostile upstream's manifest fetch")
+    .unwrap();
+    assert_eq!(honest.status, 200);
+    assert_eq!(honest.header("x-cache"), Some("MISS"), "not COALESCED");
+    assert!(honest.body == image.manifest.bytes);
+
+    two.tap.resume();
+    let held = held.await.unwrap().unwrap();
+    assert_eq!(held.status, 200);
+    assert!(held.body == image.manifest.bytes);
+}

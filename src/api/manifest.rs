@@ -36,12 +36,15 @@ use crate::AppState;
 /// The distribution registry refuses manifests over 4 MiB; so does berth.
 const MAX_MANIFEST: usize = 4 << 20;
 
-/// What a manifest fetch is keyed by: a digest, or a tag (whose key holds the Accept class).
-/// A digest fetch carries the class too: distribution refuses an OCI manifest even by digest to
-/// a client without the OCI types, and that refusal must not reach a coalesced client with them.
+/// What a manifest fetch is keyed by: the upstream, a digest and the Accept class, or a tag
+/// (whose key holds the upstream and the Accept class). A digest fetch is joined only by
+/// requests routed to the same upstream (as blob fills are): a slow or hostile upstream's fetch
+/// must not hold, or fail, the clients of another one. It carries the class too: distribution
+/// refuses an OCI manifest even by digest to a client without the OCI types, and that refusal
+/// must not reach a coalesced client with them.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum FetchKey {
-    Digest(Digest, AcceptClass),
+    Digest(Arc<str>, Digest, AcceptClass),
     Tag(TagKey),
 }
 
@@ -93,7 +96,7 @@ async fn by_digest(
     if let Some(manifest) = state.cache.manifest(&digest).await {
         return Ok((manifest, Outcome::Hit));
     }
-    let key = FetchKey::Digest(digest.clone(), accept);
+    let key = FetchKey::Digest(Arc::clone(&target.upstream.name), digest.clone(), accept);
     let work_state = Arc::clone(state);
     let (fetched, role) = state
         .manifest_flights

@@ -195,10 +195,16 @@ impl Cache {
     }
 
     /// Whether the filesystem keeps `min_free` bytes beside everything running fills have
-    /// reserved, after evicting least recently used content to make room. Blocking.
+    /// reserved, after evicting least recently used content to make room. Blocking. When even
+    /// an empty cache could not make the room (the disk is mostly other data, or the blob is
+    /// bigger than the disk), nothing is evicted: a refused fill must not wipe the cache.
     pub fn room_for_reservations(&self, min_free: u64) -> std::io::Result<bool> {
-        self.enforce_min_free(min_free)?;
         let wanted = min_free.saturating_add(self.index.reserved());
+        let available = evict::free_space(self.store.dir())?;
+        if available.saturating_add(self.index.weighted_bytes()) < wanted {
+            return Ok(false);
+        }
+        self.enforce_min_free(min_free)?;
         Ok(evict::free_space(self.store.dir())? >= wanted)
     }
 
@@ -296,6 +302,8 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
     use crate::oci::name::{Repository, Tag};
 
@@ -377,7 +385,41 @@ mod tests {
         let cache = open(dir.path(), 1 << 30);
         assert!(cache.tags.get(&key("kept")).is_some());
         assert!(cache.tags.get(&key("gone")).is_none());
-        assert!(!dir.path().join("tags/up/team/app/@gone").exists());
-        assert!(dir.path().join("tags/up/team/app/@kept").exists());
+        let left: Vec<String> = std::fs::read_dir(dir.path().join("tags/up/team/app"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.iter().all(|name| !name.starts_with("@gone@")), "{left:?}");
+        assert!(left.iter().any(|name| name.starts_with("@kept@")), "{left:?}");
+    }
+
+    #[test]
+    fn a_reservation_no_eviction_could_make_room_for_evicts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[cache]\ndir = \"{}\"\nmax_size = \"4PiB\"",
+            dir.path().display()
+        );
+        let config = crate::config::Config::from_toml(&toml).unwrap();
+        let cache = Cache::open(&config.cache, Arc::new(Metrics::new())).unwrap();
+        let content = [7u8; 4096];
+        let digest = Digest::of(&content);
+        let (temp, mut file) = cache.store.temp_file().unwrap();
+        file.write_all(&content).unwrap();
+        cache.store.commit(&temp, Kind::Blob, &digest).unwrap();
+        cache
+            .index
+            .insert(digest.clone(), Entry::new(Kind::Blob, 4096, None));
+
+        // A petabyte fill: no filesystem here has the room, with or without the cached blob.
+        let reservation = cache.index.reserve(1 << 50).expect("within max_size");
+        assert!(!cache.room_for_reservations(0).unwrap());
+        assert!(
+            cache.index.get(&digest).is_some(),
+            "the cache was not emptied for a fill that could not fit anyway"
+        );
+        assert!(cache.store.path(Kind::Blob, &digest).exists());
+        drop(reservation);
+        assert_eq!(cache.index.reserved(), 0);
     }
 }

@@ -225,13 +225,22 @@ async fn request_token(
             "token endpoint answered {status}"
         )));
     }
-    let read = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE).collect();
-    let body = tokio::time::timeout(TOKEN_BODY_TIMEOUT, read)
+    let body = read_token_body(response.into_body(), TOKEN_BODY_TIMEOUT).await?;
+    parse_token(&body, Instant::now())
+}
+
+/// A token response's body: at most `MAX_TOKEN_RESPONSE` bytes, all within `deadline`.
+async fn read_token_body<B>(body: B, deadline: Duration) -> Result<Bytes, UpstreamError>
+where
+    B: http_body::Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let read = Limited::new(body, MAX_TOKEN_RESPONSE).collect();
+    Ok(tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| UpstreamError::Timeout("token body stalled".into()))?
         .map_err(|e| UpstreamError::Token(format!("reading token: {e}")))?
-        .to_bytes();
-    parse_token(&body, Instant::now())
+        .to_bytes())
 }
 
 /// Parses a token response; the token is used until shortly before `expires_in` runs out.
@@ -268,6 +277,29 @@ mod tests {
         assert_eq!(token.expires - now, Duration::from_secs(270));
         let default = parse_token(br#"{"access_token":"xyz"}"#, now).unwrap();
         assert_eq!(default.expires - now, Duration::from_secs(54));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_body_that_trickles_forever_fails_at_its_deadline() {
+        // The head arrived; then one byte a second of a body that never ends, so no
+        // per-read timeout would ever fire: only the whole-body deadline ends it.
+        let trickle = futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let frame = http_body::Frame::data(Bytes::from_static(b" "));
+            Some((Ok::<_, std::io::Error>(frame), ()))
+        });
+        let body = http_body_util::StreamBody::new(Box::pin(trickle));
+        // Paused time: this guard would pass at once if the read had no deadline of its own.
+        let read = tokio::time::timeout(
+            TOKEN_BODY_TIMEOUT * 2,
+            read_token_body(body, TOKEN_BODY_TIMEOUT),
+        )
+        .await
+        .expect("the token body read ends at its own deadline");
+        assert!(
+            matches!(&read, Err(UpstreamError::Timeout(why)) if why.contains("stalled")),
+            "{read:?}"
+        );
     }
 
     #[test]
