@@ -338,6 +338,12 @@ pub struct UpstreamConfig {
     /// In the policy access mode, every authenticated principal may pull from this upstream.
     #[serde(default)]
     pub public: bool,
+    /// Internal networks (CIDR) this upstream's connections may reach, for a public registry
+    /// whose storage is reached privately (S3 interface endpoints, Private Service Connect).
+    /// Default: none; an endpoint configured as a loopback or private address allows its own
+    /// network without this.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
 }
 
 impl UpstreamConfig {
@@ -397,6 +403,7 @@ impl Config {
                 negative_ttl: None,
                 insecure: false,
                 public: false,
+                allow_networks: Vec::new(),
             });
         }
     }
@@ -507,13 +514,27 @@ impl Config {
 }
 
 fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigError> {
+    use crate::upstream::{address, host::RegistryHost, pattern};
     for name in upstream.names() {
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
-            let key = format!("upstream[{i}].host");
+        let key = format!("upstream[{i}].host");
+        if upstream.is_pattern() {
+            pattern::check(name).map_err(|message| invalid(&key, message))?;
+        } else if RegistryHost::parse(name).is_err() {
             return Err(invalid(
                 key,
                 format!("{name:?} is not a registry host name"),
             ));
+        }
+    }
+    for network in &upstream.allow_networks {
+        let key = format!("upstream[{i}].allow_networks");
+        let parsed: address::Network = network.parse().map_err(|m: String| invalid(&key, m))?;
+        if !parsed.is_internal() {
+            let message = format!(
+                "{network:?} is not a loopback, private or unique-local network; \
+                 public addresses need no listing, and others are never allowed"
+            );
+            return Err(invalid(key, message));
         }
     }
     if upstream.is_pattern() && !upstream.aliases.is_empty() {

@@ -28,6 +28,7 @@ use crate::config::{ClientConfig, PlatformConfig};
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::name::Reference;
 use crate::route::{parse_image_reference, RouteError};
+use crate::upstream::address::AddressRule;
 use crate::upstream::HttpClient;
 
 mod image;
@@ -167,7 +168,8 @@ pub async fn warm(options: Options) -> Result<Summary, String> {
         ));
     }
     let run = Arc::new(Run {
-        client: HttpClient::new(&options.client)?,
+        // The operator names the berth to warm, often on this host or in this cluster.
+        client: HttpClient::new(&options.client)?.with_rule(AddressRule::any_internal()),
         target,
         progress: MultiProgress::new(),
         seen: Mutex::default(),
