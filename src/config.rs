@@ -812,6 +812,18 @@ mod tests {
                 "[[upstream]]\nhost = \"*.a.io\"\naliases = [\"b.io\"]",
                 "upstream[0].aliases",
             ),
+            ("[[upstream]]\nhost = \"*.com\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"*.*\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"*\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"a.io/x\"", "upstream[0].host"),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nallow_networks = [\"10.0.0.0\"]",
+                "upstream[0].allow_networks",
+            ),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nallow_networks = [\"169.254.0.0/16\"]",
+                "upstream[0].allow_networks",
+            ),
             ("surprise = 1", "surprise"),
             ("admin_token = \"short\"", "admin_token"),
             ("admin_listen = \"9090\"", "admin_listen"),
@@ -854,7 +866,7 @@ mod tests {
     #[test]
     fn pattern_endpoints_substitute_the_host() {
         let config = Config::from_toml(
-            "[[upstream]]\nhost = \"*.azurecr.io\"\n[[upstream]]\nhost = \"*.example\"\nendpoint = \"http://{host}:5000\"",
+            "[[upstream]]\nhost = \"*.azurecr.io\"\n[[upstream]]\nhost = \"*.reg.example\"\nendpoint = \"http://{host}:5000\"",
         )
         .unwrap();
         assert_eq!(
@@ -862,8 +874,8 @@ mod tests {
             "https://a.azurecr.io"
         );
         assert_eq!(
-            config.upstreams[1].endpoint_for("r.example"),
-            "http://r.example:5000"
+            config.upstreams[1].endpoint_for("r.reg.example"),
+            "http://r.reg.example:5000"
         );
     }
 

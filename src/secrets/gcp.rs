@@ -88,11 +88,18 @@ impl GcpKey {
         let token_uri = doc
             .optional_string("token_uri")?
             .unwrap_or(DEFAULT_TOKEN_URI);
-        if token_uri
-            .parse::<http::Uri>()
-            .map_or(true, |u| u.host().is_none())
-        {
+        let uri = token_uri.parse::<http::Uri>().ok().filter(|u| u.host().is_some());
+        let Some(uri) = uri else {
             return Err(doc.error("token_uri", "is not an absolute URL"));
+        };
+        // The assertion is a bearer credential for an hour: it travels over TLS only. Plain
+        // http is accepted for a loopback address alone (a stand-in on the same host).
+        let loopback = uri
+            .host()
+            .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+            .is_some_and(|ip| ip.is_loopback());
+        if uri.scheme_str() != Some("https") && !(uri.scheme_str() == Some("http") && loopback) {
+            return Err(doc.error("token_uri", "must be an https URL"));
         }
         Ok(GcpKey {
             project_id: doc.string("project_id")?.to_string(),
@@ -385,6 +392,14 @@ pub(super) mod tests {
             (
                 with("token_uri", json!("/token")),
                 "field `token_uri` is not an absolute URL",
+            ),
+            (
+                with("token_uri", json!("http://oauth2.example/token")),
+                "field `token_uri` must be an https URL",
+            ),
+            (
+                with("token_uri", json!("ftp://127.0.0.1/token")),
+                "field `token_uri` must be an https URL",
             ),
         ];
         for (doc, expected) in cases {

@@ -146,7 +146,9 @@ type Loaded = Result<Arc<Parsed>, SecretError>;
 /// Every configured secret.
 pub struct Secrets {
     sources: Vec<Source>,
-    transport: Transport,
+    /// One per source, in the same order: the shared client, plus the network of an
+    /// `sts_endpoint`/`ecr_endpoint` configured as a loopback or private address.
+    transports: Vec<Transport>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -169,11 +171,18 @@ impl Secrets {
         transport: Transport,
         recheck: Duration,
     ) -> Secrets {
+        let transports = configs
+            .iter()
+            .map(|config| transport_for(&transport, config))
+            .collect();
         let sources = configs
             .into_iter()
             .map(|config| Source::open(config, recheck))
             .collect();
-        Secrets { sources, transport }
+        Secrets {
+            sources,
+            transports,
+        }
     }
 
     /// Which secret (by name) applies to this registry host and repository: the upstream's
@@ -258,6 +267,7 @@ impl Secrets {
         registry: &str,
     ) -> Result<Credentials, SecretError> {
         let name = source.config.name.as_str();
+        let transport = self.transport_of(source);
         let (login, id) = match parsed {
             Parsed::Docker(auths) => {
                 let login = auths
@@ -275,12 +285,12 @@ impl Secrets {
             }
             Parsed::Ecr(key) => {
                 let (login, serial) = key
-                    .login(source, generation, registry, &self.transport)
+                    .login(source, generation, registry, transport)
                     .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
-                let (login, serial) = key.login(source, generation, &self.transport).await?;
+                let (login, serial) = key.login(source, generation, transport).await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
         };
@@ -298,6 +308,39 @@ impl Secrets {
 
     fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.config.name == name)
+    }
+
+    fn transport_of(&self, source: &Source) -> &Transport {
+        let index = self
+            .sources
+            .iter()
+            .position(|s| std::ptr::eq(s, source))
+            .expect("a source of these secrets");
+        &self.transports[index]
+    }
+}
+
+/// The client for one secret's exchanges: the address rule of `base`, widened by the network
+/// of an endpoint the configuration gives as a loopback or private address. A GCP key's
+/// `token_uri` comes from the file, not the configuration, so it widens nothing.
+fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
+    use crate::upstream::address::AddressRule;
+    let endpoint_rule = |url: &Option<String>| {
+        let host = url
+            .as_deref()
+            .map(|u| u.replace("{region}", "us-east-1"))
+            .and_then(|u| u.parse::<http::Uri>().ok())
+            .and_then(|u| u.host().map(str::to_string));
+        AddressRule::for_endpoint(host.as_deref(), &[])
+    };
+    let rule = base
+        .rule()
+        .union(&endpoint_rule(&config.sts_endpoint))
+        .union(&endpoint_rule(&config.ecr_endpoint));
+    if &rule == base.rule() {
+        base.clone()
+    } else {
+        base.with_rule(rule)
     }
 }
 

@@ -400,8 +400,11 @@ async fn google(client_email: &'static str, expires_in: u64) -> StandIn {
     stand_in
 }
 
+/// The stand-ins listen on loopback, which the address rule refuses unless allowed.
 pub(super) fn transport() -> super::Transport {
-    crate::upstream::HttpClient::new(&crate::config::ClientConfig::default()).unwrap()
+    crate::upstream::HttpClient::new(&crate::config::ClientConfig::default())
+        .unwrap()
+        .with_rule(crate::upstream::address::AddressRule::any_internal())
 }
 
 /// Writes `doc` as the file of a secret called `name` and returns its config.
