@@ -88,7 +88,10 @@ impl GcpKey {
         let token_uri = doc
             .optional_string("token_uri")?
             .unwrap_or(DEFAULT_TOKEN_URI);
-        let uri = token_uri.parse::<http::Uri>().ok().filter(|u| u.host().is_some());
+        let uri = token_uri
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.host().is_some());
         let Some(uri) = uri else {
             return Err(doc.error("token_uri", "is not an absolute URL"));
         };

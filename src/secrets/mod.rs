@@ -284,9 +284,7 @@ impl Secrets {
                 (login, format!("{name}#{generation}"))
             }
             Parsed::Ecr(key) => {
-                let (login, serial) = key
-                    .login(source, generation, registry, transport)
-                    .await?;
+                let (login, serial) = key.login(source, generation, registry, transport).await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
