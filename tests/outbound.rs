@@ -309,9 +309,10 @@ async fn manifest_through(upstreams: &Upstreams, host: &str) -> Result<u16, Upst
     let target = berth::route::resolve(upstreams, Some(host), "team/app").unwrap();
     let repository: &Repository = &target.repository;
     let reference = Reference::parse("v1").unwrap();
+    let accept = http::HeaderValue::from_static(Flavor::Oci.manifest_type());
     target
         .upstream
-        .manifest(Method::GET, repository, &reference, None)
+        .manifest(Method::GET, repository, &reference, Some(&accept))
         .await
         .map(|r| r.status().as_u16())
 }
