@@ -477,3 +477,41 @@ async fn a_connect_failure_tells_the_client_nothing_but_the_request_id() {
         assert!(!body.contains(leak), "{leak} in {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let image = Image::random(Flavor::Oci, 41, &[32 << 10, 96 << 10]);
+    push_image(&registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    // The registry's name carries a port; it is not the default upstream, and the path holds
+    // no host, so only `?ns=registry.internal%3APORT` (as containerd encodes it) can route.
+    let name = format!("registry.internal:{}", tap.addr().port());
+    let cache = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[cache]\ndir = \"{}\"\n[[upstream]]\nhost = \"{name}\"\nendpoint = \"{}\"\n",
+        cache.path().display(),
+        tap.url()
+    );
+    let berth = Berth::start(&text).await;
+    let containerd = support::Containerd::start().await;
+    let hosts = support::HostsDir::new();
+    hosts.mirror(&name, &berth.url(), None);
+    containerd
+        .pull_ok(&format!("{name}/team/app:v1"), hosts.path(), &[])
+        .await;
+    let images = containerd.images().await;
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0].digest, image.digest());
+    assert_eq!(
+        tap.count(Method::GET, support::Kind::Blob),
+        image.blobs().len()
+    );
+    assert_eq!(
+        containerd.escapes(),
+        Vec::<String>::new(),
+        "nothing bypassed berth"
+    );
+}
