@@ -553,6 +553,18 @@ async fn a_wrong_external_id_is_refused_by_sts() {
 }
 
 #[tokio::test]
+async fn a_failed_exchange_is_remembered_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ecr = ecr(BASE_KEY, Duration::from_secs(3600)).await;
+    let config = ecr_config(&dir, "wrong-secret-key-value", None, None, &ecr);
+    let secrets = Secrets::new(vec![config], transport());
+    for _ in 0..5 {
+        assert!(secrets.credentials("aws", ECR_HOST).await.is_err());
+    }
+    assert_eq!(ecr.hits(), 1, "one refusal, remembered");
+}
+
+#[tokio::test]
 async fn a_changed_key_file_mints_new_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let ecr = ecr(BASE_KEY, Duration::from_secs(12 * 3600)).await;
