@@ -247,7 +247,7 @@ async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_al
 
 /// An in-process upstream answering every request with `answer(request)`, counting them.
 struct Scripted {
-    port: u16,
+    url: String,
     seen: Arc<Mutex<Vec<Request<()>>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -256,13 +256,35 @@ type Answer = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sync>;
 
 impl Scripted {
     async fn start(answer: Answer) -> Scripted {
+        Scripted::serve(answer, None).await
+    }
+
+    /// Over TLS, with a certificate for 127.0.0.1 from the test CA (`test_ca`).
+    async fn start_tls(answer: Answer) -> Scripted {
+        let (leaf, key) = test_ca().leaf();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf], key)
+            .unwrap();
+        Scripted::serve(
+            answer,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn serve(answer: Answer, tls: Option<tokio_rustls::TlsAcceptor>) -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (answer, log) = (Arc::clone(&answer), Arc::clone(&log));
+                let (answer, log, tls) = (Arc::clone(&answer), Arc::clone(&log), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<_>| {
                         let (parts, _) = req.into_parts();
@@ -271,17 +293,30 @@ impl Scripted {
                         log.lock().unwrap().push(req);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Scripted { port, seen, task }
+        Scripted {
+            url: format!("{scheme}://127.0.0.1:{port}"),
+            seen,
+            task,
+        }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.url.clone()
     }
 
     fn count(&self) -> usize {
@@ -513,5 +548,134 @@ async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
         containerd.escapes(),
         Vec::<String>::new(),
         "nothing bypassed berth"
+    );
+}
+
+/// A private CA for the TLS upstreams of these tests, written where berth's `client.ca_file`
+/// can name it.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    file: tempfile::NamedTempFile,
+}
+
+fn test_ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(cert.der());
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        );
+        std::fs::write(file.path(), pem).unwrap();
+        TestCa {
+            issuer: rcgen::Issuer::new(params, key),
+            file,
+        }
+    })
+}
+
+impl TestCa {
+    fn leaf(
+        &self,
+    ) -> (
+        rustls_pki_types::CertificateDer<'static>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        (cert.der().clone(), key.into())
+    }
+
+    fn client_section(&self) -> String {
+        format!("[client]\nca_file = \"{}\"\n", self.file.path().display())
+    }
+}
+
+fn challenge(value: String) -> Answer {
+    Arc::new(move |_| {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", value.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_redirecting_to_http_is_not_followed() {
+    let listener = Counting::start().await;
+    let location = format!(
+        "http://127.0.0.1:{}/v2/team/app/manifests/v1",
+        listener.port
+    );
+    let origin = Scripted::start_tls(redirect_to(location)).await;
+    let config = Config::from_toml(&format!(
+        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\n",
+        test_ca().client_section(),
+        origin.url()
+    ))
+    .unwrap();
+    let upstreams = Upstreams::new(&config).unwrap();
+    let result = manifest_through(&upstreams, "tls.test").await;
+    assert!(
+        matches!(result, Err(UpstreamError::Invalid(_))),
+        "{result:?}"
+    );
+    assert_eq!(origin.count(), 1, "the TLS upstream was asked");
+    assert_eq!(listener.accepted(), 0, "the http target was never dialled");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_upstream_sends_its_credentials_to_an_https_realm_only() {
+    let tokens =
+        TokenServer::start(Policy::new().user("alice", "alice-pw", &[("team/*", "pull")])).await;
+    let realm = format!("Bearer realm=\"{}\",service=\"test\"", tokens.realm());
+    let origin = Scripted::start_tls(challenge(realm)).await;
+    let config = Config::from_toml(&format!(
+        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\nusername = \"alice\"\n\
+         password = \"alice-pw\"\n",
+        test_ca().client_section(),
+        origin.url()
+    ))
+    .unwrap();
+    let upstreams = Upstreams::new(&config).unwrap();
+    let _ = manifest_through(&upstreams, "tls.test").await;
+    let requests = tokens.requests();
+    assert!(!requests.is_empty(), "the realm was asked");
+    assert!(
+        requests.iter().all(|r| r.user.is_none()),
+        "alice's password went to a plain-http realm: {requests:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_realm_at_the_metadata_address_is_refused() {
+    let origin = Scripted::start(challenge(
+        "Bearer realm=\"http://169.254.169.254/latest/api/token\"".to_string(),
+    ))
+    .await;
+    let config = Config::from_toml(&format!(
+        "[[upstream]]\nhost = \"realm.test\"\nendpoint = \"{}\"\n",
+        origin.url()
+    ))
+    .unwrap();
+    let upstreams = Upstreams::new(&config).unwrap();
+    let result = manifest_through(&upstreams, "realm.test").await;
+    assert!(
+        matches!(result, Err(UpstreamError::Refused(_))),
+        "{result:?}"
     );
 }
