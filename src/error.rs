@@ -261,12 +261,13 @@ impl ApiError {
                 "upstream unreachable",
             )
             .with_internal(message),
+            // berth's own words (the upstream's name and the cool-down), nothing remote.
             UpstreamError::CircuitOpen(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
                 "upstream unavailable",
             )
-            .with_internal(message)
+            .with_detail(message)
             .with_header(RETRY_AFTER, HeaderValue::from_static("5")),
             UpstreamError::Invalid(_) => ApiError::new(
                 StatusCode::BAD_GATEWAY,
