@@ -54,6 +54,9 @@ pub struct Auth {
     metrics: Arc<Metrics>,
     scheme: RwLock<Option<Scheme>>,
     tokens: moka::sync::Cache<String, Token>,
+    /// Anonymous tokens for redirect hops, by token URL (realm, service, scope): registry.k8s.io
+    /// sends every call to a pkg.dev host that challenges, and one token serves them all.
+    hop_tokens: moka::sync::Cache<String, Token>,
     flights: Flights<String, Result<Token, UpstreamError>>,
 }
 
@@ -71,6 +74,7 @@ impl Auth {
             metrics,
             scheme: RwLock::new(None),
             tokens: moka::sync::Cache::new(10_000),
+            hop_tokens: moka::sync::Cache::new(1_000),
             flights: Flights::default(),
         }
     }
@@ -189,7 +193,15 @@ impl Auth {
         };
         let scopes: Vec<String> = scope.into_iter().collect();
         let url = token_url(&realm, service.as_deref(), &scopes);
+        let cached = self
+            .hop_tokens
+            .get(&url)
+            .filter(|t| t.expires > Instant::now());
+        if let Some(token) = cached {
+            return Ok(Some(token.header));
+        }
         let token = request_token(client, &url, None).await?;
+        self.hop_tokens.insert(url, token.clone());
         Ok(Some(token.header))
     }
 

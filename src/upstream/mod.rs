@@ -429,8 +429,11 @@ fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| UpstreamError::Invalid("redirect without Location".into()))?;
     let shown = || escape_remote(location);
-    let target: Uri = if location.starts_with('/') && !location.starts_with("//") {
-        let scheme = from.scheme_str().unwrap_or("https");
+    let scheme = from.scheme_str().unwrap_or("https");
+    let target: Uri = if let Some(network_path) = location.strip_prefix("//") {
+        // A network-path reference (RFC 3986 section 4.2) keeps the scheme.
+        format!("{scheme}://{network_path}").parse()
+    } else if location.starts_with('/') {
         let authority = from.authority().map_or("", |a| a.as_str());
         format!("{scheme}://{authority}{location}").parse()
     } else {
@@ -635,5 +638,46 @@ impl Upstreams {
 
     pub fn platform(&self) -> &PlatformConfig {
         &self.shared.platform
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow(from: &str, location: &str) -> Result<String, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, HeaderValue::from_str(location).unwrap());
+        redirect_target(&from.parse().unwrap(), &headers).map(|uri| uri.to_string())
+    }
+
+    #[test]
+    fn redirects_resolve_against_the_request_and_never_drop_to_http() {
+        let from = "https://registry.example/v2/a/blobs/sha256:1";
+        let cases = [
+            ("/v2/b", Some("https://registry.example/v2/b")),
+            ("//cdn.example/x?sig=1", Some("https://cdn.example/x?sig=1")),
+            ("https://s3.example/x", Some("https://s3.example/x")),
+            ("http://s3.example/x", None),
+            ("//169.254.169.254/x", Some("https://169.254.169.254/x")),
+            ("ftp://files.example/x", None),
+            ("file:///etc/passwd", None),
+            ("relative/path", None),
+        ];
+        for (location, expected) in cases {
+            let got = follow(from, location).ok();
+            assert_eq!(got.as_deref(), expected, "{location}");
+        }
+        assert_eq!(
+            follow("http://127.0.0.1:5000/v2/", "http://127.0.0.1:5001/x").unwrap(),
+            "http://127.0.0.1:5001/x"
+        );
+    }
+
+    #[test]
+    fn remote_text_is_escaped_for_one_log_line() {
+        let forged = escape_remote("x\n2026-01-01 INFO forged\r\u{1b}[31m");
+        assert!(!forged.contains(['\n', '\r', '\u{1b}']), "{forged}");
+        assert!(escape_remote(&"a".repeat(1000)).len() < 310);
     }
 }
