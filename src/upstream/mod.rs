@@ -2,9 +2,12 @@
 //! failures mean.
 //!
 //! `Upstream::fetch` is the one way berth talks to a registry: it adds credentials
-//! (`auth`), follows blob redirects to storage hosts without leaking the Authorization header,
-//! and maps refusals to `UpstreamError`. Which upstream serves a request is decided in `route`;
-//! what to do with the bytes is decided by the caller.
+//! (`auth`), follows at most five redirects (never from https to http) with `Authorization`
+//! only for the scheme and host it was made for, answers a redirect hop's challenge
+//! anonymously, and maps refusals to `UpstreamError`. Every connection goes through the
+//! upstream's `HttpClient`, whose connector applies the address rule (`address`, `connect`).
+//! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
+//! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
 pub mod address;
 pub mod auth;
