@@ -95,13 +95,8 @@ impl GcpKey {
         let Some(uri) = uri else {
             return Err(doc.error("token_uri", "is not an absolute URL"));
         };
-        // The assertion is a bearer credential for an hour: it travels over TLS only. Plain
-        // http is accepted for a loopback address alone (a stand-in on the same host).
-        let loopback = uri
-            .host()
-            .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
-            .is_some_and(|ip| ip.is_loopback());
-        if uri.scheme_str() != Some("https") && !(uri.scheme_str() == Some("http") && loopback) {
+        // The assertion is a bearer credential for an hour: it travels over TLS only.
+        if uri.scheme_str() != Some("https") {
             return Err(doc.error("token_uri", "must be an https URL"));
         }
         Ok(GcpKey {
@@ -401,7 +396,7 @@ pub(super) mod tests {
                 "field `token_uri` must be an https URL",
             ),
             (
-                with("token_uri", json!("ftp://127.0.0.1/token")),
+                with("token_uri", json!("http://127.0.0.1:8080/token")),
                 "field `token_uri` must be an https URL",
             ),
         ];
