@@ -101,6 +101,35 @@ pub fn digest(data: &[u8]) {
     }
 }
 
+/// A registry name from a request (`?ns=` after percent-decoding, or a path's first
+/// component): anything accepted is lower-case `[a-z0-9.-]` with an optional port, prints as
+/// it parses, and matches a pattern only inside the pattern's own domain.
+pub fn registry_host(data: &[u8]) {
+    use berth::upstream::host::RegistryHost;
+    use berth::upstream::pattern;
+    let Some(text) = text(data) else { return };
+    let Ok(host) = RegistryHost::parse(text) else {
+        return;
+    };
+    let shown = host.as_str();
+    assert!(shown
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b)));
+    assert_eq!(RegistryHost::parse(shown).unwrap(), host);
+    assert!(shown.len() <= 253 + 6);
+    for (family, suffix) in [
+        ("*.gcr.io", ".gcr.io"),
+        ("*-docker.pkg.dev", "-docker.pkg.dev"),
+    ] {
+        if pattern::matches(family, &host) {
+            assert!(
+                host.port().is_none() && host.name().ends_with(suffix),
+                "{shown}"
+            );
+        }
+    }
+}
+
 /// A `Range` header against a blob size taken from the first 8 bytes.
 pub fn range(data: &[u8]) {
     if data.len() < 8 {
@@ -175,6 +204,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("api_path", api_path),
     ("reference", reference),
     ("digest", digest),
+    ("registry_host", registry_host),
     ("range", range),
     ("www_authenticate", www_authenticate),
     ("manifest_json", manifest_json),

@@ -380,6 +380,12 @@ pub struct UpstreamConfig {
     /// In the policy access mode, every authenticated principal may pull from this upstream.
     #[serde(default)]
     pub public: bool,
+    /// Internal networks (CIDR) this upstream's connections may reach, for a public registry
+    /// whose storage is reached privately (S3 interface endpoints, Private Service Connect).
+    /// Default: none; an endpoint configured as a loopback or private address allows its own
+    /// network without this.
+    #[serde(default)]
+    pub allow_networks: Vec<String>,
 }
 
 /// Docker Hub's names: `docker.io` in references, `index.docker.io` in old ones and docker's
@@ -472,6 +478,7 @@ impl Config {
                 negative_ttl: None,
                 insecure: false,
                 public: false,
+                allow_networks: Vec::new(),
             });
         }
     }
@@ -604,13 +611,27 @@ impl Config {
 }
 
 fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigError> {
+    use crate::upstream::{address, host::RegistryHost, pattern};
     for name in upstream.names() {
-        if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
-            let key = format!("upstream[{i}].host");
+        let key = format!("upstream[{i}].host");
+        if upstream.is_pattern() {
+            pattern::check(name).map_err(|message| invalid(&key, message))?;
+        } else if RegistryHost::parse(name).is_err() {
             return Err(invalid(
                 key,
                 format!("{name:?} is not a registry host name"),
             ));
+        }
+    }
+    for network in &upstream.allow_networks {
+        let key = format!("upstream[{i}].allow_networks");
+        let parsed: address::Network = network.parse().map_err(|m: String| invalid(&key, m))?;
+        if !parsed.is_internal() {
+            let message = format!(
+                "{network:?} is not a loopback, private or unique-local network; \
+                 public addresses need no listing, and others are never allowed"
+            );
+            return Err(invalid(key, message));
         }
     }
     if upstream.is_pattern() && !upstream.aliases.is_empty() {
@@ -971,6 +992,18 @@ mod tests {
                 "[[upstream]]\nhost = \"*.a.io\"\naliases = [\"b.io\"]",
                 "upstream[0].aliases",
             ),
+            ("[[upstream]]\nhost = \"*.com\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"*.*\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"*\"", "upstream[0].host"),
+            ("[[upstream]]\nhost = \"a.io/x\"", "upstream[0].host"),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nallow_networks = [\"10.0.0.0\"]",
+                "upstream[0].allow_networks",
+            ),
+            (
+                "[[upstream]]\nhost = \"a.io\"\nallow_networks = [\"169.254.0.0/16\"]",
+                "upstream[0].allow_networks",
+            ),
             ("surprise = 1", "surprise"),
             ("admin_token = \"short\"", "admin_token"),
             ("admin_listen = \"9090\"", "admin_listen"),
@@ -1022,7 +1055,7 @@ mod tests {
     #[test]
     fn pattern_endpoints_substitute_the_host() {
         let config = Config::from_toml(
-            "[[upstream]]\nhost = \"*.azurecr.io\"\n[[upstream]]\nhost = \"*.example\"\nendpoint = \"http://{host}:5000\"",
+            "[[upstream]]\nhost = \"*.azurecr.io\"\n[[upstream]]\nhost = \"*.reg.example\"\nendpoint = \"http://{host}:5000\"",
         )
         .unwrap();
         assert_eq!(
@@ -1030,8 +1063,8 @@ mod tests {
             "https://a.azurecr.io"
         );
         assert_eq!(
-            config.upstreams[1].endpoint_for("r.example"),
-            "http://r.example:5000"
+            config.upstreams[1].endpoint_for("r.reg.example"),
+            "http://r.reg.example:5000"
         );
     }
 

@@ -63,6 +63,10 @@ pub struct ApiError {
     pub detail: Option<String>,
     /// Headers the client needs to act on the error: `Retry-After`, `WWW-Authenticate`.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// What went wrong in full (a connect error with its address and OS error, a secret's
+    /// name, a cloud error text): for the log line only, never for the response, which says
+    /// only where to look (`with_request_id`).
+    pub internal: Option<String>,
 }
 
 impl ApiError {
@@ -73,7 +77,23 @@ impl ApiError {
             message: message.into(),
             detail: None,
             headers: Vec::new(),
+            internal: None,
         }
+    }
+
+    /// Keeps `text` for the log and out of the response.
+    pub fn with_internal(mut self, text: impl Into<String>) -> ApiError {
+        self.internal = Some(text.into());
+        self
+    }
+
+    /// For an error whose cause is kept for the log only: the response's detail becomes the
+    /// request id, so an operator can find the log line.
+    pub fn with_request_id(mut self, id: &str) -> ApiError {
+        if self.internal.is_some() {
+            self.detail = Some(format!("request id {id}; the cause is in berth's log"));
+        }
+        self
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> ApiError {
@@ -146,9 +166,10 @@ impl ApiError {
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code.as_str(), self.message)?;
-        match &self.detail {
-            Some(detail) => write!(f, " ({detail})"),
-            None => Ok(()),
+        match (&self.internal, &self.detail) {
+            (Some(internal), _) => write!(f, " ({internal})"),
+            (None, Some(detail)) => write!(f, " ({detail})"),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -234,20 +255,24 @@ impl ApiError {
                     }
                 }
             },
+            // Below: the cause names addresses, ports, OS errors, secrets or cloud error
+            // texts. The client learns the status and the request id; the log, the rest.
             UpstreamError::Timeout(_) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 Code::Unavailable,
                 "upstream timed out",
             )
-            .with_detail(message),
-            UpstreamError::Connect(_) | UpstreamError::Protocol(_) | UpstreamError::Token(_) => {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    Code::Unavailable,
-                    "upstream unreachable",
-                )
-                .with_detail(message)
-            }
+            .with_internal(message),
+            UpstreamError::Connect(_)
+            | UpstreamError::Protocol(_)
+            | UpstreamError::Token(_)
+            | UpstreamError::Refused(_) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                Code::Unavailable,
+                "upstream unreachable",
+            )
+            .with_internal(message),
+            // berth's own words (the upstream's name and the cool-down), nothing remote.
             UpstreamError::CircuitOpen(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Code::Unavailable,
@@ -260,7 +285,7 @@ impl ApiError {
                 Code::Unavailable,
                 "upstream sent bad content",
             )
-            .with_detail(message),
+            .with_internal(message),
         }
     }
 }
@@ -330,6 +355,20 @@ mod tests {
             let api = ApiError::from(err);
             assert!(api.status.as_u16() != 500, "{api:?}");
         }
+        let refused = ApiError::from(UpstreamError::Connect(
+            "GET https://127.0.0.1:5999/v2/: tcp connect error: Connection refused (os error 111)"
+                .into(),
+        ))
+        .with_request_id("abc123");
+        let shown = format!("{} {:?}", refused.message, refused.detail);
+        assert!(shown.contains("abc123"), "{shown}");
+        for leak in ["127.0.0.1", "5999", "refused", "os error"] {
+            assert!(!shown.contains(leak), "{leak} in {shown}");
+        }
+        assert!(
+            refused.to_string().contains("os error 111"),
+            "the log has it"
+        );
         let limited = ApiError::from(UpstreamError::Status {
             status: StatusCode::TOO_MANY_REQUESTS,
             retry_after: Some(HeaderValue::from_static("7")),

@@ -13,7 +13,8 @@
 //! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
 //!   manifest's media type, the Accept class of a manifest request.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
-//! - `upstream` the registries berth fetches from: host patterns, HTTP client, token auth keyed
+//! - `upstream` the registries berth fetches from: validated registry hosts and host patterns,
+//!   HTTP client over a connector that applies the address rule after DNS, token auth keyed
 //!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
 //! - `cache`    disk store, in-memory index with LRU eviction, manifests in memory, tag table,
 //!   blob readers over complete or growing files, the in-memory window of a fill whose disk
@@ -135,6 +136,15 @@ impl AppState {
 
     /// Opens the cache (rebuilding the index from disk) and prepares the upstreams.
     pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
+        AppState::open_with_resolver(config, upstream::connect::system_resolver()).await
+    }
+
+    /// `open`, with upstream names resolved by `resolver` (tests make names resolve where
+    /// they want; the address rule still judges what comes back).
+    pub async fn open_with_resolver(
+        config: Config,
+        resolver: upstream::connect::Resolver,
+    ) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let cache_config = config.cache.clone();
         let cache_metrics = Arc::clone(&metrics);
@@ -146,8 +156,8 @@ impl AppState {
                 dir: config.cache.dir.display().to_string(),
                 source,
             })?;
-        let upstreams =
-            Upstreams::with_metrics(&config, Arc::clone(&metrics)).map_err(StartError::Client)?;
+        let upstreams = Upstreams::with_resolver(&config, Arc::clone(&metrics), resolver)
+            .map_err(StartError::Client)?;
         let cache = Arc::new(cache);
         let (min_free, min_free_inodes) = (config.cache.min_free, config.cache.min_free_inodes);
         if min_free.is_some() || min_free_inodes.is_some() {

@@ -1,8 +1,11 @@
 //! Routing: which configured upstream and which repository a request means.
 //!
-//! In order: containerd's `?ns=<registry>` names the upstream; else a registry host as the first
-//! path component (`/v2/docker.io/library/nginx/...`; a component is a host when it holds a '.'
-//! or ':' or is `localhost`, as in Docker's reference grammar); else `default_upstream`. Docker
+//! In order: containerd's `?ns=<registry>` names the upstream (percent-decoded once: containerd
+//! sends `registry.internal%3A5000`); else a registry host as the first path component
+//! (`/v2/docker.io/library/nginx/...`; a component is a host when it holds a '.' or ':' or is
+//! `localhost`, as in Docker's reference grammar); else `default_upstream`. A registry name from
+//! the request is parsed into a `RegistryHost` before any lookup, so a name with user-info, a
+//! path, a query, brackets or an odd port is refused here (400), whatever patterns say. Docker
 //! Hub names get `library/` when they have one component, so `nginx`, `library/nginx` and
 //! `docker.io/library/nginx` are one cache key. A registry that is not configured is refused
 //! here, before any connection: berth is never an open proxy.
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use crate::config::PlatformConfig;
 use crate::oci::digest::Digest;
 use crate::oci::name::{NameError, Reference, Repository, Tag};
+use crate::upstream::host::{HostError, RegistryHost};
 use crate::upstream::{Upstream, Upstreams};
 
 /// The upstream and repository a request resolved to.
@@ -29,6 +33,8 @@ pub struct Target {
 pub enum RouteError {
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Host(#[from] HostError),
     #[error("registry {0:?} is not configured")]
     UnknownRegistry(String),
     #[error("the name holds no registry and no default_upstream is configured")]
@@ -131,10 +137,14 @@ pub fn is_registry_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
-/// Resolves the raw name of a `/v2/<name>/...` path and the request's `ns` parameter.
+/// Resolves the raw name of a `/v2/<name>/...` path and the request's raw (still
+/// percent-encoded) `ns` parameter.
 pub fn resolve(upstreams: &Upstreams, ns: Option<&str>, name: &str) -> Result<Target, RouteError> {
     let (upstream, rest) = match ns {
-        Some(ns) => (lookup(upstreams, ns)?, name),
+        Some(ns) => {
+            let decoded = percent_encoding::percent_decode_str(ns).decode_utf8_lossy();
+            (lookup(upstreams, &decoded)?, name)
+        }
         None => match name.split_once('/') {
             Some((first, rest)) if is_registry_host(first) => (lookup(upstreams, first)?, rest),
             _ => {
@@ -155,9 +165,10 @@ pub fn resolve(upstreams: &Upstreams, ns: Option<&str>, name: &str) -> Result<Ta
     })
 }
 
-fn lookup(upstreams: &Upstreams, host: &str) -> Result<Arc<Upstream>, RouteError> {
+fn lookup(upstreams: &Upstreams, raw: &str) -> Result<Arc<Upstream>, RouteError> {
+    let host = RegistryHost::parse(raw)?;
     upstreams
-        .get(host)
+        .get(&host)
         .ok_or_else(|| RouteError::UnknownRegistry(host.to_string()))
 }
 
@@ -412,6 +423,40 @@ mod tests {
         assert_eq!(target.repository.as_str(), "library/nginx");
         assert_eq!(reference.as_str(), "latest");
         assert!(resolve_image(&upstreams(), "quay.io/x/y:1").is_err());
+    }
+
+    #[test]
+    fn hostile_registry_names_are_refused_before_any_lookup() {
+        for (ns, name) in [
+            (Some("localhost:5999/.amazonaws.com"), "x"),
+            (Some("localhost%3A5999%2F.amazonaws.com"), "x"),
+            (Some("user@ghcr.io"), "x"),
+            (Some("ghcr.io%40evil.example"), "x"),
+            (Some("%5B%3A%3A1%5D"), "x"),
+            (Some("ghcr.io%253A1"), "x"),
+            (None, "[::1]:5000/x"),
+            (None, "user@ghcr.io/x"),
+            (None, "ghcr.io:0/x"),
+            (None, "ghcr.io%3A443/x"),
+        ] {
+            assert!(
+                matches!(route(ns, name), Err(RouteError::Host(_))),
+                "{ns:?} {name}: {:?}",
+                route(ns, name)
+            );
+        }
+    }
+
+    #[test]
+    fn ns_is_percent_decoded_once() {
+        assert_eq!(
+            route(Some("127.0.0.1%3A5000"), "team/app"),
+            Ok(("127.0.0.1:5000".into(), "team/app".into()))
+        );
+        assert_eq!(
+            route(Some("GHCR.io"), "org/app"),
+            Ok(("ghcr.io".into(), "org/app".into()))
+        );
     }
 
     #[test]

@@ -54,6 +54,13 @@ proptest! {
     }
 
     #[test]
+    fn registry_hosts_never_panic(data in input(
+        "([A-Za-z0-9*%@/?#\\[\\]:. _-]{0,20})(\\.gcr\\.io|-docker\\.pkg\\.dev)?(:[0-9]{0,6})?"
+    )) {
+        targets::registry_host(&data);
+    }
+
+    #[test]
     fn ranges_never_panic(size in any::<u64>(), header in input(
         "(bytes|BYTES|items)? ?= ?-?[0-9]{0,21}(-[0-9]{0,21})?(, ?[0-9]{0,5}-[0-9]{0,5}){0,3}"
     )) {

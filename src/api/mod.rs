@@ -81,6 +81,7 @@ where
     let (mut response, outcome, error) = match served {
         Ok((response, outcome)) => (response, outcome, None),
         Err(error) => {
+            let error = error.with_request_id(&id);
             let outcome = if matches!(error.code, Code::Denied | Code::Unauthorized) {
                 Outcome::Denied
             } else {
@@ -313,7 +314,7 @@ fn route_error(err: RouteError) -> ApiError {
         RouteError::UnknownRegistry(_) | RouteError::NoDefault | RouteError::NoOrg => {
             ApiError::name_unknown(err.to_string())
         }
-        RouteError::Malformed(_) => {
+        RouteError::Malformed(_) | RouteError::Host(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
         }
     }

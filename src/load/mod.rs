@@ -32,6 +32,7 @@ use crate::config::ClientConfig;
 use crate::metrics::Metrics;
 use crate::oci::digest::{Digest, Verifier};
 use crate::secrets::Credentials;
+use crate::upstream::address::AddressRule;
 use crate::upstream::client::error_chain;
 use crate::upstream::{Auth, HttpClient};
 pub use stats::{Class, Recorder, Report};
@@ -113,11 +114,13 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     if config.images.is_empty() || config.concurrency == 0 {
         return Err("need at least one image and one puller".into());
     }
+    // The operator names the target, often berth on this host or in this cluster.
     let client = HttpClient::new(&ClientConfig {
         ca_file: config.ca_file.clone(),
         response_timeout: config.request_timeout,
         ..ClientConfig::default()
-    })?;
+    })?
+    .with_rule(AddressRule::any_internal());
     let before = match &config.metrics {
         Some(url) => Some(upstream_requests(&client, url).await?),
         None => None,
@@ -126,6 +129,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         client: client.clone(),
         auth: Auth::new(
             config.target.clone(),
+            config.target.starts_with("http://"),
             "load".into(),
             Arc::new(Metrics::new()),
         ),

@@ -51,14 +51,11 @@ impl DockerAuths {
         self.login_for(registry).is_some()
     }
 
-    /// The login for `registry`; an upstream that names this secret explicitly also gets the
-    /// only login of a single-registry secret, since its host (a mirror, an alias) may be
-    /// spelled differently from the `auths` key.
+    /// The login for `registry`, and only for it: a login goes to no registry its `auths` key
+    /// does not name, even from an upstream that names this secret (on a pattern upstream, a
+    /// client chooses the host).
     pub fn for_upstream(&self, registry: &str) -> Option<&DockerLogin> {
-        self.login_for(registry).or(match self.entries.as_slice() {
-            [only] => Some(only),
-            _ => None,
-        })
+        self.login_for(registry)
     }
 
     fn login_for(&self, registry: &str) -> Option<&DockerLogin> {
@@ -150,10 +147,11 @@ mod tests {
     }
 
     #[test]
-    fn a_single_login_serves_an_upstream_that_names_the_secret() {
-        let auths = parse(json!({"auths": {"ghcr.io": {"auth": b64("a:b")}}})).unwrap();
-        assert!(!auths.covers("mirror.internal"));
-        assert_eq!(auths.for_upstream("mirror.internal").unwrap().username, "a");
+    fn a_single_login_serves_only_the_registry_it_names() {
+        let auths = parse(json!({"auths": {"a.azurecr.io": {"auth": b64("a:b")}}})).unwrap();
+        assert!(!auths.covers("b.azurecr.io"));
+        assert!(auths.for_upstream("b.azurecr.io").is_none());
+        assert_eq!(auths.for_upstream("a.azurecr.io").unwrap().username, "a");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!
 //! The signing and the wire format are in `aws`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -28,7 +30,16 @@ pub(super) struct EcrKey {
     credentials: AwsCredentials,
     role: Option<Role>,
     repos: Vec<RepoPattern>,
+    /// Exchanges that failed lately, by region, so a burst of requests (or of region labels a
+    /// client made up) does not become a burst of STS and ECR calls.
+    failures: Mutex<HashMap<String, (Instant, SecretError)>>,
 }
+
+/// How long a failed exchange is answered from memory.
+const FAILURE_MEMORY: Duration = Duration::from_secs(30);
+
+/// Regions remembered at most; the map is emptied when full.
+const MAX_FAILURES: usize = 256;
 
 /// A role to assume before asking ECR, for keys that may only assume a pull role.
 #[derive(Debug, Clone)]
@@ -80,16 +91,29 @@ pub(super) fn parse_host(host: &str) -> Option<EcrHost<'_>> {
         && account.bytes().all(|b| b.is_ascii_digit())
         && dkr == "dkr"
         && matches!(service, "ecr" | "ecr-fips")
-        && !region.is_empty()
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && is_aws_region(region);
     well_formed.then_some(EcrHost {
         account,
         region,
         fips: service == "ecr-fips",
         dns_suffix,
     })
+}
+
+/// AWS's region grammar: `us-east-1`, `ap-southeast-2`, `us-gov-west-1`, `us-isob-east-1`,
+/// `eusc-de-east-1`: a 2-4 letter area, one or two lower-case words, a number of 1-2 digits.
+fn is_aws_region(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    let letters = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase());
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    (3..=4).contains(&parts.len())
+        && (2..=4).contains(&first.len())
+        && letters(first)
+        && parts[1..parts.len() - 1]
+            .iter()
+            .all(|p| letters(p) && p.len() <= 9)
+        && (1..=2).contains(&last.len())
+        && last.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl EcrKey {
@@ -124,6 +148,7 @@ impl EcrKey {
             credentials,
             role,
             repos,
+            failures: Mutex::default(),
         })
     }
 
@@ -151,6 +176,9 @@ impl EcrKey {
             reason: "not an ECR host (ACCOUNT.dkr.ecr.REGION.amazonaws.com)".into(),
         })?;
         let region = host.region.to_string();
+        if let Some(error) = self.remembered_failure(&region) {
+            return Err(error);
+        }
         let ecr_endpoint = endpoint(source.config.ecr_endpoint.as_deref(), &host, "api.ecr");
         let sts_endpoint = endpoint(source.config.sts_endpoint.as_deref(), &host, "sts");
         let now = Instant::now();
@@ -181,10 +209,24 @@ impl EcrKey {
                 lifetime,
             })
         };
-        source
+        let result = source
             .logins
             .get(&format!("{generation}:{}", host.region), now, fetch)
-            .await
+            .await;
+        if let Err(error) = &result {
+            let mut failures = self.failures.lock().expect("failures lock");
+            if failures.len() >= MAX_FAILURES {
+                failures.clear();
+            }
+            failures.insert(host.region.to_string(), (Instant::now(), error.clone()));
+        }
+        result
+    }
+
+    fn remembered_failure(&self, region: &str) -> Option<SecretError> {
+        let failures = self.failures.lock().expect("failures lock");
+        let (at, error) = failures.get(region)?;
+        (at.elapsed() < FAILURE_MEMORY).then(|| error.clone())
     }
 }
 
@@ -322,8 +364,40 @@ mod tests {
             "123456789012.dkr.ecr.eu-west-1.amazonaws.com.evil.com",
             "123456789012.dkr.s3.eu-west-1.amazonaws.com",
             "x.123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "123456789012.dkr.ecr.x.amazonaws.com",
+            "123456789012.dkr.ecr.localhost-1.amazonaws.com",
+            "123456789012.dkr.ecr.us-east-999.amazonaws.com",
+            "123456789012.dkr.ecr.us--1.amazonaws.com",
+            "123456789012.dkr.ecr.a-b-c-d-1.amazonaws.com",
         ] {
             assert_eq!(parse_host(not_ecr), None, "{not_ecr}");
+        }
+    }
+
+    #[test]
+    fn regions_follow_the_aws_grammar() {
+        for region in [
+            "us-east-1",
+            "eu-west-1",
+            "ap-southeast-2",
+            "us-gov-west-1",
+            "us-isob-east-1",
+            "cn-north-1",
+            "il-central-1",
+            "eusc-de-east-1",
+        ] {
+            assert!(is_aws_region(region), "{region}");
+        }
+        for region in [
+            "",
+            "us",
+            "us-1",
+            "east-1",
+            "us-east",
+            "US-east-1",
+            "us-east-123",
+        ] {
+            assert!(!is_aws_region(region), "{region}");
         }
     }
 

@@ -40,14 +40,15 @@ pub(super) async fn send(
 }
 
 /// A refusal as `HTTP <status>: <code>: <message>`, from fields the caller picked out of the
-/// error body (error codes and descriptions, never the body as a whole).
+/// error body (error codes and descriptions, never the body as a whole). The fields are the
+/// remote party's text: control characters are escaped, so they cannot forge log lines.
 pub(super) fn refusal(status: StatusCode, parts: &[Option<&str>]) -> String {
     let mut reason = format!("HTTP {}", status.as_u16());
     for part in parts.iter().flatten() {
         let part = part.trim();
         if !part.is_empty() {
             reason.push_str(": ");
-            reason.push_str(part);
+            reason.extend(part.chars().flat_map(char::escape_default));
         }
     }
     truncate(reason)
@@ -111,5 +112,13 @@ mod tests {
         );
         assert!(reason.starts_with("HTTP 403: AccessDenied: mmm"));
         assert!(reason.len() <= MAX_REASON + 3);
+        let forged = refusal(
+            StatusCode::BAD_REQUEST,
+            &[Some(
+                "invalid_grant\n2026-01-01T00:00:00Z INFO berth: all good",
+            )],
+        );
+        assert!(!forged.contains('\n'), "{forged}");
+        assert!(forged.contains("invalid_grant\\n2026"), "{forged}");
     }
 }

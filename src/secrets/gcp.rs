@@ -88,11 +88,16 @@ impl GcpKey {
         let token_uri = doc
             .optional_string("token_uri")?
             .unwrap_or(DEFAULT_TOKEN_URI);
-        if token_uri
+        let uri = token_uri
             .parse::<http::Uri>()
-            .map_or(true, |u| u.host().is_none())
-        {
+            .ok()
+            .filter(|u| u.host().is_some());
+        let Some(uri) = uri else {
             return Err(doc.error("token_uri", "is not an absolute URL"));
+        };
+        // The assertion is a bearer credential for an hour: it travels over TLS only.
+        if uri.scheme_str() != Some("https") {
+            return Err(doc.error("token_uri", "must be an https URL"));
         }
         Ok(GcpKey {
             project_id: doc.string("project_id")?.to_string(),
@@ -385,6 +390,14 @@ pub(super) mod tests {
             (
                 with("token_uri", json!("/token")),
                 "field `token_uri` is not an absolute URL",
+            ),
+            (
+                with("token_uri", json!("http://oauth2.example/token")),
+                "field `token_uri` must be an https URL",
+            ),
+            (
+                with("token_uri", json!("http://127.0.0.1:8080/token")),
+                "field `token_uri` must be an https URL",
             ),
         ];
         for (doc, expected) in cases {

@@ -30,6 +30,7 @@ mod token;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -139,10 +140,15 @@ struct Login {
     password: Secret,
 }
 
+/// One snapshot of a secret file: what it held when read, or why it could not be used.
+type Loaded = Result<Arc<Parsed>, SecretError>;
+
 /// Every configured secret.
 pub struct Secrets {
     sources: Vec<Source>,
-    transport: Transport,
+    /// One per source, in the same order: the shared client, plus the network of an
+    /// `sts_endpoint`/`ecr_endpoint` configured as a loopback or private address.
+    transports: Vec<Transport>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -165,11 +171,18 @@ impl Secrets {
         transport: Transport,
         recheck: Duration,
     ) -> Secrets {
+        let transports = configs
+            .iter()
+            .map(|config| transport_for(&transport, config))
+            .collect();
         let sources = configs
             .into_iter()
             .map(|config| Source::open(config, recheck))
             .collect();
-        Secrets { sources, transport }
+        Secrets {
+            sources,
+            transports,
+        }
     }
 
     /// Which secret (by name) applies to this registry host and repository: the upstream's
@@ -177,20 +190,58 @@ impl Secrets {
     /// fails with the reason rather than going anonymous), else the first secret in
     /// configuration order that covers them.
     pub fn select(&self, registry: &str, repository: &str, named: Option<&str>) -> Option<String> {
+        self.pick(registry, repository, named)
+            .map(|(source, _, _)| source.config.name.clone())
+    }
+
+    /// The secret `select` picks, with the snapshot of its file it was picked on.
+    fn pick(
+        &self,
+        registry: &str,
+        repository: &str,
+        named: Option<&str>,
+    ) -> Option<(&Source, u64, Loaded)> {
         if let Some(named) = named {
-            let found = self.source(named).map(|s| s.config.name.clone());
-            if found.is_none() {
+            let Some(source) = self.source(named) else {
                 tracing::warn!(secret = %named, "upstream names a secret that is not configured");
-            }
-            return found;
+                return None;
+            };
+            let (generation, loaded) = source.current();
+            return Some((source, generation, loaded));
         }
-        self.sources
-            .iter()
-            .find(|source| {
-                let (_, loaded) = source.current();
-                loaded.is_ok_and(|parsed| parsed.covers(registry, repository))
-            })
-            .map(|source| source.config.name.clone())
+        self.sources.iter().find_map(|source| {
+            let (generation, loaded) = source.current();
+            let covers = loaded
+                .as_ref()
+                .is_ok_and(|parsed| parsed.covers(registry, repository));
+            covers.then_some((source, generation, loaded))
+        })
+    }
+
+    /// The credentials for pulling `repository` from `registry`: picked as `select` does and
+    /// fetched from the same snapshot of the secret's file, so a file changing in between
+    /// cannot send one registry's login to another. A pinned secret (`named`) must cover the
+    /// registry too: on a pattern upstream the client picks the host. `None`: anonymous.
+    pub async fn for_request(
+        &self,
+        registry: &str,
+        repository: &str,
+        named: Option<&str>,
+    ) -> Result<Option<Credentials>, SecretError> {
+        let Some((source, generation, loaded)) = self.pick(registry, repository, named) else {
+            return Ok(None);
+        };
+        let parsed = loaded?;
+        if !parsed.covers(registry, repository) {
+            return Err(SecretError::NotFor {
+                name: source.config.name.clone(),
+                registry: registry.to_string(),
+                reason: "the secret does not cover this registry and repository".to_string(),
+            });
+        }
+        self.login(source, generation, &parsed, registry)
+            .await
+            .map(Some)
     }
 
     /// Username and password to present to `registry`, fetching or refreshing ECR and GCP
@@ -205,7 +256,19 @@ impl Secrets {
         })?;
         let (generation, loaded) = source.current();
         let parsed = loaded?;
-        let (login, id) = match &*parsed {
+        self.login(source, generation, &parsed, registry).await
+    }
+
+    async fn login(
+        &self,
+        source: &Source,
+        generation: u64,
+        parsed: &Parsed,
+        registry: &str,
+    ) -> Result<Credentials, SecretError> {
+        let name = source.config.name.as_str();
+        let transport = self.transport_of(source);
+        let (login, id) = match parsed {
             Parsed::Docker(auths) => {
                 let login = auths
                     .for_upstream(registry)
@@ -221,13 +284,11 @@ impl Secrets {
                 (login, format!("{name}#{generation}"))
             }
             Parsed::Ecr(key) => {
-                let (login, serial) = key
-                    .login(source, generation, registry, &self.transport)
-                    .await?;
+                let (login, serial) = key.login(source, generation, registry, transport).await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
-                let (login, serial) = key.login(source, generation, &self.transport).await?;
+                let (login, serial) = key.login(source, generation, transport).await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
         };
@@ -245,6 +306,39 @@ impl Secrets {
 
     fn source(&self, name: &str) -> Option<&Source> {
         self.sources.iter().find(|s| s.config.name == name)
+    }
+
+    fn transport_of(&self, source: &Source) -> &Transport {
+        let index = self
+            .sources
+            .iter()
+            .position(|s| std::ptr::eq(s, source))
+            .expect("a source of these secrets");
+        &self.transports[index]
+    }
+}
+
+/// The client for one secret's exchanges: the address rule of `base`, widened by the network
+/// of an endpoint the configuration gives as a loopback or private address. A GCP key's
+/// `token_uri` comes from the file, not the configuration, so it widens nothing.
+fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
+    use crate::upstream::address::AddressRule;
+    let endpoint_rule = |url: &Option<String>| {
+        let host = url
+            .as_deref()
+            .map(|u| u.replace("{region}", "us-east-1"))
+            .and_then(|u| u.parse::<http::Uri>().ok())
+            .and_then(|u| u.host().map(str::to_string));
+        AddressRule::for_endpoint(host.as_deref(), &[])
+    };
+    let rule = base
+        .rule()
+        .union(&endpoint_rule(&config.sts_endpoint))
+        .union(&endpoint_rule(&config.ecr_endpoint));
+    if &rule == base.rule() {
+        base.clone()
+    } else {
+        base.with_rule(rule)
     }
 }
 

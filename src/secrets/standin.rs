@@ -74,8 +74,24 @@ impl Drop for StandIn {
 
 impl StandIn {
     async fn start(handler: Handler) -> StandIn {
+        StandIn::serve(handler, None).await
+    }
+
+    /// Over TLS with a certificate for 127.0.0.1 from `test_tls()`'s CA, which `transport()`
+    /// trusts: Google's token endpoint must be https.
+    async fn start_tls(handler: Handler) -> StandIn {
+        let tls = &test_tls().server;
+        StandIn::serve(
+            handler,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::clone(tls))),
+        )
+        .await
+    }
+
+    async fn serve(handler: Handler, tls: Option<tokio_rustls::TlsAcceptor>) -> StandIn {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
+        let scheme_tls = tls.is_some();
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&hits);
         let task = tokio::spawn(async move {
@@ -95,14 +111,25 @@ impl StandIn {
                             Ok::<_, Infallible>(handler(&Request::from_parts(parts, body), n))
                         }
                     });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
+                });
             }
         });
+        let scheme = if scheme_tls { "https" } else { "http" };
         StandIn {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             hits,
             task,
         }
@@ -354,7 +381,7 @@ async fn ecr(key: AwsKey, lifetime: Duration) -> StandIn {
 async fn google(client_email: &'static str, expires_in: u64) -> StandIn {
     let audience: Arc<OnceLock<String>> = Arc::default();
     let expected_audience = Arc::clone(&audience);
-    let stand_in = StandIn::start(Arc::new(move |req, n| {
+    let stand_in = StandIn::start_tls(Arc::new(move |req, n| {
         let refuse = |error: &str| {
             let body = serde_json::json!({"error": error, "error_description": "refused by stand-in"});
             respond(StatusCode::BAD_REQUEST, "application/json", body.to_string())
@@ -400,8 +427,63 @@ async fn google(client_email: &'static str, expires_in: u64) -> StandIn {
     stand_in
 }
 
+/// The stand-ins listen on loopback, which the address rule refuses unless allowed; the
+/// client trusts the test CA of the TLS stand-in.
 pub(super) fn transport() -> super::Transport {
-    crate::upstream::HttpClient::new(&crate::config::ClientConfig::default()).unwrap()
+    let config = crate::config::ClientConfig {
+        ca_file: Some(test_tls().ca_file.path().to_path_buf()),
+        ..crate::config::ClientConfig::default()
+    };
+    crate::upstream::HttpClient::new(&config)
+        .unwrap()
+        .with_rule(crate::upstream::address::AddressRule::any_internal())
+}
+
+/// A test CA (its PEM in a file for `client.ca_file`) and a server config with a certificate
+/// for 127.0.0.1 signed by it. Made once per test run.
+struct TestTls {
+    ca_file: tempfile::NamedTempFile,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn test_tls() -> &'static TestTls {
+    static TLS: OnceLock<TestTls> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(ca_cert.der());
+        let lines: Vec<&str> = encoded
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        );
+        let ca_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca_file.path(), pem).unwrap();
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key.into())
+            .unwrap();
+        TestTls {
+            ca_file,
+            server: Arc::new(server),
+        }
+    })
 }
 
 /// Writes `doc` as the file of a secret called `name` and returns its config.
@@ -547,6 +629,18 @@ async fn a_wrong_external_id_is_refused_by_sts() {
         "{err}"
     );
     assert_eq!(ecr.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_exchange_is_remembered_briefly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ecr = ecr(BASE_KEY, Duration::from_secs(3600)).await;
+    let config = ecr_config(&dir, "wrong-secret-key-value", None, None, &ecr);
+    let secrets = Secrets::new(vec![config], transport());
+    for _ in 0..5 {
+        assert!(secrets.credentials("aws", ECR_HOST).await.is_err());
+    }
+    assert_eq!(ecr.hits(), 1, "one refusal, remembered");
 }
 
 #[tokio::test]

@@ -55,22 +55,35 @@ const MAX_TOKEN_LIFETIME: u64 = 24 * 3600;
 
 pub struct Auth {
     upstream: String,
+    /// The upstream is reached over plain http: its realm may be plain http too (a test or
+    /// an in-cluster registry). An https upstream's credentials go only to an https realm.
+    plain_http: bool,
     /// The upstream's metric label (see `Upstream::metric_label`).
     metric_label: Arc<str>,
     metrics: Arc<Metrics>,
     scheme: RwLock<Option<Scheme>>,
     tokens: moka::sync::Cache<String, Token>,
+    /// Anonymous tokens for redirect hops, by token URL (realm, service, scope): registry.k8s.io
+    /// sends every call to a pkg.dev host that challenges, and one token serves them all.
+    hop_tokens: moka::sync::Cache<String, Token>,
     flights: Flights<String, Result<Token, UpstreamError>>,
 }
 
 impl Auth {
-    pub fn new(upstream: String, metric_label: Arc<str>, metrics: Arc<Metrics>) -> Auth {
+    pub fn new(
+        upstream: String,
+        plain_http: bool,
+        metric_label: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Auth {
         Auth {
             upstream,
+            plain_http,
             metric_label,
             metrics,
             scheme: RwLock::new(None),
             tokens: moka::sync::Cache::new(10_000),
+            hop_tokens: moka::sync::Cache::new(1_000),
             flights: Flights::default(),
         }
     }
@@ -87,6 +100,7 @@ impl Auth {
             None => Ok(None),
             Some(Scheme::Basic) => Ok(creds.map(basic)),
             Some(Scheme::Bearer { realm, service }) => {
+                let creds = creds.filter(|_| self.may_send_credentials(&realm));
                 let key = token_key(scope, creds);
                 let cached = self.tokens.get(&key).filter(|t| t.expires > Instant::now());
                 if let Some(token) = cached {
@@ -119,6 +133,7 @@ impl Auth {
             Challenge::Basic { .. } => None,
         });
         if let Some((realm, service)) = bearer {
+            let creds = creds.filter(|_| self.may_send_credentials(&realm));
             *self.scheme.write().expect("scheme lock") = Some(Scheme::Bearer {
                 realm: realm.clone(),
                 service: service.clone(),
@@ -139,6 +154,64 @@ impl Auth {
             }
         }
         Ok(None)
+    }
+
+    /// Whether the upstream's credentials may go to `realm`: an https realm, or any http(s)
+    /// realm of a plain-http upstream. Where the realm is (its address) is the client's rule.
+    fn may_send_credentials(&self, realm: &str) -> bool {
+        let scheme = realm.parse::<http::Uri>().ok().and_then(|u| {
+            u.host()?;
+            u.scheme_str().map(str::to_ascii_lowercase)
+        });
+        let allowed = match scheme.as_deref() {
+            Some("https") => true,
+            Some("http") => self.plain_http,
+            _ => false,
+        };
+        if !allowed {
+            tracing::warn!(
+                upstream = %self.upstream,
+                realm = %super::escape_remote(realm),
+                "token realm is not https: asking it without credentials"
+            );
+        }
+        allowed
+    }
+
+    /// Answers a challenge from a redirect hop (a storage or mirror host the upstream sent us
+    /// to): an anonymous token for the hop's own scope, never the upstream's credentials.
+    /// `None` when the challenge is not a usable Bearer one.
+    pub async fn answer_hop(
+        &self,
+        client: &HttpClient,
+        challenge: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(header) = challenge.and_then(|v| v.to_str().ok()) else {
+            return Ok(None);
+        };
+        let bearer = parse_challenges(header).into_iter().find_map(|c| match c {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => Some((realm, service, scope)),
+            Challenge::Basic { .. } => None,
+        });
+        let Some((realm, service, scope)) = bearer else {
+            return Ok(None);
+        };
+        let scopes: Vec<String> = scope.into_iter().collect();
+        let url = token_url(&realm, service.as_deref(), &scopes);
+        let cached = self
+            .hop_tokens
+            .get(&url)
+            .filter(|t| t.expires > Instant::now());
+        if let Some(token) = cached {
+            return Ok(Some(token.header));
+        }
+        let token = request_token(client, &url, None).await?;
+        self.hop_tokens.insert(url, token.clone());
+        Ok(Some(token.header))
     }
 
     async fn fetch_token(

@@ -1,8 +1,10 @@
-//! The HTTP client every upstream shares: hyper-util's pooled client over rustls, trusting the
-//! webpki roots plus an optional CA bundle, with connect and response-head timeouts.
+//! The HTTP client of the upstreams: hyper-util's pooled client over rustls, trusting the
+//! webpki roots plus an optional CA bundle, with connect and response-head timeouts, over the
+//! `connect::Guarded` connector, so every connection obeys an `AddressRule`.
 //!
-//! Only transport lives here. Registry semantics (auth, redirects, status mapping) are in
-//! `upstream`.
+//! One client per rule: `with_rule` makes a client with the same TLS set-up and resolver and
+//! its own pool, for an upstream that may reach internal networks. Only transport lives here.
+//! Registry semantics (auth, redirects, status mapping) are in `upstream`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +15,6 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -22,18 +23,34 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use super::address::AddressRule;
+use super::connect::{self, Guarded, Resolver};
 use super::UpstreamError;
 use crate::config::ClientConfig;
 
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    inner: Client<HttpsConnector<Guarded>, Full<Bytes>>,
     response_timeout: Duration,
+    setup: Arc<Setup>,
+}
+
+/// What `with_rule` needs to build a sibling client.
+struct Setup {
+    config: ClientConfig,
+    tls: rustls::ClientConfig,
+    resolver: Resolver,
+    rule: AddressRule,
 }
 
 impl HttpClient {
-    /// The client every upstream uses: certificates always verified.
+    /// A client for public addresses only, certificates always verified, the system resolver.
     pub fn new(config: &ClientConfig) -> Result<HttpClient, String> {
+        HttpClient::with_resolver(config, connect::system_resolver())
+    }
+
+    /// `new`, resolving names with `resolver`.
+    pub fn with_resolver(config: &ClientConfig, resolver: Resolver) -> Result<HttpClient, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
@@ -45,12 +62,12 @@ impl HttpClient {
             .map_err(|e| format!("TLS setup: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        HttpClient::with_tls(config, tls)
+        HttpClient::build(config, tls, resolver, AddressRule::public_only())
     }
 
     /// The client for upstreams with `insecure = true` only: any certificate is accepted.
     /// Signatures are still checked, so the peer holds the key of the certificate it showed.
-    pub fn new_insecure(config: &ClientConfig) -> Result<HttpClient, String> {
+    pub fn new_insecure(config: &ClientConfig, resolver: Resolver) -> Result<HttpClient, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(AnyCertificate(Arc::clone(&provider)));
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -59,20 +76,43 @@ impl HttpClient {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        HttpClient::with_tls(config, tls)
+        HttpClient::build(config, tls, resolver, AddressRule::public_only())
     }
 
-    fn with_tls(config: &ClientConfig, tls: rustls::ClientConfig) -> Result<HttpClient, String> {
-        let mut http = HttpConnector::new();
+    /// A client like this one whose connections follow `rule` instead.
+    pub fn with_rule(&self, rule: AddressRule) -> HttpClient {
+        let setup = &self.setup;
+        HttpClient::build(
+            &setup.config,
+            setup.tls.clone(),
+            Arc::clone(&setup.resolver),
+            rule,
+        )
+        .expect("the set-up built once already")
+    }
+
+    /// The address rule this client's connections follow.
+    pub fn rule(&self) -> &AddressRule {
+        &self.setup.rule
+    }
+
+    fn build(
+        config: &ClientConfig,
+        tls: rustls::ClientConfig,
+        resolver: Resolver,
+        rule: AddressRule,
+    ) -> Result<HttpClient, String> {
+        let mut guarded = Guarded::new(Arc::clone(&resolver), rule.clone());
+        let http = guarded.tcp();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(guarded);
         let inner = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_initial_stream_window_size(config.h2_stream_window)
@@ -81,6 +121,12 @@ impl HttpClient {
         Ok(HttpClient {
             inner,
             response_timeout: config.response_timeout,
+            setup: Arc::new(Setup {
+                config: config.clone(),
+                tls,
+                resolver,
+                rule,
+            }),
         })
     }
 
@@ -92,6 +138,9 @@ impl HttpClient {
         let target = format!("{} {}", request.method(), redact_query(request.uri()));
         match tokio::time::timeout(self.response_timeout, self.inner.request(request)).await {
             Err(_) => Err(UpstreamError::Timeout(format!("no response to {target}"))),
+            Ok(Err(err)) if connect::refusal(&err).is_some() => Err(UpstreamError::Refused(
+                format!("{target}: {}", error_chain(&err)),
+            )),
             Ok(Err(err)) if err.is_connect() => Err(UpstreamError::Connect(format!(
                 "{target}: {}",
                 error_chain(&err)

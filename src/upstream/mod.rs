@@ -2,14 +2,20 @@
 //! failures mean.
 //!
 //! `Upstream::fetch` is the one way berth talks to a registry: it adds credentials
-//! (`auth`), follows blob redirects to storage hosts without leaking the Authorization header,
-//! and maps refusals to `UpstreamError`. Which upstream serves a request is decided in `route`;
-//! what to do with the bytes is decided by the caller.
+//! (`auth`), follows at most five redirects (never from https to http) with `Authorization`
+//! only for the scheme and host it was made for, answers a redirect hop's challenge
+//! anonymously, and maps refusals to `UpstreamError`. Every connection goes through the
+//! upstream's `HttpClient`, whose connector applies the address rule (`address`, `connect`).
+//! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
+//! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
+pub mod address;
 pub mod auth;
 pub mod breaker;
 pub mod challenge;
 pub mod client;
+pub mod connect;
+pub mod host;
 pub mod pattern;
 pub mod retry;
 
@@ -32,13 +38,19 @@ use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
 use crate::secret::Secret;
 use crate::secrets::{Credentials, Secrets};
+use address::{AddressRule, Network};
 pub use auth::Auth;
 pub use client::HttpClient;
+use host::RegistryHost;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The address rule refused the address a name resolved to or a URL named; nothing was
+    /// dialled. Not retried and not counted against the circuit breaker.
+    #[error("refused by the address rule: {0}")]
+    Refused(String),
     #[error("timed out: {0}")]
     Timeout(String),
     #[error("protocol error: {0}")]
@@ -121,9 +133,9 @@ impl Upstream {
             _ => None,
         };
         let metric_label: Arc<str> = config.host.to_ascii_lowercase().into();
+        let base = config.endpoint_for(host);
         Upstream {
             name: host.into(),
-            base: config.endpoint_for(host),
             docker_hub: config.is_docker_hub(),
             tag_ttl: config.tag_ttl.unwrap_or(shared.cache.tag_ttl),
             stale_if_error: config.stale_if_error.unwrap_or(shared.cache.stale_if_error),
@@ -135,14 +147,13 @@ impl Upstream {
             secrets: Arc::clone(&shared.secrets),
             auth: Auth::new(
                 host.to_string(),
+                base.starts_with("http://"),
                 Arc::clone(&metric_label),
                 Arc::clone(&shared.metrics),
             ),
             metric_label,
-            client: match (&shared.insecure_client, config.insecure) {
-                (Some(insecure), true) => insecure.clone(),
-                _ => shared.client.clone(),
-            },
+            base,
+            client: shared.client_for(config, host),
             metrics: Arc::clone(&shared.metrics),
             breaker: breaker::Breaker::new(shared.breaker_threshold, shared.breaker_cooldown),
             retries: shared.retries,
@@ -174,16 +185,13 @@ impl Upstream {
         &self,
         repository: &Repository,
     ) -> Result<Option<Credentials>, UpstreamError> {
-        match self.credential_source(repository) {
-            CredentialSource::Anonymous => Ok(None),
-            CredentialSource::Configured { .. } => Ok(self.configured.clone()),
-            CredentialSource::Secret(name) => self
-                .secrets
-                .credentials(&name, &self.name)
-                .await
-                .map(Some)
-                .map_err(|err| UpstreamError::Token(err.to_string())),
+        if self.configured.is_some() {
+            return Ok(self.configured.clone());
         }
+        self.secrets
+            .for_request(&self.name, repository.as_str(), self.secret.as_deref())
+            .await
+            .map_err(|err| UpstreamError::Token(err.to_string()))
     }
 
     /// GET or HEAD of a manifest, forwarding the client's `Accept` so the upstream picks the
@@ -263,10 +271,12 @@ impl Upstream {
         let credentials = self.credentials(repository).await?;
         let creds = credentials.as_ref();
         let mut authorization = self.auth.authorization(&self.client, &scope, creds).await?;
-        let mut response = self
+        let (mut response, from_origin) = self
             .send(&method, &uri, &headers, authorization.as_ref())
             .await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
+        // A 401 from a redirect hop was answered (anonymously) in `send_once`; the upstream's
+        // credentials answer only the upstream's own challenges.
+        if response.status() == StatusCode::UNAUTHORIZED && from_origin {
             let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
             let sent = authorization.take();
             let retry = self
@@ -280,20 +290,21 @@ impl Upstream {
                 )
                 .await?;
             if let Some(retry) = retry {
-                response = self.send(&method, &uri, &headers, Some(&retry)).await?;
+                response = self.send(&method, &uri, &headers, Some(&retry)).await?.0;
             }
         }
         Ok(response)
     }
 
     /// One request through the circuit breaker, retried only where that is safe (`retry`).
+    /// Also says whether the response came from the upstream itself (not a redirect hop).
     async fn send(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, bool), UpstreamError> {
         let mut attempt = 0;
         loop {
             if let breaker::Admission::Reject { retry_in } = self.breaker.admit() {
@@ -305,7 +316,7 @@ impl Upstream {
             }
             let sent = self.send_once(method, uri, headers, authorization).await;
             let verdict = match &sent {
-                Ok(response) => {
+                Ok((response, _)) => {
                     self.breaker.success();
                     retry::after_status(
                         method,
@@ -334,59 +345,133 @@ impl Upstream {
         }
     }
 
-    /// One request, following redirects. Authorization goes only to the upstream's own host.
+    /// One request, following at most `MAX_REDIRECTS` redirects, never from https to http.
+    /// `authorization` goes only to the scheme and authority it was made for; a hop that
+    /// challenges gets an anonymous token for its own scope, once.
     async fn send_once(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         authorization: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let origin = uri.authority().cloned();
+    ) -> Result<(Response<Incoming>, bool), UpstreamError> {
+        let origin = (uri.scheme().cloned(), uri.authority().cloned());
         let mut uri = uri.clone();
-        for _ in 0..=MAX_REDIRECTS {
-            let mut request = Request::builder().method(method.clone()).uri(uri.clone());
-            for (name, value) in headers {
-                request = request.header(name, value);
+        let mut hop_authorization: Option<HeaderValue> = None;
+        let mut hops = 0;
+        loop {
+            let at_origin = (uri.scheme().cloned(), uri.authority().cloned()) == origin;
+            let credential = if at_origin {
+                authorization
+            } else {
+                hop_authorization.as_ref()
+            };
+            let response = self.send_one(method, &uri, headers, credential).await?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !at_origin && hop_authorization.is_none() {
+                let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
+                if let Some(token) = self
+                    .auth
+                    .answer_hop(&self.client, challenge.as_ref())
+                    .await?
+                {
+                    hop_authorization = Some(token);
+                    continue;
+                }
             }
-            if let Some(value) = authorization.filter(|_| uri.authority() == origin.as_ref()) {
-                request = request.header(AUTHORIZATION, value);
+            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
+                return Ok((response, at_origin));
             }
-            let request = request
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-            let started = tokio::time::Instant::now();
-            let sent = self.client.send(request).await;
-            let status = sent.as_ref().ok().map(Response::status);
-            let secs = started.elapsed().as_secs_f64();
-            self.metrics
-                .observe_upstream(&self.metric_label, status, secs);
-            let response = sent?;
-            if !response.status().is_redirection() || response.status() == StatusCode::NOT_MODIFIED
-            {
-                return Ok(response);
+            if hops == MAX_REDIRECTS {
+                return Err(UpstreamError::Invalid(format!(
+                    "more than {MAX_REDIRECTS} redirects"
+                )));
             }
-            uri = redirect_target(&uri, response.headers())?;
+            hops += 1;
+            let next = redirect_target(&uri, response.headers())?;
+            if next.authority() != uri.authority() || next.scheme() != uri.scheme() {
+                hop_authorization = None;
+            }
+            uri = next;
         }
-        Err(UpstreamError::Invalid(format!(
-            "more than {MAX_REDIRECTS} redirects"
-        )))
+    }
+
+    /// One HTTP exchange, measured.
+    async fn send_one(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut request = Request::builder().method(method.clone()).uri(uri.clone());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        let started = tokio::time::Instant::now();
+        let sent = self.client.send(request).await;
+        let status = sent.as_ref().ok().map(Response::status);
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics
+            .observe_upstream(&self.metric_label, status, secs);
+        sent
     }
 }
 
+/// Where a redirect points: an absolute http(s) URL, or a path on the same origin. Never from
+/// https down to http, where anyone on the path could read or change what follows.
 fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError> {
     let location = headers
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| UpstreamError::Invalid("redirect without Location".into()))?;
-    if location.starts_with('/') {
-        let scheme = from.scheme_str().unwrap_or("https");
+    let shown = || escape_remote(location);
+    let scheme = from.scheme_str().unwrap_or("https");
+    let target: Uri = if let Some(network_path) = location.strip_prefix("//") {
+        // A network-path reference (RFC 3986 section 4.2) keeps the scheme.
+        format!("{scheme}://{network_path}").parse()
+    } else if location.starts_with('/') {
         let authority = from.authority().map_or("", |a| a.as_str());
         format!("{scheme}://{authority}{location}").parse()
     } else {
         location.parse()
     }
-    .map_err(|e| UpstreamError::Invalid(format!("bad redirect Location {location:?}: {e}")))
+    .map_err(|e| UpstreamError::Invalid(format!("bad redirect Location {:?}: {e}", shown())))?;
+    let scheme_ok = matches!(target.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || target.host().is_none() {
+        return Err(UpstreamError::Invalid(format!(
+            "redirect to {:?} is not an http(s) URL",
+            shown()
+        )));
+    }
+    if from.scheme_str() == Some("https") && target.scheme_str() == Some("http") {
+        return Err(UpstreamError::Invalid(format!(
+            "redirect from https to http ({:?}) refused",
+            shown()
+        )));
+    }
+    Ok(target)
+}
+
+/// Text from a remote party (a Location, an error description) made safe for one log line:
+/// control characters and quotes escaped, length bounded.
+pub fn escape_remote(text: &str) -> String {
+    const MAX: usize = 300;
+    let mut escaped: String = text
+        .chars()
+        .take(MAX)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().count() > MAX {
+        escaped.push_str("...");
+    }
+    escaped
 }
 
 /// Passes 2xx responses on and turns every other status into an error.
@@ -417,6 +502,34 @@ struct Shared {
     max_retry_after: Duration,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
+    /// One client per (insecure, address rule), so upstreams with the same rule share a pool.
+    clients: std::sync::Mutex<HashMap<(bool, AddressRule), HttpClient>>,
+}
+
+impl Shared {
+    /// The client for an upstream: the rule its endpoint and `allow_networks` imply.
+    fn client_for(&self, config: &UpstreamConfig, host: &str) -> HttpClient {
+        let endpoint = config.endpoint_for(host);
+        let endpoint_host = endpoint
+            .parse::<Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_string));
+        let networks: Vec<Network> = config
+            .allow_networks
+            .iter()
+            .filter_map(|network| network.parse().ok())
+            .collect();
+        let rule = AddressRule::for_endpoint(endpoint_host.as_deref(), &networks);
+        let base = match (&self.insecure_client, config.insecure) {
+            (Some(insecure), true) => insecure,
+            _ => &self.client,
+        };
+        let mut clients = self.clients.lock().expect("clients lock");
+        clients
+            .entry((config.insecure, rule.clone()))
+            .or_insert_with(|| base.with_rule(rule))
+            .clone()
+    }
 }
 
 /// Pattern-matched hosts are remembered so each keeps its token cache; bounded because a
@@ -439,7 +552,16 @@ impl Upstreams {
     }
 
     pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, String> {
-        let client = HttpClient::new(&config.client)?;
+        Upstreams::with_resolver(config, metrics, connect::system_resolver())
+    }
+
+    /// Upstreams whose connections resolve names with `resolver` (tests inject one).
+    pub fn with_resolver(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        resolver: connect::Resolver,
+    ) -> Result<Upstreams, String> {
+        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let mut insecure_client = None;
         for upstream in config.upstreams.iter().filter(|u| u.insecure) {
@@ -451,7 +573,8 @@ impl Upstreams {
                  configure client.ca_file instead"
             );
             if insecure_client.is_none() {
-                insecure_client = Some(HttpClient::new_insecure(&config.client)?);
+                let resolver = Arc::clone(&resolver);
+                insecure_client = Some(HttpClient::new_insecure(&config.client, resolver)?);
             }
         }
         let shared = Shared {
@@ -465,6 +588,7 @@ impl Upstreams {
             max_retry_after: config.client.max_retry_after,
             breaker_threshold: config.client.breaker_threshold,
             breaker_cooldown: config.client.breaker_cooldown,
+            clients: Default::default(),
         };
         let mut by_name = HashMap::new();
         let mut patterns = Vec::new();
@@ -497,18 +621,17 @@ impl Upstreams {
     }
 
     /// The upstream a registry host names: a configured host or alias, else the first pattern
-    /// that matches. Case-insensitive, as DNS is.
-    pub fn get(&self, host: &str) -> Option<Arc<Upstream>> {
-        let host = host.to_ascii_lowercase();
-        if let Some(upstream) = self.by_name.get(&host) {
+    /// that matches. The host is validated (and lower-cased) by the caller's parse.
+    pub fn get(&self, host: &RegistryHost) -> Option<Arc<Upstream>> {
+        if let Some(upstream) = self.by_name.get(host.as_str()) {
             return Some(Arc::clone(upstream));
         }
         let config = self
             .patterns
             .iter()
-            .find(|p| pattern::matches(&p.host, &host))?;
-        Some(self.matched.get_with(host.clone(), || {
-            Arc::new(Upstream::new(config, &host, &self.shared))
+            .find(|p| pattern::matches(&p.host, host))?;
+        Some(self.matched.get_with(host.to_string(), || {
+            Arc::new(Upstream::new(config, host.as_str(), &self.shared))
         }))
     }
 
@@ -518,5 +641,46 @@ impl Upstreams {
 
     pub fn platform(&self) -> &PlatformConfig {
         &self.shared.platform
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow(from: &str, location: &str) -> Result<String, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, HeaderValue::from_str(location).unwrap());
+        redirect_target(&from.parse().unwrap(), &headers).map(|uri| uri.to_string())
+    }
+
+    #[test]
+    fn redirects_resolve_against_the_request_and_never_drop_to_http() {
+        let from = "https://registry.example/v2/a/blobs/sha256:1";
+        let cases = [
+            ("/v2/b", Some("https://registry.example/v2/b")),
+            ("//cdn.example/x?sig=1", Some("https://cdn.example/x?sig=1")),
+            ("https://s3.example/x", Some("https://s3.example/x")),
+            ("http://s3.example/x", None),
+            ("//169.254.169.254/x", Some("https://169.254.169.254/x")),
+            ("ftp://files.example/x", None),
+            ("file:///etc/passwd", None),
+            ("relative/path", None),
+        ];
+        for (location, expected) in cases {
+            let got = follow(from, location).ok();
+            assert_eq!(got.as_deref(), expected, "{location}");
+        }
+        assert_eq!(
+            follow("http://127.0.0.1:5000/v2/", "http://127.0.0.1:5001/x").unwrap(),
+            "http://127.0.0.1:5001/x"
+        );
+    }
+
+    #[test]
+    fn remote_text_is_escaped_for_one_log_line() {
+        let forged = escape_remote("x\n2026-01-01 INFO forged\r\u{1b}[31m");
+        assert!(!forged.contains(['\n', '\r', '\u{1b}']), "{forged}");
+        assert!(escape_remote(&"a".repeat(1000)).len() < 310);
     }
 }

@@ -37,6 +37,7 @@ use crate::oci::digest::{Digest, Verifier};
 use crate::oci::name::Reference;
 use crate::route::{parse_image_reference, RouteError};
 use crate::secrets::Credentials;
+use crate::upstream::address::AddressRule;
 use crate::upstream::{Auth, HttpClient};
 
 mod image;
@@ -223,8 +224,14 @@ pub async fn warm(options: Options) -> Result<Summary, String> {
         ));
     }
     let run = Arc::new(Run {
-        client: HttpClient::new(&options.client)?,
-        auth: Auth::new(target.clone(), "warm".into(), Arc::new(Metrics::new())),
+        // The operator names the berth to warm, often on this host or in this cluster.
+        client: HttpClient::new(&options.client)?.with_rule(AddressRule::any_internal()),
+        auth: Auth::new(
+            target.clone(),
+            target.starts_with("http://"),
+            "warm".into(),
+            Arc::new(Metrics::new()),
+        ),
         credentials: options.credentials.clone(),
         target,
         progress: MultiProgress::new(),
