@@ -21,7 +21,7 @@ use crate::cache::{Manifest, Outcome, TagEntry, TagKey};
 use crate::error::{ApiError, Code};
 use crate::flight::{Flights, Role};
 use crate::oci::digest::Digest;
-use crate::oci::name::{Reference, Tag};
+use crate::oci::name::{Reference, Repository, Tag};
 use crate::route::Target;
 use crate::AppState;
 
@@ -32,7 +32,9 @@ const MAX_MANIFEST: usize = 4 << 20;
 /// (one tag can resolve to different manifests for different `Accept` headers).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum FetchKey {
-    Digest(Digest),
+    /// By upstream and repository too: a fetch through one repository must not answer another
+    /// (the policy access mode serves content only to repositories that hold it).
+    Digest(Arc<str>, Repository, Digest),
     Tag(TagKey, String),
 }
 
@@ -53,7 +55,7 @@ pub async fn serve(
         Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
         Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
     };
-    super::holds::record_manifest(state, &holder, &manifest);
+    super::holds::record_manifest(state, &holder, &manifest).await;
     Ok((response(&manifest, head), outcome))
 }
 
@@ -63,11 +65,17 @@ async fn by_digest(
     digest: Digest,
     accept: Option<String>,
 ) -> Result<(Manifest, Outcome), ApiError> {
-    super::holds::confirm_manifest(state, &target, &digest).await?;
-    if let Some(manifest) = state.cache.manifest(&digest).await {
-        return Ok((manifest, Outcome::Hit));
+    // Policy mode: the cached copy only when the target may have it, else fetch through it.
+    if super::holds::admit_manifest(state, &target, &digest).await? {
+        if let Some(manifest) = state.cache.manifest(&digest).await {
+            return Ok((manifest, Outcome::Hit));
+        }
     }
-    let key = FetchKey::Digest(digest.clone());
+    let key = FetchKey::Digest(
+        Arc::clone(&target.upstream.name),
+        target.repository.clone(),
+        digest.clone(),
+    );
     let work_state = Arc::clone(state);
     let (fetched, role) = state
         .manifest_flights
@@ -224,6 +232,9 @@ async fn revalidate(
     let Some(manifest) = state.cache.manifest(&digest).await else {
         return Ok(None);
     };
+    if !super::holds::admit_revalidated(state, target, &digest).await {
+        return Ok(None);
+    }
     remember_tag(state, key.clone(), &manifest);
     Ok(Some(manifest))
 }
@@ -298,6 +309,7 @@ async fn fetch(
     if let Err(err) = state.cache.put_manifest(manifest.clone()).await {
         tracing::warn!(digest = %manifest.digest, %err, "cannot store manifest; serving it uncached");
     }
+    super::holds::record_fetched(&state, &target, &manifest).await;
     state
         .metrics
         .manifest_fetch_seconds

@@ -6,6 +6,7 @@
 
 pub mod evict;
 pub mod index;
+pub mod origins;
 pub mod reader;
 pub mod spill;
 pub mod store;
@@ -19,6 +20,7 @@ use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 pub use index::{Entry, Index};
+pub use origins::{Origin, Origins};
 pub use store::{Kind, Store};
 pub use tags::{TagEntry, TagKey, Tags};
 
@@ -73,6 +75,8 @@ pub struct Cache {
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
     pub tags: Tags,
+    /// Where each object came from and who holds it, for the policy access mode.
+    pub origins: Arc<Origins>,
 }
 
 impl Cache {
@@ -89,6 +93,8 @@ impl Cache {
                 Entry::new(object.kind, object.size, object.media_type),
             );
         }
+        let origins = Arc::new(Origins::new(Arc::clone(&store)));
+        origins.sweep(|digest| index.get(digest).is_some())?;
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
             tags.put(key, entry);
@@ -102,6 +108,7 @@ impl Cache {
             index,
             manifests,
             tags,
+            origins,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The content-addressed disk store: `<dir>/blobs/sha256/ab/<hex>` for layers and configs,
 //! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests,
-//! and `<dir>/tags/<upstream>/<repository>/@<tag>` for the last known tag mappings.
+//! and `<dir>/tags/<upstream>/<repository>/@<tag>` for the last known tag mappings
+//! (`<dir>/origins/`, where objects came from, is `cache::origins`).
 //!
 //! Content enters only through a temp file under `<dir>/tmp` that is fsynced and renamed into
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
@@ -149,6 +150,9 @@ impl Store {
         if kind == Kind::Manifest {
             let _ = fs::remove_file(self.type_path(digest));
         }
+        // Where it came from goes with it (`cache::origins`); for a digest cached as both kinds
+        // that forgets a little more than needed, which only costs a re-confirmation.
+        let _ = fs::remove_file(super::origins::Origins::path(&self.dir, digest));
         match fs::remove_file(self.path(kind, digest)) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
