@@ -361,3 +361,47 @@ async fn the_victim_still_pulls_and_after_a_restart_with_both_registries_down_as
     site.mallory_gets_nothing_of_the_victim("after restart")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_upstream() {
+    let site = Site::start().await;
+    let manifest = site
+        .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), victim())
+        .await;
+    assert_eq!(manifest.status, 200);
+    // The attacker lists the layer as its own and answers HEAD 200 for it.
+    let layer = site.image.layers[1].blob.clone();
+    let listed = descriptor(Flavor::Oci.layer_type(), &layer);
+    let own = attacker_manifest(&site.hostile, 6, json!({"layers": [listed]}));
+    site.hostile.put_manifest("racing", OCI_MANIFEST, own);
+    site.hostile.lie_on_head(true);
+    site.get(
+        &format!("/v2/{ATTACKER}/evil/app/manifests/racing"),
+        mallory(),
+    )
+    .await;
+    // The victim's fill of the layer is held half-way at the tap.
+    site.tap
+        .inject_times(support::Kind::Blob, support::Fault::PauseAt(5_000), 1);
+    let url = format!(
+        "{}/v2/{VICTIM}/team/app/blobs/{}",
+        site.berth.url(),
+        layer.digest
+    );
+    let victim_pull = tokio::spawn(fetch(request(
+        Method::GET,
+        &url,
+        victim(),
+        &[],
+        Bytes::new(),
+    )));
+    site.tap.wait_paused(1).await;
+    let path = format!("/v2/{ATTACKER}/evil/app/blobs/{}", layer.digest);
+    let fetched = site.get(&path, mallory()).await;
+    assert_eq!(fetched.status, 404, "{:?}", fetched.header("x-cache"));
+    assert!(!contains(&fetched.body, &layer.bytes[..4_000]));
+    site.tap.resume();
+    let pulled = victim_pull.await.unwrap().unwrap();
+    assert_eq!(pulled.body, layer.bytes);
+    site.mallory_gets_nothing_of_the_victim("racing fill").await;
+}
