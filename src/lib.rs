@@ -147,7 +147,9 @@ impl AppState {
         if let Some(min_free) = config.cache.min_free {
             tokio::spawn(keep_free_space(Arc::downgrade(&cache), min_free));
         }
-        let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
+        let access = Access::open(&config.access, &config.platform)
+            .map_err(StartError::Access)?
+            .with_listener_tls(config.tls.is_some());
         Ok(Arc::new(AppState {
             fills: Arc::new(Fills::new(
                 config.client.read_timeout,
