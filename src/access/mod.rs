@@ -16,9 +16,9 @@
 //! The parts: `config` (the `[access]` keys), `policy` (parse and evaluate policies; `query`,
 //! their query language), `principals` (accounts, keys, groups), `files` (both, reloaded on
 //! change), `token` (JWTs and their clock), `guard` (slowing down repeated failures),
-//! `holdings` (which repository holds which digest) and `report` (who may do what to an
-//! image). This file holds the state that ties them to requests; the responses
-//! are built by `error` (401/403) and `api::token` (the token endpoint).
+//! `holdings` (the rule for serving cached content: provenance and holders) and `report` (who
+//! may do what to an image). This file holds the state that ties them to requests; the
+//! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
 pub mod config;
 pub mod files;
