@@ -184,7 +184,7 @@ impl Fills {
             }));
         }
         // A fill may have committed between the caller's index lookup and this lock.
-        if cache.index.get(&job.digest).is_some() && !accept(None) {
+        if cache.index.contains(&job.digest) && !accept(None) {
             return Ok(None);
         }
         if let Some(progress) = open_cached(cache, metrics, &job.digest) {

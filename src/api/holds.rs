@@ -25,6 +25,10 @@ const ANY_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// Digests one manifest may teach: an image has a few dozen, an index a few hundred; a crafted
+/// manifest listing more teaches only its first ones (the rest are confirmed when asked for).
+const MAX_LEARNED: usize = 1024;
+
 /// Where a blob's bytes may come from for a request, once the rule is met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlobSource {
@@ -47,8 +51,8 @@ pub async fn admit_blob(
     if !state.access.enforcing() {
         return Ok(BlobSource::Any);
     }
-    let origin = origin_of(state, digest).await;
-    let cached = state.cache.index.get(digest).is_some();
+    let cached = state.cache.index.contains(digest);
+    let origin = origin_of(state, digest, cached).await;
     let filling = state.fills.filling(digest);
     let upstream = &*target.upstream.name;
     let decision = decide(
@@ -89,8 +93,8 @@ pub async fn admit_manifest(
     if !state.access.enforcing() {
         return Ok(true);
     }
-    let origin = origin_of(state, digest).await;
-    let cached = state.cache.index.get(digest).is_some();
+    let cached = state.cache.index.contains(digest);
+    let origin = origin_of(state, digest, cached).await;
     match decide(
         &origin,
         &target.upstream.name,
@@ -113,7 +117,7 @@ pub async fn admit_revalidated(state: &AppState, target: &Target, digest: &Diges
     if !state.access.enforcing() {
         return true;
     }
-    let origin = origin_of(state, digest).await;
+    let origin = origin_of(state, digest, true).await;
     if !origin.served_by(&target.upstream.name) {
         tracing::info!(upstream = %target.upstream.name, %digest, "a tag points at content this upstream never served; fetching it");
         return false;
@@ -127,7 +131,7 @@ pub async fn admit_revalidated(state: &AppState, target: &Target, digest: &Diges
 /// keeps what the cache knows.
 pub async fn record_fetched(state: &AppState, target: &Target, manifest: &Manifest) {
     let origins = Arc::clone(&state.cache.origins);
-    let persist = state.cache.index.get(&manifest.digest).is_some();
+    let persist = state.cache.index.contains(&manifest.digest);
     let (digest, upstream, repository) = (
         manifest.digest.clone(),
         Arc::clone(&target.upstream.name),
@@ -145,6 +149,7 @@ pub async fn record_manifest(state: &AppState, target: &Target, manifest: &Manif
         return;
     }
     let mut digests = held_digests(&manifest.bytes);
+    digests.truncate(MAX_LEARNED);
     digests.push(manifest.digest.clone());
     learn(state, target, digests).await;
 }
@@ -161,7 +166,7 @@ async fn learn(state: &AppState, target: &Target, digests: Vec<Digest>) {
             !known.is_some_and(|origin| origin.held_by(&upstream, &repository))
         })
         .map(|digest| {
-            let cached = state.cache.index.get(&digest).is_some();
+            let cached = state.cache.index.contains(&digest);
             (digest, cached)
         })
         .collect();
@@ -177,9 +182,14 @@ async fn learn(state: &AppState, target: &Target, digests: Vec<Digest>) {
     .await;
 }
 
-async fn origin_of(state: &AppState, digest: &Digest) -> Arc<Origin> {
+/// What is known about `digest`; from its sidecar only when it is `cached` (an object that is
+/// not has none), so asking for random digests costs no disk reads.
+async fn origin_of(state: &AppState, digest: &Digest, cached: bool) -> Arc<Origin> {
     if let Some(origin) = state.cache.origins.get_cached(digest) {
         return origin;
+    }
+    if !cached {
+        return Arc::default();
     }
     let origins = Arc::clone(&state.cache.origins);
     let owned = digest.clone();
@@ -308,7 +318,7 @@ async fn verify_blob(state: &AppState, target: &Target, digest: &Digest) -> Resu
         .await;
     answer?;
     let origins = Arc::clone(&state.cache.origins);
-    let persist = state.cache.index.get(digest).is_some();
+    let persist = state.cache.index.contains(digest);
     let (digest, upstream, repository) = (
         digest.clone(),
         Arc::clone(&target.upstream.name),

@@ -111,6 +111,11 @@ impl Index {
         self.lock().lru.get(&Key::of(digest)).cloned()
     }
 
+    /// Whether a digest is indexed, without marking it used (a check is not a use).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.lock().lru.contains(&Key::of(digest))
+    }
+
     pub fn touch(&self, digest: &Digest) {
         let _ = self.lock().lru.get(&Key::of(digest));
     }

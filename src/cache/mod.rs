@@ -94,7 +94,7 @@ impl Cache {
             );
         }
         let origins = Arc::new(Origins::new(Arc::clone(&store)));
-        origins.sweep(|digest| index.get(digest).is_some())?;
+        origins.sweep(|digest| index.contains(digest))?;
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
             tags.put(key, entry);

@@ -39,8 +39,9 @@ pub const MAX_FROM: usize = 16;
 pub const MAX_HELD: usize = 128;
 /// A sidecar at its limits is well under this; a larger file is not read.
 const MAX_SIDECAR: u64 = 64 * 1024;
-/// Origins kept in memory, counted in entries (`from` + `held` lines, at least one each).
-const MAX_MEMORY_ENTRIES: u64 = 1_000_000;
+/// Origins kept in memory, counted in entries (`from` + `held` lines, at least one each): a
+/// few hundred bytes each at worst (a long repository name), so tens of MiB at most.
+const MAX_MEMORY_ENTRIES: u64 = 250_000;
 /// Upstream names are config names or hosts; anything longer is not one of ours.
 const MAX_UPSTREAM_LEN: usize = 255;
 const MAGIC: &str = "berth-origin 1";
@@ -209,14 +210,26 @@ impl Origins {
         if !plain_upstream(held.0) {
             return;
         }
-        let known = self.get(digest);
+        // An object not in the cache has no sidecar (it went with the object): memory only, so
+        // a manifest listing many digests costs no disk reads.
+        let known = match persist {
+            true => self.get(digest),
+            false => self.memory.get(digest).unwrap_or_default(),
+        };
         let new = !from.is_none_or(|u| known.served_by(u)) || !known.held_by(held.0, held.1);
         if !new && (!persist || known.saved) {
             return;
         }
         let _writing = self.writing.lock().expect("origins lock");
         // Read again under the lock: another update may have landed since.
-        let mut origin = (*self.get(digest)).clone();
+        let mut origin = match persist {
+            true => (*self.get(digest)).clone(),
+            false => self
+                .memory
+                .get(digest)
+                .map(|o| (*o).clone())
+                .unwrap_or_default(),
+        };
         if origin.add(from, Some(held)) {
             origin.saved = false;
         }
