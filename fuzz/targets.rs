@@ -175,6 +175,56 @@ pub fn manifest_json(data: &[u8]) {
     );
 }
 
+/// What a manifest fetched through a repository says the repository holds (the policy mode
+/// serves those digests to it), and the same bytes read as an origins sidecar from disk.
+pub fn holdings(data: &[u8]) {
+    use berth::access::holdings::held_digests;
+    let held = held_digests(data);
+    let text = String::from_utf8_lossy(data);
+    for digest in &held {
+        assert!(
+            text.contains(digest.as_str()),
+            "{digest} is not in the document"
+        );
+    }
+    if let Ok(document) = serde_json::from_slice::<serde_json::Value>(data) {
+        // Only config, layers, blobs and index children without `urls` are held; a subject
+        // or a foreign layer never is, unless also listed as held content.
+        let mut listed = Vec::new();
+        let mut excluded = Vec::new();
+        let descriptors = ["layers", "blobs", "manifests"]
+            .iter()
+            .flat_map(|field| document[*field].as_array().cloned().unwrap_or_default())
+            .chain(std::iter::once(document["config"].clone()));
+        for descriptor in descriptors {
+            let Some(digest) = descriptor["digest"].as_str() else {
+                continue;
+            };
+            match descriptor["urls"].is_null() {
+                true => listed.push(digest.to_string()),
+                false => excluded.push(digest.to_string()),
+            }
+        }
+        if let Some(subject) = document["subject"]["digest"].as_str() {
+            excluded.push(subject.to_string());
+        }
+        for digest in &held {
+            let digest = digest.as_str().to_string();
+            assert!(listed.contains(&digest), "{digest} held but not listed");
+        }
+        for digest in excluded.iter().filter(|d| !listed.contains(d)) {
+            assert!(
+                !held.iter().any(|h| h.as_str() == digest),
+                "{digest} is a subject or foreign layer"
+            );
+        }
+    }
+    if let Some(origin) = berth::cache::Origin::decode(data) {
+        let again = berth::cache::Origin::decode(origin.encode().as_bytes());
+        assert_eq!(again.as_ref(), Some(&origin), "a sidecar round-trips");
+    }
+}
+
 /// A secret file read as each of the three secret types.
 pub fn secret_json(data: &[u8]) {
     for kind in [SecretKind::Docker, SecretKind::Ecr, SecretKind::Gcp] {
@@ -208,6 +258,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("range", range),
     ("www_authenticate", www_authenticate),
     ("manifest_json", manifest_json),
+    ("holdings", holdings),
     ("secret_json", secret_json),
     ("policy_json", policy_json),
     ("accept", accept),

@@ -101,6 +101,10 @@ pub struct Job {
 struct Running {
     progress: watch::Receiver<Progress>,
     task: AbortHandle,
+    /// Where the bytes come from: in the policy access mode only a request through the same
+    /// upstream may join (`join_own`).
+    upstream: Arc<str>,
+    repository: Repository,
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -172,24 +176,71 @@ impl Fills {
         metrics: &Arc<Metrics>,
         job: Job,
     ) -> Result<Joined, ApiError> {
+        let joined = self.join_where(cache, metrics, job, |_| true)?;
+        Ok(joined.expect("any source is accepted"))
+    }
+
+    /// Joins or starts a fill whose bytes come from `job.upstream`, for the policy access mode:
+    /// a running fill from that upstream is joined when it runs through `job.repository` or when
+    /// `held` (the repository is known to hold the digest there). `None` when the digest is
+    /// cached or is being filled from elsewhere: the caller decides again.
+    pub fn join_own(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+        held: bool,
+    ) -> Result<Option<Joined>, ApiError> {
+        let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
+        self.join_where(cache, metrics, job, |source| {
+            source.is_some_and(|(u, r)| *u == upstream && (held || *r == repository))
+        })
+    }
+
+    /// The upstream and repository of the fill of `digest` from `upstream` under way, if any.
+    pub fn filling(&self, upstream: &Arc<str>, digest: &Digest) -> Option<(Arc<str>, Repository)> {
+        let key = FillKey {
+            upstream: Arc::clone(upstream),
+            digest: digest.clone(),
+        };
+        let running = self.running.lock().expect("fills lock");
+        let fill = running.get(&key)?;
+        Some((Arc::clone(&fill.upstream), fill.repository.clone()))
+    }
+
+    /// Joins the running fill of `job.digest` if `accept` takes its source, else serves the
+    /// cached object if `accept(None)`, else starts a fill (cap permitting).
+    fn join_where(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+        accept: impl Fn(Option<(&Arc<str>, &Repository)>) -> bool,
+    ) -> Result<Option<Joined>, ApiError> {
         let key = FillKey {
             upstream: Arc::clone(&job.upstream.name),
             digest: job.digest.clone(),
         };
         let mut running = self.running.lock().expect("fills lock");
         if let Some(fill) = running.get(&key) {
+            if !accept(Some((&fill.upstream, &fill.repository))) {
+                return Ok(None);
+            }
             metrics.fill_followers.inc();
-            return Ok(Joined {
+            return Ok(Some(Joined {
                 progress: fill.progress.clone(),
                 coalesced: true,
-            });
+            }));
         }
         // A fill may have committed between the caller's index lookup and this lock.
+        if cache.index.contains(&job.digest) && !accept(None) {
+            return Ok(None);
+        }
         if let Some(progress) = open_cached(cache, metrics, &job.digest) {
-            return Ok(Joined {
+            return Ok(Some(Joined {
                 progress,
                 coalesced: false,
-            });
+            }));
         }
         if running.len() >= self.max_fills {
             metrics.rejected.with_label_values(&["fills"]).inc();
@@ -207,6 +258,7 @@ impl Fills {
         let cache = Arc::clone(cache);
         let metrics = Arc::clone(metrics);
         let task_key = key.clone();
+        let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
         let task = tokio::spawn(async move {
             let digest = job.digest.clone();
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
@@ -223,13 +275,15 @@ impl Fills {
             Running {
                 progress: rx.clone(),
                 task: task.abort_handle(),
+                upstream,
+                repository,
             },
         );
         self.count.send_replace(running.len());
-        Ok(Joined {
+        Ok(Some(Joined {
             progress: rx,
             coalesced: false,
-        })
+        }))
     }
 
     fn finished(&self, key: &FillKey) {
@@ -366,6 +420,7 @@ impl Fills {
             Some(reservation) => reservation.commit(job.digest.clone(), entry),
             None => cache.index.insert(job.digest.clone(), entry),
         }
+        record_origin(cache, &job).await;
         metrics.fills_completed.inc();
         progress.send_replace(Progress::Verified {
             file,
@@ -574,6 +629,19 @@ fn too_large(length: u64) -> ApiError {
         "blob is larger than this mirror caches (limits.max_blob_size)",
     )
     .with_detail(format!("upstream Content-Length {length}"))
+}
+
+/// Notes where a committed blob came from (`cache::origins`), before readers see it verified.
+async fn record_origin(cache: &Cache, job: &Job) {
+    let origins = Arc::clone(&cache.origins);
+    let (digest, upstream, repository) = (
+        job.digest.clone(),
+        Arc::clone(&job.upstream.name),
+        job.repository.clone(),
+    );
+    let _ =
+        tokio::task::spawn_blocking(move || origins.fetched(&digest, &upstream, &repository, true))
+            .await;
 }
 
 /// Asks for the rest of the blob from byte `from`. Returns the body and how many of its

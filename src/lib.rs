@@ -17,6 +17,7 @@
 //!   HTTP client over a connector that applies the address rule after DNS, token auth keyed
 //!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
 //! - `cache`    disk store, in-memory index with LRU eviction, manifests in memory, tag table,
+//!   where each object came from and who holds it (`origins`, for the policy mode),
 //!   blob readers over complete or growing files, the in-memory window of a fill whose disk
 //!   failed (`spill`), the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
@@ -45,8 +46,9 @@
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
 //!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
 //!                   -> principal -> policies allow pull of the repository?   401 | 403 DENIED
-//!                   -> (policy mode) the repository is known to hold the digest, or its
-//!                      upstream confirms with a HEAD  (access::holdings)
+//!                   -> (policy mode) the upstream served the digest and the repository is
+//!                      known to hold it there, or the upstream confirms (HEAD) or serves it
+//!                      through the repository, verified  (access::holdings, cache::origins)
 //!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(upstream, digest)
 //!                               first caller: spawn fill task -> upstream GET (auth, redirects)
@@ -164,7 +166,9 @@ impl AppState {
             let floor = (min_free.unwrap_or(0), min_free_inodes.unwrap_or(0));
             tokio::spawn(keep_free_space(Arc::downgrade(&cache), floor));
         }
-        let access = Access::open(&config.access, &config.platform).map_err(StartError::Access)?;
+        let access = Access::open(&config.access, &config.platform)
+            .map_err(StartError::Access)?
+            .with_listener_tls(config.tls.is_some());
         Ok(Arc::new(AppState {
             fills: Arc::new(Fills::new(&config)),
             upstreams,

@@ -879,3 +879,62 @@ async fn the_anonymous_mode_has_no_token_service() {
     .unwrap();
     assert_eq!(ping.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_key_revokes_the_tokens_minted_with_it() {
+    const SECOND_KEY: &str = "ci-key-2-0123456789abcdef0123";
+    let site = Site::start("reload_interval = \"0s\"").await;
+    let principals = |ci_keys: Value| {
+        json!({
+            "serviceAccounts": [{"name": "ci", "keys": ci_keys}],
+            "groups": [{"name": "devs", "memberLinks": ["//serviceaccount/ci"]}],
+        })
+    };
+    let file = site.dir.path().join("principals.json");
+    // A token names its key by the stored hash, which the file keeps as it is.
+    let second = hash(SECOND_KEY);
+    write_json(
+        &file,
+        &principals(json!([
+            {"name": "old", "hash": hash(CI_KEY)},
+            {"name": "new", "hash": second},
+        ])),
+    );
+    let scope = ["repository:team/app:pull"];
+    let old = token_of(&site.token(("<token>", CI_KEY), &scope).await);
+    let new = token_of(&site.token(("<token>", SECOND_KEY), &scope).await);
+    assert_ne!(claims_of(&old)["kid"], claims_of(&new)["kid"]);
+    let path = "/v2/team/app/manifests/v1";
+    assert_eq!(site.bearer(path, &old).await.status, 200);
+    assert_eq!(site.bearer(path, &new).await.status, 200);
+    // The old key is rotated out; ci itself stays.
+    write_json(&file, &principals(json!([{"name": "new", "hash": second}])));
+    let revoked = site.bearer(path, &old).await;
+    assert_eq!(revoked.status, 401, "{:?}", revoked.body);
+    assert_eq!(site.bearer(path, &new).await.status, 200);
+    assert_eq!(site.get(path, Some(("<token>", CI_KEY))).await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_anonymous_caller_learns_nothing_about_which_registries_are_configured() {
+    let site = Site::start("").await;
+    for path in [
+        "/v2/not-configured.example/team/app/manifests/v1",
+        "/v2/team/app/manifests/v1?ns=not-configured.example",
+        "/v2/mirror.test/team/app/manifests/v1",
+    ] {
+        let anonymous = site.get(path, None).await;
+        assert_eq!(anonymous.status, 401, "{path}: {:?}", anonymous.body);
+        assert_eq!(error_code(&anonymous), "UNAUTHORIZED");
+        assert!(!String::from_utf8_lossy(&anonymous.body).contains("configured"));
+    }
+    // An authenticated caller is told.
+    let known = site
+        .get(
+            "/v2/not-configured.example/team/app/manifests/v1",
+            Some(("<token>", CI_KEY)),
+        )
+        .await;
+    assert_eq!(known.status, 404);
+    assert_eq!(error_code(&known), "NAME_UNKNOWN");
+}

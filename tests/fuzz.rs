@@ -84,6 +84,13 @@ proptest! {
     }
 
     #[test]
+    fn holdings_never_panic(data in input(
+        "\\{(\"(config|subject)\":\\{\"digest\":\"sha256:[0-9a-f]{64}\"(,\"urls\":(\\[\"x\"\\]|null))?\\},?|\"(layers|blobs|manifests)\":\\[(\\{\"digest\":\"(sha256:[0-9a-f]{64}|[a-z:0-9]{0,10})\"(,\"urls\":(\\[\\]|null|7))?\\},?){0,3}\\],?){0,4}\\}?"
+    )) {
+        targets::holdings(&data);
+    }
+
+    #[test]
     fn policy_json_never_panics(data in input(
         "\\{\"(name|targetKind|target|targetLinks|targetQuery|bindings|kind|items|serviceAccounts|users|groups)\":(\"[a-z/:@.]{0,20}\"|\\[|\\{|null|[0-9]{1,3})(,\"(op|property|value|permissions|principalLinks|match|terms)\":(\"[a-z=<>!/]{0,12}\"|\\[\\]|\\{))?\\}?"
     )) {

@@ -214,3 +214,73 @@ async fn upstream_certificates_are_verified_unless_a_ca_file_or_insecure_says_ot
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes);
 }
+
+/// In the policy mode berth's 401 names its own token service as the realm; behind `[tls]`
+/// that is an `https://` URL, or a client would send its key in clear (and fail the pull).
+#[tokio::test(flavor = "multi_thread")]
+async fn skopeo_pulls_over_https_through_the_token_service_in_the_policy_mode() {
+    const KEY: &str = "ci-key-0123456789abcdef0123";
+    let registry = Registry::start(Auth::None).await;
+    let image = support::Image::random(support::Flavor::Oci, 1310, &[10_000]);
+    support::push_image(&registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    write_leaf(dir.path(), &ca.leaf());
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    std::fs::write(certs.join("ca.crt"), ca.pem()).unwrap();
+    let hash = berth::access::principals::KeyHash::generate(KEY).to_string();
+    let principals =
+        serde_json::json!({"serviceAccounts": [{"name": "ci", "keys": [{"hash": hash}]}]});
+    std::fs::write(dir.path().join("principals.json"), principals.to_string()).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:0"
+default_upstream = "registry.test"
+{tls}
+[cache]
+dir = "{dir}/cache"
+[access]
+mode = "policy"
+principals = "{dir}/principals.json"
+policies = "{dir}/policies"
+[[upstream]]
+host = "registry.test"
+endpoint = "{endpoint}"
+public = true
+"#,
+        tls = tls_section(dir.path()),
+        dir = dir.path().display(),
+        endpoint = registry.url(),
+    );
+    let berth = Berth::start(&config).await;
+    let dest = tempfile::tempdir().unwrap();
+    let source = format!("docker://localhost:{}/team/app:v1", berth.addr.port());
+    let creds = format!("<token>:{KEY}");
+    let cert_dir = certs.display().to_string();
+    support::skopeo_copy_ok(
+        &source,
+        dest.path(),
+        &[
+            "--src-tls-verify=true",
+            "--src-cert-dir",
+            &cert_dir,
+            "--src-creds",
+            &creds,
+            "--preserve-digests",
+        ],
+    )
+    .await;
+    let layout = support::read_oci_layout(dest.path()).unwrap();
+    assert_eq!(layout.manifest_digest, image.digest());
+    let tokens = berth
+        .state
+        .metrics
+        .requests
+        .with_label_values(&["token", "GET", "2xx", "BYPASS"])
+        .get();
+    assert!(tokens >= 1, "skopeo took the token route");
+}

@@ -1,11 +1,14 @@
 //! Slowing down clients that keep presenting wrong credentials.
 //!
-//! Failures are counted per client IP. The first few are free (a mistyped key, a rotated
-//! secret); after that, every credential check from that address waits its turn behind one
-//! gate and then sleeps, doubling up to a ceiling, so the address gets at most one guess per
-//! delay however many connections it opens. Credentials that verified recently skip the check
-//! entirely (`Access` caches them), so a good client behind the same NAT as a bad one is not
-//! held up. The count is forgotten after a quiet `WINDOW`.
+//! Failures are counted per client IP and principal name (the Basic username, or the subject a
+//! failing token claims), so one client behind a NAT or a TLS-terminating proxy cannot slow down
+//! the others behind the same address. The first few failures are free (a mistyped key, a
+//! rotated secret); after that, each further failure of that (address, name) is answered only
+//! after its turn behind one gate and a sleep, doubling up to a ceiling. `Access` checks a key
+//! before it consults the guard, so a correct key is never queued behind a failing one: keys
+//! are random tokens of 128 bits or more (`principals`), which no guessing rate reaches, and the
+//! guard is there to make noisy clients cheap to serve. The count is forgotten after a quiet
+//! `WINDOW`.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -21,8 +24,21 @@ const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(8);
 /// A failure older than this no longer counts.
 const WINDOW: Duration = Duration::from_secs(10 * 60);
-/// Addresses tracked at once; a scan from many addresses cannot grow memory without bound.
+/// (address, name) pairs tracked at once; a scan from many addresses or names cannot grow
+/// memory without bound.
 const MAX_CLIENTS: u64 = 100_000;
+/// Names are client-chosen; only this much of one is kept.
+const MAX_NAME: usize = 256;
+
+type Client = (IpAddr, String);
+
+fn client_key(client: Option<IpAddr>, name: &str) -> Option<Client> {
+    let mut end = name.len().min(MAX_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    client.map(|ip| (ip, name[..end].to_string()))
+}
 
 /// How long a check waits after `failures` recent failures.
 pub fn delay_for(failures: u32) -> Duration {
@@ -52,7 +68,7 @@ impl Strikes {
 }
 
 pub struct Guard {
-    clients: moka::sync::Cache<IpAddr, Arc<Strikes>>,
+    clients: moka::sync::Cache<Client, Arc<Strikes>>,
 }
 
 /// Permission to check credentials; hold it until the check is done.
@@ -68,9 +84,10 @@ impl Guard {
         }
     }
 
-    /// Waits until a client with recent failures may try again; immediate for everyone else.
-    pub async fn admit(&self, client: Option<IpAddr>) -> Admitted {
-        let Some(strikes) = client.and_then(|ip| self.clients.get(&ip)) else {
+    /// Waits until `name` at a client with recent failures may be answered again; immediate
+    /// for everyone else.
+    pub async fn admit(&self, client: Option<IpAddr>, name: &str) -> Admitted {
+        let Some(strikes) = client_key(client, name).and_then(|key| self.clients.get(&key)) else {
             return Admitted(None);
         };
         if delay_for(strikes.failures()) == Duration::ZERO {
@@ -82,10 +99,12 @@ impl Guard {
         Admitted(Some(held))
     }
 
-    /// Counts a failed check; returns the client's recent failures.
-    pub fn fail(&self, client: Option<IpAddr>) -> u32 {
-        let Some(ip) = client else { return 0 };
-        let strikes = self.clients.get_with(ip, || {
+    /// Counts a failed check of `name` at a client; returns its recent failures.
+    pub fn fail(&self, client: Option<IpAddr>, name: &str) -> u32 {
+        let Some(key) = client_key(client, name) else {
+            return 0;
+        };
+        let strikes = self.clients.get_with(key, || {
             Arc::new(Strikes {
                 count: Mutex::new((0, Instant::now())),
                 gate: Arc::default(),
@@ -129,16 +148,16 @@ mod tests {
         let bad = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
         let good = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
         for _ in 0..FREE_FAILURES {
-            let _admitted = guard.admit(bad).await;
-            guard.fail(bad);
+            let _admitted = guard.admit(bad, "mallory").await;
+            guard.fail(bad, "mallory");
         }
         // The good client and unknown peers are admitted without the clock moving.
         let before = Instant::now();
-        drop(guard.admit(good).await);
-        drop(guard.admit(None).await);
+        drop(guard.admit(good, "mallory").await);
+        drop(guard.admit(None, "mallory").await);
         assert_eq!(Instant::now(), before);
         // The bad client's check is held for the delay (paused time: the clock jumps by it).
-        drop(guard.admit(bad).await);
+        drop(guard.admit(bad, "mallory").await);
         assert_eq!(Instant::now() - before, delay_for(FREE_FAILURES));
     }
 
@@ -147,14 +166,14 @@ mod tests {
         let guard = Arc::new(Guard::new());
         let bad = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
         for _ in 0..FREE_FAILURES {
-            guard.fail(bad);
+            guard.fail(bad, "mallory");
         }
-        let first = guard.admit(bad).await;
+        let first = guard.admit(bad, "mallory").await;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let second = {
             let guard = Arc::clone(&guard);
             tokio::spawn(async move {
-                let admitted = guard.admit(bad).await;
+                let admitted = guard.admit(bad, "mallory").await;
                 let _ = tx.send(());
                 admitted
             })
@@ -167,13 +186,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn another_principal_behind_the_same_address_is_not_held_up() {
+        let guard = Guard::new();
+        let shared = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
+        for _ in 0..FREE_FAILURES + 3 {
+            guard.fail(shared, "mallory");
+        }
+        let before = Instant::now();
+        drop(guard.admit(shared, "alice@example.com").await);
+        drop(guard.admit(shared, "<token>").await);
+        assert_eq!(Instant::now(), before);
+        drop(guard.admit(shared, "mallory").await);
+        assert!(Instant::now() > before);
+        // A name of any length is kept bounded.
+        assert_eq!(guard.fail(shared, &"é".repeat(1000)), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn failures_are_forgotten_after_a_quiet_window() {
         let guard = Guard::new();
         let bad = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
         for _ in 0..FREE_FAILURES + 3 {
-            guard.fail(bad);
+            guard.fail(bad, "mallory");
         }
         tokio::time::advance(WINDOW + Duration::from_secs(1)).await;
-        assert_eq!(guard.fail(bad), 1);
+        assert_eq!(guard.fail(bad, "mallory"), 1);
     }
 }

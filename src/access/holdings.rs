@@ -1,45 +1,70 @@
-//! Which repository is known to hold which digest, so cached content of one repository is never
-//! served through another.
+//! The rule of the policy access mode for cached content: a digest is served for repository R
+//! on upstream U only when U served those bytes (the object's provenance) AND R is known to hold
+//! the digest on U. Otherwise U must show it, through R, before anything is served.
 //!
-//! The cache is content-addressed: one file per digest, whichever repository it came from. With
-//! access control that would let anyone allowed to pull repository A read a blob of repository
-//! B by guessing or learning its digest. So, in the policy access mode, berth serves a digest
-//! through repository R only when R is known to hold it:
-//! - a manifest served for R (fetched through R, or a tag of R resolved by R's upstream) is
-//!   held by R, and so is everything it references (config, layers, index children, subject):
-//!   a registry accepts a manifest only when its references exist in the same repository;
-//! - otherwise R's upstream is asked (HEAD) first, and a yes is remembered.
+//! The cache is content-addressed: one file per digest, whichever repository and upstream it
+//! came from. Without the rule, anyone allowed to pull one repository could read another's
+//! blobs by guessing or learning their digests; and since some upstreams are run by others (an
+//! external registry on a `public` upstream, another org's registry), the rule must hold
+//! against a hostile upstream and a crafted manifest, not only against a curious client:
+//! - R is known to hold a digest on U when it was fetched through R from U, when it is listed
+//!   by a manifest fetched through R on U (config, layers without `urls`, index children:
+//!   a registry accepts a manifest only when these exist in the same repository; never the
+//!   `subject`, which registries accept dangling, nor foreign layers, which live elsewhere),
+//!   or when U confirmed it for R with a HEAD;
+//! - a HEAD (or a tag's `Docker-Content-Digest`) from U is believed only when U is in the
+//!   object's provenance: an upstream that never served the bytes could answer 200 for any
+//!   digest. Any other upstream has to serve the bytes through R, verified against the digest.
 //!
-//! Concurrent confirmations of the same (R, digest) share one HEAD.
-//!
-//! The knowledge is in memory, bounded (LRU) and not persisted: after a restart, the first
-//! manifest a client pulls re-teaches the blobs of that image, and a digest asked for without
-//! its manifest costs one HEAD to the upstream. Only digests, never bytes, are kept here.
-
-use std::sync::Arc;
+//! The facts (provenance and holders per digest, persisted with the cache) are
+//! `cache::origins`; this file holds the decision (`decide`, pure), the manifest reader (what
+//! a manifest says R holds) and the single flights of confirmations and verifications.
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::cache::Origin;
 use crate::flight::Flights;
 use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
-use crate::upstream::UpstreamError;
 
-/// (upstream, repository, digest) triples remembered; a 16-byte key each, so a few tens of MiB
-/// at most, enough for thousands of images of dozens of layers.
-const MAX_KNOWN: u64 = 250_000;
-
-type Key = u128;
-
-pub struct Holdings {
-    known: moka::sync::Cache<Key, ()>,
-    confirmations: Flights<Key, Result<(), UpstreamError>>,
+/// What must happen before a digest may be served for repository R on upstream U.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// U served these bytes and R is known to hold them there: serve from the cache, or from
+    /// any fill (its bytes are verified against the same digest).
+    Serve,
+    /// U served the bytes (or is filling them now) but R's holding is unknown: U must confirm
+    /// it for R (HEAD) first.
+    Confirm,
+    /// The bytes are cached, or being filled, from other upstreams only: U must serve them
+    /// through R, verified, before they are served for R.
+    Verify,
+    /// Nothing is cached or known: fetch through R from U, as any miss.
+    Fill,
 }
 
-/// A collision-resistant key for the triple; truncating SHA-256 to 128 bits keeps collisions
-/// out of reach while the entry stays small.
-fn key(upstream: &str, repository: &Repository, digest: &Digest) -> Key {
+/// The rule, over the facts. `cached`: the object is in the cache; `filling`: the upstream of
+/// a fill of it under way, whose bytes count as U's only when U is that upstream.
+pub fn decide(
+    origin: &Origin,
+    upstream: &str,
+    repository: &Repository,
+    cached: bool,
+    filling: Option<&str>,
+) -> Decision {
+    let served = origin.served_by(upstream) || filling == Some(upstream);
+    match (served, origin.held_by(upstream, repository)) {
+        (true, true) => Decision::Serve,
+        (true, false) => Decision::Confirm,
+        (false, _) if cached || filling.is_some() => Decision::Verify,
+        (false, _) => Decision::Fill,
+    }
+}
+
+/// A collision-resistant key for (upstream, repository, digest); truncating SHA-256 to 128 bits
+/// keeps collisions out of reach while the key stays small.
+pub fn key(upstream: &str, repository: &Repository, digest: &Digest) -> u128 {
     let mut hasher = Sha256::new();
     for part in [upstream, repository.as_str(), digest.as_str()] {
         hasher.update(part.as_bytes());
@@ -49,66 +74,29 @@ fn key(upstream: &str, repository: &Repository, digest: &Digest) -> Key {
     u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"))
 }
 
+/// The asking side: concurrent confirmations (HEAD) and verifications (GET and hash) of the
+/// same (upstream, repository, digest) share one upstream request each.
+#[derive(Default)]
+pub struct Holdings {
+    pub confirmations: Flights<u128, Result<(), crate::error::ApiError>>,
+    pub verifications: Flights<u128, Result<(), crate::error::ApiError>>,
+}
+
 impl Holdings {
     pub fn new() -> Holdings {
-        Holdings {
-            known: moka::sync::Cache::new(MAX_KNOWN),
-            confirmations: Flights::default(),
-        }
-    }
-
-    pub fn record(&self, upstream: &str, repository: &Repository, digest: &Digest) {
-        self.known.insert(key(upstream, repository, digest), ());
-    }
-
-    pub fn holds(&self, upstream: &str, repository: &Repository, digest: &Digest) -> bool {
-        self.known.contains_key(&key(upstream, repository, digest))
-    }
-
-    /// Ok if the repository is known to hold the digest, or `ask` (the upstream's answer to a
-    /// HEAD) says it does now; the answer is remembered.
-    pub async fn confirm<F>(
-        self: &Arc<Self>,
-        upstream: &str,
-        repository: &Repository,
-        digest: &Digest,
-        ask: impl FnOnce() -> F,
-    ) -> Result<(), UpstreamError>
-    where
-        F: std::future::Future<Output = Result<(), UpstreamError>> + Send + 'static,
-    {
-        let key = key(upstream, repository, digest);
-        if self.known.contains_key(&key) {
-            return Ok(());
-        }
-        let holdings = Arc::clone(self);
-        let (answer, _) = self
-            .confirmations
-            .run(key, move || {
-                let asked = ask();
-                async move {
-                    asked.await?;
-                    holdings.known.insert(key, ());
-                    Ok(())
-                }
-            })
-            .await;
-        answer
+        Holdings::default()
     }
 }
 
-impl Default for Holdings {
-    fn default() -> Self {
-        Holdings::new()
-    }
-}
-
-/// Every digest a manifest or index references: config, layers, `blobs` of artifact manifests,
-/// index children and the subject. Unparsable documents reference nothing.
-pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
+/// The digests a manifest fetched through R says R holds: config, layers and artifact `blobs`
+/// without `urls`, index children. Never the subject. Unparsable documents hold nothing.
+pub fn held_digests(manifest: &[u8]) -> Vec<Digest> {
     #[derive(Deserialize)]
     struct Descriptor {
         digest: String,
+        /// Foreign layers are fetched from these URLs, not from the repository.
+        #[serde(default)]
+        urls: Option<serde::de::IgnoredAny>,
     }
     #[derive(Deserialize)]
     struct Document {
@@ -119,7 +107,6 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
         blobs: Vec<Descriptor>,
         #[serde(default)]
         manifests: Vec<Descriptor>,
-        subject: Option<Descriptor>,
     }
     let Ok(document) = serde_json::from_slice::<Document>(manifest) else {
         return Vec::new();
@@ -130,7 +117,7 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
         .chain(document.layers)
         .chain(document.blobs)
         .chain(document.manifests)
-        .chain(document.subject)
+        .filter(|descriptor| descriptor.urls.is_none())
         .filter_map(|descriptor| Digest::parse(&descriptor.digest).ok())
         .collect()
 }
@@ -138,78 +125,84 @@ pub fn referenced_digests(manifest: &[u8]) -> Vec<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn digest(c: char) -> Digest {
         Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
     }
 
-    #[test]
-    fn knowledge_is_per_upstream_and_repository() {
-        let holdings = Holdings::new();
-        let app = Repository::parse("team/app").unwrap();
-        let other = Repository::parse("team/other").unwrap();
-        holdings.record("a.io", &app, &digest('a'));
-        assert!(holdings.holds("a.io", &app, &digest('a')));
-        assert!(!holdings.holds("a.io", &other, &digest('a')));
-        assert!(!holdings.holds("b.io", &app, &digest('a')));
-        assert!(!holdings.holds("a.io", &app, &digest('b')));
+    fn d(c: char) -> String {
+        digest(c).to_string()
     }
 
-    #[tokio::test]
-    async fn a_confirmation_asks_once_and_is_remembered() {
-        let holdings = Arc::new(Holdings::new());
-        let app = Repository::parse("team/app").unwrap();
-        let asked = Arc::new(AtomicUsize::new(0));
-        for _ in 0..3 {
-            let asked = Arc::clone(&asked);
-            holdings
-                .confirm("a.io", &app, &digest('a'), move || async move {
-                    asked.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                })
-                .await
-                .unwrap();
+    fn origin(from: &[&str], held: &[(&str, &str)]) -> Origin {
+        let mut text = String::from("berth-origin 1\n");
+        for u in from {
+            text.push_str(&format!("from {u}\n"));
         }
-        assert_eq!(asked.load(Ordering::SeqCst), 1);
-        assert!(holdings.holds("a.io", &app, &digest('a')));
-    }
-
-    #[tokio::test]
-    async fn a_refusal_is_not_remembered() {
-        let holdings = Arc::new(Holdings::new());
-        let app = Repository::parse("team/app").unwrap();
-        let refused = holdings
-            .confirm("a.io", &app, &digest('a'), || async {
-                Err(UpstreamError::Status {
-                    status: http::StatusCode::NOT_FOUND,
-                    retry_after: None,
-                })
-            })
-            .await;
-        assert!(refused.is_err());
-        assert!(!holdings.holds("a.io", &app, &digest('a')));
+        for (u, r) in held {
+            text.push_str(&format!("held {u} {r}\n"));
+        }
+        let sum = hex::encode(Sha256::digest(text.as_bytes()));
+        Origin::decode(format!("{text}sum {sum}\n").as_bytes()).unwrap()
     }
 
     #[test]
-    fn manifests_and_indexes_reference_their_content() {
-        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    fn content_is_served_only_from_its_provenance_to_its_holders() {
+        let app = Repository::parse("team/app").unwrap();
+        let evil = Repository::parse("evil/app").unwrap();
+        let known = origin(&["victim.io"], &[("victim.io", "team/app")]);
+        assert_eq!(
+            decide(&known, "victim.io", &app, true, None),
+            Decision::Serve
+        );
+        // Another repository on the same upstream: that upstream may confirm it.
+        assert_eq!(
+            decide(&known, "victim.io", &evil, true, None),
+            Decision::Confirm
+        );
+        // Another upstream never confirms by HEAD, even for a repository it lists as holder.
+        let listed = origin(&["victim.io"], &[("evil.io", "evil/app")]);
+        assert_eq!(
+            decide(&listed, "evil.io", &evil, true, None),
+            Decision::Verify
+        );
+        assert_eq!(
+            decide(&listed, "evil.io", &evil, false, Some("victim.io")),
+            Decision::Verify
+        );
+        // A fill under way counts for its own upstream only.
+        let empty = Origin::default();
+        assert_eq!(
+            decide(&empty, "victim.io", &app, false, Some("victim.io")),
+            Decision::Confirm
+        );
+        assert_eq!(
+            decide(&empty, "evil.io", &evil, false, None),
+            Decision::Fill
+        );
+    }
+
+    #[test]
+    fn manifests_hold_their_content_but_not_their_subject_or_foreign_layers() {
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "config": {"digest": d('c'), "size": 1},
-            "layers": [{"digest": d('1')}, {"digest": d('2')}],
+            "layers": [
+                {"digest": d('1')},
+                {"digest": d('2'), "urls": ["https://example.com/layer"]},
+                {"digest": d('3')},
+            ],
             "subject": {"digest": d('5')},
         });
-        let found: Vec<String> = referenced_digests(manifest.to_string().as_bytes())
-            .iter()
-            .map(|d| d.to_string())
-            .collect();
-        assert_eq!(found, [d('c'), d('1'), d('2'), d('5')]);
-        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": "bogus"}]});
         assert_eq!(
-            referenced_digests(index.to_string().as_bytes()),
-            [digest('a')]
+            held_digests(manifest.to_string().as_bytes()),
+            [digest('c'), digest('1'), digest('3')]
         );
-        assert!(referenced_digests(b"not json").is_empty());
+        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": "bogus"}]});
+        assert_eq!(held_digests(index.to_string().as_bytes()), [digest('a')]);
+        assert!(held_digests(b"not json").is_empty());
+        // `urls: null` names no other place: the layer is the repository's.
+        let null_urls = format!(r#"{{"layers":[{{"digest":"{}","urls":null}}]}}"#, d('7'));
+        assert_eq!(held_digests(null_urls.as_bytes()).len(), 1);
     }
 }

@@ -16,9 +16,9 @@
 //! The parts: `config` (the `[access]` keys), `policy` (parse and evaluate policies; `query`,
 //! their query language), `principals` (accounts, keys, groups), `files` (both, reloaded on
 //! change), `token` (JWTs and their clock), `guard` (slowing down repeated failures),
-//! `holdings` (which repository holds which digest) and `report` (who may do what to an
-//! image). This file holds the state that ties them to requests; the responses
-//! are built by `error` (401/403) and `api::token` (the token endpoint).
+//! `holdings` (the rule for serving cached content: provenance and holders) and `report` (who
+//! may do what to an image). This file holds the state that ties them to requests; the
+//! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
 pub mod config;
 pub mod files;
@@ -82,6 +82,8 @@ pub struct Asker<'a> {
 /// An authenticated caller.
 struct Caller {
     principal: PrincipalLink,
+    /// The key a Basic caller presented (`KeyHash::id`); tokens minted for it carry it.
+    key_id: Option<String>,
     /// Present when the caller came with one of berth's tokens, which limits what it reaches.
     token: Option<Claims>,
 }
@@ -103,6 +105,9 @@ pub struct Access {
     /// Our org's registry: its repositories are named without the registry in policies.
     own_registry: Option<String>,
     realm: Option<String>,
+    /// The default realm's scheme: `https` when berth's listener serves TLS, so clients never
+    /// send keys in clear to a host that only speaks TLS.
+    realm_scheme: &'static str,
     token_ttl: Duration,
     files: Option<Files>,
     key: TokenKey,
@@ -110,7 +115,7 @@ pub struct Access {
     guard: Guard,
     /// Verified Basic credentials, keyed by an HMAC of them (never the key itself), with the
     /// snapshot generation they were verified against.
-    verified: moka::sync::Cache<[u8; 32], (u64, PrincipalLink)>,
+    verified: moka::sync::Cache<[u8; 32], (u64, PrincipalLink, String)>,
     verified_key: hmac::Key,
     pub holdings: Arc<Holdings>,
 }
@@ -134,6 +139,7 @@ impl Access {
             mode: config.mode,
             own_registry: platform.own_registry(),
             realm: config.realm.clone(),
+            realm_scheme: "http",
             token_ttl: config.token_ttl,
             files,
             key: match &config.token_key {
@@ -149,6 +155,12 @@ impl Access {
             verified_key: hmac::Key::new(hmac::HMAC_SHA256, &verified_secret),
             holdings: Arc::new(Holdings::new()),
         })
+    }
+
+    /// The listener serves TLS (`[tls]`): the default token realm is an `https://` URL.
+    pub fn with_listener_tls(mut self, tls: bool) -> Access {
+        self.realm_scheme = if tls { "https" } else { "http" };
+        self
     }
 
     /// Whether access is enforced: principals, policies, and the holdings check on cached
@@ -271,6 +283,7 @@ impl Access {
             iss: SERVICE.into(),
             aud: SERVICE.into(),
             sub: caller.principal.to_string(),
+            kid: caller.key_id.clone().unwrap_or_default(),
             iat: now,
             nbf: now,
             exp: now + self.token_ttl.as_secs(),
@@ -358,17 +371,18 @@ impl Access {
         match presented(ask.headers) {
             Presented::Nothing => Ok(None),
             Presented::Malformed => {
-                self.guard.fail(ask.peer);
+                let _admitted = self.guard.admit(ask.peer, "").await;
+                self.guard.fail(ask.peer, "");
                 Err("malformed Authorization header")
             }
-            Presented::Bearer(token) => self.check_token(ask, snapshot, &token).map(Some),
+            Presented::Bearer(token) => self.check_token(ask, snapshot, &token).await.map(Some),
             Presented::Basic { user, key } => {
                 self.check_key(ask, snapshot, &user, &key).await.map(Some)
             }
         }
     }
 
-    fn check_token(
+    async fn check_token(
         &self,
         ask: &Asker<'_>,
         snapshot: &Snapshot,
@@ -379,16 +393,26 @@ impl Access {
             // Tokens expire in normal use; the client fetches a new one. Not a strike.
             Err(TokenError::Expired) => return Err("token expired"),
             Err(_) => {
-                self.guard.fail(ask.peer);
+                // A failing token waits like a failing key, counted against the subject it
+                // claims (unverified, so only a name to group failures by).
+                let claimed = token::claimed_subject(token).unwrap_or_default();
+                let _admitted = self.guard.admit(ask.peer, &claimed).await;
+                let failures = self.guard.fail(ask.peer, &claimed);
+                tracing::warn!(peer = ?ask.peer, failures, "invalid token");
                 return Err("invalid token");
             }
         };
-        // A principal removed from the file loses its tokens at once.
+        // A principal removed from the file, or the key that minted the token, loses its tokens
+        // at once.
         match PrincipalLink::parse(&claims.sub, None) {
-            Ok(principal) if snapshot.principals.contains(&principal) => Ok(Caller {
+            Ok(principal) if snapshot.principals.has_key(&principal, &claims.kid) => Ok(Caller {
                 principal,
+                key_id: None,
                 token: Some(claims),
             }),
+            Ok(principal) if snapshot.principals.contains(&principal) => {
+                Err("the key this token was issued for was removed")
+            }
             _ => Err("the token's principal no longer exists"),
         }
     }
@@ -406,27 +430,37 @@ impl Access {
         mac.update(user.as_bytes());
         mac.update(key.expose().as_bytes());
         let cache_key: [u8; 32] = mac.sign().as_ref().try_into().expect("SHA-256 size");
-        if let Some((generation, principal)) = self.verified.get(&cache_key) {
+        if let Some((generation, principal, key_id)) = self.verified.get(&cache_key) {
             if generation == snapshot.generation {
                 return Ok(Caller {
                     principal,
+                    key_id: Some(key_id),
                     token: None,
                 });
             }
         }
-        let _admitted = self.guard.admit(ask.peer).await;
+        // The key is checked first and a correct one answered at once; only a wrong one waits
+        // its turn at the guard (`guard` says why that is enough).
         match snapshot.principals.verify(user, key.expose().as_bytes()) {
             Some(verified) => {
                 tracing::debug!(principal = %verified.principal, key = ?verified.key_name, "key verified");
-                self.verified
-                    .insert(cache_key, (snapshot.generation, verified.principal.clone()));
+                self.verified.insert(
+                    cache_key,
+                    (
+                        snapshot.generation,
+                        verified.principal.clone(),
+                        verified.key_id.clone(),
+                    ),
+                );
                 Ok(Caller {
                     principal: verified.principal,
+                    key_id: Some(verified.key_id),
                     token: None,
                 })
             }
             None => {
-                let failures = self.guard.fail(ask.peer);
+                let _admitted = self.guard.admit(ask.peer, user).await;
+                let failures = self.guard.fail(ask.peer, user);
                 let kind = if user == principals::SERVICE_ACCOUNT_USER {
                     "serviceaccount"
                 } else {
@@ -443,7 +477,7 @@ impl Access {
             Some(realm) => realm.clone(),
             None => {
                 let host = ask.host.filter(|h| is_plain_host(h)).unwrap_or("localhost");
-                format!("http://{host}/token")
+                format!("{}://{host}/token", self.realm_scheme)
             }
         };
         let mut challenge = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
@@ -588,6 +622,105 @@ mod tests {
             Presented::Malformed
         ));
         assert!(matches!(presented(&HeaderMap::new()), Presented::Nothing));
+    }
+
+    const MALLORY: &str = "mallory-key-0123456789abcdef";
+    const ALICE: &str = "alice-key-0123456789abcdef";
+
+    /// Policy-mode access over principals mallory and alice (no policies needed to
+    /// authenticate), with `realm` unset.
+    fn policy_access(dir: &std::path::Path) -> Access {
+        let hash = |key| principals::KeyHash::generate(key).to_string();
+        let principals = serde_json::json!({"users": [
+            {"email": "mallory@example.com", "keys": [{"hash": hash(MALLORY)}]},
+            {"email": "alice@example.com", "keys": [{"hash": hash(ALICE)}]},
+        ]});
+        std::fs::write(dir.join("principals.json"), principals.to_string()).unwrap();
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        let config = AccessConfig {
+            mode: AccessMode::Policy,
+            principals: Some(dir.join("principals.json")),
+            policies: Some(dir.join("policies")),
+            ..AccessConfig::default()
+        };
+        Access::open(&config, &PlatformConfig::default()).unwrap()
+    }
+
+    fn basic(user: &str, key: &str) -> HeaderMap {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{key}"));
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, format!("Basic {encoded}").parse().unwrap());
+        headers
+    }
+
+    async fn login(access: &Access, headers: &HeaderMap, peer: IpAddr) -> bool {
+        let ask = Asker {
+            headers,
+            host: Some("berth.local"),
+            peer: Some(peer),
+        };
+        let snapshot = access.snapshot().unwrap();
+        matches!(access.authenticate(&ask, &snapshot).await, Ok(Some(_)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_behind_one_address_hold_up_neither_other_principals_nor_correct_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = policy_access(dir.path());
+        // A NAT: everyone comes from one address. Mallory's client keeps failing.
+        let shared = IpAddr::from([10, 0, 0, 1]);
+        let wrong = basic("mallory@example.com", "wrong-key-0123456789abcdef");
+        for _ in 0..guard::FREE_FAILURES + 3 {
+            assert!(!login(&access, &wrong, shared).await);
+        }
+        // Paused time moves only when something sleeps: no sleep, no wait.
+        let before = tokio::time::Instant::now();
+        assert!(login(&access, &basic("alice@example.com", ALICE), shared).await);
+        assert!(login(&access, &basic("mallory@example.com", MALLORY), shared).await);
+        assert_eq!(tokio::time::Instant::now(), before);
+        // The failing client itself waits, and so does a failing Bearer token claiming mallory.
+        assert!(!login(&access, &wrong, shared).await);
+        let waited = tokio::time::Instant::now();
+        assert!(waited > before);
+        let forged = token::issue(
+            &TokenKey::random(),
+            &Claims {
+                iss: SERVICE.into(),
+                aud: SERVICE.into(),
+                sub: "mallory@example.com".into(),
+                kid: String::new(),
+                iat: 0,
+                nbf: 0,
+                exp: u64::MAX,
+                jti: "j".into(),
+                access: Vec::new(),
+            },
+        );
+        let mut bearer = HeaderMap::new();
+        bearer.insert(AUTHORIZATION, format!("Bearer {forged}").parse().unwrap());
+        for _ in 0..guard::FREE_FAILURES + 1 {
+            assert!(!login(&access, &bearer, shared).await);
+        }
+        assert!(tokio::time::Instant::now() > waited);
+    }
+
+    #[test]
+    fn the_default_realm_follows_the_listener_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let headers = HeaderMap::new();
+        let ask = Asker {
+            headers: &headers,
+            host: Some("berth.local:5443"),
+            peer: None,
+        };
+        let challenge = |access: &Access| match access.challenge(&ask, None, "r") {
+            AccessError::Unauthenticated { challenge, .. } => challenge,
+            other => panic!("{other:?}"),
+        };
+        let plain = policy_access(dir.path());
+        assert!(challenge(&plain).starts_with("Bearer realm=\"http://berth.local:5443/token\""));
+        let tls = policy_access(dir.path()).with_listener_tls(true);
+        assert!(challenge(&tls).starts_with("Bearer realm=\"https://berth.local:5443/token\""));
     }
 
     #[test]

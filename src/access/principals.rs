@@ -68,6 +68,17 @@ impl KeyHash {
         Ok(parsed)
     }
 
+    /// A short name for this stored key that tokens carry, so removing the key from the file
+    /// revokes them: derived from the salted hash (which is random per key), so it says nothing
+    /// about the key itself.
+    pub fn id(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"berth key id\0");
+        hasher.update(self.salt);
+        hasher.update(self.hash);
+        hex::encode(&hasher.finalize()[..8])
+    }
+
     /// Whether `key` hashes to this; the digests are compared in constant time.
     pub fn verify(&self, key: &[u8]) -> bool {
         bool::from(salted(&self.salt, key).ct_eq(&self.hash))
@@ -124,6 +135,8 @@ pub struct Principals {
 pub struct Verified {
     pub principal: PrincipalLink,
     pub key_name: Option<String>,
+    /// `KeyHash::id` of the key, which tokens minted with it carry.
+    pub key_id: String,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +272,7 @@ impl Principals {
                     found.push(Verified {
                         principal: account.link.clone(),
                         key_name: stored.name.clone(),
+                        key_id: stored.hash.id(),
                     });
                 }
             }
@@ -268,6 +282,16 @@ impl Principals {
             1 => found.pop(),
             _ => None,
         }
+    }
+
+    /// Whether the principal still has the key `key_id` names (`KeyHash::id`).
+    pub fn has_key(&self, principal: &PrincipalLink, key_id: &str) -> bool {
+        self.service_accounts
+            .iter()
+            .chain(&self.users)
+            .filter(|account| &account.link == principal)
+            .flat_map(|account| &account.keys)
+            .any(|key| key.hash.id() == key_id)
     }
 
     /// The groups a user or service account belongs to.

@@ -60,6 +60,9 @@ pub struct Claims {
     pub aud: String,
     /// The principal's link, `//serviceaccount/ci` or `//user/EMAIL`.
     pub sub: String,
+    /// Which of the principal's keys minted the token (`KeyHash::id`): the token is good only
+    /// while the principal still has that key.
+    pub kid: String,
     pub iat: u64,
     pub nbf: u64,
     pub exp: u64,
@@ -143,6 +146,22 @@ pub fn verify(key: &TokenKey, token: &str, now: u64) -> Result<Claims, TokenErro
     Ok(claims)
 }
 
+/// The `sub` a token claims, read without checking its signature: only a name to count
+/// failures of an invalid token under, never an identity.
+pub fn claimed_subject(token: &str) -> Option<String> {
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Subject {
+        sub: String,
+    }
+    let payload = token.split('.').nth(1)?;
+    decode_json::<Subject>(payload)
+        .ok()
+        .map(|claims| claims.sub)
+}
+
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
@@ -195,6 +214,7 @@ mod tests {
             iss: SERVICE.into(),
             aud: SERVICE.into(),
             sub: "//serviceaccount/ci".into(),
+            kid: "0123456789abcdef".into(),
             iat: now,
             nbf: now,
             exp: now + ttl,

@@ -11,6 +11,7 @@ use http::header::{
 use http::{Method, Response, StatusCode, Version};
 use tokio::sync::watch;
 
+use super::holds::BlobSource;
 use super::Served;
 use crate::body::{self, Body};
 use crate::cache::reader::Evict;
@@ -33,8 +34,28 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
-    // Cached bytes, or a fill another repository started, only for a repository holding them.
-    super::holds::confirm_blob(state, &target, &digest).await?;
+    // Policy mode: cached bytes, or a fill another request started, only for a repository
+    // holding them on an upstream that served them (`holds`).
+    match super::holds::admit_blob(state, &target, &digest, head).await? {
+        BlobSource::Any => {}
+        BlobSource::Upstream => return head_upstream(&target, &digest).await,
+        BlobSource::Own { .. } if head => return head_upstream(&target, &digest).await,
+        BlobSource::Own { held } => {
+            return serve_own(state, target, digest, range, held, version).await
+        }
+    }
+    serve_any(state, target, digest, range, head, version).await
+}
+
+/// Serves a blob from the cache or from any fill of it, starting one if none runs.
+async fn serve_any(
+    state: &Arc<AppState>,
+    target: Target,
+    digest: Digest,
+    range: Option<&str>,
+    head: bool,
+    version: Version,
+) -> Served {
     if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
             cache: Arc::clone(&state.cache),
@@ -64,6 +85,48 @@ pub async fn serve(
     let progress = joined.progress;
     let response = respond(progress, &digest, range, head, None, whole_first).await?;
     Ok((response, outcome))
+}
+
+/// Serves a blob only from a fill from the target's upstream (`Fills::join_own`). Should the
+/// digest meanwhile be cached or filled from elsewhere, the rule is applied again, a bounded
+/// number of times.
+async fn serve_own(
+    state: &Arc<AppState>,
+    target: Target,
+    digest: Digest,
+    range: Option<&str>,
+    mut held: bool,
+    version: Version,
+) -> Served {
+    for _ in 0..4 {
+        let job = Job {
+            upstream: Arc::clone(&target.upstream),
+            repository: target.repository.clone(),
+            digest: digest.clone(),
+        };
+        if let Some(joined) = state
+            .fills
+            .join_own(&state.cache, &state.metrics, job, held)?
+        {
+            let outcome = match joined.coalesced {
+                true => Outcome::Coalesced,
+                false => Outcome::Miss,
+            };
+            let whole_first = version <= Version::HTTP_10;
+            let response =
+                respond(joined.progress, &digest, range, false, None, whole_first).await?;
+            return Ok((response, outcome));
+        }
+        match super::holds::admit_blob(state, &target, &digest, false).await? {
+            BlobSource::Own { held: now } => held = now,
+            _ => return serve_any(state, target, digest, range, false, version).await,
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unavailable,
+        "the blob is being fetched from another upstream; retry shortly",
+    ))
 }
 
 /// Builds the response once the fill (or the cached file) knows its size or has failed; with

@@ -1,17 +1,20 @@
-//! The cross-repository check of the policy access mode: content is served through repository R
-//! only when R is known to hold its digest, else after R's upstream confirms it with a HEAD.
-//! The knowledge itself (and why it is sound) is in `access::holdings`; this file asks the
-//! upstream and teaches the holdings what each manifest served for R references.
+//! The policy access mode's rule for cached content, applied to requests: before a blob or a
+//! manifest is served for repository R on upstream U, U must have served its bytes and R must
+//! be known to hold it there; else U confirms (HEAD, only when it served the bytes) or serves
+//! the bytes through R, verified. The rule itself is `access::holdings::decide`; the facts are
+//! `cache::origins`. This file gathers the facts, asks the upstream, and records what each
+//! fetch and each manifest served for R teaches.
 
 use std::sync::Arc;
 
 use http::header::HeaderValue;
-use http::Method;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 
-use crate::access::holdings::referenced_digests;
-use crate::cache::Manifest;
+use crate::access::holdings::{decide, held_digests, key, Decision};
+use crate::cache::{Manifest, Origin};
 use crate::error::{ApiError, Code};
-use crate::oci::digest::Digest;
+use crate::oci::digest::{Digest, Verifier};
 use crate::oci::name::{Reference, Repository};
 use crate::route::Target;
 use crate::upstream::{Upstream, UpstreamError};
@@ -22,45 +25,208 @@ const ANY_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.v2+json, \
     application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// Before a blob is looked up or filled for `target`: Ok if its repository holds `digest`.
-pub async fn confirm_blob(
+/// Digests one manifest may teach: an image has a few dozen, an index a few hundred; a crafted
+/// manifest listing more teaches only its first ones (the rest are confirmed when asked for).
+const MAX_LEARNED: usize = 1024;
+
+/// Where a blob's bytes may come from for a request, once the rule is met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobSource {
+    /// The cache, or any fill of the digest.
+    Any,
+    /// Only a fill from the request's upstream (`Fills::join_own`); `held`: the repository is
+    /// known to hold the digest there, so a fill through another repository will do.
+    Own { held: bool },
+    /// Nothing cached may be used for a HEAD: the upstream's own answer is passed on.
+    Upstream,
+}
+
+/// Before a blob is served for `target`: where its bytes may come from.
+pub async fn admit_blob(
     state: &AppState,
     target: &Target,
     digest: &Digest,
-) -> Result<(), ApiError> {
-    let ask = |upstream: Arc<Upstream>, repository: Repository, digest: Digest| async move {
-        upstream
-            .blob(Method::HEAD, &repository, &digest)
-            .await
-            .map(drop)
+    head: bool,
+) -> Result<BlobSource, ApiError> {
+    if !state.access.enforcing() {
+        return Ok(BlobSource::Any);
+    }
+    let cached = state.cache.index.contains(digest);
+    let origin = origin_of(state, digest, cached).await;
+    let filling = state.fills.filling(&target.upstream.name, digest);
+    let upstream = &*target.upstream.name;
+    let decision = decide(
+        &origin,
+        upstream,
+        &target.repository,
+        cached,
+        filling.as_ref().map(|(u, _)| &**u),
+    );
+    // The bytes are U's when U served them before; else only a fill from U is.
+    let settled = match origin.served_by(upstream) {
+        true => BlobSource::Any,
+        false => BlobSource::Own { held: true },
     };
-    confirm(state, target, digest, Code::BlobUnknown, ask).await
+    match decision {
+        Decision::Serve => Ok(settled),
+        Decision::Confirm => {
+            confirm(state, target, digest, Code::BlobUnknown, head_blob).await?;
+            Ok(settled)
+        }
+        Decision::Verify if head => Ok(BlobSource::Upstream),
+        Decision::Verify => {
+            verify_blob(state, target, digest).await?;
+            Ok(BlobSource::Any)
+        }
+        Decision::Fill if head => Ok(BlobSource::Upstream),
+        Decision::Fill => Ok(BlobSource::Own { held: false }),
+    }
 }
 
-/// Before a manifest is looked up or fetched by digest for `target`: Ok if its repository holds
-/// it. (A tag is always resolved by the repository's own upstream, so it needs no check.)
-pub async fn confirm_manifest(
+/// Before a manifest is looked up by digest for `target`: whether the cached copy may be
+/// served (`false`: fetch it through the target, verified, instead).
+pub async fn admit_manifest(
     state: &AppState,
     target: &Target,
     digest: &Digest,
-) -> Result<(), ApiError> {
-    let ask = |upstream: Arc<Upstream>, repository: Repository, digest: Digest| async move {
-        // Any manifest type will do: the question is only whether the digest is there. The
-        // types are listed because distribution answers 404 to an OCI manifest when the Accept
-        // header does not name OCI types, `*/*` included.
-        let accept = HeaderValue::from_static(ANY_MANIFEST);
-        let reference = Reference::Digest(digest);
-        upstream
-            .manifest(Method::HEAD, &repository, &reference, Some(&accept))
-            .await
-            .map(drop)
-    };
-    confirm(state, target, digest, Code::ManifestUnknown, ask).await
+) -> Result<bool, ApiError> {
+    if !state.access.enforcing() {
+        return Ok(true);
+    }
+    let cached = state.cache.index.contains(digest);
+    let origin = origin_of(state, digest, cached).await;
+    match decide(
+        &origin,
+        &target.upstream.name,
+        &target.repository,
+        cached,
+        None,
+    ) {
+        Decision::Serve => Ok(true),
+        Decision::Confirm => {
+            confirm(state, target, digest, Code::ManifestUnknown, head_manifest).await?;
+            Ok(true)
+        }
+        Decision::Verify | Decision::Fill => Ok(false),
+    }
 }
 
-/// Ok at once outside the policy mode or when the holding is known; else one coalesced `ask`
-/// of the upstream (given owned copies, as the probe may outlive the request), whose 404
-/// becomes `unknown`.
+/// A tag revalidation answered `digest`, which is cached: whether it may be served for
+/// `target` without fetching. The upstream's word counts only when it served those bytes.
+pub async fn admit_revalidated(state: &AppState, target: &Target, digest: &Digest) -> bool {
+    if !state.access.enforcing() {
+        return true;
+    }
+    let origin = origin_of(state, digest, true).await;
+    if !origin.served_by(&target.upstream.name) {
+        tracing::info!(upstream = %target.upstream.name, %digest, "a tag points at content this upstream never served; fetching it");
+        return false;
+    }
+    learn(state, target, vec![digest.clone()]).await;
+    true
+}
+
+/// After a manifest was fetched through `target` and verified: the target's upstream served
+/// it and its repository holds it. Recorded in every mode, so switching to the policy mode
+/// keeps what the cache knows.
+pub async fn record_fetched(state: &AppState, target: &Target, manifest: &Manifest) {
+    let origins = Arc::clone(&state.cache.origins);
+    let persist = state.cache.index.contains(&manifest.digest);
+    let (digest, upstream, repository) = (
+        manifest.digest.clone(),
+        Arc::clone(&target.upstream.name),
+        target.repository.clone(),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        origins.fetched(&digest, &upstream, &repository, persist)
+    })
+    .await;
+}
+
+/// After a manifest was served for `target`: its repository holds it and what it lists.
+pub async fn record_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
+    if !state.access.enforcing() {
+        return;
+    }
+    let mut digests = held_digests(&manifest.bytes);
+    digests.truncate(MAX_LEARNED);
+    digests.push(manifest.digest.clone());
+    learn(state, target, digests).await;
+}
+
+/// Records that the target's repository holds `digests` on its upstream; on disk for those
+/// that are cached.
+async fn learn(state: &AppState, target: &Target, digests: Vec<Digest>) {
+    let upstream = Arc::clone(&target.upstream.name);
+    let repository = target.repository.clone();
+    let new: Vec<(Digest, bool)> = digests
+        .into_iter()
+        .filter(|digest| {
+            let known = state.cache.origins.get_cached(digest);
+            !known.is_some_and(|origin| origin.held_by(&upstream, &repository))
+        })
+        .map(|digest| {
+            let cached = state.cache.index.contains(&digest);
+            (digest, cached)
+        })
+        .collect();
+    if new.is_empty() {
+        return;
+    }
+    let origins = Arc::clone(&state.cache.origins);
+    let _ = tokio::task::spawn_blocking(move || {
+        for (digest, cached) in new {
+            origins.learned(&digest, &upstream, &repository, cached);
+        }
+    })
+    .await;
+}
+
+/// What is known about `digest`; from its sidecar only when it is `cached` (an object that is
+/// not has none), so asking for random digests costs no disk reads.
+async fn origin_of(state: &AppState, digest: &Digest, cached: bool) -> Arc<Origin> {
+    if let Some(origin) = state.cache.origins.get_cached(digest) {
+        return origin;
+    }
+    if !cached {
+        return Arc::default();
+    }
+    let origins = Arc::clone(&state.cache.origins);
+    let owned = digest.clone();
+    tokio::task::spawn_blocking(move || origins.get(&owned))
+        .await
+        .unwrap_or_default()
+}
+
+async fn head_blob(
+    upstream: Arc<Upstream>,
+    repository: Repository,
+    digest: Digest,
+) -> Result<(), UpstreamError> {
+    upstream
+        .blob(Method::HEAD, &repository, &digest)
+        .await
+        .map(drop)
+}
+
+async fn head_manifest(
+    upstream: Arc<Upstream>,
+    repository: Repository,
+    digest: Digest,
+) -> Result<(), UpstreamError> {
+    // Any manifest type will do: the question is only whether the digest is there. The types
+    // are listed because distribution answers 404 to an OCI manifest when the Accept header
+    // does not name OCI types, `*/*` included.
+    let accept = HeaderValue::from_static(ANY_MANIFEST);
+    let reference = Reference::Digest(digest);
+    upstream
+        .manifest(Method::HEAD, &repository, &reference, Some(&accept))
+        .await
+        .map(drop)
+}
+
+/// One coalesced `ask` of the target's upstream whether its repository holds `digest`; a yes
+/// is recorded, a 404 becomes `unknown`.
 async fn confirm<F>(
     state: &AppState,
     target: &Target,
@@ -71,33 +237,105 @@ async fn confirm<F>(
 where
     F: std::future::Future<Output = Result<(), UpstreamError>> + Send + 'static,
 {
-    if !state.access.enforcing() {
-        return Ok(());
-    }
     let (upstream, repository) = (Arc::clone(&target.upstream), target.repository.clone());
+    let flight_key = key(&upstream.name, &repository, digest);
     let owned = digest.clone();
-    state
+    let (answer, _) = state
         .access
         .holdings
-        .confirm(
-            &target.upstream.name,
-            &target.repository,
-            digest,
-            move || ask(upstream, repository, owned),
-        )
-        .await
-        .map_err(|e| ApiError::from_upstream(e, unknown))
+        .confirmations
+        .run(flight_key, move || {
+            let asked = ask(upstream, repository, owned);
+            async move { asked.await.map_err(|e| ApiError::from_upstream(e, unknown)) }
+        })
+        .await;
+    answer?;
+    learn(state, target, vec![digest.clone()]).await;
+    Ok(())
 }
 
-/// After a manifest was served for `target`: its repository holds it and all it references.
-pub fn record_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
-    if !state.access.enforcing() {
-        return;
-    }
-    let holdings = &state.access.holdings;
-    let (upstream, repository) = (&target.upstream.name, &target.repository);
-    holdings.record(upstream, repository, &manifest.digest);
-    for digest in referenced_digests(&manifest.bytes) {
-        holdings.record(upstream, repository, &digest);
-    }
+/// Fetches a cached (or elsewhere-filling) blob through the target and checks it hashes to
+/// `digest`, without keeping the bytes: then the target's upstream served it and its repository
+/// holds it. Coalesced per (upstream, repository, digest).
+async fn verify_blob(state: &AppState, target: &Target, digest: &Digest) -> Result<(), ApiError> {
+    let (upstream, repository) = (Arc::clone(&target.upstream), target.repository.clone());
+    let flight_key = key(&upstream.name, &repository, digest);
+    let owned = digest.clone();
+    let expected = state.cache.index.get(digest).map(|entry| entry.size);
+    let read_timeout = state.config.client.read_timeout;
+    let metrics = Arc::clone(&state.metrics);
+    let (answer, _) = state
+        .access
+        .holdings
+        .verifications
+        .run(flight_key, move || async move {
+            let response = upstream
+                .blob(Method::GET, &repository, &owned)
+                .await
+                .map_err(|e| ApiError::from_upstream(e, Code::BlobUnknown))?;
+            let announced = crate::upstream::content_length(response.headers());
+            // Never hash more than the blob can be: its cached size, else what was announced.
+            let limit = expected.or(announced).ok_or_else(|| {
+                unverified("the upstream announced no length for a blob held elsewhere")
+            })?;
+            let mut body = response.into_body();
+            let mut verifier = Verifier::new();
+            let mut received = 0u64;
+            loop {
+                let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
+                    Err(_) => return Err(unverified("blob body stalled")),
+                    Ok(None) => break,
+                    Ok(Some(Err(err))) => return Err(unverified(&format!("blob body: {err}"))),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                received += data.len() as u64;
+                if received > limit {
+                    return Err(unverified("the upstream sent more than the blob holds"));
+                }
+                verifier.update(&data);
+            }
+            metrics
+                .upstream_bytes
+                .with_label_values(&["blob"])
+                .inc_by(received);
+            if verifier.finish() != owned {
+                metrics.digest_mismatches.inc();
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    Code::BlobUnknown,
+                    "blob unknown to registry",
+                )
+                .with_detail(format!(
+                    "{}/{repository} sent other bytes for {owned}",
+                    upstream.name
+                )));
+            }
+            Ok(())
+        })
+        .await;
+    answer?;
+    let origins = Arc::clone(&state.cache.origins);
+    let persist = state.cache.index.contains(digest);
+    let (digest, upstream, repository) = (
+        digest.clone(),
+        Arc::clone(&target.upstream.name),
+        target.repository.clone(),
+    );
+    let _ = tokio::task::spawn_blocking(move || {
+        origins.fetched(&digest, &upstream, &repository, persist)
+    })
+    .await;
+    Ok(())
+}
+
+fn unverified(detail: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        Code::Unavailable,
+        "the upstream could not show it holds this blob",
+    )
+    .with_detail(detail.to_string())
 }

@@ -29,7 +29,7 @@ use crate::error::{ApiError, Code};
 use crate::flight::{Flights, Role};
 use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
-use crate::oci::name::{NameError, Reference, Tag};
+use crate::oci::name::{NameError, Reference, Repository, Tag};
 use crate::route::Target;
 use crate::AppState;
 
@@ -44,7 +44,9 @@ const MAX_MANIFEST: usize = 4 << 20;
 /// must not reach a coalesced client with them.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum FetchKey {
-    Digest(Arc<str>, Digest, AcceptClass),
+    /// By repository too: a fetch through one repository must not answer another (the policy
+    /// access mode serves content only to repositories that hold it).
+    Digest(Arc<str>, Repository, Digest, AcceptClass),
     Tag(TagKey),
 }
 
@@ -66,7 +68,7 @@ pub async fn serve(
         Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
         Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
     };
-    super::holds::record_manifest(state, &holder, &manifest);
+    super::holds::record_manifest(state, &holder, &manifest).await;
     Ok((response(&manifest, head), outcome))
 }
 
@@ -92,11 +94,18 @@ async fn by_digest(
     digest: Digest,
     accept: AcceptClass,
 ) -> Result<(Manifest, Outcome), ApiError> {
-    super::holds::confirm_manifest(state, &target, &digest).await?;
-    if let Some(manifest) = state.cache.manifest(&digest).await {
-        return Ok((manifest, Outcome::Hit));
+    // Policy mode: the cached copy only when the target may have it, else fetch through it.
+    if super::holds::admit_manifest(state, &target, &digest).await? {
+        if let Some(manifest) = state.cache.manifest(&digest).await {
+            return Ok((manifest, Outcome::Hit));
+        }
     }
-    let key = FetchKey::Digest(Arc::clone(&target.upstream.name), digest.clone(), accept);
+    let key = FetchKey::Digest(
+        Arc::clone(&target.upstream.name),
+        target.repository.clone(),
+        digest.clone(),
+        accept,
+    );
     let work_state = Arc::clone(state);
     let (fetched, role) = state
         .manifest_flights
@@ -239,6 +248,9 @@ async fn revalidate(
     let Some(manifest) = state.cache.manifest(&digest).await else {
         return Ok(None);
     };
+    if !super::holds::admit_revalidated(state, target, &digest).await {
+        return Ok(None);
+    }
     remember_tag(state, key.clone(), &manifest);
     Ok(Some(manifest))
 }
@@ -308,6 +320,7 @@ async fn fetch(
     if let Err(err) = state.cache.put_manifest(manifest.clone()).await {
         tracing::warn!(digest = %manifest.digest, %err, "cannot store manifest; serving it uncached");
     }
+    super::holds::record_fetched(&state, &target, &manifest).await;
     state
         .metrics
         .manifest_fetch_seconds

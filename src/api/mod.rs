@@ -243,9 +243,26 @@ async fn serve<B>(
             ))
         }
     };
-    // Route: which upstream, which repository. Nothing is dialled for an unknown registry.
-    let target = route::resolve(&state.upstreams, ns, name).map_err(route_error)?;
+    // Route: which upstream, which repository. Nothing is dialled for an unknown registry. In
+    // the policy mode the caller authenticates first, so an anonymous one learns nothing about
+    // which registries are configured.
+    let target = match route::resolve(&state.upstreams, ns, name) {
+        Ok(target) => target,
+        Err(err) => {
+            state.access.authorize_ping(&asker(request)).await?;
+            return Err(route_error(err));
+        }
+    };
     seen.upstream = Some(Arc::clone(&target.upstream.name));
+    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
+    // policies let it pull this repository. Before any cache lookup or upstream request.
+    let authorized = state.access.authorize(&asker(request), &target).await;
+    seen.principal = match &authorized {
+        Ok(principal) => principal.clone(),
+        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
+        Err(_) => None,
+    };
+    authorized?;
     // Another org's platform registry is reached only with a docker secret for it.
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
@@ -257,15 +274,6 @@ async fn serve<B>(
             ));
         return Err(error);
     }
-    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
-    // policies let it pull this repository. Before any cache lookup or upstream request.
-    let authorized = state.access.authorize(&asker(request), &target).await;
-    seen.principal = match &authorized {
-        Ok(principal) => principal.clone(),
-        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
-        Err(_) => None,
-    };
-    authorized?;
     let headers = request.headers();
     match parsed {
         ApiPath::Manifest { reference, .. } => {

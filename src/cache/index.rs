@@ -150,6 +150,13 @@ impl Index {
         self.lock().lru.get(&Key::of(kind, digest)).cloned()
     }
 
+    /// Whether a digest is indexed, without marking it used (a check is not a use).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        let entries = self.lock();
+        entries.lru.contains(&Key::of(Kind::Blob, digest))
+            || entries.lru.contains(&Key::of(Kind::Manifest, digest))
+    }
+
     pub fn touch(&self, digest: &Digest) {
         let mut entries = self.lock();
         let _ = entries.lru.get(&Key::of(Kind::Blob, digest));

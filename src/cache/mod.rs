@@ -6,6 +6,7 @@
 
 pub mod evict;
 pub mod index;
+pub mod origins;
 pub mod reader;
 pub mod spill;
 pub mod store;
@@ -19,6 +20,7 @@ use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 pub use index::{Entry, Index};
+pub use origins::{Origin, Origins};
 pub use store::{Kind, Store};
 pub use tags::{TagEntry, TagKey, Tags};
 
@@ -76,6 +78,8 @@ pub struct Cache {
     /// manifest costs one metadata write a minute, as a hot blob does (`fill::open_cached`).
     accessed: moka::sync::Cache<Digest, ()>,
     pub tags: Tags,
+    /// Where each object came from and who holds it, for the policy access mode.
+    pub origins: Arc<Origins>,
 }
 
 /// How often at most a manifest hit is recorded on disk.
@@ -95,6 +99,8 @@ impl Cache {
                 Entry::new(object.kind, object.size, object.media_type),
             );
         }
+        let origins = Arc::new(Origins::new(Arc::clone(&store)));
+        origins.sweep(|digest| index.contains(digest))?;
         let tags = Tags::new();
         for (key, entry) in store.scan_tags()? {
             // A mapping to a manifest no longer cached (evicted, purged) is collected.
@@ -118,6 +124,7 @@ impl Cache {
             manifests,
             accessed,
             tags,
+            origins,
         })
     }
 

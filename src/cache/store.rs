@@ -1,7 +1,7 @@
 //! The content-addressed disk store: `<dir>/blobs/sha256/ab/<hex>` for layers and configs,
 //! `<dir>/manifests/sha256/ab/<hex>` (plus a `<hex>.type` media-type sidecar) for manifests,
 //! and `<dir>/tags/<upstream>/<repository>/@<tag>@<accept class>` for the last known tag
-//! mappings.
+//! mappings (`<dir>/origins/`, where objects came from, is `cache::origins`).
 //!
 //! Content enters only through a temp file under `<dir>/tmp` that is fsynced and renamed into
 //! place after its digest was checked by the caller, so a path under `blobs/` or `manifests/`
@@ -79,6 +79,10 @@ fn allocated(meta: &fs::Metadata) -> u64 {
     meta.blocks().saturating_mul(512).max(rounded)
 }
 
+/// What an object's provenance file (`cache::origins`, at most 64 KiB, usually under 1 KiB)
+/// is accounted at against `max_size`: one filesystem block.
+const ORIGINS_FILE_WEIGHT: u64 = 4096;
+
 impl Store {
     /// Creates the tree if needed and removes temp files left by a crash: they were never
     /// verified, so nothing may serve them.
@@ -107,7 +111,9 @@ impl Store {
     /// without following a symlink.
     pub fn footprint(&self, kind: Kind, digest: &Digest) -> io::Result<Footprint> {
         let meta = fs::symlink_metadata(self.path(kind, digest))?;
-        let mut allocated = allocated(&meta);
+        // Every committed object also gets its provenance file (`cache::origins`), written just
+        // after it is indexed, so it is counted here as the one block it takes.
+        let mut allocated = allocated(&meta) + ORIGINS_FILE_WEIGHT;
         if kind == Kind::Manifest {
             if let Ok(sidecar) = fs::symlink_metadata(self.type_path(digest)) {
                 allocated += self::allocated(&sidecar);
@@ -225,6 +231,9 @@ impl Store {
         if kind == Kind::Manifest {
             let _ = fs::remove_file(self.type_path(digest));
         }
+        // Where it came from goes with it (`cache::origins`); for a digest cached as both kinds
+        // that forgets a little more than needed, which only costs a re-confirmation.
+        let _ = fs::remove_file(super::origins::Origins::path(&self.dir, digest));
         match fs::remove_file(self.path(kind, digest)) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
