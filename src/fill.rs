@@ -264,7 +264,7 @@ impl Fills {
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
             if let Err(error) = outcome {
                 metrics.fills_failed.inc();
-                tracing::warn!(%digest, message = %error.message, detail = ?error.detail, "fill failed");
+                tracing::warn!(%digest, error = %error, "fill failed");
                 tx.send_replace(Progress::Failed(error));
             }
             fills.finished(&task_key);
@@ -405,8 +405,8 @@ impl Fills {
         if let Err(err) = committed.map_err(std::io::Error::other).and_then(|r| r) {
             // The bytes are verified and still in the open file: serve them, cache nothing.
             metrics.disk_errors.inc();
+            // Only the temp file is ours: the digest's path may hold another upstream's commit.
             let _ = std::fs::remove_file(temp_path);
-            let _ = std::fs::remove_file(cache.store.path(Kind::Blob, &job.digest));
             tracing::warn!(digest = %job.digest, %err, "cannot commit a verified blob; served it uncached");
             progress.send_replace(Progress::Verified {
                 file,

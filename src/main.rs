@@ -390,6 +390,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let loading = tokio::spawn(berth::admin::serve_loading(admin_listener, async {
         let _ = loading.await;
     }));
+    // A test seam, never set in production: the loading phase first waits to read this FIFO,
+    // so a test sees the admin listener say "loading index" for exactly as long as it needs.
+    if let Some(gate) = std::env::var_os("BERTH_TEST_LOADING_GATE") {
+        let _ = tokio::task::spawn_blocking(move || std::fs::read(gate)).await;
+    }
     let state = berth::AppState::open(config).await?;
     let _ = loaded.send(());
     let admin_listener = loading.await.context("admin listener task")?;

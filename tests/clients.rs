@@ -564,11 +564,10 @@ async fn serve_flags_override_the_config_and_a_bad_config_names_its_key() {
 async fn readyz_says_loading_index_until_the_index_is_rebuilt() {
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    // A FIFO where a tag mapping file would be: the start-up scan blocks reading it until the
-    // test writes, which holds berth in "loading" for exactly as long as the test needs.
-    let tags = cache.join("tags/r.test/team");
-    std::fs::create_dir_all(&tags).unwrap();
-    let fifo = tags.join("@v1@00");
+    // A FIFO berth reads before it rebuilds the index (`BERTH_TEST_LOADING_GATE`): it holds
+    // berth in "loading" for exactly as long as the test needs. (A FIFO inside the cache would
+    // be skipped: start-up reads only plain files there.)
+    let fifo = work.path().join("gate");
     let made = std::process::Command::new("mkfifo")
         .arg(&fifo)
         .status()
@@ -578,7 +577,12 @@ async fn readyz_says_loading_index_until_the_index_is_rebuilt() {
         "listen = \"127.0.0.1:0\"\n[cache]\ndir = \"{}\"\n[[upstream]]\nhost = \"r.test\"\nendpoint = \"http://127.0.0.1:9\"\n",
         cache.display()
     );
-    let mut process = support::BerthProcess::spawn(&config, work.path());
+    let gate = fifo.display().to_string();
+    let mut process = support::BerthProcess::spawn_env(
+        &config,
+        work.path(),
+        &[("BERTH_TEST_LOADING_GATE", gate.as_str())],
+    );
     let line = process.wait_line("loading the cache index");
     let admin = line
         .split("admin=")
@@ -595,9 +599,9 @@ async fn readyz_says_loading_index_until_the_index_is_rebuilt() {
     let healthz = get(&format!("http://{admin}/healthz"), None).await.unwrap();
     assert_eq!(healthz.status, 200);
 
-    // Unblock the scan: the FIFO yields a line that is not a tag mapping, and is removed.
+    // Open the gate.
     let writer = fifo.clone();
-    tokio::task::spawn_blocking(move || std::fs::write(writer, "not a mapping\n"))
+    tokio::task::spawn_blocking(move || std::fs::write(writer, "go\n"))
         .await
         .unwrap()
         .unwrap();

@@ -125,7 +125,7 @@ async fn serve_own(
     Err(ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         Code::Unavailable,
-        "the blob is being fetched from another upstream; retry shortly",
+        "the blob is being fetched through another repository; retry shortly",
     ))
 }
 

@@ -285,7 +285,10 @@ async fn verify_blob(state: &AppState, target: &Target, digest: &Digest) -> Resu
                 let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
                     Err(_) => return Err(unverified("blob body stalled")),
                     Ok(None) => break,
-                    Ok(Some(Err(err))) => return Err(unverified(&format!("blob body: {err}"))),
+                    Ok(Some(Err(err))) => {
+                        return Err(unverified("blob body failed")
+                            .with_internal(format!("blob body: {err}")))
+                    }
                     Ok(Some(Ok(frame))) => frame,
                 };
                 let Ok(data) = frame.into_data() else {

@@ -334,7 +334,8 @@ fn bad_manifest(detail: String) -> ApiError {
         Code::Unavailable,
         "upstream sent a bad manifest",
     )
-    .with_detail(detail)
+    // The detail quotes the upstream's bytes or a library's error: the log has it, not the client.
+    .with_internal(detail)
 }
 
 /// `Docker-Content-Digest`, when the upstream sent a sha256 one we can check against.

@@ -225,7 +225,6 @@ impl Cache {
             return None;
         }
         if let Some(manifest) = self.manifests.get(digest) {
-            self.index.touch(digest);
             self.record_manifest_access(digest).await;
             return Some(manifest);
         }
@@ -236,7 +235,7 @@ impl Cache {
             Ok(Ok(bytes)) if Digest::of(&bytes) == *digest => {
                 // The type comes from the document, as when it was fetched, never the sidecar.
                 let Ok(media_type) = crate::oci::manifest::media_type(&bytes) else {
-                    self.index.take(Kind::Manifest, digest);
+                    self.drop_manifest(digest).await;
                     return None;
                 };
                 let manifest = Manifest {
@@ -249,9 +248,18 @@ impl Cache {
                 Some(manifest)
             }
             _ => {
-                self.index.take(Kind::Manifest, digest);
+                self.drop_manifest(digest).await;
                 None
             }
+        }
+    }
+
+    /// Takes a manifest the disk cannot produce faithfully out of the index and deletes its
+    /// files, so neither the next request nor a restart finds it again.
+    async fn drop_manifest(&self, digest: &Digest) {
+        if let Some(removed) = self.index.take(Kind::Manifest, digest) {
+            let index = Arc::clone(&self.index);
+            let _ = tokio::task::spawn_blocking(move || index.delete(removed)).await;
         }
     }
 
@@ -396,8 +404,14 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(left.iter().all(|name| !name.starts_with("@gone@")), "{left:?}");
-        assert!(left.iter().any(|name| name.starts_with("@kept@")), "{left:?}");
+        assert!(
+            left.iter().all(|name| !name.starts_with("@gone@")),
+            "{left:?}"
+        );
+        assert!(
+            left.iter().any(|name| name.starts_with("@kept@")),
+            "{left:?}"
+        );
     }
 
     #[test]

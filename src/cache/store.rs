@@ -211,7 +211,8 @@ impl Store {
 
     /// The `.type` sidecar, if it holds a media type; anything else counts as no sidecar.
     fn read_type(&self, digest: &Digest) -> Option<String> {
-        let text = fs::read_to_string(self.type_path(digest)).ok()?;
+        // `read_plain`: a sidecar that is a symlink or oversized is treated as missing.
+        let text = read_plain(&self.type_path(digest)).ok()?;
         crate::oci::manifest::is_media_type(&text).then_some(text)
     }
 
@@ -622,7 +623,17 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let found = store.scan().expect("start-up survives strays");
         let digests: Vec<&Digest> = found.iter().map(|f| &f.digest).collect();
-        assert_eq!(digests, [&real], "only the real blob is found");
+        // The manifest is found (its type comes from the document when it is read), but its
+        // symlinked sidecar is not read through the link.
+        assert_eq!(
+            digests,
+            [&real, &manifest],
+            "only the real objects are found"
+        );
+        assert_eq!(
+            found[1].media_type, None,
+            "a symlinked sidecar is not followed"
+        );
         assert!(store.scan_tags().expect("tags survive strays").is_empty());
         assert!(
             store.open_blob(Kind::Blob, &planted).is_err(),

@@ -35,6 +35,11 @@ impl BerthProcess {
     /// Like `start`, without waiting for the API listener (`addr` stays empty): for tests of
     /// what berth does before it serves.
     pub fn spawn(config_toml: &str, work: &Path) -> BerthProcess {
+        BerthProcess::spawn_env(config_toml, work, &[])
+    }
+
+    /// `spawn`, with these environment variables set for berth.
+    pub fn spawn_env(config_toml: &str, work: &Path, env: &[(&str, &str)]) -> BerthProcess {
         let config_path = work.join("berth.toml");
         let config = if config_toml.contains("admin_listen") {
             config_toml.to_string()
@@ -43,13 +48,19 @@ impl BerthProcess {
         };
         std::fs::write(&config_path, config).unwrap();
         let config_path = config_path.display().to_string();
-        BerthProcess::spawn_args(&["serve", "--config", &config_path])
+        BerthProcess::spawn_args_env(&["serve", "--config", &config_path], env)
     }
 
     /// Runs `berth ARGS...` with its log collected (`wait_line`); `addr` stays empty.
     pub fn spawn_args(args: &[&str]) -> BerthProcess {
+        BerthProcess::spawn_args_env(args, &[])
+    }
+
+    /// `spawn_args`, with these environment variables set for berth.
+    pub fn spawn_args_env(args: &[&str], env: &[(&str, &str)]) -> BerthProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
