@@ -65,21 +65,8 @@ pub async fn run(
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            continue;
-        };
+    while let Some((stream, permit)) = next_connection(&listener, &connections, &mut shutdown).await
+    {
         let state = Arc::clone(&state);
         let service = service_fn(move |request| {
             let state = Arc::clone(&state);
@@ -333,31 +320,50 @@ fn purge_repository(state: &AppState, name: &str, ns: Option<&str>) -> Response<
 /// Serves the admin address while `AppState::open` rebuilds the index from disk (minutes for a
 /// large cache): `/healthz` 200, `/readyz` and everything else 503 "loading index", so an
 /// orchestrator sees a live process that is not ready yet rather than a refused connection.
-/// HTTP/1.1 without keep-alive, so no connection outlives the switch to `run`. Returns the
-/// listener once `loaded` resolves.
+/// HTTP/1.1 without keep-alive, so no connection outlives the switch to `run`; at most
+/// `MAX_CONNECTIONS` at once, each closed after `DRAIN`. Returns the listener once `loaded`
+/// resolves.
 pub async fn serve_loading(listener: TcpListener, loaded: impl Future<Output = ()>) -> TcpListener {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.keep_alive(false);
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(loaded);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut loaded => return listener,
-        };
+    while let Some((stream, permit)) = next_connection(&listener, &connections, &mut loaded).await {
         let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
             Ok::<_, std::convert::Infallible>(loading_answer(request.uri().path()))
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(DRAIN, connection).await;
+            drop(permit);
         });
+    }
+    listener
+}
+
+/// The next admin connection and its slot of `MAX_CONNECTIONS`, or `None` once `stop`
+/// resolves. A failed accept (out of file descriptors) is logged and retried after a pause; a
+/// connection over the cap is closed at once.
+async fn next_connection<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &mut std::pin::Pin<&mut F>,
+) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(%err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.as_mut() => return None,
+        };
+        if let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
+            return Some((stream, permit));
+        }
     }
 }
 
@@ -395,6 +401,37 @@ fn respond(status: StatusCode, content_type: &'static str, text: String) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_loading_listener_caps_its_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (loaded, loading) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(serve_loading(listener, async {
+            let _ = loading.await;
+        }));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(b"GET /readyz HTTP/1.1\r\n").await.unwrap();
+            held.push(stream);
+        }
+        // One more is closed unanswered at once, not held until `DRAIN` like the others.
+        let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = over
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(DRAIN / 2, over.read_to_end(&mut answer)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection over the cap was served: {read:?} {answer:?}"
+        );
+        drop(held);
+        let _ = loaded.send(());
+        serving.await.unwrap();
+    }
 
     #[test]
     fn tokens_match_only_exactly() {
