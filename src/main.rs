@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(admin_listen) = admin_listen {
                 config.admin_listen = admin_listen;
             }
-            init_logging(config.log_format);
+            let _flush = init_logging(config.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(serve(config))
         }
@@ -431,7 +431,9 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-fn init_logging(format: LogFormat) {
+/// Installs the subscriber; the returned guard writes out queued lines when `main` ends.
+fn init_logging(format: LogFormat) -> berth::logs::Flush {
+    let (logs, flush) = berth::logs::Logs::stderr();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal; log files and collectors get plain text.
@@ -439,9 +441,10 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(logs);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    flush
 }

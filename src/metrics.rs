@@ -258,6 +258,7 @@ impl Metrics {
             Box::new(self.filesystem_size_bytes.clone()),
             Box::new(self.ready.clone()),
             Box::new(self.build_info.clone()),
+            Box::new(crate::logs::dropped_lines().clone()),
         ];
         for collector in collectors {
             self.registry.register(collector).expect("unique metric");

@@ -120,7 +120,10 @@ impl Observed {
         let elapsed = record.started.elapsed();
         record.duration.observe(elapsed.as_secs_f64());
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
-        tracing::info!(
+        macro_rules! request_line {
+            ($target:expr) => {
+                tracing::info!(
+            target: $target,
             request_id = %record.id,
             method = %record.method,
             path = %record.path,
@@ -135,7 +138,16 @@ impl Observed {
             ms = ms(elapsed),
             error = record.error.as_deref(),
             "request"
-        );
+                )
+            };
+        }
+        // A line with a principal records an allow or deny decision of the policy mode: an
+        // audit line, never dropped. The others may be, when the log queue is full (`logs`).
+        if record.principal.is_some() {
+            request_line!(module_path!());
+        } else {
+            request_line!(crate::logs::REQUEST_TARGET);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod evict;
 pub mod index;
+pub mod mapped;
 pub mod origins;
 pub mod reader;
 pub mod spill;

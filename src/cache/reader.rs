@@ -9,7 +9,9 @@
 //! the common case for a warm blob, costs no thread hop. Only a read that would wait goes to the
 //! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing a buffer per chunk
 //! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
-//! bytes past the file's good length come from the fill's in-memory window (`spill`). A read
+//! bytes past the file's good length come from the fill's in-memory window (`spill`). A
+//! verified file is served from a shared memory map instead, in larger slices, whenever the
+//! pages of a slice are in memory (`mapped`): one copy fewer than a read. A read
 //! error on a cached blob drops it from the cache (the next request refetches) and ends this
 //! body in an error: a body cannot be resumed mid-way. Choosing the range is the caller's job.
 
@@ -33,6 +35,9 @@ use crate::oci::digest::Digest;
 
 /// Largest single read; bounds the memory one slow client can pin.
 const CHUNK: u64 = 256 * 1024;
+/// Largest slice of a mapped blob per frame: it pins no memory of berth's, only page cache, so
+/// it is larger, to spend less per frame; small enough that served bytes count as they go.
+const MAPPED_CHUNK: usize = 1024 * 1024;
 
 /// What to drop from the cache when a read of the file fails.
 pub struct Evict {
@@ -47,6 +52,18 @@ struct Reader {
     /// Exclusive; `None` until the blob's length is known.
     end: Option<u64>,
     evict: Option<Evict>,
+    /// The verified file mapped (`mapped`), once it is verified; `None` while it is not
+    /// (yet) mappable.
+    mapped: Mapped,
+}
+
+enum Mapped {
+    /// Not verified yet, or not tried.
+    Untried,
+    /// The map, and the file to check when the body ends (see `Drop for Reader`).
+    Whole(Bytes, Arc<File>),
+    /// Empty, passed through, or the map failed: read with `pread`.
+    Unavailable,
 }
 
 /// Where the next bytes are and how far this reader may go right now.
@@ -54,6 +71,7 @@ struct Readable {
     file: Option<Arc<File>>,
     spill: Option<Arc<Spill>>,
     limit: u64,
+    verified: bool,
 }
 
 /// A body for bytes `start..end` (`end` None: to the end of the blob, however long it turns out).
@@ -68,6 +86,7 @@ pub fn blob_body(
         pos: start,
         end,
         evict,
+        mapped: Mapped::Untried,
     };
     body::stream(futures_util::stream::unfold(
         reader,
@@ -92,6 +111,12 @@ impl Reader {
             }
             let readable = self.readable()?;
             if let Some(file) = readable.file.filter(|_| self.pos < readable.limit) {
+                if readable.verified && readable.spill.is_none() {
+                    if let Some(bytes) = self.mapped_chunk(&file, readable.limit) {
+                        self.pos += bytes.len() as u64;
+                        return Ok(Some(bytes));
+                    }
+                }
                 let len = (readable.limit - self.pos).min(CHUNK);
                 let bytes = match readable.spill {
                     Some(spill) if self.pos >= spill.disk_len() => spill
@@ -110,6 +135,24 @@ impl Reader {
                 return Err("blob fill was abandoned".into());
             }
         }
+    }
+
+    /// The next chunk as a slice of the file's map, if its pages are all in memory; `None`:
+    /// read it instead (`cache::mapped` says why a page on disk must not be read through a map).
+    fn mapped_chunk(&mut self, file: &Arc<File>, limit: u64) -> Option<Bytes> {
+        if let Mapped::Untried = self.mapped {
+            self.mapped = match super::mapped::map(file, limit) {
+                Some(whole) => Mapped::Whole(whole, Arc::clone(file)),
+                None => Mapped::Unavailable,
+            };
+        }
+        let Mapped::Whole(whole, _) = &self.mapped else {
+            return None;
+        };
+        let start = usize::try_from(self.pos).ok()?;
+        let end = usize::try_from(limit).ok()?.min(whole.len());
+        let chunk = whole.slice(start..end.min(start + MAPPED_CHUNK).max(start));
+        (!chunk.is_empty() && super::mapped::resident(&chunk)).then_some(chunk)
     }
 
     async fn read_file(&mut self, file: Arc<File>, len: u64) -> Result<Bytes, BoxError> {
@@ -136,6 +179,7 @@ impl Reader {
                 file: None,
                 spill: None,
                 limit: 0,
+                verified: false,
             }),
             Progress::Streaming {
                 file,
@@ -154,6 +198,7 @@ impl Reader {
                     file: Some(Arc::clone(file)),
                     spill: spill.clone(),
                     limit,
+                    verified: false,
                 })
             }
             Progress::Verified { file, total, spill } => {
@@ -163,9 +208,27 @@ impl Reader {
                     file: Some(Arc::clone(file)),
                     spill: spill.clone(),
                     limit: end,
+                    verified: true,
                 })
             }
             Progress::Failed(error) => Err(error.clone().into()),
+        }
+    }
+}
+
+impl Drop for Reader {
+    /// A write from a map fails in the kernel, not in a read of ours, when the file lost the
+    /// page (truncated under the map: never by berth): the body just ends early. Check the file
+    /// is still whole, and drop the blob from the cache as a failed read would.
+    fn drop(&mut self) {
+        if let Mapped::Whole(whole, file) = &self.mapped {
+            let shrunk = file
+                .metadata()
+                .map_or(true, |meta| meta.len() < whole.len() as u64);
+            if let Some(evict) = self.evict.take().filter(|_| shrunk) {
+                tracing::warn!(digest = %evict.digest, "cached blob shrank under a reader; dropping it");
+                crate::fill::drop_cached(&evict.cache, &evict.metrics, &evict.digest);
+            }
         }
     }
 }

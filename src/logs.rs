@@ -1,0 +1,282 @@
+//! The log writer: formatted lines go to stderr from a thread of their own through a bounded
+//! queue, so no request waits for stderr (a pipe to a slow collector, a terminal, a full disk).
+//!
+//! The per-request lines of requests without a principal (target `berth::request`) are the only
+//! lines ever dropped: when the queue is full they are counted in `berth_log_dropped_total`
+//! instead. Every other line waits for room: warnings, start-up, and, in the policy mode, the
+//! request lines that carry a principal, which record each allow or deny decision (an audit
+//! trail). One queue for both keeps the lines in order. What the lines say and their format is
+//! `tracing_subscriber`'s and `api::record`'s business, not this file's.
+
+use std::io::Write;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// The target of request lines that may be dropped under load (no principal, no decision).
+pub const REQUEST_TARGET: &str = "berth::request";
+
+/// Lines waiting for stderr: at about 300 bytes a line, 5 MiB at most, a few tenths of a
+/// second of the highest request rate.
+pub const QUEUE_LINES: usize = 16 * 1024;
+
+/// How long `Flush` waits for the queue to drain at exit.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+enum Message {
+    Line(Vec<u8>),
+    /// Answers once every line queued before it is written.
+    Flush(SyncSender<()>),
+}
+
+/// The process-wide count of dropped lines, registered by `Metrics`.
+pub fn dropped_lines() -> &'static IntCounter {
+    static DROPPED: OnceLock<IntCounter> = OnceLock::new();
+    DROPPED.get_or_init(|| {
+        IntCounter::new(
+            "berth_log_dropped_total",
+            "Request log lines dropped because the log queue was full",
+        )
+        .expect("valid metric")
+    })
+}
+
+/// A `MakeWriter` for `tracing_subscriber::fmt` that queues each line for the writer thread.
+#[derive(Clone)]
+pub struct Logs {
+    queue: SyncSender<Message>,
+    dropped: IntCounter,
+}
+
+/// Waits, when dropped, for the lines queued so far to be written (the end of `main`).
+pub struct Flush(Logs);
+
+impl Logs {
+    /// Lines to stderr, drops counted in `dropped_lines()`.
+    pub fn stderr() -> (Logs, Flush) {
+        Logs::start(QUEUE_LINES, std::io::stderr(), dropped_lines().clone())
+    }
+
+    /// Lines to `sink` through a queue of `capacity` lines.
+    pub fn start(
+        capacity: usize,
+        sink: impl Write + Send + 'static,
+        dropped: IntCounter,
+    ) -> (Logs, Flush) {
+        let (queue, lines) = mpsc::sync_channel(capacity);
+        std::thread::Builder::new()
+            .name("berth-log".into())
+            .spawn(move || write_lines(lines, sink))
+            .expect("spawn the log writer thread");
+        let logs = Logs { queue, dropped };
+        (logs.clone(), Flush(logs))
+    }
+}
+
+fn write_lines(lines: Receiver<Message>, sink: impl Write) {
+    let mut sink = std::io::BufWriter::with_capacity(64 * 1024, sink);
+    while let Ok(message) = lines.recv() {
+        let mut next = Some(message);
+        // Write what is queued, then flush once: one write(2) per burst, not per line.
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => {
+                    let _ = sink.write_all(&line);
+                }
+                Message::Flush(done) => {
+                    let _ = sink.flush();
+                    let _ = done.send(());
+                }
+            }
+            next = lines.try_recv().ok();
+        }
+        let _ = sink.flush();
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.0.queue.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(FLUSH_WAIT);
+        }
+    }
+}
+
+/// The writer of one event: `tracing_subscriber::fmt` formats a whole line, then writes it once.
+pub struct Line {
+    logs: Logs,
+    lossy: bool,
+}
+
+impl Write for Line {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let message = Message::Line(buf.to_vec());
+        if self.lossy {
+            match self.logs.queue.try_send(message) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(_)) => self.logs.dropped.inc(),
+            }
+        } else {
+            let _ = self.logs.queue.send(message);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Logs {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line {
+            logs: self.clone(),
+            lossy: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
+        Line {
+            logs: self.clone(),
+            lossy: meta.target() == REQUEST_TARGET,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A sink that holds its first write until the test lets it go, then records everything.
+    #[derive(Clone)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Gate {
+        fn closed() -> Gate {
+            Gate {
+                open: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
+                written: Arc::default(),
+            }
+        }
+
+        fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+
+        fn lines(&self) -> Vec<String> {
+            let written = self.written.lock().unwrap();
+            String::from_utf8_lossy(&written)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, changed) = &*self.open;
+            let mut guard = open.lock().unwrap();
+            while !*guard {
+                guard = changed.wait(guard).unwrap();
+            }
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Lines this long let the writer thread hold at most two (its 64 KiB buffer, and one in
+    /// hand) while the sink is stuck, so the queue's bound decides what is dropped.
+    fn padded(text: &str) -> String {
+        format!("{text} {}\n", "x".repeat(40 * 1024))
+    }
+
+    fn line(logs: &Logs, lossy: bool, text: &str) {
+        let mut writer = Line {
+            logs: logs.clone(),
+            lossy,
+        };
+        writer.write_all(padded(text).as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn request_lines_that_find_the_queue_full_are_dropped_and_counted() {
+        let gate = Gate::closed();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let (logs, flush) = Logs::start(4, gate.clone(), dropped.clone());
+        for i in 0..1000 {
+            line(&logs, true, &format!("request {i}"));
+        }
+        assert!(dropped.get() >= 1000 - 4 - 2, "dropped {}", dropped.get());
+        gate.open();
+        drop(flush);
+        let written = gate.lines().len() as u64;
+        assert_eq!(written + dropped.get(), 1000);
+    }
+
+    #[test]
+    fn audit_lines_wait_for_room_and_are_never_dropped() {
+        let gate = Gate::closed();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let (logs, flush) = Logs::start(2, gate.clone(), dropped.clone());
+        let (started, first_lines) = mpsc::channel();
+        let writer = {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    line(&logs, false, &format!("decision {i}"));
+                    line(&logs, true, &format!("request {i}"));
+                    let _ = started.send(());
+                }
+            })
+        };
+        // The sink stays stuck until the writer has filled the queue; its next decision line
+        // then waits for room instead of being dropped.
+        first_lines.recv().unwrap();
+        first_lines.recv().unwrap();
+        gate.open();
+        writer.join().unwrap();
+        drop(flush);
+        let lines = gate.lines();
+        let decisions: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix("decision ")?.split(' ').next())
+            .collect();
+        let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        assert_eq!(decisions, expected);
+        let requests = lines.iter().filter(|l| l.starts_with("request")).count();
+        assert_eq!(requests as u64 + dropped.get(), 100);
+    }
+
+    #[test]
+    fn events_of_the_request_target_are_the_lossy_ones() {
+        let gate = Gate::closed();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let (logs, flush) = Logs::start(4, gate.clone(), dropped.clone());
+        let pad = "x".repeat(40 * 1024);
+        let subscriber = tracing_subscriber::fmt().with_writer(logs).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..100 {
+                tracing::info!(target: REQUEST_TARGET, pad = %pad, "request");
+            }
+        });
+        assert!(dropped.get() >= 100 - 4 - 2, "dropped {}", dropped.get());
+        gate.open();
+        drop(flush);
+        assert_eq!(gate.lines().len() as u64 + dropped.get(), 100);
+    }
+}
