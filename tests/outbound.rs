@@ -6,19 +6,19 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use berth::config::Config;
 use berth::oci::name::{Reference, Repository};
 use berth::upstream::connect::{Resolve, Resolver};
 use berth::upstream::{UpstreamError, Upstreams};
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use support::ca::test_ca;
+use support::scripted::{Answer, Scripted};
 use support::token::{Policy, TokenServer};
 use support::{fetch, push_image, request, Auth, Berth, Flavor, Image, Registry, Tap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -245,93 +245,8 @@ async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_al
     assert_eq!(fetched.body, image.manifest.bytes);
 }
 
-/// An in-process upstream answering every request with `answer(request)`, counting them.
-struct Scripted {
-    url: String,
-    seen: Arc<Mutex<Vec<Request<()>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-type Answer = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sync>;
-
-impl Scripted {
-    async fn start(answer: Answer) -> Scripted {
-        Scripted::serve(answer, None).await
-    }
-
-    /// Over TLS, with a certificate for 127.0.0.1 from the test CA (`test_ca`).
-    async fn start_tls(answer: Answer) -> Scripted {
-        let (leaf, key) = test_ca().leaf();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf], key)
-            .unwrap();
-        Scripted::serve(
-            answer,
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-        )
-        .await
-    }
-
-    async fn serve(answer: Answer, tls: Option<tokio_rustls::TlsAcceptor>) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&seen);
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (answer, log, tls) = (Arc::clone(&answer), Arc::clone(&log), tls.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<_>| {
-                        let (parts, _) = req.into_parts();
-                        let req = Request::from_parts(parts, ());
-                        let response = answer(&req);
-                        log.lock().unwrap().push(req);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                        Some(tls) => {
-                            let Ok(stream) = tls.accept(stream).await else {
-                                return;
-                            };
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    }
-                });
-            }
-        });
-        Scripted {
-            url: format!("{scheme}://127.0.0.1:{port}"),
-            seen,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        self.url.clone()
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn redirect_to(location: String) -> Answer {
-    Arc::new(move |_| {
+    Arc::new(move |_, _| {
         Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header("location", location.as_str())
@@ -411,7 +326,7 @@ async fn a_challenge_on_a_redirect_hop_is_answered_anonymously() {
     // The upstream (with alice's password configured) redirects every call to the token
     // registry, as registry.k8s.io sends every /v2/ call to a pkg.dev host.
     let registry_url = registry.url();
-    let origin = Scripted::start(Arc::new(move |req| {
+    let origin = Scripted::start(Arc::new(move |req, _| {
         Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header("location", format!("{registry_url}{}", req.uri().path()))
@@ -557,61 +472,8 @@ async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
     );
 }
 
-/// A private CA for the TLS upstreams of these tests, written where berth's `client.ca_file`
-/// can name it.
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    file: tempfile::NamedTempFile,
-}
-
-fn test_ca() -> &'static TestCa {
-    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
-    CA.get_or_init(|| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        let file = tempfile::NamedTempFile::new().unwrap();
-        use base64::Engine;
-        let body = base64::engine::general_purpose::STANDARD.encode(cert.der());
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        let pem = format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            lines.join("\n")
-        );
-        std::fs::write(file.path(), pem).unwrap();
-        TestCa {
-            issuer: rcgen::Issuer::new(params, key),
-            file,
-        }
-    })
-}
-
-impl TestCa {
-    fn leaf(
-        &self,
-    ) -> (
-        rustls_pki_types::CertificateDer<'static>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    ) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let key = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        (cert.der().clone(), key.into())
-    }
-
-    fn client_section(&self) -> String {
-        format!("[client]\nca_file = \"{}\"\n", self.file.path().display())
-    }
-}
-
 fn challenge(value: String) -> Answer {
-    Arc::new(move |_| {
+    Arc::new(move |_, _| {
         Response::builder()
             .status(StatusCode::UNAUTHORIZED)
             .header("www-authenticate", value.as_str())

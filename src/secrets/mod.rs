@@ -24,8 +24,6 @@ mod exchange;
 mod fields;
 mod gcp;
 mod source;
-#[cfg(test)]
-mod standin;
 mod token;
 
 use std::collections::HashSet;
@@ -166,7 +164,9 @@ impl Secrets {
         Secrets::with_recheck(configs, client, RECHECK)
     }
 
-    fn with_recheck(
+    /// As `new`, checking the files for changes every `recheck` at most (tests use zero, to
+    /// see a change at once).
+    pub fn with_recheck(
         configs: Vec<SecretConfig>,
         transport: Transport,
         recheck: Duration,
@@ -381,10 +381,32 @@ pub fn check_configs(configs: &[SecretConfig]) -> Result<(), (String, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::standin::{secret_file, transport};
     use super::*;
     use base64::Engine;
     use serde_json::json;
+
+    /// Nothing here goes on the network: a default client.
+    fn transport() -> Transport {
+        Transport::new(&crate::config::ClientConfig::default()).unwrap()
+    }
+
+    /// Writes `doc` as the file of a secret called `name` and returns its config.
+    fn secret_file(
+        dir: &tempfile::TempDir,
+        name: &str,
+        kind: SecretKind,
+        doc: &serde_json::Value,
+    ) -> SecretConfig {
+        let file = dir.path().join(name);
+        std::fs::write(&file, doc.to_string()).unwrap();
+        SecretConfig {
+            name: name.to_string(),
+            kind,
+            file,
+            sts_endpoint: None,
+            ecr_endpoint: None,
+        }
+    }
 
     const ECR_HOST: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
 
@@ -396,7 +418,7 @@ mod tests {
 
     /// A docker, an ECR and a GCP secret, and one whose file is broken, in that order.
     fn all_kinds(dir: &tempfile::TempDir) -> Vec<SecretConfig> {
-        let pem = standin::rsa_key().private_pem.clone();
+        let pem = gcp::tests::rsa_key().private_pem.clone();
         let gcp_key = gcp::tests::key_json(&pem, "my-proj", "https://oauth2.googleapis.com/token");
         vec![
             secret_file(
@@ -534,17 +556,26 @@ mod tests {
         assert_eq!(err, "secret `nope` is not configured");
     }
 
-    #[tokio::test]
-    async fn files_are_read_again_when_they_change() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A docker secret `hub` with the login `a:one` for ghcr.io, checked every `recheck`, and
+    /// its file.
+    fn hub_for_ghcr(dir: &tempfile::TempDir, recheck: Duration) -> (Secrets, PathBuf) {
         let config = secret_file(
-            &dir,
+            dir,
             "hub",
             SecretKind::Docker,
             &json!({"auths": {"ghcr.io": auth("a", "one")}}),
         );
         let path = config.file.clone();
-        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::ZERO);
+        (
+            Secrets::with_recheck(vec![config], transport(), recheck),
+            path,
+        )
+    }
+
+    #[tokio::test]
+    async fn files_are_read_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secrets, path) = hub_for_ghcr(&dir, Duration::ZERO);
         let before = secrets.credentials("hub", "ghcr.io").await.unwrap();
         assert_eq!(
             (before.password.expose(), before.id.as_str()),
@@ -604,14 +635,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_not_checked_more_often_than_the_recheck_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let config = secret_file(
-            &dir,
-            "hub",
-            SecretKind::Docker,
-            &json!({"auths": {"ghcr.io": auth("a", "one")}}),
-        );
-        let path = config.file.clone();
-        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::from_secs(3600));
+        let (secrets, path) = hub_for_ghcr(&dir, Duration::from_secs(3600));
         std::fs::write(
             &path,
             json!({"auths": {"ghcr.io": auth("b", "second")}}).to_string(),

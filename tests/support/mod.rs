@@ -17,7 +17,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod berth;
+pub mod ca;
 pub mod client;
+pub mod cloud;
 pub mod containerd;
 pub mod fault;
 pub mod hostile;
@@ -25,6 +27,7 @@ pub mod image;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod scripted;
 pub mod skopeo;
 pub mod stack;
 pub mod tap;
