@@ -4,7 +4,9 @@
 //! Each takes arbitrary bytes and must not panic; where a parser accepts, the result is also
 //! checked against an invariant of its type.
 //!
-//! The access-policy JSON target belongs with the policy parser (issue 6) and is not here.
+//! A new target goes in three places: a function here, a `fuzz_targets/<name>.rs` binary with
+//! its `[[bin]]` in `fuzz/Cargo.toml` and a seed corpus in `fuzz/corpus/<name>`, and a
+//! proptest case in `tests/fuzz.rs`.
 
 use std::sync::OnceLock;
 

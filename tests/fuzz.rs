@@ -1,6 +1,7 @@
 //! The fuzz targets of `fuzz/` on the stable toolchain: each runs a bounded number of proptest
-//! cases (`BERTH_FUZZ_CASES`, default 20000) of hostile and near-valid input, and replays its
-//! seed corpus. No target may panic. cargo-fuzz (nightly) runs the same bodies open-ended.
+//! cases of hostile and near-valid input (2,000 by default, as `./scripts/test` runs it;
+//! `BERTH_FUZZ_CASES=20000` for the long run), and replays its seed corpus. No target may
+//! panic. cargo-fuzz (nightly) runs the same bodies open-ended.
 
 #[path = "../fuzz/targets.rs"]
 mod targets;
@@ -12,7 +13,7 @@ fn config() -> Config {
     let cases = std::env::var("BERTH_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(2_000);
     Config {
         cases,
         // Shrinking a failure is useful; unbounded shrinking is not.

@@ -71,14 +71,19 @@ fn ecr_config(
     config
 }
 
+/// Secrets holding one ECR key (no role) with `secret_key`, for the `ecr` stand-in.
+fn ecr_secrets(dir: &tempfile::TempDir, secret_key: &str, ecr: &Scripted) -> Secrets {
+    Secrets::new(
+        vec![ecr_config(dir, secret_key, None, None, ecr)],
+        transport(),
+    )
+}
+
 #[tokio::test]
 async fn ecr_key_gets_a_registry_login_signed_with_sigv4() {
     let dir = tempfile::tempdir().unwrap();
     let ecr = ecr(BASE_KEY, Duration::from_secs(12 * 3600)).await;
-    let secrets = Secrets::new(
-        vec![ecr_config(&dir, BASE_KEY.secret_key, None, None, &ecr)],
-        transport(),
-    );
+    let secrets = ecr_secrets(&dir, BASE_KEY.secret_key, &ecr);
     assert_eq!(
         secrets.select(ECR_HOST, "team/app", None).as_deref(),
         Some("aws")
@@ -101,8 +106,7 @@ async fn ecr_key_gets_a_registry_login_signed_with_sigv4() {
 async fn a_wrong_secret_key_fails_the_signature_check() {
     let dir = tempfile::tempdir().unwrap();
     let ecr = ecr(BASE_KEY, Duration::from_secs(3600)).await;
-    let config = ecr_config(&dir, "wrong-secret-key-value", None, None, &ecr);
-    let secrets = Secrets::new(vec![config], transport());
+    let secrets = ecr_secrets(&dir, "wrong-secret-key-value", &ecr);
     let err = secrets.credentials("aws", ECR_HOST).await.unwrap_err();
     assert!(
         matches!(
@@ -180,8 +184,7 @@ async fn a_wrong_external_id_is_refused_by_sts() {
 async fn a_failed_exchange_is_remembered_briefly() {
     let dir = tempfile::tempdir().unwrap();
     let ecr = ecr(BASE_KEY, Duration::from_secs(3600)).await;
-    let config = ecr_config(&dir, "wrong-secret-key-value", None, None, &ecr);
-    let secrets = Secrets::new(vec![config], transport());
+    let secrets = ecr_secrets(&dir, "wrong-secret-key-value", &ecr);
     for _ in 0..5 {
         assert!(secrets.credentials("aws", ECR_HOST).await.is_err());
     }

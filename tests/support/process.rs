@@ -11,6 +11,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// A finished command's status, stdout and stderr, for an assertion message.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// How long to wait for a log line or an exit before failing the test.
 const WAIT: Duration = Duration::from_secs(30);
 

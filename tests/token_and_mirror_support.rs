@@ -1,6 +1,7 @@
-//! Checks the second half of the test support, with no berth in the loop: the registry under
-//! token auth with the in-process token server (challenges, grants, refusals, expiry), and
-//! containerd pulling through a `hosts.toml` mirror.
+//! Checks the token and mirror pieces of the test support, with no berth in the loop: the
+//! registry under token auth with the in-process token server (challenges, grants, refusals,
+//! expiry), and containerd pulling through a `hosts.toml` mirror. tests/registry_support.rs
+//! checks the rest (registry, images, tap, faults).
 //!
 //! Does not test berth. If one of these fails, every berth test built on these pieces is suspect.
 
