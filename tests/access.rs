@@ -16,6 +16,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
+use support::berth::policy_mode_tables;
 use support::error_code;
 use support::{
     fetch, push_image, random_layer, read_oci_layout, request, skopeo_copy, skopeo_copy_ok, Auth,
@@ -137,13 +138,7 @@ admin_token = "{ADMIN_TOKEN}"
 default_upstream = "{OWN}"
 [platform]
 org = "my-org"
-[cache]
-dir = "{cache}"
-[access]
-mode = "policy"
-principals = "{principals}"
-policies = "{policies}"
-{extra_access}
+{tables}{extra_access}
 [[upstream]]
 host = "{OWN}"
 endpoint = "{tap}"
@@ -152,9 +147,7 @@ host = "mirror.test"
 endpoint = "{tap}"
 public = true
 "#,
-            cache = dir.path().join("cache").display(),
-            principals = principals.display(),
-            policies = policies.display(),
+            tables = policy_mode_tables(dir.path()),
             tap = tap.url(),
         );
         let berth = Berth::start(&config).await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use serde_json::json;
+use support::berth::policy_mode_tables;
 use support::error_code;
 use support::process::output_text;
 use support::{
@@ -406,19 +407,11 @@ listen = "127.0.0.1:0"
 default_upstream = "{OWN}"
 [platform]
 org = "my-org"
-[cache]
-dir = "{cache}"
-[access]
-mode = "policy"
-principals = "{principals}"
-policies = "{policies}"
-[[upstream]]
+{tables}[[upstream]]
 host = "{OWN}"
 endpoint = "{tap}"
 "#,
-        cache = dir.path().join("cache").display(),
-        principals = principals.display(),
-        policies = policies.display(),
+        tables = policy_mode_tables(dir.path()),
         tap = tap.url(),
     );
     let berth = Berth::start(&config).await;

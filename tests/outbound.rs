@@ -255,6 +255,13 @@ fn redirect_to(location: String) -> Answer {
     })
 }
 
+/// Upstreams configured by `head` (top-level tables) and one `[[upstream]]` for `host` at
+/// `endpoint` with `extra` keys.
+fn upstreams_for(head: &str, host: &str, endpoint: &str, extra: &str) -> Upstreams {
+    let text = format!("{head}[[upstream]]\nhost = \"{host}\"\nendpoint = \"{endpoint}\"\n{extra}");
+    Upstreams::new(&Config::from_toml(&text).unwrap()).unwrap()
+}
+
 async fn manifest_through(upstreams: &Upstreams, host: &str) -> Result<u16, UpstreamError> {
     let target = berth::route::resolve(upstreams, Some(host), "team/app").unwrap();
     let repository: &Repository = &target.repository;
@@ -297,12 +304,7 @@ async fn a_redirect_to_the_metadata_address_is_refused_before_any_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redirects_are_followed_five_times_at_most() {
     let upstream = Scripted::start(redirect_to("/v2/team/app/manifests/v1".into())).await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"loop.test\"\nendpoint = \"{}\"\n",
-        upstream.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for("", "loop.test", &upstream.url(), "");
     let result = manifest_through(&upstreams, "loop.test").await;
     assert!(
         matches!(result, Err(UpstreamError::Invalid(_))),
@@ -334,13 +336,12 @@ async fn a_challenge_on_a_redirect_hop_is_answered_anonymously() {
             .unwrap()
     }))
     .await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"origin.test\"\nendpoint = \"{}\"\nusername = \"alice\"\n\
-         password = \"alice-pw\"\n",
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for(
+        "",
+        "origin.test",
+        &origin.url(),
+        "username = \"alice\"\npassword = \"alice-pw\"\n",
+    );
     tokens.reset();
     let status = manifest_through(&upstreams, "origin.test").await.unwrap();
     assert_eq!(status, 200);
@@ -490,13 +491,7 @@ async fn an_https_upstream_redirecting_to_http_is_not_followed() {
         listener.port
     );
     let origin = Scripted::start_tls(redirect_to(location)).await;
-    let config = Config::from_toml(&format!(
-        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\n",
-        test_ca().client_section(),
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for(&test_ca().client_section(), "tls.test", &origin.url(), "");
     let result = manifest_through(&upstreams, "tls.test").await;
     assert!(
         matches!(result, Err(UpstreamError::Invalid(_))),
@@ -512,14 +507,12 @@ async fn an_https_upstream_sends_its_credentials_to_an_https_realm_only() {
         TokenServer::start(Policy::new().user("alice", "alice-pw", &[("team/*", "pull")])).await;
     let realm = format!("Bearer realm=\"{}\",service=\"test\"", tokens.realm());
     let origin = Scripted::start_tls(challenge(realm)).await;
-    let config = Config::from_toml(&format!(
-        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\nusername = \"alice\"\n\
-         password = \"alice-pw\"\n",
-        test_ca().client_section(),
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for(
+        &test_ca().client_section(),
+        "tls.test",
+        &origin.url(),
+        "username = \"alice\"\npassword = \"alice-pw\"\n",
+    );
     let _ = manifest_through(&upstreams, "tls.test").await;
     let requests = tokens.requests();
     assert!(!requests.is_empty(), "the realm was asked");
@@ -535,12 +528,7 @@ async fn a_token_realm_at_the_metadata_address_is_refused() {
         "Bearer realm=\"http://169.254.169.254/latest/api/token\"".to_string(),
     ))
     .await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"realm.test\"\nendpoint = \"{}\"\n",
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for("", "realm.test", &origin.url(), "");
     let result = manifest_through(&upstreams, "realm.test").await;
     assert!(
         matches!(result, Err(UpstreamError::Refused(_))),

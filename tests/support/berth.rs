@@ -134,3 +134,15 @@ impl Drop for Berth {
         }
     }
 }
+
+/// The `[cache]` and `[access]` tables of berth in the policy mode, with everything in `dir`:
+/// the cache in `cache/`, principals in `principals.json`, policies in `policies/`. The
+/// `[access]` table stays open, so a caller may add keys to it.
+pub fn policy_mode_tables(dir: &Path) -> String {
+    format!(
+        "[cache]\ndir = \"{}\"\n[access]\nmode = \"policy\"\nprincipals = \"{}\"\npolicies = \"{}\"\n",
+        dir.join("cache").display(),
+        dir.join("principals.json").display(),
+        dir.join("policies").display()
+    )
+}
