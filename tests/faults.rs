@@ -121,12 +121,7 @@ async fn a_stalled_fill_resumes_after_the_read_timeout() {
     let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes);
-    let ranged = stack
-        .tap
-        .seen()
-        .into_iter()
-        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
-        .count();
+    let ranged = stack.tap.count_ranged(Kind::Blob);
     assert_eq!(ranged, 1);
 }
 

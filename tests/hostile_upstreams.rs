@@ -141,12 +141,7 @@ async fn a_trickling_fill_is_abandoned_at_the_rate_floor_and_resumed() {
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes, "whole blob, byte for byte");
     assert_eq!(stack.berth.state.metrics.fill_resumes.get(), 1);
-    let ranged = stack
-        .tap
-        .seen()
-        .into_iter()
-        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
-        .count();
+    let ranged = stack.tap.count_ranged(Kind::Blob);
     assert_eq!(ranged, 1, "the trickle was dropped and the rest asked for");
 }
 

@@ -79,6 +79,18 @@ fn ecr_secrets(dir: &tempfile::TempDir, secret_key: &str, ecr: &Scripted) -> Sec
     )
 }
 
+/// Secrets holding one ECR key that assumes `ROLE` through `sts` with `external_id`.
+fn role_secrets(
+    dir: &tempfile::TempDir,
+    external_id: &str,
+    sts: &Scripted,
+    ecr: &Scripted,
+) -> Secrets {
+    let role = Some((ROLE, external_id));
+    let config = ecr_config(dir, BASE_KEY.secret_key, role, Some(sts), ecr);
+    Secrets::new(vec![config], transport())
+}
+
 #[tokio::test]
 async fn ecr_key_gets_a_registry_login_signed_with_sigv4() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,14 +145,7 @@ async fn ecr_with_a_role_assumes_it_and_signs_with_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let sts = sts("ext-id-value").await;
     let ecr = ecr(SESSION_KEY, Duration::from_secs(12 * 3600)).await;
-    let config = ecr_config(
-        &dir,
-        BASE_KEY.secret_key,
-        Some((ROLE, "ext-id-value")),
-        Some(&sts),
-        &ecr,
-    );
-    let secrets = Arc::new(Secrets::new(vec![config], transport()));
+    let secrets = Arc::new(role_secrets(&dir, "ext-id-value", &sts, &ecr));
     let calls = (0..8).map(|_| {
         let secrets = Arc::clone(&secrets);
         tokio::spawn(async move { secrets.credentials("aws", ECR_HOST).await })
@@ -160,14 +165,7 @@ async fn a_wrong_external_id_is_refused_by_sts() {
     let dir = tempfile::tempdir().unwrap();
     let sts = sts("ext-id-value").await;
     let ecr = ecr(SESSION_KEY, Duration::from_secs(3600)).await;
-    let config = ecr_config(
-        &dir,
-        BASE_KEY.secret_key,
-        Some((ROLE, "other-id")),
-        Some(&sts),
-        &ecr,
-    );
-    let secrets = Secrets::new(vec![config], transport());
+    let secrets = role_secrets(&dir, "other-id", &sts, &ecr);
     let err = secrets
         .credentials("aws", ECR_HOST)
         .await

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::podman::Podman;
+use super::support::image::append;
 use super::support::{push_image, read_oci_layout, skopeo_copy_ok, Auth, Flavor, Image, Registry};
 use super::tools::{assert_ok, berth_binary, deploy, have, output, output_ok, tool};
 
@@ -183,22 +184,6 @@ async fn import_base_image(podman: &Podman) {
     std::fs::write(&tarball, tar.into_inner().unwrap()).unwrap();
     let tarball = tarball.display().to_string();
     output_ok(podman.command(&["import", "--quiet", &tarball, BASE])).await;
-}
-
-fn append(
-    tar: &mut tar::Builder<Vec<u8>>,
-    kind: tar::EntryType,
-    path: &str,
-    mode: u32,
-    data: &[u8],
-) {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_size(data.len() as u64);
-    header.set_mode(mode);
-    header.set_mtime(0);
-    tar.append_data(&mut header, path, data)
-        .expect("append tar entry");
 }
 
 /// `podman build --target runtime-prebuilt` with a context holding only the binary.

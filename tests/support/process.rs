@@ -145,3 +145,45 @@ impl Drop for BerthProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The last lines a child process (the registry, containerd) logged, shared with the thread
+/// that reads its stderr, for a failing test's message.
+#[derive(Clone, Default)]
+pub struct LogTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl LogTail {
+    /// How many lines it keeps.
+    const LINES: usize = 200;
+
+    /// Reads `stderr` to EOF, keeping the last lines, and sends what `found` makes of the
+    /// first line it recognizes (the process's "ready" line) through `tx`.
+    pub fn follow<T>(
+        self,
+        stderr: std::process::ChildStderr,
+        found: impl Fn(&str) -> Option<T>,
+        tx: tokio::sync::oneshot::Sender<T>,
+    ) {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(value) = found(&line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(value);
+                }
+            }
+            let mut lines = self.0.lock().unwrap();
+            if lines.len() == LogTail::LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line);
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

@@ -50,7 +50,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use super::ca::pem;
 use super::client::{self, BoxError, Creds};
 use super::image::{Blob, Image, Index};
-use super::push::{upload_url, PushError};
+use super::push::{expect, upload_url, PushError};
 use super::registry::Auth;
 
 /// The `service` the registry names in its challenge and expects as the token's `aud`.
@@ -500,16 +500,6 @@ impl Bearer {
         all.extend_from_slice(headers);
         Ok(client::fetch(client::request(method, url, None, &all, body)).await?)
     }
-}
-
-fn expect(response: &client::Fetched, status: StatusCode) -> Result<(), PushError> {
-    if response.status == status {
-        return Ok(());
-    }
-    Err(PushError {
-        status: Some(response.status),
-        message: String::from_utf8_lossy(&response.body).into_owned(),
-    })
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
