@@ -66,11 +66,9 @@ async fn push_random(registry: &Registry, size: usize, seed: u64) -> Blob {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_fill_resumes_from_the_byte_it_reached_and_every_client_gets_the_whole_blob() {
     let stack = Stack::start("").await;
-    let blob = stack.push(3_000_000, 1).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::CutBlobAt(1_234_567), 1);
+    let blob = stack
+        .push_faulted(3_000_000, 1, Fault::CutBlobAt(1_234_567))
+        .await;
 
     let first = send(request(
         Method::GET,
@@ -128,21 +126,17 @@ async fn a_stalled_fill_resumes_after_the_read_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_short_429_is_retried_but_a_long_one_and_a_404_go_to_the_client() {
     let stack = Stack::start("").await;
-    let blob = stack.push(10_000, 3).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::Status(429, Some(0)), 1);
+    let blob = stack
+        .push_faulted(10_000, 3, Fault::Status(429, Some(0)))
+        .await;
     let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes);
     assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 2, "retried once");
 
-    let other = stack.push(10_000, 4).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::Status(429, Some(120)), 1);
+    let other = stack
+        .push_faulted(10_000, 4, Fault::Status(429, Some(120)))
+        .await;
     let fetched = get(&stack.url(&other), None).await.unwrap();
     assert_eq!(fetched.status, 429);
     assert_eq!(fetched.header("retry-after"), Some("120"));

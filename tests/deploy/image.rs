@@ -6,7 +6,6 @@
 //! (65532) and nothing else: no shell, so `HEALTHCHECK` and the probe must work without one.
 //! The build stage (rustc in a rust image) is not built here: it needs that image.
 
-use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use serde_json::Value;
 
 use super::podman::Podman;
 use super::support::image::append;
+use super::support::process::{stderr_lines, wait_line};
 use super::support::{push_image, read_oci_layout, skopeo_copy_ok, Auth, Flavor, Image, Registry};
 use super::tools::{assert_ok, berth_binary, deploy, have, output, output_ok, tool};
 
@@ -298,28 +298,13 @@ impl Container {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn podman run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stderr_lines(&mut child);
         Container { child, lines }
     }
 
     /// Blocks until the container logs a line containing `needle`.
     fn wait_line(&mut self, needle: &str) -> String {
-        let mut seen = Vec::new();
-        loop {
-            match self.lines.recv_timeout(START_TIMEOUT) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("the container never logged {needle:?}; it logged {seen:#?}"),
-            }
-        }
+        wait_line(&self.lines, needle, START_TIMEOUT, "the container")
     }
 
     fn wait(&mut self) -> std::process::ExitStatus {

@@ -11,6 +11,38 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The lines `child` writes to its (piped) stderr, read by a thread of their own.
+pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// Blocks until `lines` brings one containing `needle` and returns it; fails the test, showing
+/// what `who` logged instead, when none comes within `timeout` of the previous line.
+pub fn wait_line(
+    lines: &mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+    who: &str,
+) -> String {
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(timeout) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("{who} never logged {needle:?}; it logged {seen:#?}"),
+        }
+    }
+}
+
 /// A finished command's status, stdout and stderr, for an assertion message.
 pub fn output_text(output: &std::process::Output) -> String {
     format!(
@@ -76,16 +108,7 @@ impl BerthProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn berth");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stderr_lines(&mut child);
         BerthProcess {
             child,
             addr: String::new(),
@@ -103,14 +126,7 @@ impl BerthProcess {
 
     /// Blocks until a log line containing `needle` appears; returns it.
     pub fn wait_line(&mut self, needle: &str) -> String {
-        let mut seen = Vec::new();
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("berth never logged {needle:?}; it logged {seen:#?}"),
-            }
-        }
+        wait_line(&self.lines, needle, WAIT, "berth")
     }
 
     pub fn signal(&self, signal: &str) {

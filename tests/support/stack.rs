@@ -63,6 +63,15 @@ impl Stack {
         blob
     }
 
+    /// As `push`, then forgets the requests seen so far and makes the tap inject `fault` into
+    /// the next blob response.
+    pub async fn push_faulted(&self, size: usize, seed: u64, fault: Fault) -> Blob {
+        let blob = self.push(size, seed).await;
+        self.tap.reset();
+        self.tap.inject_times(Kind::Blob, fault, 1);
+        blob
+    }
+
     /// berth's URL for `blob` in `team/app`.
     pub fn url(&self, blob: &Blob) -> String {
         self.blob_url("team/app", &blob.digest)
