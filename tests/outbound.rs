@@ -262,6 +262,11 @@ fn upstreams_for(head: &str, host: &str, endpoint: &str, extra: &str) -> Upstrea
     Upstreams::new(&Config::from_toml(&text).unwrap()).unwrap()
 }
 
+/// The error of a manifest GET through `host` that must fail.
+async fn manifest_error(upstreams: &Upstreams, host: &str) -> UpstreamError {
+    manifest_through(upstreams, host).await.unwrap_err()
+}
+
 async fn manifest_through(upstreams: &Upstreams, host: &str) -> Result<u16, UpstreamError> {
     let target = berth::route::resolve(upstreams, Some(host), "team/app").unwrap();
     let repository: &Repository = &target.repository;
@@ -291,11 +296,11 @@ async fn a_redirect_to_the_metadata_address_is_refused_before_any_connection() {
         let resolver = table(&[("metadata.test", "169.254.169.254")]);
         let metrics = Arc::new(berth::metrics::Metrics::new());
         let upstreams = Upstreams::with_resolver(&config, metrics, resolver).unwrap();
-        let result = manifest_through(&upstreams, "redirecting.test").await;
+        let err = manifest_error(&upstreams, "redirecting.test").await;
         // `Refused` comes only from the connector's check, which runs before a socket exists.
         assert!(
-            matches!(result, Err(UpstreamError::Refused(_))),
-            "{location}: {result:?}"
+            matches!(err, UpstreamError::Refused(_)),
+            "{location}: {err:?}"
         );
         assert_eq!(upstream.count(), 1, "no retries of a refusal");
     }
@@ -305,11 +310,8 @@ async fn a_redirect_to_the_metadata_address_is_refused_before_any_connection() {
 async fn redirects_are_followed_five_times_at_most() {
     let upstream = Scripted::start(redirect_to("/v2/team/app/manifests/v1".into())).await;
     let upstreams = upstreams_for("", "loop.test", &upstream.url(), "");
-    let result = manifest_through(&upstreams, "loop.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Invalid(_))),
-        "{result:?}"
-    );
+    let err = manifest_error(&upstreams, "loop.test").await;
+    assert!(matches!(err, UpstreamError::Invalid(_)), "{err:?}");
     assert_eq!(upstream.count(), 6, "the request and five redirects");
 }
 
@@ -492,11 +494,8 @@ async fn an_https_upstream_redirecting_to_http_is_not_followed() {
     );
     let origin = Scripted::start_tls(redirect_to(location)).await;
     let upstreams = upstreams_for(&test_ca().client_section(), "tls.test", &origin.url(), "");
-    let result = manifest_through(&upstreams, "tls.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Invalid(_))),
-        "{result:?}"
-    );
+    let err = manifest_error(&upstreams, "tls.test").await;
+    assert!(matches!(err, UpstreamError::Invalid(_)), "{err:?}");
     assert_eq!(origin.count(), 1, "the TLS upstream was asked");
     assert_eq!(listener.accepted(), 0, "the http target was never dialled");
 }
@@ -529,9 +528,6 @@ async fn a_token_realm_at_the_metadata_address_is_refused() {
     ))
     .await;
     let upstreams = upstreams_for("", "realm.test", &origin.url(), "");
-    let result = manifest_through(&upstreams, "realm.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Refused(_))),
-        "{result:?}"
-    );
+    let err = manifest_error(&upstreams, "realm.test").await;
+    assert!(matches!(err, UpstreamError::Refused(_)), "{err:?}");
 }
