@@ -250,7 +250,7 @@ async fn an_eviction_is_counted_with_its_bytes_and_disk_use_follows() {
             .unwrap();
     }
     for blob in &blobs {
-        let fetched = get(&stack.url(&blob), None).await.unwrap();
+        let fetched = get(&stack.url(blob), None).await.unwrap();
         assert_eq!(fetched.header("x-cache"), Some("MISS"));
     }
     let scrape = stack.scrape().await;
@@ -294,7 +294,7 @@ async fn varied_traffic(stack: &Stack) {
         let manifest = get_manifest(&format!("{base}/v2/team/app/manifests/v1")).await;
         assert_eq!(manifest.status, 200);
         for blob in image.blobs() {
-            get(&stack.url(&blob), None).await.unwrap();
+            get(&stack.url(blob), None).await.unwrap();
         }
     }
     let missing = get(&format!("{base}/v2/team/app/manifests/nope"), None)

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth::config::ClientConfig;
-use berth::secrets::{SecretConfig, SecretError, SecretKind, Secrets, Transport};
+use berth::secrets::{SecretConfig, SecretError, Secrets, Transport};
 use berth::upstream::address::AddressRule;
 use berth::upstream::HttpClient;
+use serde_json::{json, Value};
 use support::ca::test_ca;
 use support::cloud::{
     ecr, gcp_key_json, google, rsa_key, sts, untrusted_key, TestKey, BASE_KEY, ECR_HOST, ROLE,
@@ -31,22 +32,18 @@ fn transport() -> Transport {
         .with_rule(AddressRule::any_internal())
 }
 
-/// Writes `doc` as the file of a secret called `name` and returns its config.
-fn secret_file(
-    dir: &tempfile::TempDir,
-    name: &str,
-    kind: SecretKind,
-    doc: &serde_json::Value,
-) -> SecretConfig {
+/// Writes `doc` as the file of a secret called `name` of type `kind` (`ecr`, `gcp`) and returns
+/// its `[[secret]]` entry, read as the configuration reads it.
+fn secret_file(dir: &tempfile::TempDir, name: &str, kind: &str, doc: &Value) -> SecretConfig {
     let file = dir.path().join(name);
     std::fs::write(&file, doc.to_string()).unwrap();
-    SecretConfig {
-        name: name.to_string(),
-        kind,
-        file,
-        sts_endpoint: None,
-        ecr_endpoint: None,
-    }
+    serde_json::from_value(json!({"name": name, "type": kind, "file": file})).unwrap()
+}
+
+/// Why `secrets` cannot log in to `registry` with the secret `name`, as the error reads.
+async fn refusal(secrets: &Secrets, name: &str, registry: &str) -> String {
+    let err = secrets.credentials(name, registry).await.unwrap_err();
+    err.to_string()
 }
 
 fn ecr_config(
@@ -65,7 +62,7 @@ fn ecr_config(
         doc["roleArn"] = arn.into();
         doc["externalId"] = external_id.into();
     }
-    let mut config = secret_file(dir, "aws", SecretKind::Ecr, &doc);
+    let mut config = secret_file(dir, "aws", "ecr", &doc);
     config.sts_endpoint = sts.map(Scripted::url);
     config.ecr_endpoint = Some(ecr.url());
     config
@@ -166,11 +163,7 @@ async fn a_wrong_external_id_is_refused_by_sts() {
     let sts = sts("ext-id-value").await;
     let ecr = ecr(SESSION_KEY, Duration::from_secs(3600)).await;
     let secrets = role_secrets(&dir, "other-id", &sts, &ecr);
-    let err = secrets
-        .credentials("aws", ECR_HOST)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refusal(&secrets, "aws", ECR_HOST).await;
     assert!(
         err.contains("STS AssumeRole failed: HTTP 403: AccessDenied"),
         "{err}"
@@ -205,7 +198,7 @@ async fn a_changed_key_file_mints_new_tokens() {
 fn gcp_config(dir: &tempfile::TempDir, key: &TestKey, google: &Scripted) -> SecretConfig {
     let token_uri = format!("{}/token", google.url());
     let doc = gcp_key_json(&key.private_pem, "my-proj", &token_uri);
-    secret_file(dir, "gcp", SecretKind::Gcp, &doc)
+    secret_file(dir, "gcp", "gcp", &doc)
 }
 
 const CLIENT_EMAIL: &str = "puller@my-proj.iam.gserviceaccount.com";
@@ -253,11 +246,7 @@ async fn an_assertion_signed_by_another_key_is_refused() {
         vec![gcp_config(&dir, untrusted_key(), &google)],
         transport(),
     );
-    let err = secrets
-        .credentials("gcp", "gcr.io")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refusal(&secrets, "gcp", "gcr.io").await;
     assert!(
         err.contains("GCP token endpoint failed: HTTP 400: invalid_grant"),
         "{err}"

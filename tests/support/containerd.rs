@@ -38,7 +38,6 @@ use super::client::{basic_auth, Creds};
 
 /// containerd boots in well under a second; a loaded 2-core CI box gets slack.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
-/// Log lines kept for failure messages.
 /// The containerd namespace every test uses; images live per namespace.
 pub const NAMESPACE: &str = "test";
 

@@ -168,7 +168,7 @@ impl Drop for BerthProcess {
 pub struct LogTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
 
 impl LogTail {
-    /// How many lines it keeps.
+    /// How many lines it keeps for a failure message (the registry logs a line per request).
     const LINES: usize = 200;
 
     /// Reads `stderr` to EOF, keeping the last lines, and sends what `found` makes of the

@@ -23,7 +23,6 @@ use super::client::{self, Creds};
 
 /// How long the registry gets to bind and answer `GET /v2/`; it needs well under a second.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Log lines kept for failure messages; the registry logs one line per request at info level.
 
 /// How the registry authenticates clients.
 #[derive(Clone, Debug)]
