@@ -18,6 +18,7 @@ use serde_json::json;
 use support::berth::policy_mode_tables;
 use support::error_code;
 use support::process::output_text;
+use support::stack::registry_with;
 use support::{
     fetch, get, push_image, read_body, request, send, Berth, Fault, Fetched, Flavor, Image, Kind,
     Registry, Stack, Tap,
@@ -383,12 +384,8 @@ const CI_KEY: &str = "ci-key-1c0ffee-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_pulls_as_a_principal_with_the_key_from_the_environment() {
-    let registry = Registry::start(support::Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 1509, &[1000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     let dir = tempfile::tempdir().unwrap();
     let principals = dir.path().join("principals.json");
     let policies = dir.path().join("policies");

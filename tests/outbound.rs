@@ -19,6 +19,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use support::ca::test_ca;
 use support::scripted::{Answer, Scripted};
+use support::stack::registry_with;
 use support::token::{Policy, TokenServer};
 use support::{fetch, push_image, request, Auth, Berth, Flavor, Image, Registry, Tap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -186,12 +187,8 @@ fn table(entries: &[(&'static str, &str)]) -> Resolver {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_allowed() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 3, &[1000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     let cache = tempfile::tempdir().unwrap();
     let config = |extra: &str| {
         format!(
@@ -439,12 +436,8 @@ async fn a_connect_failure_tells_the_client_nothing_but_the_request_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 41, &[32 << 10, 96 << 10]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     // The registry's name carries a port; it is not the default upstream, and the path holds
     // no host, so only `?ns=registry.internal%3APORT` (as containerd encodes it) can route.
     let name = format!("registry.internal:{}", tap.addr().port());

@@ -8,9 +8,10 @@ use std::process::Output;
 
 use http::Method;
 use support::process::output_text;
+use support::stack::registry_with;
 use support::{
-    push_image, push_index, random_layer, skopeo_copy_ok, Auth, Berth, Fault, Flavor, Image, Index,
-    Kind, Platform, Registry, Tap,
+    push_index, random_layer, skopeo_copy_ok, Auth, Berth, Fault, Flavor, Image, Index, Kind,
+    Platform, Registry, Tap,
 };
 
 async fn berth_warm(args: &[&str]) -> Output {
@@ -118,12 +119,8 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
 async fn wrong_blob_bytes_fail_the_warm() {
     // Warm straight from a registry (same API) through a tap that corrupts one blob: berth
     // would never deliver such a body whole, so the registry stands in for a broken target.
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Docker, 53, &[100_000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     tap.inject_times(Kind::Blob, Fault::CorruptBlob, 1);
     let output = berth_warm(&["--target", &tap.url(), "team/app:v1"]).await;
     assert!(!output.status.success(), "{}", output_text(&output));

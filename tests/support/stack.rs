@@ -11,8 +11,20 @@ use hyper::body::Incoming;
 
 use super::client::{request, send};
 use super::{
-    push_blob, random_blob, single_upstream_config, Auth, Berth, Blob, Fault, Kind, Registry, Tap,
+    push_blob, push_image, random_blob, single_upstream_config, Auth, Berth, Blob, Fault, Image,
+    Kind, Registry, Tap,
 };
+
+/// An anonymous registry holding `image` as `repo:tag`, and a tap in front of it that has seen
+/// nothing yet.
+pub async fn registry_with(image: &Image, repo: &str, tag: &str) -> (Registry, Tap) {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    push_image(&registry.url(), repo, tag, image, None)
+        .await
+        .unwrap();
+    (registry, tap)
+}
 
 pub struct Stack {
     pub registry: Registry,
