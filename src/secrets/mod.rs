@@ -416,6 +416,12 @@ mod tests {
         json!({ "auth": encoded })
     }
 
+    /// Why `secrets` cannot log in to `registry` with the secret `name`, as the error reads.
+    async fn refusal(secrets: &Secrets, name: &str, registry: &str) -> String {
+        let err = secrets.credentials(name, registry).await.unwrap_err();
+        err.to_string()
+    }
+
     /// A docker, an ECR and a GCP secret, and one whose file is broken, in that order.
     fn all_kinds(dir: &tempfile::TempDir) -> Vec<SecretConfig> {
         let pem = gcp::tests::rsa_key().private_pem.clone();
@@ -533,26 +539,14 @@ mod tests {
             ("hubuser", "hunter2")
         );
         assert_eq!(hub.id, "hub#1");
-        let err = secrets
-            .credentials("hub", "quay.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "quay.io").await;
         assert_eq!(
             err,
             "secret `hub` cannot serve registry `quay.io`: no `auths` entry for it"
         );
-        let err = secrets
-            .credentials("aws", "docker.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "aws", "docker.io").await;
         assert!(err.starts_with("secret `aws` cannot serve registry `docker.io`: not an ECR host"));
-        let err = secrets
-            .credentials("nope", "docker.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "nope", "docker.io").await;
         assert_eq!(err, "secret `nope` is not configured");
     }
 
@@ -598,11 +592,7 @@ mod tests {
         );
 
         std::fs::write(&path, "{\"auths\": ").unwrap();
-        let err = secrets
-            .credentials("hub", "ghcr.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "ghcr.io").await;
         assert!(
             err.starts_with("secret `hub`: file is not valid JSON: unexpected end of file"),
             "{err}"
@@ -610,11 +600,7 @@ mod tests {
         assert_eq!(secrets.select("ghcr.io", "x", None), None);
 
         std::fs::remove_file(&path).unwrap();
-        let err = secrets
-            .credentials("hub", "ghcr.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "ghcr.io").await;
         assert!(
             err.starts_with(&format!("secret `hub`: cannot read {}", path.display())),
             "{err}"
