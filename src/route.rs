@@ -11,8 +11,8 @@
 //! here, before any connection: berth is never an open proxy.
 //!
 //! Full image references as people write them (`nginx:latest`, `ghcr.io/org/app@sha256:..`,
-//! the platform's `//image/app:v1` and `/org/ORG/image/app:v1`) are parsed here too, for
-//! `berth resolve` and pre-warming. Pure: no I/O.
+//! the platform's `//image/app:v1` and `/org/ORG/image/app:v1`), parsed by `oci::reference`,
+//! are resolved here the same way, for `berth resolve` and the access report. Pure: no I/O.
 
 use std::sync::Arc;
 

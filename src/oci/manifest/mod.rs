@@ -47,6 +47,21 @@ pub enum ManifestError {
 
 /// One manifest document, typed: what `berth warm` and `berth load` pull, and what the
 /// policy mode's holdings rule reads.
+/// The `Shape` of a `Probe` or a `Document`, which name their fields alike.
+macro_rules! shape_of {
+    ($document:expr) => {
+        Shape {
+            declared: $document.media_type.as_deref(),
+            schema_version: $document.schema_version,
+            index: $document.manifests.is_some(),
+            config: $document.config.is_some(),
+            layers: $document.layers.is_some(),
+            fs_layers: $document.fs_layers.is_some(),
+            signatures: $document.signatures.is_some(),
+        }
+    };
+}
+
 /// Variants differ in size (an image holds two descriptors inline), but one manifest lives
 /// briefly per fetch: boxing would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -64,7 +79,7 @@ impl Manifest {
     /// refused. The caller bounds the document's size.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let document: Document = serde_json::from_slice(bytes)?;
-        let media_type = classify(&document.shape())?;
+        let media_type = classify(&shape_of!(document))?;
         document.into_manifest(media_type)
     }
 
@@ -127,33 +142,7 @@ struct Shape<'a> {
     signatures: bool,
 }
 
-impl Probe {
-    fn shape(&self) -> Shape<'_> {
-        Shape {
-            declared: self.media_type.as_deref(),
-            schema_version: self.schema_version,
-            index: self.manifests.is_some(),
-            config: self.config.is_some(),
-            layers: self.layers.is_some(),
-            fs_layers: self.fs_layers.is_some(),
-            signatures: self.signatures.is_some(),
-        }
-    }
-}
-
 impl Document {
-    fn shape(&self) -> Shape<'_> {
-        Shape {
-            declared: self.media_type.as_deref(),
-            schema_version: self.schema_version,
-            index: self.manifests.is_some(),
-            config: self.config.is_some(),
-            layers: self.layers.is_some(),
-            fs_layers: self.fs_layers.is_some(),
-            signatures: self.signatures.is_some(),
-        }
-    }
-
     fn into_manifest(self, media_type: String) -> Result<Manifest, ManifestError> {
         if matches!(media_type.as_str(), DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED) {
             return Err(ManifestError::Schema1(media_type));
@@ -202,7 +191,7 @@ impl Document {
 /// visible ASCII with a `/`: a hostile upstream's `"mediaType":"a\nb"` never reaches a header.
 pub fn media_type(bytes: &[u8]) -> Result<String, ManifestError> {
     let probe: Probe = serde_json::from_slice(bytes)?;
-    classify(&probe.shape())
+    classify(&shape_of!(probe))
 }
 
 fn classify(shape: &Shape<'_>) -> Result<String, ManifestError> {
