@@ -121,7 +121,7 @@ struct Run {
     credentials: Option<Credentials>,
     target: String,
     progress: MultiProgress,
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<Digest>>,
     outcomes: Mutex<BTreeMap<String, usize>>,
 }
 
@@ -229,7 +229,7 @@ async fn warm_one(
     {
         let mut seen = run.seen.lock().expect("seen lock");
         for descriptor in std::iter::once(config).chain(layers) {
-            if seen.insert(descriptor.digest.to_string()) {
+            if seen.insert(descriptor.digest.clone()) {
                 blobs.push(descriptor);
             }
         }

@@ -45,8 +45,6 @@ pub enum ManifestError {
     Unreadable(String),
 }
 
-/// One manifest document, typed: what `berth warm` and `berth load` pull, and what the
-/// policy mode's holdings rule reads.
 /// The `Shape` of a `Probe` or a `Document`, which name their fields alike.
 macro_rules! shape_of {
     ($document:expr) => {
@@ -62,6 +60,9 @@ macro_rules! shape_of {
     };
 }
 
+/// One manifest document, typed: what `berth warm` and `berth load` pull, and what the
+/// policy mode's holdings rule reads.
+///
 /// Variants differ in size (an image holds two descriptors inline), but one manifest lives
 /// briefly per fetch: boxing would buy nothing.
 #[allow(clippy::large_enum_variant)]
