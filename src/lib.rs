@@ -10,8 +10,10 @@
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
 //! - `body`     the response body type.
-//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
-//!   manifest's media type, the Accept class of a manifest request.
+//! - `oci`      pure parsers, a leaf: digests, names and references, full image references
+//!   (`oci::reference`), API paths, byte ranges, the one manifest model (`oci::manifest`: media
+//!   type, typed descriptors, platforms, index children, `subject`, `urls`), the Accept class
+//!   of a manifest request.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
 //! - `upstream` the registries berth fetches from: validated registry hosts and host patterns,
 //!   HTTP client over a connector that applies the address rule after DNS, token auth keyed
@@ -34,9 +36,10 @@
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `probe`    `berth health`: one GET of `/healthz`, for images without a shell or curl.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
-//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress;
-//!   `warm::image` picks the platform and reads manifests (pure).
-//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles.
+//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress and a
+//!   summary (`warm::summary`); references and manifests are read by `oci`.
+//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles;
+//!   uses only the upstream HTTP client and auth, and `oci`.
 //!
 //! # The life of one blob request
 //!

@@ -54,7 +54,7 @@ enum Command {
         target: String,
         /// The platform to pull from multi-platform images.
         #[arg(long, default_value = "linux/amd64")]
-        platform: berth::warm::Platform,
+        platform: berth::oci::manifest::Platform,
         /// Blobs of one image fetched at once.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
@@ -228,9 +228,7 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let summary = runtime
-                .block_on(berth::warm::warm(options))
-                .map_err(anyhow::Error::msg)?;
+            let summary = runtime.block_on(berth::warm::warm(options))?;
             println!("{summary}");
             if !summary.failed.is_empty() {
                 anyhow::bail!("{} image(s) failed to warm", summary.failed.len());
@@ -306,7 +304,11 @@ fn hash_key(generate: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_resolved(text: &str, target: &berth::route::Target, image: &berth::route::ImageRef) {
+fn print_resolved(
+    text: &str,
+    target: &berth::route::Target,
+    image: &berth::oci::reference::ImageRef,
+) {
     use berth::upstream::CredentialSource;
     let reference = &image.reference;
     let kind = if reference.digest().is_some() {
@@ -335,9 +337,8 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
     let images = args
         .images
         .iter()
-        .map(|text| ImageRef::parse(text))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(anyhow::Error::msg)?;
+        .map(|text| ImageRef::parse(text, None))
+        .collect::<Result<Vec<_>, _>>()?;
     let limit = match (args.duration, args.count) {
         (Some(duration), _) => Limit::Duration(duration),
         (None, Some(count)) => Limit::Count(count),
@@ -367,9 +368,7 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         ca_file: args.ca_file,
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    let report = runtime
-        .block_on(berth::load::run(config))
-        .map_err(anyhow::Error::msg)?;
+    let report = runtime.block_on(berth::load::run(config))?;
     print!("{}", report.render());
     if report.total_errors() > 0 {
         anyhow::bail!("{} requests failed", report.total_errors());

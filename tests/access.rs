@@ -262,7 +262,7 @@ async fn berth_load_pulls_as_a_service_account_and_reports_denied_images() {
     let site = Site::start("").await;
     let run = |image: &str| berth::load::LoadConfig {
         target: site.berth.url(),
-        images: vec![berth::load::ImageRef::parse(image).unwrap()],
+        images: vec![berth::load::ImageRef::parse(image, None).unwrap()],
         concurrency: 2,
         limit: berth::load::Limit::Count(4),
         platform: "linux/amd64".into(),

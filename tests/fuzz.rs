@@ -78,17 +78,22 @@ proptest! {
     }
 
     #[test]
-    fn manifest_json_never_panics(data in input(
-        "\\{\"(schemaVersion|mediaType|layers|manifests)\":(\"[a-z./+]{0,30}\"|[0-9]{1,3}|\\[|\\{|null)(,\"mediaType\":\"[a-z./+]{0,40}\")?\\}?"
-    )) {
-        targets::manifest_json(&data);
+    fn manifests_never_panic(data in prop_oneof![
+        input(
+            "\\{\"(schemaVersion|mediaType|layers|manifests)\":(\"[a-z./+]{0,30}\"|[0-9]{1,3}|\\[|\\{|null)(,\"mediaType\":\"[a-z./+]{0,40}\")?\\}?"
+        ),
+        input(
+            "\\{(\"(config|subject)\":\\{\"digest\":\"sha256:[0-9a-f]{64}\"(,\"size\":[0-9]{1,3})?(,\"urls\":(\\[\"x\"\\]|null))?\\},?|\"(layers|blobs|manifests)\":\\[(\\{\"digest\":\"(sha256:[0-9a-f]{64}|[a-z:0-9]{0,10})\"(,\"size\":[0-9]{1,3})?(,\"urls\":(\\[\\]|null|7))?(,\"platform\":\\{\"os\":\"linux\",\"architecture\":\"[a-z0-9]{0,5}\"\\})?\\},?){0,3}\\],?|\"mediaType\":\"application/vnd\\.(oci\\.image\\.(index|manifest)\\.v1|oci\\.artifact\\.manifest\\.v1|docker\\.distribution\\.manifest\\.(v2|list\\.v2))\\+json\",?){0,5}\\}?"
+        ),
+    ]) {
+        targets::manifest(&data);
     }
 
     #[test]
-    fn holdings_never_panic(data in input(
-        "\\{(\"(config|subject)\":\\{\"digest\":\"sha256:[0-9a-f]{64}\"(,\"urls\":(\\[\"x\"\\]|null))?\\},?|\"(layers|blobs|manifests)\":\\[(\\{\"digest\":\"(sha256:[0-9a-f]{64}|[a-z:0-9]{0,10})\"(,\"urls\":(\\[\\]|null|7))?\\},?){0,3}\\],?){0,4}\\}?"
+    fn origin_sidecars_never_panic(data in input(
+        "berth-origin 1\n((from|held) [a-z.:0-9]{0,12}( [a-z/]{0,10})?\n){0,4}(sum [0-9a-f]{0,64}\n)?"
     )) {
-        targets::holdings(&data);
+        targets::origin(&data);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::metrics::status_class;
 use crate::oci::name::{split_api_path, ApiPath};
+use crate::oci::reference::ReferenceError;
 use crate::route::{self, RouteError};
 use crate::server::PeerAddr;
 use crate::upstream::CredentialSource;
@@ -318,11 +319,12 @@ fn asker<B>(request: &Request<B>) -> Asker<'_> {
 
 fn route_error(err: RouteError) -> ApiError {
     match err {
-        RouteError::Name(err) => err.into(),
-        RouteError::UnknownRegistry(_) | RouteError::NoDefault | RouteError::NoOrg => {
-            ApiError::name_unknown(err.to_string())
-        }
-        RouteError::Malformed(_) | RouteError::Host(_) => {
+        RouteError::Name(err) | RouteError::Reference(ReferenceError::Name(err)) => err.into(),
+        RouteError::UnknownRegistry(_)
+        | RouteError::NoDefault
+        | RouteError::Reference(ReferenceError::NoOrg) => ApiError::name_unknown(err.to_string()),
+        RouteError::Reference(ReferenceError::Malformed(_) | ReferenceError::NoPlatform(_))
+        | RouteError::Host(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
         }
     }
