@@ -1,23 +1,48 @@
 //! The API error: an OCI error code, a status, a message; and the one place any error becomes an
 //! HTTP response with the `{"errors":[...]}` envelope.
 //!
-//! Each layer has its own error type (`UpstreamError`, `NameError`, `StoreError`, ...); they are
-//! turned into `ApiError` by the `From` impls here, so the mapping from failure to status lives in
-//! one file. Nothing here logs: the request log line does that.
+//! Each layer has its own error type (`UpstreamError`, `FillError`, `NameError`, ...); they are
+//! turned into `ApiError` by the `From` impls in `from`, so the mapping from failure to status
+//! lives in this module: there, or in a named constructor here. Nothing here logs: the request
+//! log line does that.
+
+mod from;
 
 use http::header::{
-    HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    HeaderName, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, WWW_AUTHENTICATE,
 };
 use http::{Response, StatusCode};
 
-use crate::access::AccessError;
 use crate::body::{self, Body};
-use crate::oci::digest::DigestError;
-use crate::oci::name::NameError;
 use crate::upstream::UpstreamError;
 
 /// Error codes of the OCI distribution spec, plus `UNAVAILABLE` and `RANGE_INVALID` from the
 /// distribution registry's own set (the spec has no code for a dead upstream or a bad Range).
+/// Why a manifest fetch or a tag revalidation failed. Cloneable: one flight's result answers
+/// every request that joined it (`flight`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ManifestError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The bytes are not the manifest asked for or announced, too long, too slow, or not a
+    /// manifest. The text quotes the upstream's bytes or a library's error: for the log only.
+    #[error("upstream sent a bad manifest: {0}")]
+    Invalid(String),
+}
+
+impl ManifestError {
+    /// The upstream says the manifest (or the tag) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ManifestError::Upstream(UpstreamError::Status { status, .. }) if *status == StatusCode::NOT_FOUND)
+    }
+
+    /// A failure that serving a stale tag covers: the upstream is unreachable, timed out,
+    /// failed, rate-limited us or sent garbage. Refusals (401/403) and 404s are answers.
+    pub fn is_upstream_failure(&self) -> bool {
+        !matches!(self, ManifestError::Upstream(UpstreamError::Status { status, .. }) if matches!(status.as_u16(), 401 | 403 | 404))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     BlobUnknown,
@@ -115,6 +140,183 @@ impl ApiError {
         .with_detail(detail)
     }
 
+    /// 503: berth cannot answer now but will (busy, or the cache disk failed); the caller
+    /// adds `Retry-After` where it knows when.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, message)
+    }
+
+    /// 502: the upstream's answer cannot be used; the detail says why.
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_GATEWAY, Code::Unavailable, message)
+    }
+
+    /// 429: this client has too much in flight.
+    pub fn too_many_requests(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Code::TooManyRequests,
+            message,
+        )
+    }
+
+    /// 403 DENIED: no key, policy or secret lets this request through.
+    pub fn denied(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, Code::Denied, "access denied").with_detail(detail)
+    }
+
+    /// 400 NAME_INVALID: the repository name does not parse.
+    pub fn name_invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, message)
+    }
+
+    /// 400 UNSUPPORTED: a request berth understands but does not serve (a token request
+    /// for another service, or a malformed one).
+    pub fn unsupported_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, Code::Unsupported, message)
+    }
+
+    /// 404 NAME_UNKNOWN for a path outside the registry API.
+    pub fn not_api_path(path: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::NameUnknown,
+            "not a registry API path",
+        )
+        .with_detail(path)
+    }
+
+    /// 404 UNSUPPORTED for `/v2/_catalog`: a pull-through cache cannot list what upstreams hold.
+    pub fn no_catalog() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::Unsupported,
+            "a pull-through cache has no catalog",
+        )
+    }
+
+    /// 405 for an upload: berth only reads, so `Allow` is empty for these paths.
+    pub fn read_only() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            "berth is a pull-through cache; pushes go to the registry",
+        )
+        .with_header(ALLOW, HeaderValue::from_static(""))
+    }
+
+    pub fn blob_unknown(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::BlobUnknown,
+            "blob unknown to registry",
+        )
+        .with_detail(detail)
+    }
+
+    /// 416 with the `Content-Range: bytes */<size>` RFC 9110 14.4 asks for.
+    pub fn range_not_satisfiable(content_range: HeaderValue) -> ApiError {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Code::RangeInvalid,
+            "range not satisfiable",
+        )
+        .with_header(CONTENT_RANGE, content_range)
+    }
+
+    /// 414: the request target is over `limits.max_uri_bytes`.
+    pub fn uri_too_long(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            Code::NameInvalid,
+            "request target too long",
+        )
+        .with_detail(detail)
+    }
+
+    /// 431: the request's headers are over `limits.max_headers` or `limits.max_header_bytes`.
+    pub fn headers_too_large(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::Unsupported,
+            "request headers too large",
+        )
+        .with_detail(detail)
+    }
+
+    // The admin listener's refusals: the same envelope as the API's.
+
+    /// 403 when no `admin_token` is configured: the admin API is off.
+    pub fn admin_off() -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            Code::Denied,
+            "the admin API is disabled: set admin_token in the config",
+        )
+    }
+
+    /// 401 with `WWW-Authenticate: Bearer` for a missing or wrong admin token.
+    pub fn admin_unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Code::Unauthorized,
+            "a valid admin bearer token is required",
+        )
+        .with_header(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+    }
+
+    pub fn admin_not_found(message: &'static str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, Code::Unsupported, message)
+    }
+
+    /// 405 for a purge asked with anything but DELETE.
+    pub fn admin_method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Code::Unsupported,
+            "use DELETE",
+        )
+        .with_header(ALLOW, HeaderValue::from_static("DELETE"))
+    }
+
+    /// 404 for a purge of a digest the cache does not hold.
+    pub fn not_cached(digest: &impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::BlobUnknown,
+            "digest not cached",
+        )
+        .with_detail(digest.to_string())
+    }
+
+    /// 500 for a purge whose file could not be removed; the cause is logged by the caller.
+    pub fn purge_failed() -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Code::Unavailable,
+            "removing the file failed; the cause is in berth's log",
+        )
+    }
+
+    pub fn manifest_unknown(detail: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            Code::ManifestUnknown,
+            "manifest unknown",
+        )
+        .with_detail(detail)
+    }
+
+    /// A tag whose 404 berth remembers (`upstream.negative_ttl`).
+    pub fn tag_unknown(
+        repository: &impl std::fmt::Display,
+        tag: &impl std::fmt::Display,
+    ) -> ApiError {
+        ApiError::manifest_unknown(format!(
+            "{repository}:{tag} is not known upstream (remembered)"
+        ))
+    }
+
     /// 401 with the challenge that tells a registry client where to authenticate.
     pub fn unauthorized(challenge: &str, detail: impl Into<String>) -> ApiError {
         let error = ApiError::new(
@@ -134,6 +336,15 @@ impl ApiError {
     pub fn unsupported(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, Code::Unsupported, message)
             .with_header(ALLOW, HeaderValue::from_static("GET, HEAD"))
+    }
+
+    /// The cache disk failed where the request cannot go on without it.
+    fn storage_failed() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            "cache storage failed",
+        )
     }
 
     /// The one mapping from an error to an HTTP response. A HEAD response carries the status
@@ -176,154 +387,11 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl From<NameError> for ApiError {
-    fn from(err: NameError) -> ApiError {
-        match err {
-            NameError::Digest(err) => err.into(),
-            other => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                Code::NameInvalid,
-                other.to_string(),
-            ),
-        }
-    }
-}
-
-impl From<DigestError> for ApiError {
-    fn from(err: DigestError) -> ApiError {
-        match err {
-            DigestError::Unsupported(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, Code::Unsupported, err.to_string())
-            }
-            DigestError::Invalid(_) => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                Code::DigestInvalid,
-                err.to_string(),
-            ),
-        }
-    }
-}
-
-impl From<UpstreamError> for ApiError {
-    fn from(err: UpstreamError) -> ApiError {
-        ApiError::from_upstream(err, Code::NameUnknown)
-    }
-}
-
-impl ApiError {
-    /// Maps an upstream failure; `not_found` is the code an upstream 404 becomes, which depends
-    /// on what was asked for (MANIFEST_UNKNOWN, BLOB_UNKNOWN, NAME_UNKNOWN).
-    pub fn from_upstream(err: UpstreamError, not_found: Code) -> ApiError {
-        let message = err.to_string();
-        match err {
-            UpstreamError::Status {
-                status,
-                retry_after,
-            } => match status.as_u16() {
-                401 | 403 => ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    Code::Denied,
-                    "upstream denied access",
-                )
-                .with_detail(message),
-                404 => ApiError::new(StatusCode::NOT_FOUND, not_found, "not found upstream")
-                    .with_detail(message),
-                429 => {
-                    let error = ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        Code::TooManyRequests,
-                        "upstream rate limit reached",
-                    )
-                    .with_detail(message);
-                    match retry_after {
-                        Some(value) => error.with_header(RETRY_AFTER, value),
-                        None => error,
-                    }
-                }
-                // A client should not read an upstream's 500 as berth's own fault; the
-                // upstream's Retry-After (a 503's) still tells it when to come back.
-                _ => {
-                    let error = ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        Code::Unavailable,
-                        "upstream failed",
-                    )
-                    .with_detail(message);
-                    match retry_after {
-                        Some(value) => error.with_header(RETRY_AFTER, value),
-                        None => error,
-                    }
-                }
-            },
-            // Below: the cause names addresses, ports, OS errors, secrets or cloud error
-            // texts. The client learns the status and the request id; the log, the rest.
-            UpstreamError::Timeout(_) => ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                Code::Unavailable,
-                "upstream timed out",
-            )
-            .with_internal(message),
-            UpstreamError::Connect(_)
-            | UpstreamError::Protocol(_)
-            | UpstreamError::Token(_)
-            | UpstreamError::Refused(_) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "upstream unreachable",
-            )
-            .with_internal(message),
-            // berth's own words (the upstream's name and the cool-down), nothing remote.
-            UpstreamError::CircuitOpen(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Code::Unavailable,
-                "upstream unavailable",
-            )
-            .with_detail(message)
-            .with_header(RETRY_AFTER, HeaderValue::from_static("5")),
-            UpstreamError::Invalid(_) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "upstream sent bad content",
-            )
-            .with_internal(message),
-        }
-    }
-}
-
-impl From<AccessError> for ApiError {
-    fn from(err: AccessError) -> ApiError {
-        match err {
-            AccessError::Unauthenticated { challenge, reason } => {
-                ApiError::unauthorized(&challenge, reason)
-            }
-            AccessError::Denied { .. } => {
-                ApiError::new(StatusCode::FORBIDDEN, Code::Denied, "access denied")
-                    .with_detail(err.to_string())
-            }
-            AccessError::Off => {
-                ApiError::new(StatusCode::NOT_FOUND, Code::Unsupported, err.to_string())
-            }
-            AccessError::Report(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
-            }
-        }
-    }
-}
-
-impl From<std::io::Error> for ApiError {
-    fn from(err: std::io::Error) -> ApiError {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Code::Unavailable,
-            "cache storage failed",
-        )
-        .with_detail(err.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fill::FillError;
+    use http::header::RETRY_AFTER;
     use http_body_util::BodyExt;
 
     #[tokio::test]
@@ -384,6 +452,38 @@ mod tests {
             unavailable.headers,
             [(RETRY_AFTER, HeaderValue::from_static("30"))]
         );
+    }
+
+    #[test]
+    fn a_fills_disk_error_reaches_the_log_not_the_response() {
+        let err = std::io::Error::other("No space left on /var/cache/berth/tmp/0123");
+        let api = ApiError::from(FillError::Disk(err)).with_request_id("r1");
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        let shown = format!("{} {:?}", api.message, api.detail);
+        assert!(!shown.contains("/var/cache"), "{shown}");
+        assert!(shown.contains("r1"), "{shown}");
+        assert!(
+            api.to_string().contains("/var/cache/berth"),
+            "the log has it"
+        );
+    }
+
+    #[test]
+    fn a_fill_answers_an_upstream_404_as_an_unknown_blob() {
+        let api = ApiError::from(FillError::Upstream(UpstreamError::Status {
+            status: StatusCode::NOT_FOUND,
+            retry_after: None,
+        }));
+        assert_eq!(
+            (api.status, api.code),
+            (StatusCode::NOT_FOUND, Code::BlobUnknown)
+        );
+        assert_eq!(api.message, "blob unknown to registry");
+        let busy = ApiError::from(FillError::Busy {
+            retry_after: HeaderValue::from_static("3"),
+        });
+        assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers, [(RETRY_AFTER, HeaderValue::from_static("3"))]);
     }
 
     #[test]

@@ -29,32 +29,37 @@
 //!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
 //!   overshoot `cache.max_size`; without room, 503 + Retry-After.
 //! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
+//!
+//! The files, in the order a fill runs: this one (joining, the running set, shutdown; and
+//! opening a cached blob), `fetch` (the phases: ask -> reserve -> open temp -> receive ->
+//! verify -> commit), `receive` (the upstream body into the write queue, paced and resumed with
+//! Range requests), `write` (the blocking writer: hasher + temp file + published length) and
+//! `error` (`FillError`, what a failed fill tells its readers; `crate::error` maps it to a
+//! response).
+
+mod error;
+mod fetch;
+mod receive;
+mod write;
+
+pub use error::FillError;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use http::header::{HeaderValue, CONTENT_RANGE, RETRY_AFTER};
-use http::{Method, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use tokio::sync::{mpsc, watch};
+use http::header::HeaderValue;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tokio::time::Instant;
 
-use crate::cache::index::Reservation;
-use crate::cache::spill::{Spill, SPILL_WINDOW};
-use crate::cache::{Cache, Entry, Kind};
+use crate::cache::spill::Spill;
+use crate::cache::{Cache, Kind};
 use crate::config::Config;
-use crate::error::{ApiError, Code};
 use crate::metrics::Metrics;
-use crate::oci::digest::{Digest, Verifier};
+use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
-use crate::upstream::{retry, Upstream, UpstreamError};
+use crate::upstream::Upstream;
 
 /// Where a fill is; readers decide what they may send from it.
 #[derive(Debug, Clone)]
@@ -75,8 +80,8 @@ pub enum Progress {
         total: u64,
         spill: Option<Arc<Spill>>,
     },
-    /// The fill failed; nothing was cached.
-    Failed(ApiError),
+    /// The fill failed; nothing was cached. Shared: every reader of the fill sees the one cause.
+    Failed(Arc<FillError>),
 }
 
 impl Progress {
@@ -145,13 +150,6 @@ pub struct Joined {
     pub coalesced: bool,
 }
 
-/// Bounded so a slow disk pushes back on the upstream read instead of buffering the blob.
-const WRITE_QUEUE_CHUNKS: usize = 16;
-
-/// Range requests one fill may make after its upstream body fails; each waits a jittered
-/// backoff first, so a flapping upstream costs a fill a few seconds at most before it fails.
-const MAX_RESUMES: u32 = 6;
-
 impl Fills {
     pub fn new(config: &Config) -> Fills {
         Fills {
@@ -175,7 +173,7 @@ impl Fills {
         cache: &Arc<Cache>,
         metrics: &Arc<Metrics>,
         job: Job,
-    ) -> Result<Joined, ApiError> {
+    ) -> Result<Joined, FillError> {
         let joined = self.join_where(cache, metrics, job, |_| true)?;
         Ok(joined.expect("any source is accepted"))
     }
@@ -190,7 +188,7 @@ impl Fills {
         metrics: &Arc<Metrics>,
         job: Job,
         held: bool,
-    ) -> Result<Option<Joined>, ApiError> {
+    ) -> Result<Option<Joined>, FillError> {
         let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
         self.join_where(cache, metrics, job, |source| {
             source.is_some_and(|(u, r)| *u == upstream && (held || *r == repository))
@@ -216,7 +214,7 @@ impl Fills {
         metrics: &Arc<Metrics>,
         job: Job,
         accept: impl Fn(Option<(&Arc<str>, &Repository)>) -> bool,
-    ) -> Result<Option<Joined>, ApiError> {
+    ) -> Result<Option<Joined>, FillError> {
         let key = FillKey {
             upstream: Arc::clone(&job.upstream.name),
             digest: job.digest.clone(),
@@ -244,13 +242,9 @@ impl Fills {
         }
         if running.len() >= self.max_fills {
             metrics.rejected.with_label_values(&["fills"]).inc();
-            let error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Code::Unavailable,
-                "too many blob fills in flight; retry shortly",
-            )
-            .with_header(RETRY_AFTER, self.retry_after.clone());
-            return Err(error);
+            return Err(FillError::Busy {
+                retry_after: self.retry_after.clone(),
+            });
         }
         let (tx, rx) = watch::channel(Progress::Connecting);
         metrics.fills_in_flight.inc();
@@ -265,7 +259,7 @@ impl Fills {
             if let Err(error) = outcome {
                 metrics.fills_failed.inc();
                 tracing::warn!(%digest, error = %error, "fill failed");
-                tx.send_replace(Progress::Failed(error));
+                tx.send_replace(Progress::Failed(Arc::new(error)));
             }
             fills.finished(&task_key);
             metrics.fills_in_flight.dec();
@@ -315,455 +309,6 @@ impl Fills {
             fill.task.abort();
         }
         self.count.send_replace(0);
-    }
-
-    async fn fetch(
-        &self,
-        cache: &Arc<Cache>,
-        metrics: &Metrics,
-        job: Job,
-        progress: &watch::Sender<Progress>,
-    ) -> Result<(), ApiError> {
-        let response = job
-            .upstream
-            .blob(Method::GET, &job.repository, &job.digest)
-            .await?;
-        let total = crate::upstream::content_length(response.headers());
-        if let Some(total) = total.filter(|total| *total > self.max_blob_size) {
-            return Err(too_large(total));
-        }
-        // Room for the promised bytes is held from now on, so fills running side by side
-        // cannot together overshoot `max_size` or eat into `min_free`.
-        let reservation = match total {
-            Some(total) => Some(self.reserve(cache, metrics, total).await?),
-            None => None,
-        };
-        let store = Arc::clone(&cache.store);
-        let (path, file) = match tokio::task::spawn_blocking(move || store.temp_file()).await {
-            Ok(Ok(created)) => created,
-            Ok(Err(err)) => {
-                metrics.disk_errors.inc();
-                return Err(err.into());
-            }
-            Err(err) => return Err(std::io::Error::other(err).into()),
-        };
-        let temp = TempFile(Some(path.clone()));
-        let file = Arc::new(file);
-        progress.send_replace(Progress::Streaming {
-            file: Arc::clone(&file),
-            total,
-            written: 0,
-            spill: None,
-        });
-
-        let (chunks, queue) = mpsc::channel(WRITE_QUEUE_CHUNKS);
-        let writer = {
-            let file = Arc::clone(&file);
-            let progress = progress.clone();
-            tokio::task::spawn_blocking(move || write_chunks(&file, &path, queue, &progress))
-        };
-        let read = self
-            .receive(&job, metrics, response.into_body(), total, &chunks)
-            .await;
-        drop(chunks);
-        let written = writer.await.map_err(std::io::Error::other)?;
-        read?;
-        if let Some(err) = written.sync_error {
-            metrics.disk_errors.inc();
-            return Err(err.into());
-        }
-        if total.is_some_and(|total| total != written.len) {
-            let detail = format!("upstream promised {total:?} bytes and sent {}", written.len);
-            return Err(UpstreamError::Invalid(detail).into());
-        }
-        if written.digest != job.digest {
-            metrics.digest_mismatches.inc();
-            let detail = format!("upstream sent {} for {}", written.digest, job.digest);
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "upstream content does not match its digest",
-            )
-            .with_detail(detail));
-        }
-        if let Some((err, spill)) = written.spilled {
-            metrics.disk_errors.inc();
-            tracing::warn!(digest = %job.digest, %err, "cache disk failed during a fill; passed the blob through without caching it");
-            progress.send_replace(Progress::Verified {
-                file,
-                total: written.len,
-                spill: Some(spill),
-            });
-            return Ok(());
-        }
-        let store = Arc::clone(&cache.store);
-        let target = job.digest.clone();
-        let path = temp.keep();
-        let temp_path = path.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || store.commit(&path, Kind::Blob, &target)).await;
-        if let Err(err) = committed.map_err(std::io::Error::other).and_then(|r| r) {
-            // The bytes are verified and still in the open file: serve them, cache nothing.
-            metrics.disk_errors.inc();
-            // Only the temp file is ours: the digest's path may hold another upstream's commit.
-            let _ = std::fs::remove_file(temp_path);
-            tracing::warn!(digest = %job.digest, %err, "cannot commit a verified blob; served it uncached");
-            progress.send_replace(Progress::Verified {
-                file,
-                total: written.len,
-                spill: None,
-            });
-            return Ok(());
-        }
-        let entry = Entry::new(Kind::Blob, written.len, None);
-        match reservation {
-            Some(reservation) => reservation.commit(job.digest.clone(), entry),
-            None => cache.index.insert(job.digest.clone(), entry),
-        }
-        record_origin(cache, &job).await;
-        metrics.fills_completed.inc();
-        progress.send_replace(Progress::Verified {
-            file,
-            total: written.len,
-            spill: None,
-        });
-        Ok(())
-    }
-
-    /// Reserves `total` bytes in the cache (evicting to make room) against `max_size` and
-    /// `min_free`; a 503 when the fills already running hold the room.
-    async fn reserve<'c>(
-        &self,
-        cache: &'c Arc<Cache>,
-        metrics: &Metrics,
-        total: u64,
-    ) -> Result<Reservation<'c>, ApiError> {
-        let full = || {
-            metrics.rejected.with_label_values(&["fills"]).inc();
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Code::Unavailable,
-                "the cache is full of blobs being fetched; retry shortly",
-            )
-            .with_header(RETRY_AFTER, self.retry_after.clone())
-        };
-        let reservation = cache.index.reserve(total).ok_or_else(full)?;
-        let Some(min_free) = self.min_free else {
-            return Ok(reservation);
-        };
-        let owned = Arc::clone(cache);
-        let room = tokio::task::spawn_blocking(move || owned.room_for_reservations(min_free))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|room| room);
-        match room {
-            Ok(true) => Ok(reservation),
-            Ok(false) => Err(full()),
-            Err(err) => {
-                metrics.disk_errors.inc();
-                Err(err.into())
-            }
-        }
-    }
-
-    /// Moves the upstream body into the write queue, resuming with Range requests when it
-    /// fails part-way.
-    async fn receive(
-        &self,
-        job: &Job,
-        metrics: &Metrics,
-        mut body: Incoming,
-        total: Option<u64>,
-        chunks: &mpsc::Sender<Bytes>,
-    ) -> Result<(), ApiError> {
-        let mut received = 0u64;
-        let mut skip = 0u64;
-        let mut resumes = 0u32;
-        let counted = metrics.upstream_bytes.with_label_values(&["blob"]);
-        loop {
-            let before = received;
-            let pumped = self.pump(body, skip, chunks, &mut received).await;
-            counted.inc_by(received - before);
-            let mut error = match pumped {
-                Ok(()) => return Ok(()),
-                Err(error) => error,
-            };
-            // Every promised byte arrived and only the connection's end failed: verify it.
-            if total.is_some_and(|total| received >= total) {
-                return Ok(());
-            }
-            loop {
-                if resumes >= MAX_RESUMES {
-                    return Err(error.into());
-                }
-                tokio::time::sleep(retry::jittered(resumes, rand::random())).await;
-                resumes += 1;
-                metrics.fill_resumes.inc();
-                tracing::info!(digest = %job.digest, offset = received, %error, "upstream blob body failed; resuming with a Range request");
-                match resume(job, received, total).await {
-                    Ok((rest, to_skip)) => {
-                        body = rest;
-                        skip = to_skip;
-                        break;
-                    }
-                    Err(err) if !resumable(&err) => return Err(err.into()),
-                    Err(err) => error = err,
-                }
-            }
-        }
-    }
-
-    /// Moves one upstream body into the write queue, dropping its first `skip` bytes and
-    /// counting what it queued in `received`. Fails on a stall, a body slower than the floor
-    /// (`Floor`), a broken body, or one longer than `max_blob_size`.
-    async fn pump<B>(
-        &self,
-        mut body: B,
-        mut skip: u64,
-        chunks: &mpsc::Sender<Bytes>,
-        received: &mut u64,
-    ) -> Result<(), UpstreamError>
-    where
-        B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
-    {
-        let mut pace = Pace::new(self.floor, Instant::now());
-        loop {
-            let deadline = pace.window_end().min(Instant::now() + self.read_timeout);
-            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) if Instant::now() < pace.window_end() => {
-                    return Err(UpstreamError::Timeout("blob body stalled".into()))
-                }
-                // The window ended while waiting: judge it, then keep waiting.
-                Err(_) => {
-                    pace.judge(Instant::now())?;
-                    continue;
-                }
-                Ok(None) => return Ok(()),
-                Ok(Some(Err(err))) => {
-                    return Err(UpstreamError::Protocol(format!("blob body: {err}")))
-                }
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(mut data) = frame.into_data() else {
-                continue;
-            };
-            pace.arrived(data.len() as u64);
-            if skip > 0 {
-                let n = skip.min(data.len() as u64);
-                data.advance(n as usize);
-                skip -= n;
-            }
-            if data.is_empty() {
-                continue;
-            }
-            *received += data.len() as u64;
-            if *received > self.max_blob_size {
-                return Err(UpstreamError::Invalid(format!(
-                    "blob without a Content-Length ran past limits.max_blob_size ({})",
-                    self.max_blob_size
-                )));
-            }
-            let queued = Instant::now();
-            if chunks.send(data).await.is_err() {
-                // The writer is gone (it panicked); the fill fails when its result is read.
-                return Ok(());
-            }
-            // Time our own disk held the body back is not the upstream's slowness.
-            pace.paused(queued.elapsed());
-            if Instant::now() >= pace.window_end() {
-                pace.judge(Instant::now())?;
-            }
-        }
-    }
-}
-
-/// One body's progress against the `Floor`: bytes seen in the current window.
-struct Pace {
-    floor: Floor,
-    started: Instant,
-    bytes: u64,
-}
-
-impl Pace {
-    fn new(floor: Floor, now: Instant) -> Pace {
-        Pace {
-            floor,
-            started: now,
-            bytes: 0,
-        }
-    }
-
-    fn window_end(&self) -> Instant {
-        self.started + self.floor.window
-    }
-
-    fn arrived(&mut self, bytes: u64) {
-        self.bytes += bytes;
-    }
-
-    fn paused(&mut self, held: Duration) {
-        self.started += held;
-    }
-
-    /// At the end of a window: a new window if the body kept to the floor, else the error
-    /// that abandons it (the fill then resumes with a Range request, as after a stall).
-    fn judge(&mut self, now: Instant) -> Result<(), UpstreamError> {
-        let wanted = (self.floor.rate as f64 * self.floor.window.as_secs_f64()) as u64;
-        if self.bytes < wanted {
-            return Err(UpstreamError::Timeout(format!(
-                "blob body slower than client.min_fill_rate: {} bytes in {:?}",
-                self.bytes, self.floor.window
-            )));
-        }
-        *self = Pace::new(self.floor, now);
-        Ok(())
-    }
-}
-
-/// The refusal of a blob over `limits.max_blob_size`: permanent, so a 4xx clients do not retry.
-fn too_large(length: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        Code::Denied,
-        "blob is larger than this mirror caches (limits.max_blob_size)",
-    )
-    .with_detail(format!("upstream Content-Length {length}"))
-}
-
-/// Notes where a committed blob came from (`cache::origins`), before readers see it verified.
-async fn record_origin(cache: &Cache, job: &Job) {
-    let origins = Arc::clone(&cache.origins);
-    let (digest, upstream, repository) = (
-        job.digest.clone(),
-        Arc::clone(&job.upstream.name),
-        job.repository.clone(),
-    );
-    let _ =
-        tokio::task::spawn_blocking(move || origins.fetched(&digest, &upstream, &repository, true))
-            .await;
-}
-
-/// Asks for the rest of the blob from byte `from`. Returns the body and how many of its
-/// leading bytes are already held (0 for a matching 206, `from` for a 200 of the whole blob).
-async fn resume(
-    job: &Job,
-    from: u64,
-    total: Option<u64>,
-) -> Result<(Incoming, u64), UpstreamError> {
-    let response = job
-        .upstream
-        .get_blob_range(&job.repository, &job.digest, from)
-        .await?;
-    if response.status() != StatusCode::PARTIAL_CONTENT {
-        let length = crate::upstream::content_length(response.headers());
-        if let (Some(length), Some(total)) = (length, total) {
-            if length != total {
-                let detail = format!("blob was {total} bytes, a re-fetch promises {length}");
-                return Err(UpstreamError::Invalid(detail));
-            }
-        }
-        return Ok((response.into_body(), from));
-    }
-    let content_range = response
-        .headers()
-        .get(CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    match parse_content_range(content_range) {
-        Some((start, size)) if start == from && (total.is_none() || size == total) => {
-            Ok((response.into_body(), 0))
-        }
-        _ => Err(UpstreamError::Invalid(format!(
-            "asked for bytes {from}- and got Content-Range {content_range:?}"
-        ))),
-    }
-}
-
-/// `bytes START-END/SIZE` -> (START, SIZE), SIZE `None` for `*`.
-fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
-    let rest = value.trim().strip_prefix("bytes ")?;
-    let (span, size) = rest.split_once('/')?;
-    let (start, end) = span.split_once('-')?;
-    let start: u64 = start.trim().parse().ok()?;
-    let end: u64 = end.trim().parse().ok()?;
-    if end < start {
-        return None;
-    }
-    let size = match size.trim() {
-        "*" => None,
-        size => Some(size.parse().ok()?),
-    };
-    Some((start, size))
-}
-
-/// Failures worth another Range request: the upstream was unreachable or the body broke again.
-/// A refusal (4xx), a bad answer or an open circuit ends the fill.
-fn resumable(error: &UpstreamError) -> bool {
-    match error {
-        UpstreamError::Connect(_) | UpstreamError::Timeout(_) | UpstreamError::Protocol(_) => true,
-        UpstreamError::Status { status, .. } => status.is_server_error(),
-        _ => false,
-    }
-}
-
-/// What the writer saw.
-struct Written {
-    digest: Digest,
-    len: u64,
-    /// The disk failed mid-fill: the error, and the window the rest of the blob went through.
-    spilled: Option<(std::io::Error, Arc<Spill>)>,
-    /// The final fsync failed: the file's contents cannot be trusted, so the fill fails.
-    sync_error: Option<std::io::Error>,
-}
-
-/// Appends queued chunks to the file, hashing them, and publishes each new length. On a write
-/// error it unlinks the file and carries on in memory (`Spill`), so the readers still get
-/// every byte and the hash still covers the whole blob.
-fn write_chunks(
-    file: &File,
-    path: &Path,
-    mut queue: mpsc::Receiver<Bytes>,
-    progress: &watch::Sender<Progress>,
-) -> Written {
-    let mut verifier = Verifier::new();
-    let mut written = 0u64;
-    let mut spilled: Option<(std::io::Error, Arc<Spill>)> = None;
-    let mut out = file;
-    while let Some(chunk) = queue.blocking_recv() {
-        verifier.update(&chunk);
-        if spilled.is_none() {
-            if let Err(err) = out.write_all(&chunk) {
-                // Bytes before this chunk are whole in the file; this one may be partial.
-                let _ = std::fs::remove_file(path);
-                let spill = Arc::new(Spill::new(written, SPILL_WINDOW));
-                progress.send_modify(|state| {
-                    if let Progress::Streaming { spill: slot, .. } = state {
-                        *slot = Some(Arc::clone(&spill));
-                    }
-                });
-                spilled = Some((err, spill));
-            }
-        }
-        if let Some((_, spill)) = &spilled {
-            spill.push(chunk.clone());
-        }
-        written += chunk.len() as u64;
-        progress.send_modify(|state| {
-            if let Progress::Streaming { written: w, .. } = state {
-                *w = written;
-            }
-        });
-    }
-    let sync_error = match spilled {
-        Some(_) => None,
-        None => file.sync_data().err(),
-    };
-    Written {
-        digest: verifier.finish(),
-        len: written,
-        spilled,
-        sync_error,
     }
 }
 
@@ -824,104 +369,5 @@ pub fn drop_cached(cache: &Cache, metrics: &Metrics, digest: &Digest) {
     let _ = cache.index.take(Kind::Blob, digest);
     if let Err(err) = cache.store.remove(Kind::Blob, digest) {
         tracing::warn!(%digest, %err, "cannot delete an unreadable blob");
-    }
-}
-
-/// Deletes an uncommitted temp file when the fill ends without committing it.
-struct TempFile(Option<PathBuf>);
-
-impl TempFile {
-    fn keep(mut self) -> PathBuf {
-        self.0.take().expect("temp path present until kept")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body::Frame;
-
-    /// A body of `chunks` chunks of `size` bytes, each after `gap` of (virtual) time.
-    fn trickle(
-        chunks: u32,
-        size: usize,
-        gap: Duration,
-    ) -> impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
-        let frames = futures_util::stream::unfold(0u32, move |n| async move {
-            if n == chunks {
-                return None;
-            }
-            tokio::time::sleep(gap).await;
-            let frame = Frame::data(Bytes::from(vec![b'x'; size]));
-            Some((Ok(frame), n + 1))
-        });
-        http_body_util::StreamBody::new(Box::pin(frames))
-    }
-
-    /// Pumps `body` into a drained queue, as a fill would.
-    async fn pump_all(
-        config: &str,
-        body: impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
-    ) -> (Result<(), UpstreamError>, u64) {
-        let fills = Fills::new(&Config::from_toml(config).unwrap());
-        let (chunks, mut queue) = mpsc::channel(WRITE_QUEUE_CHUNKS);
-        tokio::spawn(async move { while queue.recv().await.is_some() {} });
-        let mut received = 0;
-        let pumped = fills.pump(body, 0, &chunks, &mut received).await;
-        (pumped, received)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_byte_every_29_seconds_is_abandoned_at_the_rate_floor() {
-        // Each byte arrives inside the 30 s read timeout: only the floor can end this body.
-        let config = "[client]\nread_timeout = \"30s\"\nmin_fill_rate = \"64KiB\"\n\
-                      min_fill_window = \"30s\"";
-        let (pumped, received) = pump_all(config, trickle(1000, 1, Duration::from_secs(29))).await;
-        assert!(
-            matches!(&pumped, Err(UpstreamError::Timeout(why)) if why.contains("min_fill_rate")),
-            "{pumped:?}"
-        );
-        assert!(received <= 2, "abandoned in the first window: {received}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_body_above_the_floor_is_taken_whole() {
-        let config = "[client]\nmin_fill_rate = \"64KiB\"\nmin_fill_window = \"1s\"";
-        let fast = trickle(50, 128 << 10, Duration::from_millis(500));
-        let (pumped, received) = pump_all(config, fast).await;
-        assert!(pumped.is_ok(), "{pumped:?}");
-        assert_eq!(received, 50 * (128 << 10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_body_without_length_stops_at_max_blob_size() {
-        let config = "[cache]\nmax_size = \"1MiB\"\n[limits]\nmax_blob_size = \"64KiB\"";
-        let (pumped, received) = pump_all(config, trickle(100, 4096, Duration::ZERO)).await;
-        assert!(
-            matches!(pumped, Err(UpstreamError::Invalid(_))),
-            "{pumped:?}"
-        );
-        assert!(received <= (64 << 10) + 4096);
-    }
-
-    #[test]
-    fn content_range_of_a_206_is_read_strictly() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/200"),
-            Some((100, Some(200)))
-        );
-        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
-        assert_eq!(parse_content_range("bytes 9-5/10"), None);
-        assert_eq!(parse_content_range("items 1-2/3"), None);
-        assert_eq!(parse_content_range("bytes */10"), None);
-        assert_eq!(parse_content_range(""), None);
     }
 }
