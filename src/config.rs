@@ -615,7 +615,7 @@ fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigEr
     for name in upstream.names() {
         let key = format!("upstream[{i}].host");
         if upstream.is_pattern() {
-            pattern::check(name).map_err(|message| invalid(&key, message))?;
+            pattern::check(name).map_err(|err| invalid(&key, err.to_string()))?;
         } else if RegistryHost::parse(name).is_err() {
             return Err(invalid(
                 key,
@@ -625,7 +625,9 @@ fn validate_upstream(i: usize, upstream: &UpstreamConfig) -> Result<(), ConfigEr
     }
     for network in &upstream.allow_networks {
         let key = format!("upstream[{i}].allow_networks");
-        let parsed: address::Network = network.parse().map_err(|m: String| invalid(&key, m))?;
+        let parsed: address::Network = network
+            .parse()
+            .map_err(|err: address::NetworkError| invalid(&key, err.to_string()))?;
         if !parsed.is_internal() {
             let message = format!(
                 "{network:?} is not a loopback, private or unique-local network; \

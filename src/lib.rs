@@ -8,7 +8,8 @@
 //! - `secret`   `Secret`, a string that never prints.
 //! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
-//! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
+//! - `error`    `ApiError`, the manifest flights' `ManifestError`, and the one mapping of any
+//!   failure (`UpstreamError`, `FillError`, ...) to an OCI error response, admin's included.
 //! - `body`     the response body type.
 //! - `oci`      pure parsers, a leaf: digests, names and references, full image references
 //!   (`oci::reference`), API paths, byte ranges, the one manifest model (`oci::manifest`: media
@@ -23,7 +24,8 @@
 //!   blob readers over complete or growing files, the in-memory window of a fill whose disk
 //!   failed (`spill`), the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
-//!   resumed with Range requests when the upstream body fails, passed through when the disk does.
+//!   resumed with Range requests when the upstream body fails, passed through when the disk does;
+//!   phases in files (`fetch`, `receive`, `write`), failures as `FillError`.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases.
 //! - `server`   accept loop, HTTP/1.1 + HTTP/2, idle and head timeouts per connection,

@@ -503,7 +503,7 @@ async fn the_admin_api_is_off_without_a_token() {
     let stack = Stack::start("").await;
     let refused = admin_call(&stack, Method::GET, "/admin/stats", Some(TOKEN)).await;
     assert_eq!(refused.status, 403);
-    assert!(json(&refused)["error"]
+    assert!(json(&refused)["errors"][0]["message"]
         .as_str()
         .unwrap()
         .contains("admin_token"));

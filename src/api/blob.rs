@@ -122,9 +122,7 @@ async fn serve_own(
             _ => return serve_any(state, target, digest, range, false, version).await,
         }
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unavailable,
+    Err(ApiError::unavailable(
         "the blob is being fetched through another repository; retry shortly",
     ))
 }
@@ -146,18 +144,12 @@ async fn respond(
             _ => true,
         })
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "blob fill ended without an answer",
-            )
-        })?
+        .map_err(|_| ApiError::bad_gateway("blob fill ended without an answer"))?
         .clone();
     let total = match state {
         Progress::Verified { total, .. } => Some(total),
         Progress::Streaming { total, .. } => total,
-        Progress::Failed(error) => return Err(not_found_as_blob(error)),
+        Progress::Failed(error) => return Err(ApiError::from(&*error)),
         Progress::Connecting => unreachable!("waited for a state past Connecting"),
     };
     let request = match total {
@@ -172,16 +164,9 @@ async fn respond(
     let (builder, start, end) = match request {
         RangeRequest::Unsatisfiable => {
             let size = total.unwrap_or(0);
-            let error = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                Code::RangeInvalid,
-                "range not satisfiable",
-            )
-            .with_header(
-                CONTENT_RANGE,
-                HeaderValue::from_str(&unsatisfied_content_range(size)).expect("ascii"),
-            );
-            return Err(error);
+            let content_range =
+                HeaderValue::from_str(&unsatisfied_content_range(size)).expect("ascii");
+            return Err(ApiError::range_not_satisfiable(content_range));
         }
         RangeRequest::Full => {
             let builder = match total {
@@ -205,15 +190,6 @@ async fn respond(
         crate::cache::reader::blob_body(progress, start, end, evict)
     };
     Ok(builder.body(body).expect("valid response"))
-}
-
-/// A 404 from the upstream means the blob is unknown, not the repository.
-fn not_found_as_blob(mut error: ApiError) -> ApiError {
-    if error.status == StatusCode::NOT_FOUND {
-        error.code = Code::BlobUnknown;
-        error.message = "blob unknown to registry".into();
-    }
-    error
 }
 
 async fn head_upstream(target: &Target, digest: &Digest) -> Served {
