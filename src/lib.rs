@@ -85,6 +85,7 @@ pub mod health;
 pub mod limits;
 pub mod load;
 pub mod metrics;
+pub mod net;
 pub mod oci;
 pub mod probe;
 pub mod route;
@@ -106,6 +107,13 @@ use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
+/// The checks of a parsed configuration that need domain knowledge (registry host names and
+/// patterns, networks); `Config::from_toml` did the plain ones. Start-up and `berth
+/// check-config` run both.
+pub fn check_config(config: &Config) -> Result<(), config::ConfigError> {
+    upstream::check_config(&config.upstreams)
+}
+
 /// Everything a request needs, shared by all of them.
 pub struct AppState {
     pub config: Config,
@@ -122,6 +130,8 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("cache directory {dir}: {source}")]
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
@@ -138,15 +148,16 @@ impl AppState {
 
     /// Opens the cache (rebuilding the index from disk) and prepares the upstreams.
     pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
-        AppState::open_with_resolver(config, upstream::connect::system_resolver()).await
+        AppState::open_with_resolver(config, net::connect::system_resolver()).await
     }
 
     /// `open`, with upstream names resolved by `resolver` (tests make names resolve where
     /// they want; the address rule still judges what comes back).
     pub async fn open_with_resolver(
         config: Config,
-        resolver: upstream::connect::Resolver,
+        resolver: net::connect::Resolver,
     ) -> Result<Arc<AppState>, StartError> {
+        check_config(&config)?;
         let metrics = Arc::new(Metrics::new());
         let cache_config = config.cache.clone();
         let cache_metrics = Arc::clone(&metrics);

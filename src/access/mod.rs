@@ -20,7 +20,6 @@
 //! may do what to an image). This file holds the state that ties them to requests; the
 //! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
-pub mod config;
 pub mod files;
 pub mod guard;
 pub mod holdings;
@@ -39,10 +38,10 @@ use http::header::{HeaderMap, AUTHORIZATION};
 use ring::hmac;
 
 use crate::config::PlatformConfig;
+pub use crate::config::{AccessConfig, AccessMode};
 use crate::route::{self, Target};
 use crate::secret::Secret;
 use crate::upstream::Upstreams;
-pub use config::{check_config, AccessConfig, AccessMode};
 use files::{Files, Snapshot};
 use guard::Guard;
 use holdings::Holdings;

@@ -30,11 +30,12 @@ use tokio::time::Instant;
 
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
+use crate::net::address::AddressRule;
+use crate::net::client::error_chain;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
 use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::client::error_chain;
-use crate::upstream::{Auth, HttpClient};
+use crate::upstream::Auth;
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -119,7 +120,8 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         ca_file: config.ca_file.clone(),
         response_timeout: config.request_timeout,
         ..ClientConfig::default()
-    })?
+    })
+    .map_err(|e| e.to_string())?
     .with_rule(AddressRule::any_internal());
     let before = match &config.metrics {
         Some(url) => Some(upstream_requests(&client, url).await?),

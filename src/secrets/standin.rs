@@ -434,9 +434,9 @@ pub(super) fn transport() -> super::Transport {
         ca_file: Some(test_tls().ca_file.path().to_path_buf()),
         ..crate::config::ClientConfig::default()
     };
-    crate::upstream::HttpClient::new(&config)
+    crate::net::HttpClient::new(&config)
         .unwrap()
-        .with_rule(crate::upstream::address::AddressRule::any_internal())
+        .with_rule(crate::net::address::AddressRule::any_internal())
 }
 
 /// A test CA (its PEM in a file for `client.ca_file`) and a server config with a certificate

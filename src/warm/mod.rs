@@ -33,12 +33,13 @@ use tokio::time::Instant;
 
 use crate::config::{ClientConfig, PlatformConfig};
 use crate::metrics::Metrics;
+use crate::net::address::AddressRule;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::name::Reference;
 use crate::route::{parse_image_reference, RouteError};
 use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::{Auth, HttpClient};
+use crate::upstream::Auth;
 
 mod image;
 pub use image::{
@@ -225,7 +226,9 @@ pub async fn warm(options: Options) -> Result<Summary, String> {
     }
     let run = Arc::new(Run {
         // The operator names the berth to warm, often on this host or in this cluster.
-        client: HttpClient::new(&options.client)?.with_rule(AddressRule::any_internal()),
+        client: HttpClient::new(&options.client)
+            .map_err(|e| e.to_string())?
+            .with_rule(AddressRule::any_internal()),
         auth: Auth::new(
             target.clone(),
             target.starts_with("http://"),
