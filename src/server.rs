@@ -31,16 +31,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::api::{self, PeerAddr};
 use crate::body::Body;
 use crate::config::LimitsConfig;
 use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
 use crate::tls::Tls;
-use crate::{api, AppState};
-
-/// The client's address, put in each request's extensions for the handlers (access control
-/// slows down an address that keeps presenting wrong keys).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+use crate::AppState;
 
 /// Connections over the cap that are being answered 503 at once; beyond this they are closed
 /// without an answer, so a flood costs nothing but the accept.

@@ -487,33 +487,6 @@ impl Access {
     }
 }
 
-/// The admin endpoint of the access report, ready to mount: `GET ...?image=IMAGE` answers the
-/// report as JSON, or an error in the OCI envelope (400 for a bad image or no policies).
-pub fn report_json(
-    state: &crate::AppState,
-    query: Option<&str>,
-) -> http::Response<crate::body::Body> {
-    let image = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(name, _)| name == "image")
-        .map(|(_, value)| value.into_owned());
-    let report = match image {
-        Some(image) => state.access.report(&state.upstreams, &image),
-        None => Err(AccessError::Report("pass the image as ?image=IMAGE".into())),
-    };
-    match report {
-        Ok(report) => {
-            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
-            http::Response::builder()
-                .status(http::StatusCode::OK)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::CONTENT_LENGTH, bytes.len())
-                .body(crate::body::full(bytes))
-                .expect("valid response")
-        }
-        Err(err) => crate::error::ApiError::from(err).into_response(false),
-    }
-}
-
 /// The token endpoint's answer, in the distribution token spec's fields.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IssuedToken {

@@ -7,6 +7,7 @@
 pub mod evict;
 pub mod index;
 pub mod origins;
+pub mod progress;
 pub mod reader;
 pub mod spill;
 pub mod store;
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 pub use index::{Entry, Index};
 pub use origins::{Origin, Origins};
+pub use progress::{drop_cached, open_cached, Progress};
 pub use store::{Kind, Store};
 pub use tags::{TagEntry, TagKey, Tags};
 
@@ -75,7 +77,7 @@ pub struct Cache {
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
     /// Manifests whose hit was written to their file's mtime within the last minute: a hot
-    /// manifest costs one metadata write a minute, as a hot blob does (`fill::open_cached`).
+    /// manifest costs one metadata write a minute, as a hot blob does (`progress::open_cached`).
     accessed: moka::sync::Cache<Digest, ()>,
     pub tags: Tags,
     /// Where each object came from and who holds it, for the policy access mode.

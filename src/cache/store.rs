@@ -234,7 +234,7 @@ impl Store {
         }
         // Where it came from goes with it (`cache::origins`); for a digest cached as both kinds
         // that forgets a little more than needed, which only costs a re-confirmation.
-        let _ = fs::remove_file(super::origins::Origins::path(&self.dir, digest));
+        let _ = fs::remove_file(origins_path(&self.dir, digest));
         match fs::remove_file(self.path(kind, digest)) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -504,6 +504,13 @@ fn read_tag(
         checked_ms,
     };
     Some((key, entry))
+}
+
+/// Where the sidecar of what is known about a digest's origins lives (`cache::origins`
+/// reads and writes it; removing an object removes it too).
+pub fn origins_path(dir: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    dir.join("origins").join("sha256").join(&hex[..2]).join(hex)
 }
 
 #[cfg(test)]

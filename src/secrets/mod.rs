@@ -252,11 +252,22 @@ impl Secrets {
                 (login, format!("{name}#{generation}"))
             }
             Parsed::Ecr(key) => {
-                let (login, serial) = key.login(source, generation, registry, transport).await?;
+                let (login, serial) = key
+                    .login(
+                        &source.config,
+                        &source.sessions,
+                        &source.logins,
+                        generation,
+                        registry,
+                        transport,
+                    )
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
-                let (login, serial) = key.login(source, generation, transport).await?;
+                let (login, serial) = key
+                    .login(&source.config.name, &source.logins, generation, transport)
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
         };
