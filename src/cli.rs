@@ -19,11 +19,19 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<(String, Config)> {
     Ok((source, config))
 }
 
-/// `berth serve`'s arguments: the config and what the command line overrides in it.
+// `berth serve`'s arguments: the config and what the command line overrides in it.
+#[derive(clap::Args)]
 pub struct ServeArgs {
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Overrides `listen` from the config.
+    #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Overrides `cache.dir` from the config.
+    #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Overrides `admin_listen` (metrics, health, admin API) from the config.
+    #[arg(long)]
     pub admin_listen: Option<SocketAddr>,
 }
 
@@ -65,13 +73,27 @@ pub fn resolve(config: Option<&Path>, references: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
-/// `berth warm`'s arguments.
+// `berth warm`'s arguments.
+#[derive(clap::Args)]
 pub struct WarmArgs {
+    /// The berth to warm.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
     pub target: String,
+    /// The platform to pull from multi-platform images.
+    #[arg(long, default_value = "linux/amd64")]
     pub platform: berth::warm::Platform,
+    /// Blobs of one image fetched at once.
+    #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// A config to take `platform.org` (for `//image/...` references) and `[client]`
+    /// settings (timeouts, `ca_file` for an https target) from.
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Pull as this user (a principal of a berth in the policy access mode); the key is
+    /// read from BERTH_WARM_PASSWORD, so it stays out of shell history and `ps`.
+    #[arg(long)]
     pub user: Option<String>,
+    #[arg(required = true)]
     pub references: Vec<String>,
 }
 

@@ -3,7 +3,6 @@
 
 mod cli;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -22,19 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the registry API (the embedded default config if no --config is given).
-    Serve {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Overrides `listen` from the config.
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Overrides `cache.dir` from the config.
-        #[arg(long)]
-        cache_dir: Option<PathBuf>,
-        /// Overrides `admin_listen` (metrics, health, admin API) from the config.
-        #[arg(long)]
-        admin_listen: Option<SocketAddr>,
-    },
+    Serve(cli::ServeArgs),
     /// Show where image references go: upstream, endpoint, repository, tag or digest, and the
     /// credentials a pull would use. Any reference form: `nginx:latest`, `ghcr.io/o/a@sha256:..`,
     /// pinned `nginx:1.27@sha256:..` (the digest wins),
@@ -47,27 +34,7 @@ enum Command {
     },
     /// Pre-pull images through a running berth (manifest, the platform's image of an index,
     /// config, every layer), with progress, so a location has them before its pods start.
-    Warm {
-        /// The berth to warm.
-        #[arg(long, default_value = "http://127.0.0.1:5000")]
-        target: String,
-        /// The platform to pull from multi-platform images.
-        #[arg(long, default_value = "linux/amd64")]
-        platform: berth::warm::Platform,
-        /// Blobs of one image fetched at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// A config to take `platform.org` (for `//image/...` references) and `[client]`
-        /// settings (timeouts, `ca_file` for an https target) from.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Pull as this user (a principal of a berth in the policy access mode); the key is
-        /// read from BERTH_WARM_PASSWORD, so it stays out of shell history and `ps`.
-        #[arg(long)]
-        user: Option<String>,
-        #[arg(required = true)]
-        references: Vec<String>,
-    },
+    Warm(cli::WarmArgs),
     /// Print the embedded default configuration.
     DefaultConfig,
     /// Validate a config (the embedded default without --config) and print the effective
@@ -146,33 +113,9 @@ pub struct LoadArgs {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve {
-            config,
-            listen,
-            cache_dir,
-            admin_listen,
-        } => cli::serve(cli::ServeArgs {
-            config,
-            listen,
-            cache_dir,
-            admin_listen,
-        }),
+        Command::Serve(args) => cli::serve(args),
         Command::Resolve { config, references } => cli::resolve(config.as_deref(), &references),
-        Command::Warm {
-            target,
-            platform,
-            concurrency,
-            config,
-            user,
-            references,
-        } => cli::warm(cli::WarmArgs {
-            target,
-            platform,
-            concurrency,
-            config,
-            user,
-            references,
-        }),
+        Command::Warm(args) => cli::warm(args),
         Command::Load(args) => cli::load(args),
         Command::DefaultConfig => {
             print!("{}", berth::config::EMBEDDED_DEFAULT);

@@ -12,7 +12,7 @@
 //! With credentials it authenticates as a node does: Basic, or the registry token flow (a
 //! `WWW-Authenticate: Bearer` challenge, one token per repository, reused until it expires).
 //! That flow and the HTTP client are berth's own upstream ones (`upstream::Auth`,
-//! `upstream::HttpClient`); the verification of every body is not shared with the server.
+//! `net::HttpClient`); the verification of every body is not shared with the server.
 
 pub mod stats;
 

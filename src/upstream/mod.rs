@@ -5,7 +5,7 @@
 //! (`auth`), follows at most five redirects (never from https to http) with `Authorization`
 //! only for the scheme and host it was made for, answers a redirect hop's challenge
 //! anonymously, and maps refusals to `UpstreamError`. Every connection goes through the
-//! upstream's `HttpClient`, whose connector applies the address rule (`address`, `connect`).
+//! upstream's `net::HttpClient`, whose connector applies the address rule (`net::address`).
 //! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
