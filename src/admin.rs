@@ -196,7 +196,7 @@ async fn admin(
         return json(StatusCode::OK, stats(state));
     }
     if let (&Method::GET, "access-report") = (method, rest) {
-        return crate::access::report_json(state, query);
+        return access_report(state, query);
     }
     if let Some(digest) = rest.strip_prefix("digests/") {
         if method != Method::DELETE {
@@ -368,6 +368,32 @@ fn respond(status: StatusCode, content_type: &'static str, text: String) -> Resp
         .header(CONTENT_TYPE, content_type)
         .body(body::full(text))
         .expect("valid response")
+}
+
+/// The access report (`/admin/access-report`): `GET ...?image=IMAGE` answers the
+/// report as JSON, or an error in the OCI envelope (400 for a bad image or no policies).
+pub fn access_report(state: &AppState, query: Option<&str>) -> Response<Body> {
+    let image = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(name, _)| name == "image")
+        .map(|(_, value)| value.into_owned());
+    let report = match image {
+        Some(image) => state.access.report(&state.upstreams, &image),
+        None => Err(crate::access::AccessError::Report(
+            "pass the image as ?image=IMAGE".into(),
+        )),
+    };
+    match report {
+        Ok(report) => {
+            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
+            http::Response::builder()
+                .status(http::StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_LENGTH, bytes.len())
+                .body(body::full(bytes))
+                .expect("valid response")
+        }
+        Err(err) => crate::error::ApiError::from(err).into_response(false),
+    }
 }
 
 #[cfg(test)]

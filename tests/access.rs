@@ -771,7 +771,7 @@ async fn the_admin_listener_serves_the_access_report_behind_its_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_access_report_lists_who_may_do_what() {
     let site = Site::start("").await;
-    let response = berth::access::report_json(
+    let response = berth::admin::access_report(
         &site.berth.state,
         Some("image=%2F%2Fimage%2Fsecret%2Fapp%3Av1"),
     );
@@ -837,7 +837,7 @@ async fn the_access_report_lists_who_may_do_what() {
         "{text}"
     );
 
-    let bad = berth::access::report_json(&site.berth.state, None);
+    let bad = berth::admin::access_report(&site.berth.state, None);
     assert_eq!(bad.status(), 400);
 }
 

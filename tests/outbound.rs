@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use berth::config::Config;
+use berth::net::connect::{Resolve, Resolver};
 use berth::oci::name::{Reference, Repository};
-use berth::upstream::connect::{Resolve, Resolver};
 use berth::upstream::{UpstreamError, Upstreams};
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};

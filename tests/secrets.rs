@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth::config::ClientConfig;
+use berth::net::address::AddressRule;
+use berth::net::HttpClient;
 use berth::secrets::{SecretConfig, SecretError, Secrets, Transport};
-use berth::upstream::address::AddressRule;
-use berth::upstream::HttpClient;
 use serde_json::{json, Value};
 use support::ca::test_ca;
 use support::cloud::{

@@ -16,8 +16,9 @@ use super::Served;
 use crate::body::{self, Body};
 use crate::cache::reader::Evict;
 use crate::cache::Outcome;
+use crate::cache::Progress;
 use crate::error::{ApiError, Code};
-use crate::fill::{self, Job, Progress};
+use crate::fill::Job;
 use crate::oci::digest::Digest;
 use crate::oci::range::{parse_range, unsatisfied_content_range, RangeRequest};
 use crate::route::Target;
@@ -56,7 +57,7 @@ async fn serve_any(
     head: bool,
     version: Version,
 ) -> Served {
-    if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
+    if let Some(progress) = crate::cache::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
             cache: Arc::clone(&state.cache),
             metrics: Arc::clone(&state.metrics),

@@ -28,9 +28,13 @@ use crate::metrics::status_class;
 use crate::oci::name::{split_api_path, ApiPath};
 use crate::oci::reference::ReferenceError;
 use crate::route::{self, RouteError};
-use crate::server::PeerAddr;
 use crate::upstream::CredentialSource;
 use crate::AppState;
+
+/// The client's address, put in each request's extensions for the handlers (access control
+/// slows down an address that keeps presenting wrong keys).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 pub use manifest::{ManifestFlights, RevalidationFlights};
 

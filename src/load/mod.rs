@@ -12,7 +12,7 @@
 //! With credentials it authenticates as a node does: Basic, or the registry token flow (a
 //! `WWW-Authenticate: Bearer` challenge, one token per repository, reused until it expires).
 //! That flow and the HTTP client are berth's own upstream ones (`upstream::Auth`,
-//! `upstream::HttpClient`), and image references and manifests are read by `oci`; nothing
+//! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
 //! else of the server is used, and the verification of every body is not shared with it.
 
 pub mod stats;
@@ -30,13 +30,14 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config::ClientConfig;
+use crate::net::address::AddressRule;
+use crate::net::client::error_chain;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::manifest::{ImageManifest, Manifest, Platform, PlatformError};
 pub use crate::oci::reference::ImageRef;
 use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::client::error_chain;
-use crate::upstream::{Auth, HttpClient, UpstreamError};
+use crate::upstream::{Auth, UpstreamError};
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -57,7 +58,7 @@ pub enum LoadError {
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
     #[error("{0}")]
-    Client(String),
+    Client(#[source] crate::net::ClientError),
     #[error("--metrics {url}: {why}")]
     Metrics { url: String, why: String },
     #[error("puller panicked: {0}")]
@@ -438,7 +439,7 @@ impl Shared {
         self.client
             .send(request.body(Full::default()).expect("valid request"))
             .await
-            .map_err(FetchError::Send)
+            .map_err(|err| FetchError::Send(err.into()))
     }
 }
 

@@ -24,8 +24,7 @@ use tokio::time::Instant;
 
 use super::exchange::{form_encode, refusal, send};
 use super::fields::Fields;
-use super::source::Source;
-use super::token::Fetched;
+use super::token::{Fetched, TokenCache};
 use super::{Login, SecretError, Transport};
 use crate::secret::Secret;
 
@@ -121,12 +120,13 @@ impl GcpKey {
     /// `oauth2accesstoken` and a current access token, through the source's cache.
     pub async fn login(
         &self,
-        source: &Source,
+        name: &str,
+        logins: &TokenCache<Login>,
         generation: u64,
         transport: &Transport,
     ) -> Result<(Login, u64), SecretError> {
         let issuer = Arc::clone(&self.issuer);
-        let name = source.config.name.clone();
+        let name = name.to_string();
         let transport = transport.clone();
         let fetch = move || async move {
             issuer
@@ -139,7 +139,7 @@ impl GcpKey {
                 })
         };
         let key = format!("{generation}:access-token");
-        source.logins.get(&key, Instant::now(), fetch).await
+        logins.get(&key, Instant::now(), fetch).await
     }
 }
 

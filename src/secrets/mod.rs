@@ -26,52 +26,20 @@ mod gcp;
 mod source;
 mod token;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
+pub use crate::config::{SecretConfig, SecretKind};
 use crate::secret::Secret;
 use source::{Parsed, Source};
 
 /// The HTTP client for STS, ECR and Google token endpoints: berth's upstream client, so the
 /// same timeouts, TLS roots and extra CA bundle apply.
-pub type Transport = crate::upstream::HttpClient;
+pub type Transport = crate::net::HttpClient;
 
 /// How often a secret's file is checked for changes, at most.
 const RECHECK: Duration = Duration::from_secs(1);
-
-/// One `[[secret]]` entry of the configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretConfig {
-    /// What upstreams (`secret = "NAME"`), logs and errors call it.
-    pub name: String,
-    /// The file's format: `docker`, `ecr` or `gcp`.
-    #[serde(rename = "type")]
-    pub kind: SecretKind,
-    /// The secret file, re-read when it changes.
-    pub file: PathBuf,
-    /// STS endpoint for `ecr` secrets with a role; default `https://sts.REGION.amazonaws.com`
-    /// (`{region}` in the value is replaced by the registry's region). For VPC endpoints and
-    /// tests.
-    #[serde(default)]
-    pub sts_endpoint: Option<String>,
-    /// ECR API endpoint for `ecr` secrets; default `https://api.ecr.REGION.amazonaws.com`
-    /// (`{region}` is replaced likewise).
-    #[serde(default)]
-    pub ecr_endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SecretKind {
-    Docker,
-    Ecr,
-    Gcp,
-}
 
 /// Reads a secret file's bytes as berth would for a `[[secret]]` of `kind`, without using
 /// them: the entry point for checking a file before deploying it, and for fuzzing the parsers.
@@ -284,11 +252,22 @@ impl Secrets {
                 (login, format!("{name}#{generation}"))
             }
             Parsed::Ecr(key) => {
-                let (login, serial) = key.login(source, generation, registry, transport).await?;
+                let (login, serial) = key
+                    .login(
+                        &source.config,
+                        &source.sessions,
+                        &source.logins,
+                        generation,
+                        registry,
+                        transport,
+                    )
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
-                let (login, serial) = key.login(source, generation, transport).await?;
+                let (login, serial) = key
+                    .login(&source.config.name, &source.logins, generation, transport)
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
         };
@@ -322,7 +301,7 @@ impl Secrets {
 /// of an endpoint the configuration gives as a loopback or private address. A GCP key's
 /// `token_uri` comes from the file, not the configuration, so it widens nothing.
 fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
-    use crate::upstream::address::AddressRule;
+    use crate::net::address::AddressRule;
     let endpoint_rule = |url: &Option<String>| {
         let host = url
             .as_deref()
@@ -340,43 +319,6 @@ fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
     } else {
         base.with_rule(rule)
     }
-}
-
-/// Checks `[[secret]]` entries before use: names non-empty and unique, endpoint overrides
-/// absolute URLs. The error is `(key, message)` for `ConfigError::Invalid`, the key being
-/// `secret[INDEX].FIELD`. Files are not read here: a bad file is a runtime condition that
-/// fixing the file cures, not a reason to refuse to start.
-pub fn check_configs(configs: &[SecretConfig]) -> Result<(), (String, String)> {
-    let mut seen = HashSet::new();
-    for (i, config) in configs.iter().enumerate() {
-        let key = |field: &str| format!("secret[{i}].{field}");
-        if config.name.trim().is_empty() {
-            return Err((key("name"), "must not be empty".to_string()));
-        }
-        if !seen.insert(config.name.as_str()) {
-            return Err((key("name"), format!("`{}` is used twice", config.name)));
-        }
-        if config.file.as_os_str().is_empty() {
-            return Err((key("file"), "must not be empty".to_string()));
-        }
-        for (field, url) in [
-            ("sts_endpoint", &config.sts_endpoint),
-            ("ecr_endpoint", &config.ecr_endpoint),
-        ] {
-            let Some(url) = url else { continue };
-            if config.kind != SecretKind::Ecr {
-                return Err((key(field), "applies to `type = \"ecr\"` only".to_string()));
-            }
-            let probe = url.replace("{region}", "us-east-1");
-            let valid = probe.parse::<http::Uri>().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            });
-            if !valid {
-                return Err((key(field), format!("{url:?} is not an http(s) URL")));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -648,72 +590,5 @@ mod tests {
         for value in ["hunter", "PRIVATE KEY", "MII"] {
             assert!(!shown.contains(value), "{value} shown in {shown}");
         }
-    }
-
-    #[test]
-    fn configs_are_checked_for_names_and_endpoints() {
-        let config = |name: &str, kind, sts: Option<&str>| SecretConfig {
-            name: name.into(),
-            kind,
-            file: "/dev/null".into(),
-            sts_endpoint: sts.map(str::to_string),
-            ecr_endpoint: None,
-        };
-        assert_eq!(
-            check_configs(&[config(
-                "a",
-                SecretKind::Ecr,
-                Some("http://127.0.0.1:1/{region}")
-            )]),
-            Ok(())
-        );
-        let cases = [
-            (vec![config("", SecretKind::Docker, None)], "secret[0].name"),
-            (
-                vec![
-                    config("a", SecretKind::Docker, None),
-                    config("a", SecretKind::Gcp, None),
-                ],
-                "secret[1].name",
-            ),
-            (
-                vec![config("a", SecretKind::Ecr, Some("sts.amazonaws.com"))],
-                "secret[0].sts_endpoint",
-            ),
-            (
-                vec![config(
-                    "a",
-                    SecretKind::Docker,
-                    Some("https://sts.amazonaws.com"),
-                )],
-                "secret[0].sts_endpoint",
-            ),
-        ];
-        for (configs, key) in cases {
-            assert_eq!(check_configs(&configs).unwrap_err().0, key);
-        }
-    }
-
-    #[test]
-    fn config_entries_deserialize_from_toml() {
-        #[derive(Deserialize)]
-        struct Doc {
-            secret: Vec<SecretConfig>,
-        }
-        let doc: Doc = toml::from_str(
-            r#"
-            [[secret]]
-            name = "aws"
-            type = "ecr"
-            file = "/var/run/secrets/aws.json"
-            ecr_endpoint = "https://ecr.internal"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(doc.secret[0].kind, SecretKind::Ecr);
-        assert!(toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='azure'\nfile='f'").is_err());
-        assert!(
-            toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='gcp'\nfile='f'\nextra=1").is_err()
-        );
     }
 }

@@ -192,7 +192,7 @@ impl Upstream {
         let secs = started.elapsed().as_secs_f64();
         self.metrics
             .observe_upstream(&self.metric_label, status, secs);
-        sent
+        Ok(sent?)
     }
 }
 

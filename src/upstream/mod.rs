@@ -5,16 +5,14 @@
 //! (`auth`), follows at most five redirects (never from https to http) with `Authorization`
 //! only for the scheme and host it was made for, answers a redirect hop's challenge
 //! anonymously, and maps refusals to `UpstreamError`. Every connection goes through the
-//! upstream's `HttpClient`, whose connector applies the address rule (`address`, `connect`).
+//! upstream's `net::HttpClient`, whose connector applies the address rule (`net::address`).
 //! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
-pub mod address;
 pub mod auth;
 pub mod breaker;
 pub mod challenge;
-pub mod client;
-pub mod connect;
+mod check;
 mod exchange;
 pub mod host;
 pub mod pattern;
@@ -30,13 +28,15 @@ use hyper::body::Incoming;
 
 use crate::config::{CacheConfig, Config, PlatformConfig, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::net::address::{AddressRule, Network};
+use crate::net::connect;
+pub use crate::net::HttpClient;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
 use crate::secret::Secret;
 use crate::secrets::{Credentials, Secrets};
-use address::{AddressRule, Network};
 pub use auth::Auth;
-pub use client::HttpClient;
+pub use check::check_config;
 use host::RegistryHost;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,6 +64,26 @@ pub enum UpstreamError {
     /// until its cool-down ends. Callers treat it like a connection failure.
     #[error("circuit open: {0}")]
     CircuitOpen(String),
+}
+
+impl From<crate::net::SendError> for UpstreamError {
+    fn from(err: crate::net::SendError) -> UpstreamError {
+        use crate::net::SendError;
+        match err {
+            SendError::Timeout { target } => {
+                UpstreamError::Timeout(format!("no response to {target}"))
+            }
+            SendError::Refused { target, chain } => {
+                UpstreamError::Refused(format!("{target}: {chain}"))
+            }
+            SendError::Connect { target, chain } => {
+                UpstreamError::Connect(format!("{target}: {chain}"))
+            }
+            SendError::Protocol { target, chain } => {
+                UpstreamError::Protocol(format!("{target}: {chain}"))
+            }
+        }
+    }
 }
 
 pub struct Upstream {
@@ -345,7 +365,9 @@ impl Upstreams {
         metrics: Arc<Metrics>,
         resolver: connect::Resolver,
     ) -> Result<Upstreams, String> {
-        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))?;
+        check_config(&config.upstreams).map_err(|e| e.to_string())?;
+        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))
+            .map_err(|e| e.to_string())?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let mut insecure_client = None;
         for upstream in config.upstreams.iter().filter(|u| u.insecure) {
@@ -358,7 +380,10 @@ impl Upstreams {
             );
             if insecure_client.is_none() {
                 let resolver = Arc::clone(&resolver);
-                insecure_client = Some(HttpClient::new_insecure(&config.client, resolver)?);
+                insecure_client = Some(
+                    HttpClient::new_insecure(&config.client, resolver)
+                        .map_err(|e| e.to_string())?,
+                );
             }
         }
         let shared = Shared {

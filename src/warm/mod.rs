@@ -32,6 +32,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
 use crate::config::{ClientConfig, PlatformConfig};
+use crate::net::address::AddressRule;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::manifest::{
     Descriptor, ImageManifest, Manifest, ManifestError, NoPlatform, Platform, DOCKER_LIST,
@@ -40,8 +42,7 @@ use crate::oci::manifest::{
 use crate::oci::name::Reference;
 use crate::oci::reference::{ImageRef, Orgs, ReferenceError};
 use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::{Auth, HttpClient};
+use crate::upstream::Auth;
 
 mod summary;
 use summary::OUTCOMES;
@@ -161,7 +162,7 @@ pub async fn warm(options: Options) -> Result<Summary, WarmError> {
         )));
     }
     // The operator names the berth to warm, often on this host or in this cluster.
-    let client = HttpClient::new(&options.client).map_err(WarmError::Setup)?;
+    let client = HttpClient::new(&options.client).map_err(|e| WarmError::Setup(e.to_string()))?;
     let run = Arc::new(Run {
         client: client.with_rule(AddressRule::any_internal()),
         auth: Auth::for_tool(&target, "warm"),

@@ -2,7 +2,7 @@
 //!
 //! Every outbound connection (upstream requests, redirect hops, token realms, the ECR, STS and
 //! GCP exchange endpoints) is checked on the address actually dialled, after DNS, by
-//! `upstream::connect`. IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::/96`) addresses
+//! `net::connect`. IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::/96`) addresses
 //! are judged by the IPv4 address inside them.
 //! - Never: link-local, cloud metadata addresses, unspecified, `0.0.0.0/8`, multicast,
 //!   broadcast, and the other reserved ranges.

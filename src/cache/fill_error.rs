@@ -1,6 +1,6 @@
-//! `FillError`: why a fill failed or was refused, with its cause kept. Every reader of the fill
-//! sees the same one (`Progress::Failed`); `crate::error` turns it into a response, so no status
-//! or error code is chosen here.
+//! `FillError`: why a fill failed or was refused, with its cause kept. It lives with `Progress`,
+//! not in `fill`, because every reader of the fill sees the same one (`Progress::Failed`);
+//! `crate::error` turns it into a response, so no status or error code is chosen here.
 
 use http::header::HeaderValue;
 
