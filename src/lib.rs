@@ -28,7 +28,8 @@
 //! - `cache`    disk store (objects; tag files in `store::tag_files`), in-memory index with
 //!   LRU eviction, manifests in memory, tag table, where each object came from and who holds
 //!   it (`origins`, for the policy mode), a blob on its way to readers (`progress`: a fill's
-//!   state, or a cached file opened), blob readers over complete or growing files, the
+//!   state, or a cached file opened), blob readers over complete or growing files (verified
+//!   ones from shared maps where the kernel copies the body: `mapped`, `reader::Copier`), the
 //!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;

@@ -12,6 +12,9 @@
 //! (rapid reset, CVE-2023-44487) and on streams berth reset, and a header list cap that ends
 //! a CONTINUATION flood.
 //!
+//! Each request carries its connection's `Copier`: only a plain-TCP HTTP/1.x connection may
+//! send a cached blob from a memory map (`cache::reader` says why).
+//!
 //! Binding the socket is the caller's job (so tests bind port 0).
 
 use std::future::Future;
@@ -35,6 +38,7 @@ use crate::api::{self, PeerAddr};
 use crate::body::Body;
 use crate::config::LimitsConfig;
 use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
+use crate::cache::reader::Copier;
 use crate::tls::Tls;
 use crate::AppState;
 
@@ -332,6 +336,8 @@ impl Serving {
         busy: Busy,
     ) -> http::Response<Body> {
         request.extensions_mut().insert(PeerAddr(peer));
+        let copier = Copier::of_connection(self.tls.is_some(), request.version());
+        request.extensions_mut().insert(copier);
         let state = &self.state;
         let limits = &state.config.limits;
         let head = request.method() == http::Method::HEAD;

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::holds::BlobSource;
 use super::Served;
 use crate::body::{self, Body};
-use crate::cache::reader::Evict;
+use crate::cache::reader::{Copier, Evict};
 use crate::cache::Outcome;
 use crate::cache::Progress;
 use crate::error::{ApiError, Code};
@@ -25,13 +25,22 @@ use crate::route::Target;
 use crate::upstream::content_length;
 use crate::AppState;
 
+/// What of the client's connection a blob response depends on.
+#[derive(Clone, Copy)]
+pub struct Client {
+    /// HTTP/1.0 cannot tell a cut body from a whole one (see `whole_first`).
+    pub version: Version,
+    /// Whether a hit may be sent from a map of the file (`Copier`).
+    pub copier: Copier,
+}
+
 pub async fn serve(
     state: &Arc<AppState>,
     target: Target,
     digest: &str,
     headers: &HeaderMap,
     head: bool,
-    version: Version,
+    client: Client,
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
@@ -42,10 +51,10 @@ pub async fn serve(
         BlobSource::Upstream => return head_upstream(&target, &digest).await,
         BlobSource::Own { .. } if head => return head_upstream(&target, &digest).await,
         BlobSource::Own { held } => {
-            return serve_own(state, target, digest, range, held, version).await
+            return serve_own(state, target, digest, range, held, client).await
         }
     }
-    serve_any(state, target, digest, range, head, version).await
+    serve_any(state, target, digest, range, head, client).await
 }
 
 /// Serves a blob from the cache or from any fill of it, starting one if none runs.
@@ -55,7 +64,7 @@ async fn serve_any(
     digest: Digest,
     range: Option<&str>,
     head: bool,
-    version: Version,
+    client: Client,
 ) -> Served {
     if let Some(progress) = crate::cache::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
@@ -63,7 +72,8 @@ async fn serve_any(
             metrics: Arc::clone(&state.metrics),
             digest: digest.clone(),
         };
-        let response = respond(progress, &digest, range, head, Some(evict), false).await?;
+        let evict = Some(evict);
+        let response = respond(progress, &digest, range, head, evict, false, client.copier).await?;
         return Ok((response, Outcome::Hit));
     }
     if head {
@@ -82,9 +92,10 @@ async fn serve_any(
     };
     // An HTTP/1.0 client gets a body of unknown length delimited by the connection's close,
     // so a failed fill would look complete to it: it waits for the verified blob instead.
-    let whole_first = version <= Version::HTTP_10;
+    let whole_first = client.version <= Version::HTTP_10;
     let progress = joined.progress;
-    let response = respond(progress, &digest, range, head, None, whole_first).await?;
+    let copier = client.copier;
+    let response = respond(progress, &digest, range, head, None, whole_first, copier).await?;
     Ok((response, outcome))
 }
 
@@ -97,7 +108,7 @@ async fn serve_own(
     digest: Digest,
     range: Option<&str>,
     mut held: bool,
-    version: Version,
+    client: Client,
 ) -> Served {
     for _ in 0..4 {
         let job = Job {
@@ -113,14 +124,15 @@ async fn serve_own(
                 true => Outcome::Coalesced,
                 false => Outcome::Miss,
             };
-            let whole_first = version <= Version::HTTP_10;
+            let whole_first = client.version <= Version::HTTP_10;
+            let (progress, copier) = (joined.progress, client.copier);
             let response =
-                respond(joined.progress, &digest, range, false, None, whole_first).await?;
+                respond(progress, &digest, range, false, None, whole_first, copier).await?;
             return Ok((response, outcome));
         }
         match super::holds::admit_blob(state, &target, &digest, false).await? {
             BlobSource::Own { held: now } => held = now,
-            _ => return serve_any(state, target, digest, range, false, version).await,
+            _ => return serve_any(state, target, digest, range, false, client).await,
         }
     }
     Err(ApiError::unavailable(
@@ -129,7 +141,8 @@ async fn serve_own(
 }
 
 /// Builds the response once the fill (or the cached file) knows its size or has failed; with
-/// `whole_first`, a blob of unknown length only once it is verified.
+/// `whole_first`, a blob of unknown length only once it is verified. `copier` says who copies
+/// the body's bytes.
 async fn respond(
     mut progress: watch::Receiver<Progress>,
     digest: &Digest,
@@ -137,6 +150,7 @@ async fn respond(
     head: bool,
     evict: Option<Evict>,
     whole_first: bool,
+    copier: Copier,
 ) -> Result<Response<Body>, ApiError> {
     let state = progress
         .wait_for(|p| match p {
@@ -188,7 +202,7 @@ async fn respond(
     let body = if head {
         body::empty()
     } else {
-        crate::cache::reader::blob_body(progress, start, end, evict)
+        crate::cache::reader::blob_body(progress, start, end, evict, copier)
     };
     Ok(builder.body(body).expect("valid response"))
 }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::access::{AccessError, Asker};
 use crate::body::{self, Body};
+use crate::cache::reader::Copier;
 use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::metrics::status_class;
@@ -273,7 +274,12 @@ async fn serve<B>(
             manifest::serve(state, target, reference, headers, head).await
         }
         ApiPath::Blob { digest, .. } => {
-            blob::serve(state, target, digest, headers, head, request.version()).await
+            let client = blob::Client {
+                version: request.version(),
+                // Set by the server for each connection; anything else must not be mapped.
+                copier: (request.extensions().get().copied()).unwrap_or(Copier::Berth),
+            };
+            blob::serve(state, target, digest, headers, head, client).await
         }
         ApiPath::Tags { .. } => {
             passthrough::serve(target, "tags/list".into(), query, name, head).await

@@ -11,7 +11,8 @@
 //! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
 //! bytes past the file's good length come from the fill's in-memory window (`spill`). A
 //! verified file is served from a shared memory map instead, in larger slices, whenever the
-//! pages of a slice are in memory (`mapped`): one copy fewer than a read. A read
+//! pages of a slice are in memory (`mapped`) and the kernel, not berth, copies the body onto
+//! the connection (`Copier`): one copy fewer than a read. A read
 //! error on a cached blob drops it from the cache (the next request refetches) and ends this
 //! body in an error: a body cannot be resumed mid-way. Choosing the range is the caller's job.
 
@@ -39,6 +40,30 @@ const CHUNK: u64 = 256 * 1024;
 /// it is larger, to spend less per frame; small enough that served bytes count as they go.
 const MAPPED_CHUNK: usize = 1024 * 1024;
 
+/// Who copies a response body's bytes onto the connection. A slice of a mapped file is handed
+/// over only when the kernel does: a page lost to a disk error between the residency check and
+/// the write then fails the write (EFAULT) and ends that connection. Copied in berth's own
+/// process (rustls encrypting it, h2 framing it) the same page would raise SIGBUS and kill the
+/// process, so those bodies are read (`pread` reports the error) and never mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copier {
+    /// A plain-TCP HTTP/1.x connection: hyper hands body `Bytes` to `writev` as they are.
+    Kernel,
+    /// TLS, HTTP/2, or not known: bytes pass through berth's own code.
+    Berth,
+}
+
+impl Copier {
+    /// The copier of a request's bytes on a connection with or without TLS.
+    pub fn of_connection(tls: bool, version: http::Version) -> Copier {
+        if !tls && version <= http::Version::HTTP_11 {
+            Copier::Kernel
+        } else {
+            Copier::Berth
+        }
+    }
+}
+
 /// What to drop from the cache when a read of the file fails.
 pub struct Evict {
     pub cache: Arc<Cache>,
@@ -62,7 +87,8 @@ enum Mapped {
     Untried,
     /// The map, and the file to check when the body ends (see `Drop for Reader`).
     Whole(Bytes, Arc<File>),
-    /// Empty, passed through, or the map failed: read with `pread`.
+    /// Copied by berth (`Copier::Berth`), empty, passed through, or the map failed: read with
+    /// `pread`.
     Unavailable,
 }
 
@@ -80,13 +106,18 @@ pub fn blob_body(
     start: u64,
     end: Option<u64>,
     evict: Option<Evict>,
+    copier: Copier,
 ) -> Body {
+    let mapped = match copier {
+        Copier::Kernel => Mapped::Untried,
+        Copier::Berth => Mapped::Unavailable,
+    };
     let reader = Reader {
         progress,
         pos: start,
         end,
         evict,
-        mapped: Mapped::Untried,
+        mapped,
     };
     body::stream(futures_util::stream::unfold(
         reader,
@@ -302,5 +333,48 @@ impl Drop for Pooled {
         if buf.len() == BUFFER && idle.len() < MAX_IDLE {
             idle.push(buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Version;
+    use http_body_util::BodyExt;
+    use std::io::Write;
+
+    #[test]
+    fn only_a_plain_tcp_http1_connection_has_the_kernel_copy_the_body() {
+        assert_eq!(Copier::of_connection(false, Version::HTTP_11), Copier::Kernel);
+        assert_eq!(Copier::of_connection(false, Version::HTTP_10), Copier::Kernel);
+        assert_eq!(Copier::of_connection(false, Version::HTTP_2), Copier::Berth);
+        assert_eq!(Copier::of_connection(true, Version::HTTP_11), Copier::Berth);
+        assert_eq!(Copier::of_connection(true, Version::HTTP_2), Copier::Berth);
+    }
+
+    /// The sizes of the frames of a whole cached 3 MiB file's body.
+    async fn frame_sizes(copier: Copier) -> Vec<usize> {
+        let blob: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&blob).unwrap();
+        let progress = Progress::verified(file, blob.len() as u64);
+        let mut body = blob_body(progress, 0, None, None, copier);
+        let (mut sizes, mut received) = (Vec::new(), Vec::new());
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            sizes.push(data.len());
+            received.extend_from_slice(&data);
+        }
+        assert!(received == blob);
+        sizes
+    }
+
+    #[tokio::test]
+    async fn a_body_berth_copies_is_read_and_never_a_slice_of_the_map() {
+        // Reads come in `CHUNK`s; map slices in `MAPPED_CHUNK`s.
+        let read = frame_sizes(Copier::Berth).await;
+        assert!(read.iter().all(|&len| len as u64 <= CHUNK), "{read:?}");
+        let mapped = frame_sizes(Copier::Kernel).await;
+        assert_eq!(mapped, [MAPPED_CHUNK; 3]);
     }
 }
