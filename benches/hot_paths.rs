@@ -82,7 +82,13 @@ async fn fan_out(dir: &std::path::Path, data: &[u8], readers: usize) {
     });
     let mut bodies = Vec::new();
     for _ in 0..readers {
-        let body = berth::cache::reader::blob_body(rx.clone(), 0, Some(data.len() as u64), None);
+        let body = berth::cache::reader::blob_body(
+            rx.clone(),
+            0,
+            Some(data.len() as u64),
+            None,
+            berth::cache::reader::Copier::Kernel,
+        );
         bodies.push(tokio::spawn(async move {
             let mut body = body;
             let mut received = 0usize;

@@ -314,6 +314,12 @@ fn init_logging(format: LogFormat) -> berth::logs::Flush {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal; log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if !ansi {
+        logs.take_request_lines(match format {
+            LogFormat::Json => berth::logs::Layout::Json,
+            LogFormat::Text => berth::logs::Layout::Text,
+        });
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)

@@ -36,7 +36,7 @@
 //!   phases in files (`fetch`, `receive`, `write`), failures as `FillError`.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
-//!   server puts in each request.
+//!   server puts in each request; the request log line written by hand (`request_line`).
 //! - `server`   accept loop (open -> admit -> drain), HTTP/1.1 + HTTP/2, idle and head
 //!   timeouts per connection, graceful shutdown (requests, then fills).
 //! - `limits`   connection, fill and per-client caps (IPv6 by /64, trusted networks exempt),
@@ -45,7 +45,8 @@
 //! - `stamp`    "has this file changed?" (time, length, inode), for every file re-read on change.
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `logs`     the log writer: a thread and a bounded queue; request lines dropped (and
-//!   counted) when it is full, every other line (policy decisions among them) never.
+//!   counted) when it is full, every other line (policy decisions among them) never; request
+//!   lines queued without `tracing`'s formatting once `serve` asks for it.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `probe`    `berth health`: one GET of `/healthz`, for images without a shell or curl.
 //! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API

@@ -36,9 +36,9 @@ use tokio::time::Instant;
 
 use crate::api::{self, PeerAddr};
 use crate::body::Body;
+use crate::cache::reader::Copier;
 use crate::config::LimitsConfig;
 use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
-use crate::cache::reader::Copier;
 use crate::tls::Tls;
 use crate::AppState;
 

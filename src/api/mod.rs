@@ -12,6 +12,7 @@ mod holds;
 mod manifest;
 mod passthrough;
 pub mod record;
+mod request_line;
 mod token;
 
 use std::sync::Arc;

@@ -120,34 +120,24 @@ impl Observed {
         let elapsed = record.started.elapsed();
         record.duration.observe(elapsed.as_secs_f64());
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
-        macro_rules! request_line {
-            ($target:expr) => {
-                tracing::info!(
-            target: $target,
-            request_id = %record.id,
-            method = %record.method,
-            path = %record.path,
-            route = record.route,
-            upstream = record.upstream.as_deref().unwrap_or("-"),
-            principal = record.principal.as_deref().unwrap_or("-"),
-            status = record.status.as_u16(),
-            cache = record.outcome.as_str(),
-            bytes = self.bytes,
-            body = end.as_str(),
-            ttfb_ms = ms(record.time_to_first_byte),
-            ms = ms(elapsed),
-            error = record.error.as_deref(),
-            "request"
-                )
-            };
+        super::request_line::RequestLine {
+            id: &record.id,
+            method: record.method.as_str(),
+            path: &record.path,
+            route: record.route,
+            upstream: record.upstream.as_deref().unwrap_or("-"),
+            principal: record.principal.as_deref().unwrap_or("-"),
+            status: record.status.as_u16(),
+            cache: record.outcome.as_str(),
+            bytes: self.bytes,
+            body: end.as_str(),
+            ttfb_ms: ms(record.time_to_first_byte),
+            ms: ms(elapsed),
+            error: record.error.as_deref(),
         }
         // A line with a principal records an allow or deny decision of the policy mode: an
         // audit line, never dropped. The others may be, when the log queue is full (`logs`).
-        if record.principal.is_some() {
-            request_line!(module_path!());
-        } else {
-            request_line!(crate::logs::REQUEST_TARGET);
-        }
+        .log(record.principal.is_some());
     }
 }
 

@@ -345,8 +345,14 @@ mod tests {
 
     #[test]
     fn only_a_plain_tcp_http1_connection_has_the_kernel_copy_the_body() {
-        assert_eq!(Copier::of_connection(false, Version::HTTP_11), Copier::Kernel);
-        assert_eq!(Copier::of_connection(false, Version::HTTP_10), Copier::Kernel);
+        assert_eq!(
+            Copier::of_connection(false, Version::HTTP_11),
+            Copier::Kernel
+        );
+        assert_eq!(
+            Copier::of_connection(false, Version::HTTP_10),
+            Copier::Kernel
+        );
         assert_eq!(Copier::of_connection(false, Version::HTTP_2), Copier::Berth);
         assert_eq!(Copier::of_connection(true, Version::HTTP_11), Copier::Berth);
         assert_eq!(Copier::of_connection(true, Version::HTTP_2), Copier::Berth);
