@@ -1,6 +1,6 @@
-//! The blocking writer of a fill: queued chunks -> hasher + temp file, each new length
-//! published to the readers; a disk failure mid-way moves the rest into memory (`Spill`). Also
-//! the verdict on what was written (`verify`, pure) and the temp file's clean-up. What to fetch
+//! The blocking writer of a fill: queued chunks -> hasher + temp file, the new length published
+//! to the readers after each burst; a disk failure mid-way moves the rest into memory (`Spill`).
+//! Also the verdict on what was written (`verify`, pure) and the temp file's clean-up. What to fetch
 //! and what to do with the verdict is `fetch`'s.
 
 use std::fs::File;
@@ -18,6 +18,9 @@ use crate::upstream::UpstreamError;
 
 /// Bounded so a slow disk pushes back on the upstream read instead of buffering the blob.
 pub(super) const WRITE_QUEUE_CHUNKS: usize = 16;
+
+/// The most bytes written before readers hear of them while chunks keep arriving.
+const PUBLISH_STEP: u64 = 4 * 1024 * 1024;
 
 /// What the writer saw.
 pub(super) struct Written {
@@ -42,7 +45,9 @@ pub(super) fn write_chunks(
     let mut written = 0u64;
     let mut spilled: Option<(std::io::Error, Arc<Spill>)> = None;
     let mut out = file;
-    while let Some(chunk) = queue.blocking_recv() {
+    let mut published = 0u64;
+    let mut next = queue.blocking_recv();
+    while let Some(chunk) = next {
         verifier.update(&chunk);
         if spilled.is_none() {
             if let Err(err) = out.write_all(&chunk) {
@@ -61,11 +66,22 @@ pub(super) fn write_chunks(
             spill.push(chunk.clone());
         }
         written += chunk.len() as u64;
-        progress.send_modify(|state| {
-            if let Progress::Streaming { written: w, .. } = state {
-                *w = written;
-            }
-        });
+        // Publish once per burst of queued chunks (every publish wakes every reader), and at
+        // least every `PUBLISH_STEP` bytes, so readers keep streaming while the queue is full.
+        next = queue.try_recv().ok();
+        // After a disk failure, every chunk: the spill window holds only the newest bytes.
+        let due = spilled.is_some() || written - published >= PUBLISH_STEP;
+        if next.is_none() || due {
+            published = written;
+            progress.send_modify(|state| {
+                if let Progress::Streaming { written: w, .. } = state {
+                    *w = written;
+                }
+            });
+        }
+        if next.is_none() {
+            next = queue.blocking_recv();
+        }
     }
     let sync_error = match spilled {
         Some(_) => None,
