@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::challenge::{parse_challenges, token_url, Challenge};
-use super::{HttpClient, UpstreamError};
+use super::{Cause, HttpClient, UpstreamError};
 use crate::flight::Flights;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -297,7 +297,7 @@ async fn request_token(
     }
     let request = request
         .body(Full::new(Bytes::new()))
-        .map_err(|e| UpstreamError::Token(format!("bad token URL: {e}")))?;
+        .map_err(|e| UpstreamError::Token(Cause::new("bad token URL", e)))?;
     let response = client.send(request).await?;
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -307,9 +307,9 @@ async fn request_token(
         });
     }
     if !status.is_success() {
-        return Err(UpstreamError::Token(format!(
-            "token endpoint answered {status}"
-        )));
+        return Err(UpstreamError::Token(
+            format!("token endpoint answered {status}").into(),
+        ));
     }
     let body = read_token_body(response.into_body(), TOKEN_BODY_TIMEOUT).await?;
     parse_token(&body, Instant::now())
@@ -325,14 +325,14 @@ where
     Ok(tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| UpstreamError::Timeout("token body stalled".into()))?
-        .map_err(|e| UpstreamError::Token(format!("reading token: {e}")))?
+        .map_err(|e| UpstreamError::Token(Cause::new("reading token", e)))?
         .to_bytes())
 }
 
 /// Parses a token response; the token is used until shortly before `expires_in` runs out.
 fn parse_token(body: &[u8], now: Instant) -> Result<Token, UpstreamError> {
     let parsed: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| UpstreamError::Token(format!("token response is not JSON: {e}")))?;
+        .map_err(|e| UpstreamError::Token(Cause::new("token response is not JSON", e)))?;
     let token = parsed
         .token
         .or(parsed.access_token)
