@@ -154,7 +154,7 @@ pub enum StartError {
     #[error("cache directory {dir}: {source}")]
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
-    Client(String),
+    Client(#[source] upstream::SetupError),
     #[error("access: {0}")]
     Access(String),
 }

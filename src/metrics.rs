@@ -103,6 +103,8 @@ fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
 }
 
 impl Metrics {
+    /// One table: every family, its help text and labels, then its registration. It reads as one
+    /// list, so it stays one function (the house's size rule excepts tables).
     pub fn new() -> Metrics {
         let metrics = Metrics {
             registry: Registry::new(),

@@ -408,13 +408,23 @@ pub struct Upstreams {
     shared: Shared,
 }
 
+/// Why the upstreams could not be set up: a bad `[[upstream]]` entry or an HTTP client that
+/// could not be built (its CA file, say).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Client(#[from] crate::net::ClientError),
+}
+
 impl Upstreams {
     /// Upstreams whose traffic is counted in metrics nobody reads (`berth resolve`, tests).
-    pub fn new(config: &Config) -> Result<Upstreams, String> {
+    pub fn new(config: &Config) -> Result<Upstreams, SetupError> {
         Upstreams::with_metrics(config, Arc::new(Metrics::new()))
     }
 
-    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, String> {
+    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, SetupError> {
         Upstreams::with_resolver(config, metrics, connect::system_resolver())
     }
 
@@ -423,10 +433,9 @@ impl Upstreams {
         config: &Config,
         metrics: Arc<Metrics>,
         resolver: connect::Resolver,
-    ) -> Result<Upstreams, String> {
-        check_config(&config.upstreams).map_err(|e| e.to_string())?;
-        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Upstreams, SetupError> {
+        check_config(&config.upstreams)?;
+        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let mut insecure_client = None;
         for upstream in config.upstreams.iter().filter(|u| u.insecure) {
@@ -439,10 +448,7 @@ impl Upstreams {
             );
             if insecure_client.is_none() {
                 let resolver = Arc::clone(&resolver);
-                insecure_client = Some(
-                    HttpClient::new_insecure(&config.client, resolver)
-                        .map_err(|e| e.to_string())?,
-                );
+                insecure_client = Some(HttpClient::new_insecure(&config.client, resolver)?);
             }
         }
         let shared = Shared {
