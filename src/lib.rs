@@ -93,15 +93,15 @@
 
 pub mod access;
 pub mod admin;
-pub mod api;
-pub mod body;
+pub(crate) mod api;
+pub(crate) mod body;
 pub mod cache;
 pub mod config;
-pub mod error;
-pub mod fill;
-pub mod flight;
-pub mod health;
-pub mod limits;
+pub(crate) mod error;
+pub(crate) mod fill;
+pub(crate) mod flight;
+pub(crate) mod health;
+pub(crate) mod limits;
 pub mod load;
 pub mod metrics;
 pub mod net;
@@ -111,8 +111,8 @@ pub mod route;
 pub mod secret;
 pub mod secrets;
 pub mod server;
-pub mod stamp;
-pub mod tls;
+pub(crate) mod stamp;
+pub(crate) mod tls;
 pub mod upstream;
 pub mod warm;
 

@@ -13,7 +13,7 @@ use prometheus::{
 };
 
 /// The values of the `route` label; `api::RouteKind` produces them.
-pub const ROUTES: [&str; 7] = [
+pub(crate) const ROUTES: [&str; 7] = [
     "ping",
     "manifest",
     "blob",
@@ -25,7 +25,7 @@ pub const ROUTES: [&str; 7] = [
 
 /// Where served bytes came from: `cache` for hits (and revalidated or stale serves), `upstream`
 /// for bytes that arrived from a registry for this request or a fill it joined.
-pub const SOURCES: [&str; 2] = ["cache", "upstream"];
+pub(crate) const SOURCES: [&str; 2] = ["cache", "upstream"];
 
 /// Request latencies: from a millisecond (a hit's head) to ten minutes (a multi-GiB layer's body).
 const DURATION_BUCKETS: [f64; 16] = [
@@ -37,33 +37,33 @@ pub struct Metrics {
     /// Requests by route, method, status class and cache outcome; counted at the response head.
     pub requests: IntCounterVec,
     /// Time from the request to its response head, by route.
-    pub time_to_first_byte: HistogramVec,
+    pub(crate) time_to_first_byte: HistogramVec,
     /// Time from the request to the end of its body (or the client going away), by route.
-    pub request_seconds: HistogramVec,
+    pub(crate) request_seconds: HistogramVec,
     /// Body bytes sent to clients, by route and source.
-    pub bytes_served: IntCounterVec,
+    pub(crate) bytes_served: IntCounterVec,
     /// Requests sent to upstreams (each redirect hop is one), by upstream and status class;
     /// `error` when no response came (connect failure, timeout, protocol error).
-    pub upstream_requests: IntCounterVec,
+    pub(crate) upstream_requests: IntCounterVec,
     /// Time to an upstream's response head, by upstream.
-    pub upstream_seconds: HistogramVec,
+    pub(crate) upstream_seconds: HistogramVec,
     /// Body bytes received from upstreams for the cache, by kind (blob, manifest).
-    pub upstream_bytes: IntCounterVec,
+    pub(crate) upstream_bytes: IntCounterVec,
     /// Registry token fetches, by upstream and result (ok, error).
-    pub token_fetches: IntCounterVec,
-    pub fills_in_flight: IntGauge,
-    pub fills_completed: IntCounter,
+    pub(crate) token_fetches: IntCounterVec,
+    pub(crate) fills_in_flight: IntGauge,
+    pub(crate) fills_completed: IntCounter,
     /// Fills that ended without caching anything: upstream error, cut body, mismatch, disk.
     pub fills_failed: IntCounter,
     /// Requests that joined a fill someone else started.
     pub fill_followers: IntCounter,
     /// Fills whose bytes did not match the digest; each one is an upstream serving wrong content.
     pub digest_mismatches: IntCounter,
-    pub manifest_fetch_seconds: Histogram,
+    pub(crate) manifest_fetch_seconds: Histogram,
     /// Tag requests answered from a stale mapping because the upstream failed.
     pub stale_served: IntCounter,
     /// Tag requests answered 404 from the negative cache without asking the upstream.
-    pub negative_hits: IntCounter,
+    pub(crate) negative_hits: IntCounter,
     /// Disk reads or writes of the cache that failed; each one was passed through or refetched.
     pub disk_errors: IntCounter,
     /// Fills whose upstream body failed mid-way and that continued with a Range request.
@@ -72,17 +72,17 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub connections_open: IntGauge,
     /// Objects deleted to keep the cache within `cache.max_size`, and their bytes.
-    pub evictions: IntCounter,
-    pub evicted_bytes: IntCounter,
+    pub(crate) evictions: IntCounter,
+    pub(crate) evicted_bytes: IntCounter,
     /// Set at scrape time from the index and the filesystem (`admin`).
-    pub cache_bytes: IntGauge,
-    pub cache_entries: IntGauge,
-    pub cache_max_bytes: IntGauge,
-    pub filesystem_avail_bytes: IntGauge,
-    pub filesystem_size_bytes: IntGauge,
+    pub(crate) cache_bytes: IntGauge,
+    pub(crate) cache_entries: IntGauge,
+    pub(crate) cache_max_bytes: IntGauge,
+    pub(crate) filesystem_avail_bytes: IntGauge,
+    pub(crate) filesystem_size_bytes: IntGauge,
     /// 1 while `/readyz` would answer 200; set at scrape time.
     pub ready: IntGauge,
-    pub build_info: IntGaugeVec,
+    pub(crate) build_info: IntGaugeVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -285,7 +285,7 @@ impl Metrics {
     }
 
     /// Starts the per-upstream series of a configured upstream at zero.
-    pub fn initialise_upstream(&self, upstream: &str) {
+    pub(crate) fn initialise_upstream(&self, upstream: &str) {
         self.upstream_seconds.with_label_values(&[upstream]);
         for result in ["ok", "error"] {
             self.token_fetches.with_label_values(&[upstream, result]);
@@ -293,7 +293,12 @@ impl Metrics {
     }
 
     /// Counts one upstream request: its status class (or `error`) and its time to the head.
-    pub fn observe_upstream(&self, upstream: &str, status: Option<http::StatusCode>, secs: f64) {
+    pub(crate) fn observe_upstream(
+        &self,
+        upstream: &str,
+        status: Option<http::StatusCode>,
+        secs: f64,
+    ) {
         let class = status.map_or("error", status_class);
         self.upstream_requests
             .with_label_values(&[upstream, class])
@@ -321,7 +326,7 @@ impl Default for Metrics {
 
 /// The `method` label: GET, HEAD or `other`. A client may send any token as a method
 /// (`PROPFIND`, `X1`, `X2`, ...), and each new label value is a new series kept forever.
-pub fn method_label(method: &http::Method) -> &'static str {
+pub(crate) fn method_label(method: &http::Method) -> &'static str {
     match *method {
         http::Method::GET => "GET",
         http::Method::HEAD => "HEAD",
@@ -330,7 +335,7 @@ pub fn method_label(method: &http::Method) -> &'static str {
 }
 
 /// `2xx`-style class of a status: the `status` label of request metrics.
-pub fn status_class(status: http::StatusCode) -> &'static str {
+pub(crate) fn status_class(status: http::StatusCode) -> &'static str {
     match status.as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",

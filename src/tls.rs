@@ -22,7 +22,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Stamp::of(path).ok()
 }
 
-pub struct Tls {
+pub(crate) struct Tls {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: RwLock<Current>,
@@ -78,7 +78,7 @@ impl Tls {
 
 /// Why a certificate and key could not be served; names the key and the file.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("tls.cert_file {}: {source}", path.display())]
     Certificates {
         path: PathBuf,

@@ -65,7 +65,7 @@ pub enum SendError {
 }
 
 /// hyper's client error, what `SendError` keeps as its source.
-pub type HyperError = hyper_util::client::legacy::Error;
+pub(crate) type HyperError = hyper_util::client::legacy::Error;
 
 #[derive(Clone)]
 pub struct HttpClient {
@@ -109,7 +109,7 @@ impl HttpClient {
 
     /// The client for upstreams with `insecure = true` only: any certificate is accepted.
     /// Signatures are still checked, so the peer holds the key of the certificate it showed.
-    pub fn new_insecure(
+    pub(crate) fn new_insecure(
         config: &ClientConfig,
         resolver: Resolver,
     ) -> Result<HttpClient, ClientError> {
@@ -230,7 +230,7 @@ fn redact_query(uri: &http::Uri) -> String {
 }
 
 /// hyper's errors put the useful cause (refused, TLS, DNS) several sources deep.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

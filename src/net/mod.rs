@@ -11,4 +11,6 @@ pub mod address;
 pub mod client;
 pub mod connect;
 
-pub use client::{error_chain, ClientError, HttpClient, SendError};
+pub(crate) use client::error_chain;
+pub use client::HttpClient;
+pub use client::{ClientError, SendError};

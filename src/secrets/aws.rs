@@ -23,8 +23,8 @@ use crate::secret::Secret;
 /// A key pair to sign with: the secret file's long-lived keys, or STS session credentials.
 #[derive(Clone, Debug)]
 pub(super) struct AwsCredentials {
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
+    pub(crate) access_key_id: String,
+    pub(crate) secret_access_key: Secret,
     /// Present for STS session credentials; sent as `X-Amz-Security-Token` and signed.
     pub session_token: Option<Secret>,
 }

@@ -255,7 +255,7 @@ pub(super) mod tests {
     use serde_json::{json, Value};
 
     /// A service-account key JSON for `private_key_pem`.
-    pub fn key_json(private_key_pem: &str, project: &str, token_uri: &str) -> Value {
+    pub(crate) fn key_json(private_key_pem: &str, project: &str, token_uri: &str) -> Value {
         json!({
             "type": "service_account",
             "project_id": project,

@@ -91,7 +91,7 @@ impl Auth {
     /// The auth of a command-line tool (`berth warm`, `berth load`) against its one target:
     /// plain http allowed for the realm when the target is plain http; token fetches are
     /// counted in metrics no one reads.
-    pub fn for_tool(target: &str, tool: &str) -> Auth {
+    pub(crate) fn for_tool(target: &str, tool: &str) -> Auth {
         let plain_http = target.starts_with("http://");
         Auth::new(
             target.to_string(),
@@ -194,7 +194,7 @@ impl Auth {
     /// Answers a challenge from a redirect hop (a storage or mirror host the upstream sent us
     /// to): an anonymous token for the hop's own scope, never the upstream's credentials.
     /// `None` when the challenge is not a usable Bearer one.
-    pub async fn answer_hop(
+    pub(crate) async fn answer_hop(
         &self,
         client: &HttpClient,
         challenge: Option<&HeaderValue>,
@@ -270,7 +270,7 @@ fn basic(creds: &Credentials) -> HeaderValue {
     basic_header(&creds.username, &creds.password)
 }
 
-pub fn basic_header(user: &str, password: &Secret) -> HeaderValue {
+pub(crate) fn basic_header(user: &str, password: &Secret) -> HeaderValue {
     let encoded =
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
     let mut value =

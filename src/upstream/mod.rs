@@ -10,7 +10,7 @@
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
 pub mod auth;
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod challenge;
 mod check;
 mod exchange;
@@ -151,18 +151,18 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// The `upstream` label of metrics: the configured `host`, which for a pattern is the
     /// pattern itself, so clients naming hosts cannot add series.
-    pub metric_label: Arc<str>,
+    pub(crate) metric_label: Arc<str>,
     /// Scheme, authority and optional path prefix, without a trailing slash.
     base: String,
     /// Docker Hub puts one-component names under `library/`.
-    pub docker_hub: bool,
+    pub(crate) docker_hub: bool,
     pub tag_ttl: Duration,
     /// How long past `tag_ttl` a tag may be served stale while this upstream fails.
     pub stale_if_error: Duration,
     /// How long a 404 for a tag is remembered.
-    pub negative_ttl: Duration,
+    pub(crate) negative_ttl: Duration,
     /// Another org's platform registry: only with a docker secret for it.
-    pub requires_secret: bool,
+    pub(crate) requires_secret: bool,
     /// `public = true`: in the policy access mode, every authenticated principal may pull.
     pub public: bool,
     /// `username`/`password` from the upstream's config, used for every repository.
@@ -300,7 +300,7 @@ impl Upstream {
 
     /// GET of a blob from byte `start` on, to resume a fill cut mid-way. The upstream may
     /// answer 206 with the rest or 200 with the whole blob; the caller checks which.
-    pub async fn get_blob_range(
+    pub(crate) async fn get_blob_range(
         &self,
         repository: &Repository,
         digest: &Digest,
@@ -315,16 +315,11 @@ impl Upstream {
             .await?;
         ok_or_status(response)
     }
-
-    /// Whether the circuit breaker is failing this upstream's requests fast right now.
-    pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
-    }
 }
 
 /// Text from a remote party (a Location, an error description) made safe for one log line:
 /// control characters and quotes escaped, length bounded.
-pub fn escape_remote(text: &str) -> String {
+pub(crate) fn escape_remote(text: &str) -> String {
     const MAX: usize = 300;
     let mut escaped: String = text
         .chars()
@@ -424,7 +419,10 @@ impl Upstreams {
         Upstreams::with_metrics(config, Arc::new(Metrics::new()))
     }
 
-    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, SetupError> {
+    pub(crate) fn with_metrics(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstreams, SetupError> {
         Upstreams::with_resolver(config, metrics, connect::system_resolver())
     }
 
