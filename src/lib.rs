@@ -13,6 +13,7 @@
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError`, the manifest flights' `ManifestError`, and the one mapping of any
 //!   failure (`UpstreamError`, `FillError`, ...) to an OCI error response, admin's included.
+
 //! - `body`     the response body type.
 //! - `oci`      pure parsers, a leaf: digests, names and references, full image references
 //!   (`oci::reference`), API paths, byte ranges, the one manifest model (`oci::manifest`: media
@@ -29,10 +30,11 @@
 //!   LRU eviction, manifests in memory, tag table, where each object came from and who holds
 //!   it (`origins`, for the policy mode), a blob on its way to readers (`progress`: a fill's
 //!   state, or a cached file opened), blob readers over complete or growing files, the
-//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response.
+//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response,
+//!   and `FillError`, which every reader of a failed fill sees.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
-//!   phases in files (`fetch`, `receive`, `write`), failures as `FillError`.
+//!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
 //!   server puts in each request.
@@ -55,6 +57,8 @@
 //! The binary (`main.rs`, `cli.rs`) parses the command line and dispatches; `cli` holds each
 //! subcommand's body and loads every config the same way (`Config::load_or_default`, then
 //! `check_config`). Imports go one way: `tests/layout.rs` fails on any cycle between files.
+//! Only what the binary, the benches, the fuzz targets and `tests/` name is `pub`; the rest
+//! is `pub(crate)`.
 //!
 //! # The life of one blob request
 //!

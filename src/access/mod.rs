@@ -20,15 +20,15 @@
 //! may do what to an image). This file holds the state that ties them to requests; the
 //! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
-pub mod files;
+pub(crate) mod files;
 pub(crate) mod guard;
 pub mod holdings;
 pub mod policy;
 mod presented;
 pub mod principals;
-pub mod query;
-pub mod report;
-pub mod token;
+pub(crate) mod query;
+pub(crate) mod report;
+pub(crate) mod token;
 
 use std::net::IpAddr;
 use std::sync::Arc;

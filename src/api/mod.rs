@@ -11,7 +11,7 @@ mod blob;
 mod holds;
 mod manifest;
 mod passthrough;
-pub mod record;
+pub(crate) mod record;
 mod token;
 
 use std::sync::Arc;

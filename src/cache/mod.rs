@@ -6,13 +6,13 @@
 
 pub mod evict;
 mod fill_error;
-pub mod index;
-pub mod origins;
-pub mod progress;
+pub(crate) mod index;
+pub(crate) mod origins;
+pub(crate) mod progress;
 pub mod reader;
-pub mod spill;
+pub(crate) mod spill;
 pub mod store;
-pub mod tags;
+pub(crate) mod tags;
 
 use std::sync::Arc;
 

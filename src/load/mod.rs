@@ -15,7 +15,7 @@
 //! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
 //! else of the server is used, and the verification of every body is not shared with it.
 
-pub mod stats;
+pub(crate) mod stats;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,7 +8,7 @@
 //! is `secrets`'.
 
 pub mod address;
-pub mod client;
+pub(crate) mod client;
 pub mod connect;
 
 pub(crate) use client::error_chain;

@@ -9,14 +9,14 @@
 //! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
-pub mod auth;
+pub(crate) mod auth;
 pub(crate) mod breaker;
 pub mod challenge;
 mod check;
 mod exchange;
 pub mod host;
 pub mod pattern;
-pub mod retry;
+pub(crate) mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
