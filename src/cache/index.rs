@@ -408,19 +408,8 @@ mod tests {
             .filter(|d| store.path(Kind::Blob, d).exists())
             .count();
         assert_eq!(on_disk, 2, "evicted files are gone from disk");
-        let manifest = br#"{"schemaVersion":2}"#;
-        let digest = Digest::of(manifest);
-        store
-            .write_manifest(
-                &digest,
-                "application/vnd.oci.image.manifest.v1+json",
-                manifest,
-            )
-            .unwrap();
-        index.insert(
-            digest.clone(),
-            Entry::new(Kind::Manifest, manifest.len() as u64, None),
-        );
+        let (digest, len) = store.write_test_manifest();
+        index.insert(digest.clone(), Entry::new(Kind::Manifest, len, None));
         let entry = index.get_kind(Kind::Manifest, &digest).unwrap();
         assert!(
             entry.weight >= 2 * unit.min(4096),

@@ -372,6 +372,18 @@ pub(crate) fn origins_path(dir: &Path, digest: &Digest) -> PathBuf {
 }
 
 #[cfg(test)]
+impl Store {
+    /// A small image manifest written as tests need one on disk: its digest and length.
+    pub(crate) fn write_test_manifest(&self) -> (Digest, u64) {
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        let media_type = "application/vnd.oci.image.manifest.v1+json";
+        self.write_manifest(&digest, media_type, manifest).unwrap();
+        (digest, manifest.len() as u64)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::tags::{TagEntry, TagKey};
@@ -418,15 +430,7 @@ mod tests {
         file.write_all(b"hello").unwrap();
         let digest = Digest::of(b"hello");
         store.commit(&temp, Kind::Blob, &digest).unwrap();
-        let manifest = br#"{"schemaVersion":2}"#;
-        let manifest_digest = Digest::of(manifest);
-        store
-            .write_manifest(
-                &manifest_digest,
-                "application/vnd.oci.image.manifest.v1+json",
-                manifest,
-            )
-            .unwrap();
+        let (manifest_digest, _) = store.write_test_manifest();
         let (_leftover, mut file) = store.temp_file().unwrap();
         file.write_all(b"half a blob").unwrap();
 
@@ -445,7 +449,7 @@ mod tests {
             Some("application/vnd.oci.image.manifest.v1+json")
         );
         let bytes = store.read_manifest(&manifest_digest).unwrap();
-        assert_eq!(bytes, manifest);
+        assert_eq!(Digest::of(&bytes), manifest_digest);
     }
 
     #[test]
