@@ -37,33 +37,33 @@ pub struct Metrics {
     /// Requests by route, method, status class and cache outcome; counted at the response head.
     pub requests: IntCounterVec,
     /// Time from the request to its response head, by route.
-    pub(crate) time_to_first_byte: HistogramVec,
+    pub time_to_first_byte: HistogramVec,
     /// Time from the request to the end of its body (or the client going away), by route.
-    pub(crate) request_seconds: HistogramVec,
+    pub request_seconds: HistogramVec,
     /// Body bytes sent to clients, by route and source.
-    pub(crate) bytes_served: IntCounterVec,
+    pub bytes_served: IntCounterVec,
     /// Requests sent to upstreams (each redirect hop is one), by upstream and status class;
     /// `error` when no response came (connect failure, timeout, protocol error).
-    pub(crate) upstream_requests: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
     /// Time to an upstream's response head, by upstream.
-    pub(crate) upstream_seconds: HistogramVec,
+    pub upstream_seconds: HistogramVec,
     /// Body bytes received from upstreams for the cache, by kind (blob, manifest).
-    pub(crate) upstream_bytes: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
     /// Registry token fetches, by upstream and result (ok, error).
-    pub(crate) token_fetches: IntCounterVec,
-    pub(crate) fills_in_flight: IntGauge,
-    pub(crate) fills_completed: IntCounter,
+    pub token_fetches: IntCounterVec,
+    pub fills_in_flight: IntGauge,
+    pub fills_completed: IntCounter,
     /// Fills that ended without caching anything: upstream error, cut body, mismatch, disk.
     pub fills_failed: IntCounter,
     /// Requests that joined a fill someone else started.
     pub fill_followers: IntCounter,
     /// Fills whose bytes did not match the digest; each one is an upstream serving wrong content.
     pub digest_mismatches: IntCounter,
-    pub(crate) manifest_fetch_seconds: Histogram,
+    pub manifest_fetch_seconds: Histogram,
     /// Tag requests answered from a stale mapping because the upstream failed.
     pub stale_served: IntCounter,
     /// Tag requests answered 404 from the negative cache without asking the upstream.
-    pub(crate) negative_hits: IntCounter,
+    pub negative_hits: IntCounter,
     /// Disk reads or writes of the cache that failed; each one was passed through or refetched.
     pub disk_errors: IntCounter,
     /// Fills whose upstream body failed mid-way and that continued with a Range request.
@@ -72,17 +72,17 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub connections_open: IntGauge,
     /// Objects deleted to keep the cache within `cache.max_size`, and their bytes.
-    pub(crate) evictions: IntCounter,
-    pub(crate) evicted_bytes: IntCounter,
+    pub evictions: IntCounter,
+    pub evicted_bytes: IntCounter,
     /// Set at scrape time from the index and the filesystem (`admin`).
-    pub(crate) cache_bytes: IntGauge,
-    pub(crate) cache_entries: IntGauge,
-    pub(crate) cache_max_bytes: IntGauge,
-    pub(crate) filesystem_avail_bytes: IntGauge,
-    pub(crate) filesystem_size_bytes: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_max_bytes: IntGauge,
+    pub filesystem_avail_bytes: IntGauge,
+    pub filesystem_size_bytes: IntGauge,
     /// 1 while `/readyz` would answer 200; set at scrape time.
     pub ready: IntGauge,
-    pub(crate) build_info: IntGaugeVec,
+    pub build_info: IntGaugeVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
