@@ -384,15 +384,10 @@ pub fn access_report(state: &AppState, query: Option<&str>) -> Response<Body> {
     };
     match report {
         Ok(report) => {
-            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
-            http::Response::builder()
-                .status(http::StatusCode::OK)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::CONTENT_LENGTH, bytes.len())
-                .body(body::full(bytes))
-                .expect("valid response")
+            let text = serde_json::to_string_pretty(&report).expect("reports serialise");
+            respond(StatusCode::OK, "application/json", text)
         }
-        Err(err) => crate::error::ApiError::from(err).into_response(false),
+        Err(err) => ApiError::from(err).into_response(false),
     }
 }
 

@@ -53,7 +53,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 pub fn resolve(config: Option<&Path>, references: &[String]) -> anyhow::Result<()> {
     let (_, config) = load_config(config)?;
-    let upstreams = berth::upstream::Upstreams::new(&config).map_err(anyhow::Error::msg)?;
+    let upstreams = berth::upstream::Upstreams::new(&config)?;
     let mut failed = 0;
     for text in references {
         match berth::route::resolve_image_ref(&upstreams, text) {
@@ -145,7 +145,7 @@ pub fn health(url: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
 
 pub fn access_report(config: Option<&Path>, json: bool, image: &str) -> anyhow::Result<()> {
     let (_, config) = load_config(config)?;
-    let upstreams = berth::upstream::Upstreams::new(&config).map_err(anyhow::Error::msg)?;
+    let upstreams = berth::upstream::Upstreams::new(&config)?;
     let access = berth::access::Access::open(&config.access, &config.platform)
         .map_err(anyhow::Error::msg)?;
     let report = access.report(&upstreams, image)?;

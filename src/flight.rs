@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-pub struct Flights<K, V: Clone> {
+pub(crate) struct Flights<K, V: Clone> {
     running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
     /// Followers currently waiting on someone else's run.
     waiting: AtomicUsize,
@@ -33,7 +33,7 @@ impl<K, V: Clone> Default for Flights<K, V> {
 
 /// Whether the caller started the work or joined a run already under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Leader,
     Follower,
 }
@@ -85,13 +85,14 @@ where
         (shared.await, role)
     }
 
-    /// Runs under way (keys in the map).
-    pub fn running(&self) -> usize {
+    /// Runs under way (keys in the map); the tests' view of what stays keyed.
+    #[cfg(test)]
+    fn running(&self) -> usize {
         self.running.lock().expect("flight map lock").len()
     }
 
     /// How many callers are waiting on a run another caller started.
-    pub fn followers_waiting(&self) -> usize {
+    pub(crate) fn followers_waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
     }
 }

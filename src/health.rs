@@ -41,7 +41,7 @@ impl Readiness {
         }
     }
 
-    pub fn mark_serving(&self) {
+    pub(crate) fn mark_serving(&self) {
         self.serving.send_replace(true);
     }
 
@@ -49,11 +49,11 @@ impl Readiness {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         *self.serving.borrow()
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
@@ -96,7 +96,7 @@ impl Readiness {
     }
 
     /// Everything that keeps berth from being ready; empty when it is ready.
-    pub async fn problems(&self, store: &std::sync::Arc<Store>) -> Vec<String> {
+    pub(crate) async fn problems(&self, store: &std::sync::Arc<Store>) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.is_serving() {
             problems.push("the API listener is not accepting yet".to_string());

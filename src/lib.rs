@@ -13,6 +13,7 @@
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
 //! - `error`    `ApiError`, the manifest flights' `ManifestError`, and the one mapping of any
 //!   failure (`UpstreamError`, `FillError`, ...) to an OCI error response, admin's included.
+
 //! - `body`     the response body type.
 //! - `oci`      pure parsers, a leaf: digests, names and references, full image references
 //!   (`oci::reference`), API paths, byte ranges, the one manifest model (`oci::manifest`: media
@@ -30,10 +31,11 @@
 //!   it (`origins`, for the policy mode), a blob on its way to readers (`progress`: a fill's
 //!   state, or a cached file opened), blob readers over complete or growing files (verified
 //!   ones from shared maps where the kernel copies the body: `mapped`, `reader::Copier`), the
-//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response.
+//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response,
+//!   and `FillError`, which every reader of a failed fill sees.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
-//!   phases in files (`fetch`, `receive`, `write`), failures as `FillError`.
+//!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
 //!   server puts in each request; the request log line written by hand (`request_line`).
@@ -59,6 +61,8 @@
 //! The binary (`main.rs`, `cli.rs`) parses the command line and dispatches; `cli` holds each
 //! subcommand's body and loads every config the same way (`Config::load_or_default`, then
 //! `check_config`). Imports go one way: `tests/layout.rs` fails on any cycle between files.
+//! Only what the binary, the benches, the fuzz targets and `tests/` name is `pub`; the rest
+//! is `pub(crate)`.
 //!
 //! # The life of one blob request
 //!
@@ -98,15 +102,15 @@
 
 pub mod access;
 pub mod admin;
-pub mod api;
-pub mod body;
+pub(crate) mod api;
+pub(crate) mod body;
 pub mod cache;
 pub mod config;
-pub mod error;
-pub mod fill;
-pub mod flight;
-pub mod health;
-pub mod limits;
+pub(crate) mod error;
+pub(crate) mod fill;
+pub(crate) mod flight;
+pub(crate) mod health;
+pub(crate) mod limits;
 pub mod load;
 pub mod logs;
 pub mod metrics;
@@ -117,8 +121,8 @@ pub mod route;
 pub mod secret;
 pub mod secrets;
 pub mod server;
-pub mod stamp;
-pub mod tls;
+pub(crate) mod stamp;
+pub(crate) mod tls;
 pub mod upstream;
 pub mod warm;
 
@@ -160,7 +164,7 @@ pub enum StartError {
     #[error("cache directory {dir}: {source}")]
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
-    Client(String),
+    Client(#[source] upstream::SetupError),
     #[error("access: {0}")]
     Access(String),
 }

@@ -44,7 +44,7 @@ use crate::error::ApiError;
 /// What a per-client cap counts by: an IPv4 address, or the /64 of an IPv6 address (an
 /// IPv4-mapped IPv6 address counts as its IPv4 address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientKey(IpAddr);
+pub(crate) struct ClientKey(IpAddr);
 
 impl ClientKey {
     pub fn of(ip: IpAddr) -> ClientKey {
@@ -64,7 +64,7 @@ impl ClientKey {
 /// Per-client counts under a cap: requests in flight (`max_client_requests`) or open
 /// connections (`max_client_connections`). A map entry lives only while its count is above
 /// zero, so the map holds at most one entry per thing counted.
-pub struct ClientSlots {
+pub(crate) struct ClientSlots {
     max: usize,
     trusted: Vec<ipnet::IpNet>,
     in_flight: Mutex<HashMap<ClientKey, usize>>,
@@ -72,7 +72,7 @@ pub struct ClientSlots {
 
 /// One request's or connection's slot; released when dropped. A trusted client's slot
 /// counts nothing.
-pub struct ClientSlot {
+pub(crate) struct ClientSlot {
     slots: Arc<ClientSlots>,
     key: Option<ClientKey>,
 }
@@ -94,7 +94,7 @@ impl ClientSlots {
         self.trusted.iter().any(|network| network.contains(&ip))
     }
 
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         if self.is_trusted(ip) {
             return Some(ClientSlot {
                 slots: Arc::clone(self),
@@ -114,8 +114,9 @@ impl ClientSlots {
         })
     }
 
-    /// Clients holding at least one slot (for tests and stats).
-    pub fn clients(&self) -> usize {
+    /// Clients holding at least one slot; the tests' view of what stays keyed.
+    #[cfg(test)]
+    fn clients(&self) -> usize {
         self.in_flight.lock().expect("client slots lock").len()
     }
 }
@@ -140,20 +141,20 @@ fn retry_after(limits: &LimitsConfig) -> HeaderValue {
 }
 
 /// The answer to a connection over `max_connections`.
-pub fn too_many_connections(limits: &LimitsConfig) -> ApiError {
+pub(crate) fn too_many_connections(limits: &LimitsConfig) -> ApiError {
     ApiError::unavailable("too many connections; retry shortly")
         .with_header(RETRY_AFTER, retry_after(limits))
 }
 
 /// The answer to a client over `max_client_requests`.
-pub fn too_many_client_requests(limits: &LimitsConfig) -> ApiError {
+pub(crate) fn too_many_client_requests(limits: &LimitsConfig) -> ApiError {
     ApiError::too_many_requests("too many requests in flight from this client")
         .with_header(RETRY_AFTER, retry_after(limits))
 }
 
 /// Which size limit a request breaks, if any, as the error to answer with, and the metric
 /// label.
-pub fn check_request<B>(
+pub(crate) fn check_request<B>(
     limits: &LimitsConfig,
     request: &Request<B>,
 ) -> Option<(&'static str, ApiError)> {
@@ -186,7 +187,7 @@ pub fn check_request<B>(
 /// A transport whose writes fail once they have been blocked for `timeout`: a client that
 /// stops reading (slowloris on the response side) loses its connection instead of pinning a
 /// task, a file and a client slot forever.
-pub struct WriteDeadline<IO> {
+pub(crate) struct WriteDeadline<IO> {
     inner: IO,
     timeout: Duration,
     blocked: Option<Pin<Box<Sleep>>>,

@@ -103,7 +103,7 @@ fn lookup(upstreams: &Upstreams, raw: &str) -> Result<Arc<Upstream>, RouteError>
 }
 
 /// The `ns` query parameter containerd adds when it uses berth as a mirror.
-pub fn ns_param(query: Option<&str>) -> Option<&str> {
+pub(crate) fn ns_param(query: Option<&str>) -> Option<&str> {
     query?
         .split('&')
         .find_map(|pair| pair.strip_prefix("ns="))

@@ -22,7 +22,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Stamp::of(path).ok()
 }
 
-pub struct Tls {
+pub(crate) struct Tls {
     cert_file: PathBuf,
     key_file: PathBuf,
     current: RwLock<Current>,
@@ -35,7 +35,7 @@ struct Current {
 
 impl Tls {
     /// Loads the certificate and key; an error names the file.
-    pub fn load(config: &TlsConfig) -> Result<Tls, String> {
+    pub fn load(config: &TlsConfig) -> Result<Tls, TlsError> {
         let stamps = (stamp(&config.cert_file), stamp(&config.key_file));
         let server = server_config(&config.cert_file, &config.key_file)?;
         Ok(Tls {
@@ -76,25 +76,55 @@ impl Tls {
     }
 }
 
-fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, String> {
+/// Why a certificate and key could not be served; names the key and the file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsError {
+    #[error("tls.cert_file {}: {source}", path.display())]
+    Certificates {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("tls.cert_file {}: no certificates", path.display())]
+    NoCertificates { path: PathBuf },
+    #[error("tls.key_file {}: {source}", path.display())]
+    Key {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Setup(#[source] rustls::Error),
+    #[error("tls.key_file {}: {source}", path.display())]
+    Pair {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls.cert_file {}: {e}", cert_file.display()))?;
+        .map_err(|source| TlsError::Certificates {
+            path: cert_file.to_path_buf(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls.cert_file {}: no certificates",
-            cert_file.display()
-        ));
+        let path = cert_file.to_path_buf();
+        return Err(TlsError::NoCertificates { path });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| format!("tls.key_file {}: {e}", key_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|source| TlsError::Key {
+        path: key_file.to_path_buf(),
+        source,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(TlsError::Setup)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("tls.key_file {}: {e}", key_file.display()))?;
+        .map_err(|source| TlsError::Pair {
+            path: key_file.to_path_buf(),
+            source,
+        })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(server)
 }

@@ -389,6 +389,26 @@ impl Process {
         BerthProcess::start(&self.config, self.work.path())
     }
 
+    /// berth started over a fresh set-up (`extra` as in `set_up`) with one pushed blob of `size`,
+    /// and a GET of it whose fill the tap holds after `at` bytes: where the SIGTERM tests begin.
+    async fn holding(
+        extra: &str,
+        size: usize,
+        seed: u64,
+        at: u64,
+    ) -> (
+        Process,
+        Blob,
+        BerthProcess,
+        http::Response<hyper::body::Incoming>,
+    ) {
+        let setup = Process::set_up(extra).await;
+        let blob = setup.push(size, seed).await;
+        let berth = setup.start_berth();
+        let response = setup.hold(&berth, &blob, at, 1).await;
+        (setup, blob, berth, response)
+    }
+
     /// A GET of `blob` through `berth` whose fill the tap holds after `at` bytes; returns once
     /// the tap holds `held` fills in all.
     async fn hold(
@@ -466,11 +486,7 @@ async fn sigkill_mid_fill_never_leaves_a_partial_blob_to_serve() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_accepting_and_lets_the_download_in_flight_finish() {
-    let setup = Process::set_up("").await;
-    let blob = setup.push(3_000_000, 40).await;
-
-    let mut berth = setup.start_berth();
-    let response = setup.hold(&berth, &blob, 1_000_000, 1).await;
+    let (setup, blob, mut berth, response) = Process::holding("", 3_000_000, 40, 1_000_000).await;
     assert_eq!(response.status(), 200);
 
     berth.signal("TERM");
@@ -492,11 +508,8 @@ async fn sigterm_stops_accepting_and_lets_the_download_in_flight_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_discards_a_fill_that_outlives_the_grace_period() {
-    let setup = Process::set_up("[limits]\nshutdown_grace = \"500ms\"").await;
-    let blob = setup.push(2_000_000, 41).await;
-
-    let mut berth = setup.start_berth();
-    let response = setup.hold(&berth, &blob, 500_000, 1).await;
+    let grace = "[limits]\nshutdown_grace = \"500ms\"";
+    let (setup, _blob, mut berth, response) = Process::holding(grace, 2_000_000, 41, 500_000).await;
     berth.signal("TERM");
     let status = berth.wait_exit();
     assert!(status.success(), "{status:?}");

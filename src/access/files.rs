@@ -25,14 +25,14 @@ const MAX_FILE: u64 = 4 << 20;
 
 /// The principals and policies in force.
 #[derive(Debug, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub principals: Principals,
     pub policies: Vec<Policy>,
     /// Counts loads; caches of verified keys are only good for the generation they saw.
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
-pub struct Files {
+pub(crate) struct Files {
     principals: PathBuf,
     policies: PathBuf,
     org: Option<String>,

@@ -18,7 +18,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
 /// Failures allowed before checks slow down.
-pub const FREE_FAILURES: u32 = 5;
+pub(crate) const FREE_FAILURES: u32 = 5;
 /// The first delay; each further failure doubles it.
 const FIRST_DELAY: Duration = Duration::from_millis(250);
 const MAX_DELAY: Duration = Duration::from_secs(8);
@@ -41,7 +41,7 @@ fn client_key(client: Option<IpAddr>, name: &str) -> Option<Client> {
 }
 
 /// How long a check waits after `failures` recent failures.
-pub fn delay_for(failures: u32) -> Duration {
+pub(crate) fn delay_for(failures: u32) -> Duration {
     if failures < FREE_FAILURES {
         return Duration::ZERO;
     }
@@ -67,12 +67,12 @@ impl Strikes {
     }
 }
 
-pub struct Guard {
+pub(crate) struct Guard {
     clients: moka::sync::Cache<Client, Arc<Strikes>>,
 }
 
 /// Permission to check credentials; hold it until the check is done.
-pub struct Admitted(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
+pub(crate) struct Admitted(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
 
 impl Guard {
     pub fn new() -> Guard {
@@ -86,7 +86,7 @@ impl Guard {
 
     /// Waits until `name` at a client with recent failures may be answered again; immediate
     /// for everyone else.
-    pub async fn admit(&self, client: Option<IpAddr>, name: &str) -> Admitted {
+    pub(crate) async fn admit(&self, client: Option<IpAddr>, name: &str) -> Admitted {
         let Some(strikes) = client_key(client, name).and_then(|key| self.clients.get(&key)) else {
             return Admitted(None);
         };

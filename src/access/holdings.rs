@@ -78,8 +78,8 @@ pub fn key(upstream: &str, repository: &Repository, digest: &Digest) -> u128 {
 /// same (upstream, repository, digest) share one upstream request each.
 #[derive(Default)]
 pub struct Holdings {
-    pub confirmations: Flights<u128, Result<(), crate::error::ApiError>>,
-    pub verifications: Flights<u128, Result<(), crate::error::ApiError>>,
+    pub(crate) confirmations: Flights<u128, Result<(), crate::error::ApiError>>,
+    pub(crate) verifications: Flights<u128, Result<(), crate::error::ApiError>>,
 }
 
 impl Holdings {

@@ -20,15 +20,15 @@
 //! may do what to an image). This file holds the state that ties them to requests; the
 //! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
-pub mod files;
-pub mod guard;
+pub(crate) mod files;
+pub(crate) mod guard;
 pub mod holdings;
 pub mod policy;
 mod presented;
 pub mod principals;
-pub mod query;
-pub mod report;
-pub mod token;
+pub(crate) mod query;
+pub(crate) mod report;
+pub(crate) mod token;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,12 +71,12 @@ pub enum AccessError {
 }
 
 /// What a request presents, as `authorize` needs it.
-pub struct Asker<'a> {
+pub(crate) struct Asker<'a> {
     pub headers: &'a HeaderMap,
     /// The `Host` (or HTTP/2 authority) the client used; the default token realm is built on it.
     pub host: Option<&'a str>,
     /// The client's address, for slowing down repeated failures.
-    pub peer: Option<IpAddr>,
+    pub(crate) peer: Option<IpAddr>,
 }
 
 /// An authenticated caller.
@@ -151,20 +151,20 @@ impl Access {
     }
 
     /// The listener serves TLS (`[tls]`): the default token realm is an `https://` URL.
-    pub fn with_listener_tls(mut self, tls: bool) -> Access {
+    pub(crate) fn with_listener_tls(mut self, tls: bool) -> Access {
         self.realm_scheme = if tls { "https" } else { "http" };
         self
     }
 
     /// Whether access is enforced: principals, policies, and the holdings check on cached
     /// content.
-    pub fn enforcing(&self) -> bool {
+    pub(crate) fn enforcing(&self) -> bool {
         self.mode == AccessMode::Policy
     }
 
     /// The repository as policies name it: bare in our org's registry, `<registry>/<repository>`
     /// anywhere else.
-    pub fn policy_repository(&self, target: &Target) -> String {
+    pub(crate) fn policy_repository(&self, target: &Target) -> String {
         if self.own_registry.as_deref() == Some(target.upstream.name.as_ref()) {
             target.repository.to_string()
         } else {
@@ -174,7 +174,7 @@ impl Access {
 
     /// May the asker pull `target`'s repository? Anonymous mode: yes (`None`). Policy mode: the
     /// principal that may, for the request log.
-    pub async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         ask: &Asker<'_>,
         target: &Target,
@@ -212,7 +212,7 @@ impl Access {
 
     /// `GET /v2/`: in policy mode, only for an authenticated caller (clients learn the token
     /// realm from this 401).
-    pub async fn authorize_ping(&self, ask: &Asker<'_>) -> Result<(), AccessError> {
+    pub(crate) async fn authorize_ping(&self, ask: &Asker<'_>) -> Result<(), AccessError> {
         let Some(snapshot) = self.snapshot() else {
             return Ok(());
         };
@@ -226,7 +226,7 @@ impl Access {
     /// The token endpoint: checks Basic credentials and signs a token granting `pull` on each
     /// requested repository the policies allow (the others are left out, as the distribution
     /// token spec has it; the registry request then answers 403).
-    pub async fn issue_token(
+    pub(crate) async fn issue_token(
         &self,
         ask: &Asker<'_>,
         scopes: &[String],
@@ -441,7 +441,7 @@ impl Access {
 
 /// The token endpoint's answer, in the distribution token spec's fields.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct IssuedToken {
+pub(crate) struct IssuedToken {
     pub token: String,
     pub expires_in: u64,
     pub issued_at: String,
@@ -449,7 +449,7 @@ pub struct IssuedToken {
 
 /// `<registry>/<repository>`: the one name of a repository whatever path or `ns` reached it;
 /// tokens and challenges use it.
-pub fn full_name(target: &Target) -> String {
+pub(crate) fn full_name(target: &Target) -> String {
     format!("{}/{}", target.upstream.name, target.repository)
 }
 

@@ -21,8 +21,9 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use super::query::{natural_cmp, ImageFacts, Match, Op, Property, Query, Term};
+pub use super::query::Query;
 use super::query::{parse_query, RawQuery};
+pub use super::query::{ImageFacts, Term};
 use crate::oci::name::{Repository, Tag};
 
 /// The permissions of the platform's `image` kind.
@@ -96,7 +97,7 @@ impl Permissions {
         self.0 |= permission.bit();
     }
 
-    pub fn union(self, other: Permissions) -> Permissions {
+    pub(crate) fn union(self, other: Permissions) -> Permissions {
         Permissions(self.0 | other.0)
     }
 
@@ -308,7 +309,7 @@ pub fn binds(link: &PrincipalLink, principal: &PrincipalLink, groups: &[&str]) -
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("policy {source_name}: {message}")]
 pub struct PolicyError {
-    pub source_name: String,
+    pub(crate) source_name: String,
     pub message: String,
 }
 

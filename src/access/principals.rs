@@ -22,7 +22,7 @@ use subtle::ConstantTimeEq;
 use super::policy::PrincipalLink;
 
 /// The username a service-account key is presented with, as the platform's registry has it.
-pub const SERVICE_ACCOUNT_USER: &str = "<token>";
+pub(crate) const SERVICE_ACCOUNT_USER: &str = "<token>";
 
 /// Keys shorter than this are refused by `berth hash-key`: they are not random tokens.
 pub const MIN_KEY_LEN: usize = 20;
@@ -134,9 +134,9 @@ pub struct Principals {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub principal: PrincipalLink,
-    pub key_name: Option<String>,
+    pub(crate) key_name: Option<String>,
     /// `KeyHash::id` of the key, which tokens minted with it carry.
-    pub key_id: String,
+    pub(crate) key_id: String,
 }
 
 #[derive(Deserialize)]
@@ -285,7 +285,7 @@ impl Principals {
     }
 
     /// Whether the principal still has the key `key_id` names (`KeyHash::id`).
-    pub fn has_key(&self, principal: &PrincipalLink, key_id: &str) -> bool {
+    pub(crate) fn has_key(&self, principal: &PrincipalLink, key_id: &str) -> bool {
         self.service_accounts
             .iter()
             .chain(&self.users)
@@ -295,7 +295,7 @@ impl Principals {
     }
 
     /// The groups a user or service account belongs to.
-    pub fn groups_of(&self, principal: &PrincipalLink) -> Vec<&str> {
+    pub(crate) fn groups_of(&self, principal: &PrincipalLink) -> Vec<&str> {
         self.groups
             .iter()
             .filter(|(_, members)| members.contains(principal))
@@ -304,7 +304,7 @@ impl Principals {
     }
 
     /// The members of a group (none if it is not defined).
-    pub fn members(&self, group: &str) -> &[PrincipalLink] {
+    pub(crate) fn members(&self, group: &str) -> &[PrincipalLink] {
         self.groups.get(group).map_or(&[], Vec::as_slice)
     }
 

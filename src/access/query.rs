@@ -51,7 +51,7 @@ impl Op {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Match {
+pub(crate) enum Match {
     All,
     Any,
     None,
@@ -67,7 +67,7 @@ pub struct Term {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
-    pub match_: Match,
+    pub(crate) match_: Match,
     pub terms: Vec<Term>,
 }
 
@@ -169,7 +169,7 @@ impl Term {
 
 /// Orders values the way people read versions: runs of digits compare as numbers
 /// (`1.9 < 1.10`), everything else as text, and a number sorts before text.
-pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+pub(crate) fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a, b);
     loop {
         match (a.is_empty(), b.is_empty()) {

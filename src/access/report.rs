@@ -34,7 +34,7 @@ pub struct Report {
 #[serde(rename_all = "camelCase")]
 pub struct PrincipalReport {
     pub principal: String,
-    pub registry_pull: bool,
+    pub(crate) registry_pull: bool,
     pub permissions: Vec<GrantLine>,
 }
 
@@ -49,7 +49,7 @@ pub struct GrantLine {
     /// The group whose binding reaches this principal, if not bound directly.
     pub via: Option<String>,
     /// The permission this one is implied by, when it was not granted by name.
-    pub implied_by: Option<&'static str>,
+    pub(crate) implied_by: Option<&'static str>,
 }
 
 /// Builds the report for one image (`facts.tag` set) or a whole repository (`tag: None`).

@@ -71,7 +71,7 @@ pub struct Claims {
 }
 
 impl Claims {
-    pub fn grants_pull(&self, repository: &str) -> bool {
+    pub(crate) fn grants_pull(&self, repository: &str) -> bool {
         self.access.iter().any(|grant| {
             grant.kind == "repository"
                 && grant.name == repository
@@ -148,7 +148,7 @@ pub fn verify(key: &TokenKey, token: &str, now: u64) -> Result<Claims, TokenErro
 
 /// The `sub` a token claims, read without checking its signature: only a name to count
 /// failures of an invalid token under, never an identity.
-pub fn claimed_subject(token: &str) -> Option<String> {
+pub(crate) fn claimed_subject(token: &str) -> Option<String> {
     if token.len() > MAX_TOKEN_LEN {
         return None;
     }
@@ -173,7 +173,7 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError
 /// In production tokio's clock is the monotonic clock (NTP slews it, never steps it), so this is
 /// the wall clock; under `tokio::time::pause` tests move it with `advance` to age tokens.
 #[derive(Debug, Clone, Copy)]
-pub struct Clock {
+pub(crate) struct Clock {
     wall: SystemTime,
     at: tokio::time::Instant,
 }

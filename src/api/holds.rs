@@ -31,7 +31,7 @@ const MAX_LEARNED: usize = 1024;
 
 /// Where a blob's bytes may come from for a request, once the rule is met.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlobSource {
+pub(crate) enum BlobSource {
     /// The cache, or any fill of the digest.
     Any,
     /// Only a fill from the request's upstream (`Fills::join_own`); `held`: the repository is
@@ -42,7 +42,7 @@ pub enum BlobSource {
 }
 
 /// Before a blob is served for `target`: where its bytes may come from.
-pub async fn admit_blob(
+pub(crate) async fn admit_blob(
     state: &AppState,
     target: &Target,
     digest: &Digest,
@@ -85,7 +85,7 @@ pub async fn admit_blob(
 
 /// Before a manifest is looked up by digest for `target`: whether the cached copy may be
 /// served (`false`: fetch it through the target, verified, instead).
-pub async fn admit_manifest(
+pub(crate) async fn admit_manifest(
     state: &AppState,
     target: &Target,
     digest: &Digest,
@@ -113,7 +113,7 @@ pub async fn admit_manifest(
 
 /// A tag revalidation answered `digest`, which is cached: whether it may be served for
 /// `target` without fetching. The upstream's word counts only when it served those bytes.
-pub async fn admit_revalidated(state: &AppState, target: &Target, digest: &Digest) -> bool {
+pub(crate) async fn admit_revalidated(state: &AppState, target: &Target, digest: &Digest) -> bool {
     if !state.access.enforcing() {
         return true;
     }
@@ -129,7 +129,7 @@ pub async fn admit_revalidated(state: &AppState, target: &Target, digest: &Diges
 /// After a manifest was fetched through `target` and verified: the target's upstream served
 /// it and its repository holds it. Recorded in every mode, so switching to the policy mode
 /// keeps what the cache knows.
-pub async fn record_fetched(state: &AppState, target: &Target, manifest: &Manifest) {
+pub(crate) async fn record_fetched(state: &AppState, target: &Target, manifest: &Manifest) {
     let origins = Arc::clone(&state.cache.origins);
     let persist = state.cache.index.contains(&manifest.digest);
     let (digest, upstream, repository) = (
@@ -144,7 +144,7 @@ pub async fn record_fetched(state: &AppState, target: &Target, manifest: &Manife
 }
 
 /// After a manifest was served for `target`: its repository holds it and what it lists.
-pub async fn record_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
+pub(crate) async fn record_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
     if !state.access.enforcing() {
         return;
     }

@@ -44,16 +44,16 @@ const MAX_MANIFEST: usize = 4 << 20;
 /// refuses an OCI manifest even by digest to a client without the OCI types, and that refusal
 /// must not reach a coalesced client with them.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub enum FetchKey {
+pub(crate) enum FetchKey {
     /// By repository too: a fetch through one repository must not answer another (the policy
     /// access mode serves content only to repositories that hold it).
     Digest(Arc<str>, Repository, Digest, AcceptClass),
     Tag(TagKey),
 }
 
-pub type ManifestFlights = Flights<FetchKey, Result<Manifest, ManifestError>>;
+pub(crate) type ManifestFlights = Flights<FetchKey, Result<Manifest, ManifestError>>;
 /// The digest a tag points at now, or `None` when the upstream's HEAD did not say.
-pub type RevalidationFlights = Flights<TagKey, Result<Option<Digest>, ManifestError>>;
+pub(crate) type RevalidationFlights = Flights<TagKey, Result<Option<Digest>, ManifestError>>;
 
 pub async fn serve(
     state: &Arc<AppState>,

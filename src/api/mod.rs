@@ -11,7 +11,7 @@ mod blob;
 mod holds;
 mod manifest;
 mod passthrough;
-pub mod record;
+pub(crate) mod record;
 mod request_line;
 mod token;
 
@@ -36,9 +36,9 @@ use crate::AppState;
 /// The client's address, put in each request's extensions for the handlers (access control
 /// slows down an address that keeps presenting wrong keys).
 #[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+pub(crate) struct PeerAddr(pub std::net::SocketAddr);
 
-pub use manifest::{ManifestFlights, RevalidationFlights};
+pub(crate) use manifest::{ManifestFlights, RevalidationFlights};
 
 /// Which API route a request hit; a metric label, so a small closed set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -50,7 +50,7 @@ pub fn source(route: &str, outcome: Outcome) -> Option<&'static str> {
 }
 
 /// Everything the log line and the end-of-body metrics need.
-pub struct Record {
+pub(crate) struct Record {
     pub id: String,
     pub method: Method,
     pub path: String,
@@ -64,7 +64,7 @@ pub struct Record {
     /// carry no credentials or signed URLs).
     pub error: Option<String>,
     pub started: Instant,
-    pub time_to_first_byte: std::time::Duration,
+    pub(crate) time_to_first_byte: std::time::Duration,
     /// Counts the body bytes as they are sent, for the request's source.
     pub served: Option<IntCounter>,
     /// Observes the total duration when the body ends.
@@ -92,7 +92,7 @@ impl End {
 /// Wraps a response body so the record is completed when it ends. `content_length` is the
 /// response's `Content-Length` (0 for HEAD): hyper stops polling a body once that many bytes
 /// went out, so reaching it is how a streamed body's completion is recognised.
-pub fn observe(body: Body, record: Record, content_length: Option<u64>) -> Body {
+pub(crate) fn observe(body: Body, record: Record, content_length: Option<u64>) -> Body {
     let expected = content_length.or(body.size_hint().exact());
     Observed {
         inner: body,

@@ -30,7 +30,7 @@ const MAX_FORM_BYTES: usize = 16 * 1024;
 /// The request without its body, as dispatch takes it. A `POST /token` has its form read
 /// (within `MAX_FORM_BYTES` and `read_timeout`) and becomes the equivalent GET: the scopes and
 /// service move to the query and the username and password become Basic credentials.
-pub async fn password_grant<B>(
+pub(crate) async fn password_grant<B>(
     request: Request<B>,
     read_timeout: Duration,
 ) -> Result<Request<()>, (Request<()>, ApiError)>

@@ -14,7 +14,7 @@ use super::store::Kind;
 use crate::oci::digest::Digest;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub digest: Digest,
     pub kind: Kind,
     pub size: u64,
@@ -24,9 +24,9 @@ pub struct Candidate {
 /// What eviction must free: bytes (`min_free`) and inodes (`min_free_inodes`: a filesystem
 /// can run out of inodes with bytes to spare when it holds many small objects).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Need {
+pub(crate) struct Need {
     pub bytes: u64,
-    pub inodes: u64,
+    pub(crate) inodes: u64,
 }
 
 impl From<u64> for Need {
@@ -45,7 +45,10 @@ fn inodes(kind: Kind) -> u64 {
 
 /// The least recently touched candidates that together free at least `need` (all of them if
 /// they do not).
-pub fn choose_victims(mut candidates: Vec<Candidate>, need: impl Into<Need>) -> Vec<Candidate> {
+pub(crate) fn choose_victims(
+    mut candidates: Vec<Candidate>,
+    need: impl Into<Need>,
+) -> Vec<Candidate> {
     let need = need.into();
     candidates.sort_by(|a, b| a.touched.cmp(&b.touched).then_with(|| b.size.cmp(&a.size)));
     let mut freed = Need::default();
@@ -66,7 +69,7 @@ pub fn free_space(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// Bytes and inodes available to unprivileged users on the filesystem holding `dir`.
-pub fn free_space_and_inodes(dir: &Path) -> std::io::Result<(u64, u64)> {
+pub(crate) fn free_space_and_inodes(dir: &Path) -> std::io::Result<(u64, u64)> {
     let stat = rustix::fs::statvfs(dir)?;
     Ok((stat.f_bavail.saturating_mul(stat.f_frsize), stat.f_favail))
 }

@@ -55,7 +55,7 @@ impl Entry {
 
 /// The least an object weighs: one 4 KiB block, the usual allocation unit, so a million tiny
 /// objects still count against `max_size` and the entry count stays bounded.
-pub const MIN_WEIGHT: u64 = 4096;
+pub(crate) const MIN_WEIGHT: u64 = 4096;
 
 /// Bytes an object whose file cannot be measured is accounted at: its size in 4 KiB blocks.
 fn weight(size: u64) -> u64 {
@@ -146,7 +146,7 @@ impl Index {
     }
 
     /// Looks up one kind of object and marks it recently used.
-    pub fn get_kind(&self, kind: Kind, digest: &Digest) -> Option<Entry> {
+    pub(crate) fn get_kind(&self, kind: Kind, digest: &Digest) -> Option<Entry> {
         self.lock().lru.get(&Key::of(kind, digest)).cloned()
     }
 
@@ -155,12 +155,6 @@ impl Index {
         let entries = self.lock();
         entries.lru.contains(&Key::of(Kind::Blob, digest))
             || entries.lru.contains(&Key::of(Kind::Manifest, digest))
-    }
-
-    pub fn touch(&self, digest: &Digest) {
-        let mut entries = self.lock();
-        let _ = entries.lru.get(&Key::of(Kind::Blob, digest));
-        let _ = entries.lru.get(&Key::of(Kind::Manifest, digest));
     }
 
     /// Adds or replaces an entry as the most recently used, then evicts least recently used
@@ -192,7 +186,7 @@ impl Index {
     /// Reserves room for a fill of `size` bytes: evicts least recently used entries until the
     /// entries, the reservations of other fills and this one fit `max_size`. `None` (and
     /// nothing evicted) when the other fills' reservations alone leave no room.
-    pub fn reserve(&self, size: u64) -> Option<Reservation<'_>> {
+    pub(crate) fn reserve(&self, size: u64) -> Option<Reservation<'_>> {
         let needed = weight(size);
         let evicted = {
             let mut entries = self.lock();
@@ -245,7 +239,7 @@ impl Index {
 
 /// Room held in the index for a running fill, from its Content-Length. Released when dropped
 /// (the fill failed), or turned into the committed entry by `commit`.
-pub struct Reservation<'a> {
+pub(crate) struct Reservation<'a> {
     index: &'a Index,
     weight: u64,
 }
@@ -267,19 +261,6 @@ impl Drop for Reservation<'_> {
 }
 
 impl Index {
-    /// Drops the blob entry of a digest whose file turned out unreadable (the manifest entry
-    /// if no blob is indexed); the file is left to the caller.
-    pub fn forget(&self, digest: &Digest) {
-        let mut entries = self.lock();
-        let removed = match entries.lru.pop(&Key::of(Kind::Blob, digest)) {
-            Some(blob) => Some(blob),
-            None => entries.lru.pop(&Key::of(Kind::Manifest, digest)),
-        };
-        if let Some(entry) = removed {
-            entries.removed(&entry);
-        }
-    }
-
     /// Takes one object out of the index; its file is the caller's to `delete`.
     pub fn take(&self, kind: Kind, digest: &Digest) -> Option<Removed> {
         let mut entries = self.lock();
@@ -427,19 +408,8 @@ mod tests {
             .filter(|d| store.path(Kind::Blob, d).exists())
             .count();
         assert_eq!(on_disk, 2, "evicted files are gone from disk");
-        let manifest = br#"{"schemaVersion":2}"#;
-        let digest = Digest::of(manifest);
-        store
-            .write_manifest(
-                &digest,
-                "application/vnd.oci.image.manifest.v1+json",
-                manifest,
-            )
-            .unwrap();
-        index.insert(
-            digest.clone(),
-            Entry::new(Kind::Manifest, manifest.len() as u64, None),
-        );
+        let (digest, len) = store.write_test_manifest();
+        index.insert(digest.clone(), Entry::new(Kind::Manifest, len, None));
         let entry = index.get_kind(Kind::Manifest, &digest).unwrap();
         assert!(
             entry.weight >= 2 * unit.min(4096),

@@ -6,14 +6,14 @@
 
 pub mod evict;
 mod fill_error;
-pub mod index;
-pub mod mapped;
-pub mod origins;
-pub mod progress;
+pub(crate) mod index;
+pub(crate) mod mapped;
+pub(crate) mod origins;
+pub(crate) mod progress;
 pub mod reader;
-pub mod spill;
+pub(crate) mod spill;
 pub mod store;
-pub mod tags;
+pub(crate) mod tags;
 
 use std::sync::Arc;
 
@@ -24,10 +24,13 @@ use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 pub use fill_error::FillError;
 pub use index::{Entry, Index};
-pub use origins::{Origin, Origins};
-pub use progress::{drop_cached, open_cached, Progress};
+pub use origins::Origin;
+pub use origins::Origins;
+pub(crate) use progress::open_cached;
+pub use progress::Progress;
 pub use store::{Kind, Store};
-pub use tags::{TagEntry, TagKey, Tags};
+pub use tags::Tags;
+pub use tags::{TagEntry, TagKey};
 
 /// How a response was produced; the `X-Cache` header, log lines and metric labels all use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,7 +137,7 @@ impl Cache {
     }
 
     /// Records where a tag points now, in memory and on disk (for serving stale after a restart).
-    pub fn remember_tag(&self, key: TagKey, entry: TagEntry) {
+    pub(crate) fn remember_tag(&self, key: TagKey, entry: TagEntry) {
         self.tags.put(key.clone(), entry.clone());
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || {
@@ -145,7 +148,7 @@ impl Cache {
     }
 
     /// Records that the upstream has no such tag.
-    pub fn forget_tag(&self, key: TagKey) {
+    pub(crate) fn forget_tag(&self, key: TagKey) {
         self.tags.put_missing(key.clone());
         let store = Arc::clone(&self.store);
         tokio::task::spawn_blocking(move || store.remove_tag(&key));
@@ -161,7 +164,7 @@ impl Cache {
     /// Evicts least recently used objects until the filesystem has `min_free` bytes and
     /// `min_free_inodes` inodes available (or the cache is empty). The bytes reserved by
     /// running fills count as already used. Blocking: stats files. Returns the bytes freed.
-    pub fn enforce_free(&self, min_free: u64, min_free_inodes: u64) -> std::io::Result<u64> {
+    pub(crate) fn enforce_free(&self, min_free: u64, min_free_inodes: u64) -> std::io::Result<u64> {
         let min_free = min_free.saturating_add(self.index.reserved());
         let (available, inodes) = evict::free_space_and_inodes(self.store.dir())?;
         if available >= min_free && inodes >= min_free_inodes {
@@ -210,7 +213,7 @@ impl Cache {
     /// reserved, after evicting least recently used content to make room. Blocking. When even
     /// an empty cache could not make the room (the disk is mostly other data, or the blob is
     /// bigger than the disk), nothing is evicted: a refused fill must not wipe the cache.
-    pub fn room_for_reservations(&self, min_free: u64) -> std::io::Result<bool> {
+    pub(crate) fn room_for_reservations(&self, min_free: u64) -> std::io::Result<bool> {
         let wanted = min_free.saturating_add(self.index.reserved());
         let available = evict::free_space(self.store.dir())?;
         if available.saturating_add(self.index.weighted_bytes()) < wanted {

@@ -33,10 +33,10 @@ use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
 
 /// Upstreams remembered per object; the same bytes rarely come from more than a few.
-pub const MAX_FROM: usize = 16;
+pub(crate) const MAX_FROM: usize = 16;
 /// Holders remembered per object (the oldest is dropped first: it is re-confirmed when asked
 /// for again). A base layer shared by many repositories is the case this bounds.
-pub const MAX_HELD: usize = 128;
+pub(crate) const MAX_HELD: usize = 128;
 /// A sidecar at its limits is well under this; a larger file is not read.
 const MAX_SIDECAR: u64 = 64 * 1024;
 /// Origins kept in memory, counted in entries (`from` + `held` lines, at least one each): a
@@ -58,11 +58,11 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn served_by(&self, upstream: &str) -> bool {
+    pub(crate) fn served_by(&self, upstream: &str) -> bool {
         self.from.iter().any(|u| &**u == upstream)
     }
 
-    pub fn held_by(&self, upstream: &str, repository: &Repository) -> bool {
+    pub(crate) fn held_by(&self, upstream: &str, repository: &Repository) -> bool {
         self.held
             .iter()
             .any(|(u, r)| &**u == upstream && r == repository)
@@ -183,7 +183,7 @@ impl Origins {
     }
 
     /// The same without touching the disk: `None` when memory does not know.
-    pub fn get_cached(&self, digest: &Digest) -> Option<Arc<Origin>> {
+    pub(crate) fn get_cached(&self, digest: &Digest) -> Option<Arc<Origin>> {
         self.memory.get(digest)
     }
 
@@ -195,7 +195,13 @@ impl Origins {
 
     /// Records that `repository` on `upstream` holds `digest` (learned from one of its
     /// manifests, or confirmed by the upstream). Blocking.
-    pub fn learned(&self, digest: &Digest, upstream: &str, repository: &Repository, persist: bool) {
+    pub(crate) fn learned(
+        &self,
+        digest: &Digest,
+        upstream: &str,
+        repository: &Repository,
+        persist: bool,
+    ) {
         self.update(digest, None, (upstream, repository), persist);
     }
 
@@ -268,7 +274,7 @@ impl Origins {
 
     /// Removes sidecars whose object is not cached (an eviction that raced an update, a crash)
     /// and anything else that is not a sidecar. At start-up, after the index is rebuilt.
-    pub fn sweep(&self, cached: impl Fn(&Digest) -> bool) -> io::Result<()> {
+    pub(crate) fn sweep(&self, cached: impl Fn(&Digest) -> bool) -> io::Result<()> {
         let root = self.store.dir().join("origins").join("sha256");
         fs::create_dir_all(&root)?;
         for shard in fs::read_dir(&root)? {

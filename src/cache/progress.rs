@@ -49,7 +49,7 @@ impl Progress {
 
 /// A cached blob opened for reading, or `None` (the index entry dropped and the file deleted,
 /// so the caller refetches) if its file is gone, unreadable or not the indexed size.
-pub fn open_cached(
+pub(crate) fn open_cached(
     cache: &Cache,
     metrics: &Metrics,
     digest: &Digest,
@@ -99,7 +99,7 @@ fn record_access(file: &File) {
 
 /// Forgets a cached blob that turned out unreadable and deletes its file, so the next request
 /// fetches it again.
-pub fn drop_cached(cache: &Cache, metrics: &Metrics, digest: &Digest) {
+pub(crate) fn drop_cached(cache: &Cache, metrics: &Metrics, digest: &Digest) {
     metrics.disk_errors.inc();
     let _ = cache.index.take(Kind::Blob, digest);
     if let Err(err) = cache.store.remove(Kind::Blob, digest) {

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 /// Bytes a failed fill keeps in memory for its readers.
-pub const SPILL_WINDOW: usize = 16 << 20;
+pub(crate) const SPILL_WINDOW: usize = 16 << 20;
 
 #[derive(Debug)]
 pub struct Spill {
@@ -51,7 +51,7 @@ impl Spill {
         }
     }
 
-    pub fn disk_len(&self) -> u64 {
+    pub(crate) fn disk_len(&self) -> u64 {
         self.disk_len
     }
 

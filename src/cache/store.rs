@@ -64,9 +64,9 @@ pub struct Store {
 /// What a committed object costs the filesystem: its file and (a manifest) its media-type
 /// sidecar, in allocated bytes (whole blocks), and the file's inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
+pub(crate) struct Footprint {
     pub allocated: u64,
-    pub inode: u64,
+    pub(crate) inode: u64,
 }
 
 /// Allocated bytes of a file: its blocks, but never less than its length rounded up to the
@@ -108,7 +108,7 @@ impl Store {
 
     /// The allocated bytes and inode of a committed object (the sidecar's bytes included),
     /// without following a symlink.
-    pub fn footprint(&self, kind: Kind, digest: &Digest) -> io::Result<Footprint> {
+    pub(crate) fn footprint(&self, kind: Kind, digest: &Digest) -> io::Result<Footprint> {
         let meta = fs::symlink_metadata(self.path(kind, digest))?;
         // Every committed object also gets its provenance file (`cache::origins`), written just
         // after it is indexed, so it is counted here as the one block it takes.
@@ -177,7 +177,7 @@ impl Store {
     }
 
     /// Writes a whole manifest (already verified by the caller) with its media type.
-    pub fn write_manifest(
+    pub(crate) fn write_manifest(
         &self,
         digest: &Digest,
         media_type: &str,
@@ -204,7 +204,7 @@ impl Store {
 
     /// A manifest's bytes. Its media type is read from the document by the caller; the
     /// `.type` sidecar is informational only, so a missing or bad one changes nothing.
-    pub fn read_manifest(&self, digest: &Digest) -> io::Result<Vec<u8>> {
+    pub(crate) fn read_manifest(&self, digest: &Digest) -> io::Result<Vec<u8>> {
         fs::read(self.path(Kind::Manifest, digest))
     }
 
@@ -215,7 +215,7 @@ impl Store {
         crate::oci::manifest::is_media_type(&text).then_some(text)
     }
 
-    pub fn open_blob(&self, kind: Kind, digest: &Digest) -> io::Result<File> {
+    pub(crate) fn open_blob(&self, kind: Kind, digest: &Digest) -> io::Result<File> {
         use rustix::fs::{Mode, OFlags};
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = rustix::fs::open(self.path(kind, digest), flags, Mode::empty())?;
@@ -243,7 +243,7 @@ impl Store {
     /// Removes the object only if its file is still `inode`, the one the caller decided to
     /// remove; a file committed since (a new fill of the digest) stays. Returns whether it
     /// removed anything.
-    pub fn remove_if(&self, kind: Kind, digest: &Digest, inode: u64) -> io::Result<bool> {
+    pub(crate) fn remove_if(&self, kind: Kind, digest: &Digest, inode: u64) -> io::Result<bool> {
         use std::os::unix::fs::MetadataExt;
         let _serialised = self.stripe(digest);
         match fs::symlink_metadata(self.path(kind, digest)) {
@@ -255,7 +255,7 @@ impl Store {
     }
 
     /// Records an access in the file's mtime; best effort, recency is a hint.
-    pub fn touch(&self, kind: Kind, digest: &Digest) {
+    pub(crate) fn touch(&self, kind: Kind, digest: &Digest) {
         if let Ok(file) = File::options().write(true).open(self.path(kind, digest)) {
             let _ = file.set_modified(SystemTime::now());
         }
@@ -366,9 +366,21 @@ fn read_plain(path: &Path) -> io::Result<String> {
 
 /// Where the sidecar of what is known about a digest's origins lives (`cache::origins`
 /// reads and writes it; removing an object removes it too).
-pub fn origins_path(dir: &Path, digest: &Digest) -> PathBuf {
+pub(crate) fn origins_path(dir: &Path, digest: &Digest) -> PathBuf {
     let hex = digest.hex();
     dir.join("origins").join("sha256").join(&hex[..2]).join(hex)
+}
+
+#[cfg(test)]
+impl Store {
+    /// A small image manifest written as tests need one on disk: its digest and length.
+    pub(crate) fn write_test_manifest(&self) -> (Digest, u64) {
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        let media_type = "application/vnd.oci.image.manifest.v1+json";
+        self.write_manifest(&digest, media_type, manifest).unwrap();
+        (digest, manifest.len() as u64)
+    }
 }
 
 #[cfg(test)]
@@ -418,15 +430,7 @@ mod tests {
         file.write_all(b"hello").unwrap();
         let digest = Digest::of(b"hello");
         store.commit(&temp, Kind::Blob, &digest).unwrap();
-        let manifest = br#"{"schemaVersion":2}"#;
-        let manifest_digest = Digest::of(manifest);
-        store
-            .write_manifest(
-                &manifest_digest,
-                "application/vnd.oci.image.manifest.v1+json",
-                manifest,
-            )
-            .unwrap();
+        let (manifest_digest, _) = store.write_test_manifest();
         let (_leftover, mut file) = store.temp_file().unwrap();
         file.write_all(b"half a blob").unwrap();
 
@@ -445,7 +449,7 @@ mod tests {
             Some("application/vnd.oci.image.manifest.v1+json")
         );
         let bytes = store.read_manifest(&manifest_digest).unwrap();
-        assert_eq!(bytes, manifest);
+        assert_eq!(Digest::of(&bytes), manifest_digest);
     }
 
     #[test]

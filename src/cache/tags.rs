@@ -34,7 +34,7 @@ pub struct TagEntry {
     pub digest: Digest,
     pub media_type: Arc<str>,
     /// When the upstream last said this tag points at `digest` (`WallClock` milliseconds).
-    pub checked_ms: u64,
+    pub(crate) checked_ms: u64,
 }
 
 /// Unix time in milliseconds, advanced by tokio's clock (so `tokio::time::pause` and `advance`
@@ -56,7 +56,7 @@ impl WallClock {
         }
     }
 
-    pub fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.base_ms + self.base.elapsed().as_millis() as u64
     }
 
@@ -101,13 +101,13 @@ impl Tags {
     }
 
     /// Records an upstream 404 for the tag; the mapping, if any, is dropped.
-    pub fn put_missing(&self, key: TagKey) {
+    pub(crate) fn put_missing(&self, key: TagKey) {
         self.entries.invalidate(&key);
         self.missing.insert(key, self.clock.now_ms());
     }
 
     /// Whether the upstream said the tag does not exist less than `ttl` ago.
-    pub fn is_missing(&self, key: &TagKey, ttl: Duration) -> bool {
+    pub(crate) fn is_missing(&self, key: &TagKey, ttl: Duration) -> bool {
         self.missing
             .get(key)
             .is_some_and(|at| self.clock.age(at) < ttl)
@@ -115,7 +115,7 @@ impl Tags {
 
     /// Drops every tag mapping of one repository of one upstream, so its tags are asked of the
     /// upstream again. Returns how many were dropped.
-    pub fn invalidate_repository(&self, upstream: &str, repository: &Repository) -> usize {
+    pub(crate) fn invalidate_repository(&self, upstream: &str, repository: &Repository) -> usize {
         let keys: Vec<Arc<TagKey>> = self
             .entries
             .iter()

@@ -26,8 +26,9 @@ pub use cache::CacheConfig;
 pub use client::ClientConfig;
 pub use limits::LimitsConfig;
 pub use secret::{SecretConfig, SecretKind};
-pub use units::{parse_duration, parse_size, UnitError};
-pub use upstream::{PlatformConfig, UpstreamConfig, DOCKER_HUB_ENDPOINT, DOCKER_HUB_NAMES};
+pub use units::parse_duration;
+pub use units::UnitError;
+pub use upstream::{PlatformConfig, UpstreamConfig};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -261,7 +262,7 @@ const DEFAULT_MAX_BLOB_SIZE: u64 = 16 << 30;
 impl Config {
     /// The largest blob berth fills: `limits.max_blob_size`, else 16 GiB, never more than
     /// `cache.max_size` (a blob that cannot be cached is not fetched to be evicted at once).
-    pub fn max_blob_size(&self) -> u64 {
+    pub(crate) fn max_blob_size(&self) -> u64 {
         self.limits
             .max_blob_size
             .unwrap_or(DEFAULT_MAX_BLOB_SIZE)
@@ -271,6 +272,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::upstream::DOCKER_HUB_NAMES;
     use super::*;
     use std::time::Duration;
 

@@ -19,7 +19,7 @@ pub enum UnitError {
 }
 
 /// Parses sizes such as "50GiB", "512 MiB" or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64, UnitError> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, UnitError> {
     // bytesize's parse error is a bare String, so the reason is kept as text.
     text.trim()
         .parse::<bytesize::ByteSize>()

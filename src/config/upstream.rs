@@ -59,7 +59,7 @@ pub struct UpstreamConfig {
 /// Docker Hub's names: `docker.io` in references, `index.docker.io` in old ones and docker's
 /// config, `registry-1.docker.io` its API endpoint, `registry.hub.docker.com` its old web name.
 /// An upstream with any of them is Docker Hub and answers to all of them.
-pub const DOCKER_HUB_NAMES: [&str; 4] = [
+pub(crate) const DOCKER_HUB_NAMES: [&str; 4] = [
     "docker.io",
     "index.docker.io",
     "registry-1.docker.io",
@@ -67,13 +67,13 @@ pub const DOCKER_HUB_NAMES: [&str; 4] = [
 ];
 
 /// `https://docker.io` serves no registry API; this does.
-pub const DOCKER_HUB_ENDPOINT: &str = "https://registry-1.docker.io";
+pub(crate) const DOCKER_HUB_ENDPOINT: &str = "https://registry-1.docker.io";
 
 impl UpstreamConfig {
     /// The endpoint URL for a concrete registry host (the host itself, or one a pattern
     /// matched), defaulting to `https://<host>` (Docker Hub's API endpoint for Docker Hub);
     /// `{host}` in a configured endpoint is replaced.
-    pub fn endpoint_for(&self, host: &str) -> String {
+    pub(crate) fn endpoint_for(&self, host: &str) -> String {
         match &self.endpoint {
             Some(url) => url.trim_end_matches('/').replace("{host}", host),
             None if self.is_docker_hub() => DOCKER_HUB_ENDPOINT.to_string(),
@@ -81,17 +81,17 @@ impl UpstreamConfig {
         }
     }
 
-    pub fn endpoint_url(&self) -> String {
+    pub(crate) fn endpoint_url(&self) -> String {
         self.endpoint_for(&self.host)
     }
 
     /// Whether `host` holds `*` wildcards (each stands for one or more characters of one label).
-    pub fn is_pattern(&self) -> bool {
+    pub(crate) fn is_pattern(&self) -> bool {
         self.host.contains('*')
     }
 
     /// Docker Hub needs `library/` on one-component names; every other registry takes names as-is.
-    pub fn is_docker_hub(&self) -> bool {
+    pub(crate) fn is_docker_hub(&self) -> bool {
         self.configured_names().any(|name| {
             DOCKER_HUB_NAMES
                 .iter()
@@ -140,18 +140,18 @@ impl Default for PlatformConfig {
 
 impl PlatformConfig {
     /// The registry host of an org: `ORG.<registry_domain>`.
-    pub fn org_registry(&self, org: &str) -> String {
+    pub(crate) fn org_registry(&self, org: &str) -> String {
         format!("{org}.{}", self.registry_domain)
     }
 
     /// Our org's registry host, if an org is configured.
-    pub fn own_registry(&self) -> Option<String> {
+    pub(crate) fn own_registry(&self) -> Option<String> {
         self.org.as_deref().map(|org| self.org_registry(org))
     }
 
     /// Whether `host` is another org's registry on the platform: reachable only with a docker
     /// secret for it, never anonymously on our org's behalf.
-    pub fn is_foreign_org_registry(&self, host: &str) -> bool {
+    pub(crate) fn is_foreign_org_registry(&self, host: &str) -> bool {
         let suffix = format!(".{}", self.registry_domain);
         host.ends_with(&suffix) && Some(host.to_string()) != self.own_registry()
     }

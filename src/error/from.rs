@@ -48,7 +48,7 @@ impl From<UpstreamError> for ApiError {
 impl ApiError {
     /// Maps an upstream failure; `not_found` is the code an upstream 404 becomes, which depends
     /// on what was asked for (MANIFEST_UNKNOWN, BLOB_UNKNOWN, NAME_UNKNOWN).
-    pub fn from_upstream(err: UpstreamError, not_found: Code) -> ApiError {
+    pub(crate) fn from_upstream(err: UpstreamError, not_found: Code) -> ApiError {
         let message = err.to_string();
         match err {
             UpstreamError::Status {

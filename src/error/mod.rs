@@ -32,13 +32,13 @@ pub enum ManifestError {
 
 impl ManifestError {
     /// The upstream says the manifest (or the tag) does not exist.
-    pub fn is_not_found(&self) -> bool {
+    pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, ManifestError::Upstream(UpstreamError::Status { status, .. }) if *status == StatusCode::NOT_FOUND)
     }
 
     /// A failure that serving a stale tag covers: the upstream is unreachable, timed out,
     /// failed, rate-limited us or sent garbage. Refusals (401/403) and 404s are answers.
-    pub fn is_upstream_failure(&self) -> bool {
+    pub(crate) fn is_upstream_failure(&self) -> bool {
         !matches!(self, ManifestError::Upstream(UpstreamError::Status { status, .. }) if matches!(status.as_u16(), 401 | 403 | 404))
     }
 }
@@ -48,7 +48,6 @@ pub enum Code {
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
-    ManifestInvalid,
     NameInvalid,
     NameUnknown,
     RangeInvalid,
@@ -65,7 +64,6 @@ impl Code {
             Code::BlobUnknown => "BLOB_UNKNOWN",
             Code::DigestInvalid => "DIGEST_INVALID",
             Code::ManifestUnknown => "MANIFEST_UNKNOWN",
-            Code::ManifestInvalid => "MANIFEST_INVALID",
             Code::NameInvalid => "NAME_INVALID",
             Code::NameUnknown => "NAME_UNKNOWN",
             Code::RangeInvalid => "RANGE_INVALID",
@@ -81,7 +79,7 @@ impl Code {
 /// A failed request as the client will see it. Cloneable so one coalesced failure can answer
 /// every client that waited on it.
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: Code,
     pub message: String,
@@ -107,31 +105,31 @@ impl ApiError {
     }
 
     /// Keeps `text` for the log and out of the response.
-    pub fn with_internal(mut self, text: impl Into<String>) -> ApiError {
+    pub(crate) fn with_internal(mut self, text: impl Into<String>) -> ApiError {
         self.internal = Some(text.into());
         self
     }
 
     /// For an error whose cause is kept for the log only: the response's detail becomes the
     /// request id, so an operator can find the log line.
-    pub fn with_request_id(mut self, id: &str) -> ApiError {
+    pub(crate) fn with_request_id(mut self, id: &str) -> ApiError {
         if self.internal.is_some() {
             self.detail = Some(format!("request id {id}; the cause is in berth's log"));
         }
         self
     }
 
-    pub fn with_detail(mut self, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> ApiError {
         self.detail = Some(detail.into());
         self
     }
 
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+    pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
         self.headers.push((name, value));
         self
     }
 
-    pub fn name_unknown(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn name_unknown(detail: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::NameUnknown,
@@ -142,17 +140,17 @@ impl ApiError {
 
     /// 503: berth cannot answer now but will (busy, or the cache disk failed); the caller
     /// adds `Retry-After` where it knows when.
-    pub fn unavailable(message: impl Into<String>) -> ApiError {
+    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, message)
     }
 
     /// 502: the upstream's answer cannot be used; the detail says why.
-    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_gateway(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, Code::Unavailable, message)
     }
 
     /// 429: this client has too much in flight.
-    pub fn too_many_requests(message: impl Into<String>) -> ApiError {
+    pub(crate) fn too_many_requests(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             Code::TooManyRequests,
@@ -166,18 +164,18 @@ impl ApiError {
     }
 
     /// 400 NAME_INVALID: the repository name does not parse.
-    pub fn name_invalid(message: impl Into<String>) -> ApiError {
+    pub(crate) fn name_invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, message)
     }
 
     /// 400 UNSUPPORTED: a request berth understands but does not serve (a token request
     /// for another service, or a malformed one).
-    pub fn unsupported_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn unsupported_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, Code::Unsupported, message)
     }
 
     /// 404 NAME_UNKNOWN for a path outside the registry API.
-    pub fn not_api_path(path: impl Into<String>) -> ApiError {
+    pub(crate) fn not_api_path(path: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::NameUnknown,
@@ -187,7 +185,7 @@ impl ApiError {
     }
 
     /// 404 UNSUPPORTED for `/v2/_catalog`: a pull-through cache cannot list what upstreams hold.
-    pub fn no_catalog() -> ApiError {
+    pub(crate) fn no_catalog() -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::Unsupported,
@@ -196,7 +194,7 @@ impl ApiError {
     }
 
     /// 405 for an upload: berth only reads, so `Allow` is empty for these paths.
-    pub fn read_only() -> ApiError {
+    pub(crate) fn read_only() -> ApiError {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             Code::Unsupported,
@@ -205,7 +203,7 @@ impl ApiError {
         .with_header(ALLOW, HeaderValue::from_static(""))
     }
 
-    pub fn blob_unknown(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn blob_unknown(detail: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::BlobUnknown,
@@ -215,7 +213,7 @@ impl ApiError {
     }
 
     /// 416 with the `Content-Range: bytes */<size>` RFC 9110 14.4 asks for.
-    pub fn range_not_satisfiable(content_range: HeaderValue) -> ApiError {
+    pub(crate) fn range_not_satisfiable(content_range: HeaderValue) -> ApiError {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
             Code::RangeInvalid,
@@ -225,7 +223,7 @@ impl ApiError {
     }
 
     /// 414: the request target is over `limits.max_uri_bytes`.
-    pub fn uri_too_long(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn uri_too_long(detail: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::URI_TOO_LONG,
             Code::NameInvalid,
@@ -235,7 +233,7 @@ impl ApiError {
     }
 
     /// 431: the request's headers are over `limits.max_headers` or `limits.max_header_bytes`.
-    pub fn headers_too_large(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn headers_too_large(detail: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Code::Unsupported,
@@ -247,7 +245,7 @@ impl ApiError {
     // The admin listener's refusals: the same envelope as the API's.
 
     /// 403 when no `admin_token` is configured: the admin API is off.
-    pub fn admin_off() -> ApiError {
+    pub(crate) fn admin_off() -> ApiError {
         ApiError::new(
             StatusCode::FORBIDDEN,
             Code::Denied,
@@ -256,7 +254,7 @@ impl ApiError {
     }
 
     /// 401 with `WWW-Authenticate: Bearer` for a missing or wrong admin token.
-    pub fn admin_unauthorized() -> ApiError {
+    pub(crate) fn admin_unauthorized() -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             Code::Unauthorized,
@@ -265,12 +263,12 @@ impl ApiError {
         .with_header(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
     }
 
-    pub fn admin_not_found(message: &'static str) -> ApiError {
+    pub(crate) fn admin_not_found(message: &'static str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, Code::Unsupported, message)
     }
 
     /// 405 for a purge asked with anything but DELETE.
-    pub fn admin_method_not_allowed() -> ApiError {
+    pub(crate) fn admin_method_not_allowed() -> ApiError {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             Code::Unsupported,
@@ -280,7 +278,7 @@ impl ApiError {
     }
 
     /// 404 for a purge of a digest the cache does not hold.
-    pub fn not_cached(digest: &impl std::fmt::Display) -> ApiError {
+    pub(crate) fn not_cached(digest: &impl std::fmt::Display) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::BlobUnknown,
@@ -290,7 +288,7 @@ impl ApiError {
     }
 
     /// 500 for a purge whose file could not be removed; the cause is logged by the caller.
-    pub fn purge_failed() -> ApiError {
+    pub(crate) fn purge_failed() -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             Code::Unavailable,
@@ -298,7 +296,7 @@ impl ApiError {
         )
     }
 
-    pub fn manifest_unknown(detail: impl Into<String>) -> ApiError {
+    pub(crate) fn manifest_unknown(detail: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             Code::ManifestUnknown,
@@ -308,7 +306,7 @@ impl ApiError {
     }
 
     /// A tag whose 404 berth remembers (`upstream.negative_ttl`).
-    pub fn tag_unknown(
+    pub(crate) fn tag_unknown(
         repository: &impl std::fmt::Display,
         tag: &impl std::fmt::Display,
     ) -> ApiError {
@@ -318,7 +316,7 @@ impl ApiError {
     }
 
     /// 401 with the challenge that tells a registry client where to authenticate.
-    pub fn unauthorized(challenge: &str, detail: impl Into<String>) -> ApiError {
+    pub(crate) fn unauthorized(challenge: &str, detail: impl Into<String>) -> ApiError {
         let error = ApiError::new(
             StatusCode::UNAUTHORIZED,
             Code::Unauthorized,
@@ -349,7 +347,7 @@ impl ApiError {
 
     /// The one mapping from an error to an HTTP response. A HEAD response carries the status
     /// and headers but no body, as HTTP requires.
-    pub fn into_response(self, head: bool) -> Response<Body> {
+    pub(crate) fn into_response(self, head: bool) -> Response<Body> {
         let envelope = serde_json::json!({
             "errors": [{
                 "code": self.code.as_str(),

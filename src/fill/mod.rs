@@ -144,7 +144,7 @@ impl Fills {
     /// a running fill from that upstream is joined when it runs through `job.repository` or when
     /// `held` (the repository is known to hold the digest there). `None` when the digest is
     /// cached or is being filled from elsewhere: the caller decides again.
-    pub fn join_own(
+    pub(crate) fn join_own(
         self: &Arc<Self>,
         cache: &Arc<Cache>,
         metrics: &Arc<Metrics>,

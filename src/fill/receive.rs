@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{Fills, Floor, Job};
 use crate::metrics::Metrics;
-use crate::upstream::{retry, UpstreamError};
+use crate::upstream::{retry, Cause, UpstreamError};
 
 /// Range requests one fill may make after its upstream body fails; each waits a jittered
 /// backoff first, so a flapping upstream costs a fill a few seconds at most before it fails.
@@ -80,7 +80,7 @@ impl Fills {
     ) -> Result<(), UpstreamError>
     where
         B: http_body::Body<Data = Bytes> + Unpin,
-        B::Error: std::fmt::Display,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut pace = Pace::new(self.floor, Instant::now());
         loop {
@@ -96,7 +96,7 @@ impl Fills {
                 }
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(err))) => {
-                    return Err(UpstreamError::Protocol(format!("blob body: {err}")))
+                    return Err(UpstreamError::Protocol(Cause::new("blob body", err)))
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -114,10 +114,13 @@ impl Fills {
             }
             *received += data.len() as u64;
             if *received > self.max_blob_size {
-                return Err(UpstreamError::Invalid(format!(
-                    "blob without a Content-Length ran past limits.max_blob_size ({})",
-                    self.max_blob_size
-                )));
+                return Err(UpstreamError::Invalid(
+                    format!(
+                        "blob without a Content-Length ran past limits.max_blob_size ({})",
+                        self.max_blob_size
+                    )
+                    .into(),
+                ));
             }
             let queued = Instant::now();
             if chunks.send(data).await.is_err() {
@@ -192,7 +195,7 @@ async fn resume(
         if let (Some(length), Some(total)) = (length, total) {
             if length != total {
                 let detail = format!("blob was {total} bytes, a re-fetch promises {length}");
-                return Err(UpstreamError::Invalid(detail));
+                return Err(UpstreamError::Invalid(detail.into()));
             }
         }
         return Ok((response.into_body(), from));
@@ -206,9 +209,9 @@ async fn resume(
         Some((start, size)) if start == from && (total.is_none() || size == total) => {
             Ok((response.into_body(), 0))
         }
-        _ => Err(UpstreamError::Invalid(format!(
-            "asked for bytes {from}- and got Content-Range {content_range:?}"
-        ))),
+        _ => Err(UpstreamError::Invalid(
+            format!("asked for bytes {from}- and got Content-Range {content_range:?}").into(),
+        )),
     }
 }
 

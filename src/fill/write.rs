@@ -122,7 +122,7 @@ pub(super) fn verify(
 ) -> Result<(), FillError> {
     if promised.is_some_and(|total| total != len) {
         let detail = format!("upstream promised {promised:?} bytes and sent {len}");
-        return Err(UpstreamError::Invalid(detail).into());
+        return Err(UpstreamError::Invalid(detail.into()).into());
     }
     if got != want {
         return Err(FillError::Mismatch {

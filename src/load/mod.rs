@@ -15,7 +15,7 @@
 //! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
 //! else of the server is used, and the verification of every body is not shared with it.
 
-pub mod stats;
+pub(crate) mod stats;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +38,8 @@ use crate::oci::manifest::{ImageManifest, Manifest, Platform, PlatformError};
 pub use crate::oci::reference::ImageRef;
 use crate::secrets::Credentials;
 use crate::upstream::{Auth, UpstreamError};
-pub use stats::{Class, Recorder, Report};
+pub use stats::Recorder;
+pub use stats::{Class, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -48,7 +49,7 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 
 /// The metric family (by suffix) that counts berth's requests to upstream registries; see
 /// `crate::metrics` (`berth_upstream_requests_total`).
-pub const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
+pub(crate) const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
 
 /// Why a run could not start or finish; a failed request is counted in the report instead.
 #[derive(Debug, thiserror::Error)]

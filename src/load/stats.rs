@@ -39,7 +39,7 @@ pub struct ClassStats {
     /// Whole-request durations (request sent to last body byte verified).
     pub durations: Vec<Duration>,
     /// Time to the response head, which is where a cache shows its lookup cost.
-    pub first_byte: Vec<Duration>,
+    pub(crate) first_byte: Vec<Duration>,
     pub bytes: u64,
     pub errors: u64,
 }
@@ -72,7 +72,7 @@ impl Recorder {
         }
     }
 
-    pub fn merge(&mut self, other: Recorder) {
+    pub(crate) fn merge(&mut self, other: Recorder) {
         for (class, stats) in other.classes {
             let mine = self.classes.entry(class).or_default();
             mine.durations.extend(stats.durations);
@@ -91,7 +91,7 @@ impl Recorder {
 }
 
 /// The nearest-rank percentile (`p` in 0..=100) of `samples`, which must be sorted.
-pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     if sorted.is_empty() {
         return None;
     }
@@ -100,7 +100,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
 }
 
 /// p50, p90, p99 of unsorted samples.
-pub fn quantiles(samples: &[Duration]) -> Option<[Duration; 3]> {
+pub(crate) fn quantiles(samples: &[Duration]) -> Option<[Duration; 3]> {
     let mut sorted = samples.to_vec();
     sorted.sort_unstable();
     Some([
@@ -113,7 +113,7 @@ pub fn quantiles(samples: &[Duration]) -> Option<[Duration; 3]> {
 /// The sum of every sample of the families whose name ends in `suffix` (labels ignored), or
 /// `None` if no such family is present. Tolerant by design: `berth_upstream_requests_total`
 /// today, and a renamed or prefixed family tomorrow, are both found by `upstream_requests_total`.
-pub fn sum_family(exposition: &str, suffix: &str) -> Option<f64> {
+pub(crate) fn sum_family(exposition: &str, suffix: &str) -> Option<f64> {
     let mut found = None;
     for line in exposition.lines() {
         let line = line.trim();
@@ -147,7 +147,7 @@ pub struct Report {
     pub elapsed: Duration,
     pub concurrency: usize,
     /// Upstream requests berth made during the run, from its metrics, if asked for.
-    pub upstream_requests: Option<f64>,
+    pub(crate) upstream_requests: Option<f64>,
 }
 
 fn ms(d: Duration) -> String {
@@ -155,7 +155,7 @@ fn ms(d: Duration) -> String {
 }
 
 impl Report {
-    pub fn total_bytes(&self) -> u64 {
+    pub(crate) fn total_bytes(&self) -> u64 {
         self.recorder.classes.values().map(|c| c.bytes).sum()
     }
 

@@ -71,7 +71,7 @@ impl AddressClass {
 }
 
 /// The IPv4 address an IPv6 address carries, for IPv4-mapped and NAT64 (RFC 6052) forms.
-pub fn unwrap_ipv4(ip: IpAddr) -> IpAddr {
+pub(crate) fn unwrap_ipv4(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else { return ip };
     if let Some(v4) = v6.to_ipv4_mapped() {
         return IpAddr::V4(v4);
@@ -86,7 +86,7 @@ pub fn unwrap_ipv4(ip: IpAddr) -> IpAddr {
 }
 
 /// Classifies `ip` (unwrapped first).
-pub fn classify(ip: IpAddr) -> AddressClass {
+pub(crate) fn classify(ip: IpAddr) -> AddressClass {
     match unwrap_ipv4(ip) {
         IpAddr::V4(v4) => classify_v4(v4),
         IpAddr::V6(v6) => classify_v6(v6),
@@ -152,7 +152,7 @@ fn classify_v6(ip: Ipv6Addr) -> AddressClass {
 
 /// An IP network in CIDR form, `10.0.0.0/8` or `fd00::/8`, for `allow_networks`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Network {
+pub(crate) struct Network {
     addr: IpAddr,
     prefix: u8,
 }
@@ -172,7 +172,7 @@ impl Network {
 
     /// Whether the whole network is loopback, private or unique-local (what `allow_networks`
     /// may list).
-    pub fn is_internal(&self) -> bool {
+    pub(crate) fn is_internal(&self) -> bool {
         let last = match self.addr {
             IpAddr::V4(v4) => {
                 let host_bits = 32 - u32::from(self.prefix);
@@ -224,7 +224,7 @@ fn prefix_eq(a: u128, b: u128, prefix: u8, bits: u8) -> bool {
 /// A network that does not parse: the text, for the message that names the config key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a network in CIDR form (10.0.0.0/8)")]
-pub struct NetworkError(String);
+pub(crate) struct NetworkError(String);
 
 impl FromStr for Network {
     type Err = NetworkError;
@@ -264,7 +264,7 @@ pub struct Refused {
 
 impl AddressRule {
     /// Public addresses only.
-    pub fn public_only() -> AddressRule {
+    pub(crate) fn public_only() -> AddressRule {
         AddressRule::default()
     }
 
@@ -275,7 +275,7 @@ impl AddressRule {
     }
 
     /// Public addresses, and internal ones inside `networks`.
-    pub fn allowing(networks: impl IntoIterator<Item = Network>) -> AddressRule {
+    pub(crate) fn allowing(networks: impl IntoIterator<Item = Network>) -> AddressRule {
         let mut allowed: Vec<Network> = networks.into_iter().collect();
         allowed.sort_by_key(|n| (n.addr, n.prefix));
         allowed.dedup();
@@ -284,7 +284,7 @@ impl AddressRule {
 
     /// The rule for connections made on behalf of an endpoint URL's host: when the host is
     /// itself an internal address (or `localhost`), its network is allowed, plus `extra`.
-    pub fn for_endpoint(host: Option<&str>, extra: &[Network]) -> AddressRule {
+    pub(crate) fn for_endpoint(host: Option<&str>, extra: &[Network]) -> AddressRule {
         let host = host.map(|h| h.trim_start_matches('[').trim_end_matches(']'));
         let own = match host {
             Some("localhost") => vec![
@@ -298,7 +298,7 @@ impl AddressRule {
     }
 
     /// This rule and `other`'s networks together.
-    pub fn union(&self, other: &AddressRule) -> AddressRule {
+    pub(crate) fn union(&self, other: &AddressRule) -> AddressRule {
         AddressRule::allowing(self.allowed.iter().chain(&other.allowed).copied())
     }
 

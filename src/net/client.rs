@@ -49,20 +49,23 @@ pub enum ClientError {
     Tls(#[source] rustls::Error),
 }
 
-/// Why a request got no response head. The text carries hyper's whole cause chain (the useful
-/// cause, refused, TLS or DNS, sits several sources deep), so it is not repeated as a source.
+/// Why a request got no response head. hyper's error is kept as the source; the text shows its
+/// whole cause chain (the useful cause, refused, TLS or DNS, sits several sources deep).
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error("timed out: no response to {target}")]
     Timeout { target: String },
     /// The address rule refused the address; nothing was dialled.
-    #[error("refused by the address rule: {target}: {chain}")]
-    Refused { target: String, chain: String },
-    #[error("cannot connect: {target}: {chain}")]
-    Connect { target: String, chain: String },
-    #[error("protocol error: {target}: {chain}")]
-    Protocol { target: String, chain: String },
+    #[error("refused by the address rule: {target}: {}", error_chain(source))]
+    Refused { target: String, source: HyperError },
+    #[error("cannot connect: {target}: {}", error_chain(source))]
+    Connect { target: String, source: HyperError },
+    #[error("protocol error: {target}: {}", error_chain(source))]
+    Protocol { target: String, source: HyperError },
 }
+
+/// hyper's client error, what `SendError` keeps as its source.
+pub(crate) type HyperError = hyper_util::client::legacy::Error;
 
 #[derive(Clone)]
 pub struct HttpClient {
@@ -106,7 +109,7 @@ impl HttpClient {
 
     /// The client for upstreams with `insecure = true` only: any certificate is accepted.
     /// Signatures are still checked, so the peer holds the key of the certificate it showed.
-    pub fn new_insecure(
+    pub(crate) fn new_insecure(
         config: &ClientConfig,
         resolver: Resolver,
     ) -> Result<HttpClient, ClientError> {
@@ -180,16 +183,13 @@ impl HttpClient {
         let target = format!("{} {}", request.method(), redact_query(request.uri()));
         match tokio::time::timeout(self.response_timeout, self.inner.request(request)).await {
             Err(_) => Err(SendError::Timeout { target }),
-            Ok(Err(err)) => {
-                let chain = error_chain(&err);
-                Err(if connect::refusal(&err).is_some() {
-                    SendError::Refused { target, chain }
-                } else if err.is_connect() {
-                    SendError::Connect { target, chain }
-                } else {
-                    SendError::Protocol { target, chain }
-                })
-            }
+            Ok(Err(source)) => Err(if connect::refusal(&source).is_some() {
+                SendError::Refused { target, source }
+            } else if source.is_connect() {
+                SendError::Connect { target, source }
+            } else {
+                SendError::Protocol { target, source }
+            }),
             Ok(Ok(response)) => Ok(response),
         }
     }
@@ -230,7 +230,7 @@ fn redact_query(uri: &http::Uri) -> String {
 }
 
 /// hyper's errors put the useful cause (refused, TLS, DNS) several sources deep.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -33,7 +33,7 @@ pub trait Resolve: Send + Sync + 'static {
 pub type Resolver = Arc<dyn Resolve>;
 
 /// `getaddrinfo`, through tokio's blocking pool.
-pub struct SystemResolver;
+pub(crate) struct SystemResolver;
 
 impl Resolve for SystemResolver {
     fn resolve(&self, name: &str) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
@@ -51,7 +51,7 @@ pub fn system_resolver() -> Resolver {
 
 /// The resolver `HttpConnector` asks: `Resolve`, then the rule.
 #[derive(Clone)]
-pub struct RuleResolver {
+pub(crate) struct RuleResolver {
     resolver: Resolver,
     rule: Arc<AddressRule>,
 }
@@ -98,7 +98,7 @@ fn permitted(rule: &AddressRule, found: Vec<IpAddr>) -> Result<Vec<IpAddr>, BoxE
 
 /// `HttpConnector` with the address rule in front of it.
 #[derive(Clone)]
-pub struct Guarded {
+pub(crate) struct Guarded {
     inner: HttpConnector<RuleResolver>,
     rule: Arc<AddressRule>,
 }

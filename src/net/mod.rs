@@ -8,7 +8,9 @@
 //! is `secrets`'.
 
 pub mod address;
-pub mod client;
+pub(crate) mod client;
 pub mod connect;
 
-pub use client::{error_chain, ClientError, HttpClient, SendError};
+pub(crate) use client::error_chain;
+pub use client::HttpClient;
+pub use client::{ClientError, SendError};

@@ -34,7 +34,7 @@ pub struct AcceptClass(u8);
 
 impl AcceptClass {
     /// The class of a request's `Accept` headers (several headers count as one list).
-    pub fn from_headers(headers: &HeaderMap) -> AcceptClass {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> AcceptClass {
         let mut bits = 0;
         for value in headers.get_all(ACCEPT) {
             if let Ok(text) = value.to_str() {

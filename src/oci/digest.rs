@@ -72,7 +72,7 @@ impl Digest {
     }
 
     /// Wraps a raw sha256 hash.
-    pub fn from_sha256(hash: [u8; 32]) -> Digest {
+    pub(crate) fn from_sha256(hash: [u8; 32]) -> Digest {
         Digest(format!("{SHA256_PREFIX}{}", hex::encode(hash)))
     }
 

@@ -62,7 +62,7 @@ impl Repository {
     /// images. The prefix may itself hold several components; the result is
     /// re-checked as a whole because the joined name can exceed the length
     /// limit even when both halves are valid.
-    pub fn with_prefix(prefix: &str, rest: &Repository) -> Result<Repository, NameError> {
+    pub(crate) fn with_prefix(prefix: &str, rest: &Repository) -> Result<Repository, NameError> {
         Repository::parse(&format!("{prefix}/{}", rest.0))
     }
 

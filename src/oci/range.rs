@@ -55,7 +55,7 @@ impl ByteRange {
 }
 
 /// `Content-Range` value for a 416: `bytes */1000`.
-pub fn unsatisfied_content_range(size: u64) -> String {
+pub(crate) fn unsatisfied_content_range(size: u64) -> String {
     format!("bytes */{size}")
 }
 

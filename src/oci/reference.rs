@@ -81,7 +81,7 @@ impl ImageRef {
     }
 
     /// `reference` as written: `1.27`, `sha256:..` or, pinned, `1.27@sha256:..`.
-    pub fn shown_reference(&self) -> String {
+    pub(crate) fn shown_reference(&self) -> String {
         match (&self.pinned_tag, &self.reference) {
             (Some(tag), Reference::Digest(digest)) => format!("{tag}@{digest}"),
             _ => self.reference.as_str().to_string(),
@@ -124,7 +124,7 @@ fn split_registry<'t>(
 }
 
 /// Whether the first component of a name is a registry host (Docker's reference grammar).
-pub fn is_registry_host(component: &str) -> bool {
+pub(crate) fn is_registry_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 

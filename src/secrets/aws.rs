@@ -16,15 +16,15 @@ use http::{Method, Request};
 use http_body_util::Full;
 use serde::Deserialize;
 
-use super::exchange::{form_encode, refusal, send};
+use super::exchange::{form_encode, refusal, send, ExchangeError};
 use super::Transport;
 use crate::secret::Secret;
 
 /// A key pair to sign with: the secret file's long-lived keys, or STS session credentials.
 #[derive(Clone, Debug)]
 pub(super) struct AwsCredentials {
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
+    pub(crate) access_key_id: String,
+    pub(crate) secret_access_key: Secret,
     /// Present for STS session credentials; sent as `X-Amz-Security-Token` and signed.
     pub session_token: Option<Secret>,
 }
@@ -45,7 +45,7 @@ pub(super) async fn assume_role(
     base: &AwsCredentials,
     role_arn: &str,
     external_id: Option<&str>,
-) -> Result<(AwsCredentials, Duration), String> {
+) -> Result<(AwsCredentials, Duration), ExchangeError> {
     let mut form = vec![
         ("Action", "AssumeRole"),
         ("Version", "2011-06-15"),
@@ -70,7 +70,8 @@ pub(super) async fn assume_role(
         signer,
     )?;
     let (status, body) = send(transport, request).await?;
-    let text = std::str::from_utf8(&body).map_err(|_| "STS answered non-UTF-8".to_string())?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| ExchangeError::from("STS answered non-UTF-8"))?;
     if !status.is_success() {
         let error = quick_xml::de::from_str::<StsErrorResponse>(text).ok();
         let error = error.as_ref().map(|e| &e.error);
@@ -83,10 +84,10 @@ pub(super) async fn assume_role(
         ));
     }
     let parsed: AssumeRoleResponse = quick_xml::de::from_str(text)
-        .map_err(|_| "STS answer is not an AssumeRoleResponse".to_string())?;
+        .map_err(|_| ExchangeError::from("STS answer is not an AssumeRoleResponse"))?;
     let c = parsed.result.credentials;
     let expires = humantime::parse_rfc3339_weak(c.expiration.trim())
-        .map_err(|_| "STS answer has an unreadable Expiration".to_string())?;
+        .map_err(|_| ExchangeError::from("STS answer has an unreadable Expiration"))?;
     let lifetime = expires
         .duration_since(SystemTime::now())
         .unwrap_or_default();
@@ -105,7 +106,7 @@ pub(super) async fn authorization_token(
     endpoint: &str,
     region: &str,
     credentials: &AwsCredentials,
-) -> Result<((String, Secret), Duration), String> {
+) -> Result<((String, Secret), Duration), ExchangeError> {
     let headers = [
         (CONTENT_TYPE.as_str(), "application/x-amz-json-1.1"),
         (
@@ -131,26 +132,34 @@ pub(super) async fn authorization_token(
         ));
     }
     let parsed: AuthorizationResponse = serde_json::from_slice(&body)
-        .map_err(|_| "ECR answer is not a GetAuthorizationToken response".to_string())?;
+        .map_err(|_| ExchangeError::from("ECR answer is not a GetAuthorizationToken response"))?;
     let data = parsed
         .authorization_data
         .into_iter()
         .next()
-        .ok_or_else(|| "ECR answer holds no authorizationData".to_string())?;
+        .ok_or_else(|| ExchangeError::from("ECR answer holds no authorizationData"))?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(data.authorization_token.trim())
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or_else(|| "ECR authorizationToken is not base64 text".to_string())?;
+        .ok_or_else(|| ExchangeError::from("ECR authorizationToken is not base64 text"))?;
     let (user, password) = decoded
         .split_once(':')
-        .ok_or_else(|| "ECR authorizationToken is not `user:password`".to_string())?;
+        .ok_or_else(|| ExchangeError::from("ECR authorizationToken is not `user:password`"))?;
     let lifetime = Duration::try_from_secs_f64(data.expires_at)
         .ok()
         .and_then(|since_epoch| SystemTime::UNIX_EPOCH.checked_add(since_epoch))
         .and_then(|expires| expires.duration_since(SystemTime::now()).ok())
         .unwrap_or_default();
     Ok(((user.to_string(), Secret::new(password)), lifetime))
+}
+
+fn caused(
+    context: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> ExchangeError {
+    let source = source.into();
+    ExchangeError::Caused { context, source }
 }
 
 /// What a request is signed as: with which keys, for which service, in which region.
@@ -166,13 +175,13 @@ fn signed_post(
     headers: &[(&str, &str)],
     body: Vec<u8>,
     signer: Signer<'_>,
-) -> Result<Request<Full<Bytes>>, String> {
+) -> Result<Request<Full<Bytes>>, ExchangeError> {
     let uri: http::Uri = endpoint
         .parse()
-        .map_err(|_| format!("endpoint {endpoint:?} is not a URL"))?;
+        .map_err(|_| ExchangeError::Unusable(format!("endpoint {endpoint:?} is not a URL")))?;
     let host = uri
         .authority()
-        .ok_or_else(|| format!("endpoint {endpoint:?} has no host"))?
+        .ok_or_else(|| ExchangeError::Unusable(format!("endpoint {endpoint:?} has no host")))?
         .to_string();
     // Set here rather than by the HTTP client so that the signed Host is the one sent.
     let mut request = Request::builder()
@@ -184,14 +193,18 @@ fn signed_post(
     }
     let mut request = request
         .body(())
-        .map_err(|e| format!("building the request: {e}"))?;
+        .map_err(|e| caused("building the request", e))?;
     sign_request(&mut request, &body, signer)?;
     Ok(request.map(|()| Full::new(Bytes::from(body))))
 }
 
 /// Adds `X-Amz-Date`, `Authorization` (and `X-Amz-Security-Token` for a session), signing
 /// the headers already on the request and `body`.
-fn sign_request(request: &mut Request<()>, body: &[u8], signer: Signer<'_>) -> Result<(), String> {
+fn sign_request(
+    request: &mut Request<()>,
+    body: &[u8],
+    signer: Signer<'_>,
+) -> Result<(), ExchangeError> {
     let credentials = signer.credentials;
     let identity = aws_credential_types::Credentials::new(
         credentials.access_key_id.clone(),
@@ -211,7 +224,7 @@ fn sign_request(request: &mut Request<()>, body: &[u8], signer: Signer<'_>) -> R
         .time(SystemTime::now())
         .settings(SigningSettings::default())
         .build()
-        .map_err(|e| format!("signing: {e}"))?
+        .map_err(|e| caused("signing", e))?
         .into();
     let uri = request.uri().to_string();
     let headers: Vec<(&str, &str)> = request
@@ -225,9 +238,9 @@ fn sign_request(request: &mut Request<()>, body: &[u8], signer: Signer<'_>) -> R
         headers.into_iter(),
         SignableBody::Bytes(body),
     )
-    .map_err(|e| format!("signing: {e}"))?;
+    .map_err(|e| caused("signing", e))?;
     let (instructions, _signature) = sign(signable, &params)
-        .map_err(|e| format!("signing: {e}"))?
+        .map_err(|e| caused("signing", e))?
         .into_parts();
     instructions.apply_to_request_http1x(request);
     Ok(())

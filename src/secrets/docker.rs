@@ -54,7 +54,7 @@ impl DockerAuths {
     /// The login for `registry`, and only for it: a login goes to no registry its `auths` key
     /// does not name, even from an upstream that names this secret (on a pattern upstream, a
     /// client chooses the host).
-    pub fn for_upstream(&self, registry: &str) -> Option<&DockerLogin> {
+    pub(crate) fn for_upstream(&self, registry: &str) -> Option<&DockerLogin> {
         self.login_for(registry)
     }
 

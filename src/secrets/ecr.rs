@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::aws::{self, AwsCredentials};
+use super::exchange::ExchangeError;
 use super::fields::Fields;
 use super::token::{Fetched, TokenCache};
 use super::{Login, SecretConfig, SecretError, Transport};
@@ -255,11 +256,11 @@ async fn assume(
     })
 }
 
-fn exchange_error(name: &str, service: &'static str, reason: String) -> SecretError {
+fn exchange_error(name: &str, service: &'static str, err: ExchangeError) -> SecretError {
     SecretError::Exchange {
         name: name.to_string(),
         service,
-        reason,
+        reason: err.to_string(),
     }
 }
 

@@ -23,18 +23,47 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// the error: enough to tell the cause, short enough for one log line.
 const MAX_REASON: usize = 300;
 
+/// Why an exchange failed. The text is what a secret's error shows: a refusal's code and
+/// message or berth's own words, never a body or a key; a cause underneath is kept as the source.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ExchangeError {
+    #[error(transparent)]
+    Send(#[from] crate::net::SendError),
+    #[error("timed out reading the response")]
+    BodyTimeout,
+    #[error("reading the response: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The endpoint said no: `HTTP <status>: <code>: <message>` (see `refusal`).
+    #[error("{0}")]
+    Refused(String),
+    /// A request berth could not build or sign, or an answer it could not read.
+    #[error("{0}")]
+    Unusable(String),
+    #[error("{context}: {source}")]
+    Caused {
+        context: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl From<&str> for ExchangeError {
+    fn from(text: &str) -> ExchangeError {
+        ExchangeError::Unusable(text.to_string())
+    }
+}
+
 /// Sends `request` and returns the status and the whole (bounded) body.
 pub(super) async fn send(
     transport: &Transport,
     request: Request<Full<Bytes>>,
-) -> Result<(StatusCode, Bytes), String> {
-    let response = transport.send(request).await.map_err(|e| e.to_string())?;
+) -> Result<(StatusCode, Bytes), ExchangeError> {
+    let response = transport.send(request).await?;
     let status = response.status();
     let collect = Limited::new(response.into_body(), MAX_RESPONSE).collect();
     let body = tokio::time::timeout(BODY_TIMEOUT, collect)
         .await
-        .map_err(|_| "timed out reading the response".to_string())?
-        .map_err(|e| format!("reading the response: {e}"))?
+        .map_err(|_| ExchangeError::BodyTimeout)?
+        .map_err(ExchangeError::Body)?
         .to_bytes();
     Ok((status, body))
 }
@@ -42,7 +71,11 @@ pub(super) async fn send(
 /// A refusal as `HTTP <status>: <code>: <message>`, from fields the caller picked out of the
 /// error body (error codes and descriptions, never the body as a whole). The fields are the
 /// remote party's text: control characters are escaped, so they cannot forge log lines.
-pub(super) fn refusal(status: StatusCode, parts: &[Option<&str>]) -> String {
+pub(super) fn refusal(status: StatusCode, parts: &[Option<&str>]) -> ExchangeError {
+    ExchangeError::Refused(refusal_text(status, parts))
+}
+
+fn refusal_text(status: StatusCode, parts: &[Option<&str>]) -> String {
     let mut reason = format!("HTTP {}", status.as_u16());
     for part in parts.iter().flatten() {
         let part = part.trim();
@@ -106,13 +139,13 @@ mod tests {
     #[test]
     fn refusals_keep_status_and_codes_and_stay_short() {
         let long = "m".repeat(1000);
-        let reason = refusal(
+        let reason = refusal_text(
             StatusCode::FORBIDDEN,
             &[Some("AccessDenied"), None, Some(&long)],
         );
         assert!(reason.starts_with("HTTP 403: AccessDenied: mmm"));
         assert!(reason.len() <= MAX_REASON + 3);
-        let forged = refusal(
+        let forged = refusal_text(
             StatusCode::BAD_REQUEST,
             &[Some(
                 "invalid_grant\n2026-01-01T00:00:00Z INFO berth: all good",

@@ -41,7 +41,12 @@ impl<'a> Fields<'a> {
     }
 
     /// The error for item `index` of the array `key`.
-    pub fn item_error(&self, key: &str, index: usize, problem: impl Into<String>) -> SecretError {
+    pub(crate) fn item_error(
+        &self,
+        key: &str,
+        index: usize,
+        problem: impl Into<String>,
+    ) -> SecretError {
         self.error_at(format!("{}[{index}]", self.path_of(key)), problem)
     }
 
@@ -54,7 +59,7 @@ impl<'a> Fields<'a> {
     }
 
     /// `key`'s path from the document root: `auths["docker.io"].auth`, `repos[2]`.
-    pub fn path_of(&self, key: &str) -> String {
+    pub(crate) fn path_of(&self, key: &str) -> String {
         let simple = !key.is_empty()
             && key
                 .chars()
@@ -80,7 +85,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A string that may be absent or null; present but empty counts as absent.
-    pub fn optional_string(&self, key: &str) -> Result<Option<&'a str>, SecretError> {
+    pub(crate) fn optional_string(&self, key: &str) -> Result<Option<&'a str>, SecretError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Ok(None),

@@ -22,7 +22,7 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::exchange::{form_encode, refusal, send};
+use super::exchange::{form_encode, refusal, send, ExchangeError};
 use super::fields::Fields;
 use super::token::{Fetched, TokenCache};
 use super::{Login, SecretError, Transport};
@@ -132,10 +132,10 @@ impl GcpKey {
             issuer
                 .access_token(&transport)
                 .await
-                .map_err(|reason| SecretError::Exchange {
+                .map_err(|err| SecretError::Exchange {
                     name,
                     service: "GCP token endpoint",
-                    reason,
+                    reason: err.to_string(),
                 })
         };
         let key = format!("{generation}:access-token");
@@ -160,10 +160,10 @@ fn in_project(repository: &str, project_id: &str) -> bool {
 
 impl Issuer {
     /// The RS256-signed JWT assertion of RFC 7523 section 2.1, issued at `now`.
-    fn assertion(&self, now: SystemTime) -> Result<String, String> {
+    fn assertion(&self, now: SystemTime) -> Result<String, ExchangeError> {
         let iat = now
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map_err(|_| "system clock before 1970".to_string())?
+            .map_err(|_| ExchangeError::from("system clock before 1970"))?
             .as_secs();
         let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
         if let Some(kid) = &self.private_key_id {
@@ -191,12 +191,12 @@ impl Issuer {
                 signing_input.as_bytes(),
                 &mut signature,
             )
-            .map_err(|_| "signing the assertion failed".to_string())?;
+            .map_err(|_| ExchangeError::from("signing the assertion failed"))?;
         Ok(format!("{signing_input}.{}", b64.encode(signature)))
     }
 
     /// Exchanges a fresh assertion at `token_uri` for an access token.
-    async fn access_token(&self, transport: &Transport) -> Result<Fetched<Login>, String> {
+    async fn access_token(&self, transport: &Transport) -> Result<Fetched<Login>, ExchangeError> {
         let assertion = self.assertion(SystemTime::now())?;
         let body = form_encode(&[
             ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
@@ -207,7 +207,7 @@ impl Issuer {
             .uri(&self.token_uri)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|_| "token_uri is not a usable URL".to_string())?;
+            .map_err(|_| ExchangeError::from("token_uri is not a usable URL"))?;
         let (status, body) = send(transport, request).await?;
         if !status.is_success() {
             let error = serde_json::from_slice::<OAuthError>(&body).ok();
@@ -220,7 +220,7 @@ impl Issuer {
             ));
         }
         let token: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|_| "token endpoint answer has no access_token".to_string())?;
+            .map_err(|_| ExchangeError::from("token endpoint answer has no access_token"))?;
         Ok(Fetched {
             value: Login {
                 username: TOKEN_USERNAME.to_string(),
@@ -255,7 +255,7 @@ pub(super) mod tests {
     use serde_json::{json, Value};
 
     /// A service-account key JSON for `private_key_pem`.
-    pub fn key_json(private_key_pem: &str, project: &str, token_uri: &str) -> Value {
+    pub(crate) fn key_json(private_key_pem: &str, project: &str, token_uri: &str) -> Value {
         json!({
             "type": "service_account",
             "project_id": project,

@@ -190,7 +190,7 @@ impl Secrets {
     /// fetched from the same snapshot of the secret's file, so a file changing in between
     /// cannot send one registry's login to another. A pinned secret (`named`) must cover the
     /// registry too: on a pattern upstream the client picks the host. `None`: anonymous.
-    pub async fn for_request(
+    pub(crate) async fn for_request(
         &self,
         registry: &str,
         repository: &str,

@@ -32,7 +32,7 @@ pub(super) struct Source {
     pub logins: TokenCache<Login>,
     /// STS sessions for ECR keys with a `roleArn`; shared with the login fetch, which runs
     /// detached from any one caller.
-    pub sessions: Arc<TokenCache<AwsCredentials>>,
+    pub(crate) sessions: Arc<TokenCache<AwsCredentials>>,
 }
 
 struct State {

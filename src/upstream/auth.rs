@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::challenge::{parse_challenges, token_url, Challenge};
-use super::{HttpClient, UpstreamError};
+use super::{Cause, HttpClient, UpstreamError};
 use crate::flight::Flights;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -91,7 +91,7 @@ impl Auth {
     /// The auth of a command-line tool (`berth warm`, `berth load`) against its one target:
     /// plain http allowed for the realm when the target is plain http; token fetches are
     /// counted in metrics no one reads.
-    pub fn for_tool(target: &str, tool: &str) -> Auth {
+    pub(crate) fn for_tool(target: &str, tool: &str) -> Auth {
         let plain_http = target.starts_with("http://");
         Auth::new(
             target.to_string(),
@@ -194,7 +194,7 @@ impl Auth {
     /// Answers a challenge from a redirect hop (a storage or mirror host the upstream sent us
     /// to): an anonymous token for the hop's own scope, never the upstream's credentials.
     /// `None` when the challenge is not a usable Bearer one.
-    pub async fn answer_hop(
+    pub(crate) async fn answer_hop(
         &self,
         client: &HttpClient,
         challenge: Option<&HeaderValue>,
@@ -270,7 +270,7 @@ fn basic(creds: &Credentials) -> HeaderValue {
     basic_header(&creds.username, &creds.password)
 }
 
-pub fn basic_header(user: &str, password: &Secret) -> HeaderValue {
+pub(crate) fn basic_header(user: &str, password: &Secret) -> HeaderValue {
     let encoded =
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
     let mut value =
@@ -297,7 +297,7 @@ async fn request_token(
     }
     let request = request
         .body(Full::new(Bytes::new()))
-        .map_err(|e| UpstreamError::Token(format!("bad token URL: {e}")))?;
+        .map_err(|e| UpstreamError::Token(Cause::new("bad token URL", e)))?;
     let response = client.send(request).await?;
     let status = response.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -307,9 +307,9 @@ async fn request_token(
         });
     }
     if !status.is_success() {
-        return Err(UpstreamError::Token(format!(
-            "token endpoint answered {status}"
-        )));
+        return Err(UpstreamError::Token(
+            format!("token endpoint answered {status}").into(),
+        ));
     }
     let body = read_token_body(response.into_body(), TOKEN_BODY_TIMEOUT).await?;
     parse_token(&body, Instant::now())
@@ -325,14 +325,14 @@ where
     Ok(tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| UpstreamError::Timeout("token body stalled".into()))?
-        .map_err(|e| UpstreamError::Token(format!("reading token: {e}")))?
+        .map_err(|e| UpstreamError::Token(Cause::new("reading token", e)))?
         .to_bytes())
 }
 
 /// Parses a token response; the token is used until shortly before `expires_in` runs out.
 fn parse_token(body: &[u8], now: Instant) -> Result<Token, UpstreamError> {
     let parsed: TokenResponse = serde_json::from_slice(body)
-        .map_err(|e| UpstreamError::Token(format!("token response is not JSON: {e}")))?;
+        .map_err(|e| UpstreamError::Token(Cause::new("token response is not JSON", e)))?;
     let token = parsed
         .token
         .or(parsed.access_token)

@@ -29,7 +29,7 @@ enum State {
 
 /// What a caller may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// The circuit is closed: send.
     Pass,
     /// The cool-down is over and this caller is the one probe.
@@ -40,7 +40,7 @@ pub enum Admission {
 
 /// The pure state machine.
 #[derive(Debug, Clone)]
-pub struct Circuit {
+pub(crate) struct Circuit {
     threshold: u32,
     cooldown: Duration,
     state: State,
@@ -55,7 +55,7 @@ impl Circuit {
         }
     }
 
-    pub fn admit(&mut self, now: Instant) -> Admission {
+    pub(crate) fn admit(&mut self, now: Instant) -> Admission {
         match self.state {
             State::Closed { .. } => Admission::Pass,
             State::Open { until } if now < until => Admission::Reject {
@@ -94,15 +94,11 @@ impl Circuit {
             }
         }
     }
-
-    pub fn is_open(&self) -> bool {
-        !matches!(self.state, State::Closed { .. })
-    }
 }
 
 /// The shared breaker of one upstream.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     circuit: Mutex<Circuit>,
 }
 
@@ -113,7 +109,7 @@ impl Breaker {
         }
     }
 
-    pub fn admit(&self) -> Admission {
+    pub(crate) fn admit(&self) -> Admission {
         self.lock().admit(Instant::now())
     }
 
@@ -124,10 +120,6 @@ impl Breaker {
     /// Returns true when this failure opened the circuit.
     pub fn failure(&self) -> bool {
         self.lock().failure(Instant::now())
-    }
-
-    pub fn is_open(&self) -> bool {
-        self.lock().is_open()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Circuit> {

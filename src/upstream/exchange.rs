@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::{breaker, escape_remote, retry, Upstream, UpstreamError};
+use super::{breaker, escape_remote, retry, Cause, Upstream, UpstreamError};
 use crate::oci::name::Repository;
 
 /// Storage backends (S3, CDNs) answer blob GETs with redirects; a few hops are normal.
@@ -42,9 +42,9 @@ impl Upstream {
             url.push('?');
             url.push_str(query);
         }
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| UpstreamError::Invalid(format!("cannot build URL {url:?}: {e}")))?;
+        let uri: Uri = url.parse().map_err(|e| {
+            UpstreamError::Invalid(Cause::new(format_args!("cannot build URL {url:?}"), e))
+        })?;
         let scope = format!("repository:{repository}:pull");
         let credentials = self.credentials(repository).await?;
         let creds = credentials.as_ref();
@@ -160,9 +160,9 @@ impl Upstream {
                 return Ok((response, at_origin));
             }
             if hops == MAX_REDIRECTS {
-                return Err(UpstreamError::Invalid(format!(
-                    "more than {MAX_REDIRECTS} redirects"
-                )));
+                return Err(UpstreamError::Invalid(
+                    format!("more than {MAX_REDIRECTS} redirects").into(),
+                ));
             }
             hops += 1;
             let next = redirect_target(&uri, response.headers())?;
@@ -185,7 +185,7 @@ impl Upstream {
         }
         let request = request
             .body(Full::new(Bytes::new()))
-            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+            .map_err(|e| UpstreamError::Invalid(Cause::new("cannot build the request", e)))?;
         let started = tokio::time::Instant::now();
         let sent = self.client.send(request).await;
         let status = sent.as_ref().ok().map(Response::status);
@@ -214,19 +214,22 @@ fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError
     } else {
         location.parse()
     }
-    .map_err(|e| UpstreamError::Invalid(format!("bad redirect Location {:?}: {e}", shown())))?;
+    .map_err(|e| {
+        UpstreamError::Invalid(Cause::new(
+            format_args!("bad redirect Location {:?}", shown()),
+            e,
+        ))
+    })?;
     let scheme_ok = matches!(target.scheme_str(), Some("http" | "https"));
     if !scheme_ok || target.host().is_none() {
-        return Err(UpstreamError::Invalid(format!(
-            "redirect to {:?} is not an http(s) URL",
-            shown()
-        )));
+        return Err(UpstreamError::Invalid(
+            format!("redirect to {:?} is not an http(s) URL", shown()).into(),
+        ));
     }
     if from.scheme_str() == Some("https") && target.scheme_str() == Some("http") {
-        return Err(UpstreamError::Invalid(format!(
-            "redirect from https to http ({:?}) refused",
-            shown()
-        )));
+        return Err(UpstreamError::Invalid(
+            format!("redirect from https to http ({:?}) refused", shown()).into(),
+        ));
     }
     Ok(target)
 }

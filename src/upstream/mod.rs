@@ -9,21 +9,22 @@
 //! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
-pub mod auth;
-pub mod breaker;
+pub(crate) mod auth;
+pub(crate) mod breaker;
 pub mod challenge;
 mod check;
+mod error;
 mod exchange;
 pub mod host;
 pub mod pattern;
-pub mod retry;
+pub(crate) mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, RANGE, RETRY_AFTER};
-use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, Uri};
 use hyper::body::Incoming;
 
 use crate::config::{CacheConfig, Config, PlatformConfig, UpstreamConfig};
@@ -37,54 +38,8 @@ use crate::secret::Secret;
 use crate::secrets::{Credentials, Secrets};
 pub use auth::Auth;
 pub use check::check_config;
+pub use error::{Cause, SetupError, UpstreamError};
 use host::RegistryHost;
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    /// The address rule refused the address a name resolved to or a URL named; nothing was
-    /// dialled. Not retried and not counted against the circuit breaker.
-    #[error("refused by the address rule: {0}")]
-    Refused(String),
-    #[error("timed out: {0}")]
-    Timeout(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    #[error("token fetch failed: {0}")]
-    Token(String),
-    #[error("upstream answered {status}")]
-    Status {
-        status: StatusCode,
-        retry_after: Option<HeaderValue>,
-    },
-    #[error("invalid response: {0}")]
-    Invalid(String),
-    /// The upstream's circuit breaker is open: it failed repeatedly and is not asked again
-    /// until its cool-down ends. Callers treat it like a connection failure.
-    #[error("circuit open: {0}")]
-    CircuitOpen(String),
-}
-
-impl From<crate::net::SendError> for UpstreamError {
-    fn from(err: crate::net::SendError) -> UpstreamError {
-        use crate::net::SendError;
-        match err {
-            SendError::Timeout { target } => {
-                UpstreamError::Timeout(format!("no response to {target}"))
-            }
-            SendError::Refused { target, chain } => {
-                UpstreamError::Refused(format!("{target}: {chain}"))
-            }
-            SendError::Connect { target, chain } => {
-                UpstreamError::Connect(format!("{target}: {chain}"))
-            }
-            SendError::Protocol { target, chain } => {
-                UpstreamError::Protocol(format!("{target}: {chain}"))
-            }
-        }
-    }
-}
 
 pub struct Upstream {
     /// The registry name as references use it (`docker.io`, or the host a pattern matched);
@@ -92,18 +47,18 @@ pub struct Upstream {
     pub name: Arc<str>,
     /// The `upstream` label of metrics: the configured `host`, which for a pattern is the
     /// pattern itself, so clients naming hosts cannot add series.
-    pub metric_label: Arc<str>,
+    pub(crate) metric_label: Arc<str>,
     /// Scheme, authority and optional path prefix, without a trailing slash.
     base: String,
     /// Docker Hub puts one-component names under `library/`.
-    pub docker_hub: bool,
+    pub(crate) docker_hub: bool,
     pub tag_ttl: Duration,
     /// How long past `tag_ttl` a tag may be served stale while this upstream fails.
     pub stale_if_error: Duration,
     /// How long a 404 for a tag is remembered.
-    pub negative_ttl: Duration,
+    pub(crate) negative_ttl: Duration,
     /// Another org's platform registry: only with a docker secret for it.
-    pub requires_secret: bool,
+    pub(crate) requires_secret: bool,
     /// `public = true`: in the policy access mode, every authenticated principal may pull.
     pub public: bool,
     /// `username`/`password` from the upstream's config, used for every repository.
@@ -204,7 +159,7 @@ impl Upstream {
         self.secrets
             .for_request(&self.name, repository.as_str(), self.secret.as_deref())
             .await
-            .map_err(|err| UpstreamError::Token(err.to_string()))
+            .map_err(|err| UpstreamError::Token(Cause::new("credentials", err)))
     }
 
     /// GET or HEAD of a manifest, forwarding the client's `Accept` so the upstream picks the
@@ -241,7 +196,7 @@ impl Upstream {
 
     /// GET of a blob from byte `start` on, to resume a fill cut mid-way. The upstream may
     /// answer 206 with the rest or 200 with the whole blob; the caller checks which.
-    pub async fn get_blob_range(
+    pub(crate) async fn get_blob_range(
         &self,
         repository: &Repository,
         digest: &Digest,
@@ -256,16 +211,11 @@ impl Upstream {
             .await?;
         ok_or_status(response)
     }
-
-    /// Whether the circuit breaker is failing this upstream's requests fast right now.
-    pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
-    }
 }
 
 /// Text from a remote party (a Location, an error description) made safe for one log line:
 /// control characters and quotes escaped, length bounded.
-pub fn escape_remote(text: &str) -> String {
+pub(crate) fn escape_remote(text: &str) -> String {
     const MAX: usize = 300;
     let mut escaped: String = text
         .chars()
@@ -351,11 +301,14 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Upstreams whose traffic is counted in metrics nobody reads (`berth resolve`, tests).
-    pub fn new(config: &Config) -> Result<Upstreams, String> {
+    pub fn new(config: &Config) -> Result<Upstreams, SetupError> {
         Upstreams::with_metrics(config, Arc::new(Metrics::new()))
     }
 
-    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Result<Upstreams, String> {
+    pub(crate) fn with_metrics(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstreams, SetupError> {
         Upstreams::with_resolver(config, metrics, connect::system_resolver())
     }
 
@@ -364,10 +317,9 @@ impl Upstreams {
         config: &Config,
         metrics: Arc<Metrics>,
         resolver: connect::Resolver,
-    ) -> Result<Upstreams, String> {
-        check_config(&config.upstreams).map_err(|e| e.to_string())?;
-        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Upstreams, SetupError> {
+        check_config(&config.upstreams)?;
+        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let mut insecure_client = None;
         for upstream in config.upstreams.iter().filter(|u| u.insecure) {
@@ -380,10 +332,7 @@ impl Upstreams {
             );
             if insecure_client.is_none() {
                 let resolver = Arc::clone(&resolver);
-                insecure_client = Some(
-                    HttpClient::new_insecure(&config.client, resolver)
-                        .map_err(|e| e.to_string())?,
-                );
+                insecure_client = Some(HttpClient::new_insecure(&config.client, resolver)?);
             }
         }
         let shared = Shared {

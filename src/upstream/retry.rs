@@ -20,7 +20,7 @@ const MAX: Duration = Duration::from_secs(2);
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Send again after this wait.
     After(Duration),
     /// Pass the failure to the caller.
@@ -28,7 +28,12 @@ pub enum Verdict {
 }
 
 /// Decides about attempt number `attempt` (0 for the first) that ended in `error`.
-pub fn after_error(method: &Method, error: &UpstreamError, attempt: u32, retries: u32) -> Verdict {
+pub(crate) fn after_error(
+    method: &Method,
+    error: &UpstreamError,
+    attempt: u32,
+    retries: u32,
+) -> Verdict {
     if attempt >= retries || !is_idempotent(method) {
         return Verdict::GiveUp;
     }
@@ -42,7 +47,7 @@ pub fn after_error(method: &Method, error: &UpstreamError, attempt: u32, retries
 
 /// Decides about an answer with `status`: 429 and 503 are retried when the upstream's
 /// `Retry-After` (seconds, or absent: a short backoff) is at most `max_wait`.
-pub fn after_status(
+pub(crate) fn after_status(
     method: &Method,
     status: StatusCode,
     retry_after: Option<&HeaderValue>,
@@ -79,7 +84,7 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// Full jitter: a uniform share `unit` (in [0, 1)) of the exponential step.
-pub fn jittered(attempt: u32, unit: f64) -> Duration {
+pub(crate) fn jittered(attempt: u32, unit: f64) -> Duration {
     let step = BASE.saturating_mul(1 << attempt.min(16)).min(MAX);
     step.mul_f64(unit.clamp(0.0, 1.0))
 }

@@ -45,8 +45,9 @@ use crate::secrets::Credentials;
 use crate::upstream::Auth;
 
 mod summary;
+pub use summary::printable;
+pub use summary::Summary;
 use summary::OUTCOMES;
-pub use summary::{printable, Summary};
 
 /// Longest silence tolerated inside a body. Generous: berth holds a blob's last byte until the
 /// whole blob is verified and fsynced, which takes a while for a multi-GiB layer.

@@ -15,7 +15,7 @@ use crate::oci::name::{Repository, Tag};
 impl Store {
     /// Removes the persisted tag mappings of one repository (not of repositories nested
     /// under it), so a purge survives a restart. Returns how many files went.
-    pub fn remove_repository_tags(&self, upstream: &str, repository: &Repository) -> usize {
+    pub(crate) fn remove_repository_tags(&self, upstream: &str, repository: &Repository) -> usize {
         let probe = TagKey {
             upstream: upstream.into(),
             repository: repository.clone(),
@@ -54,7 +54,7 @@ impl Store {
     }
 
     /// Records a tag mapping (digest, media type, when it was checked) atomically.
-    pub fn write_tag(&self, key: &TagKey, entry: &TagEntry) -> io::Result<()> {
+    pub(crate) fn write_tag(&self, key: &TagKey, entry: &TagEntry) -> io::Result<()> {
         let Some(path) = self.tag_path(key) else {
             return Ok(());
         };
@@ -71,7 +71,7 @@ impl Store {
         fs::rename(&temp, &path)
     }
 
-    pub fn remove_tag(&self, key: &TagKey) {
+    pub(crate) fn remove_tag(&self, key: &TagKey) {
         if let Some(path) = self.tag_path(key) {
             let _ = fs::remove_file(path);
         }
@@ -79,7 +79,7 @@ impl Store {
 
     /// Every persisted tag mapping; malformed files are removed. Unreadable entries are
     /// logged and skipped, and symlinks are neither followed nor read.
-    pub fn scan_tags(&self) -> io::Result<Vec<(TagKey, TagEntry)>> {
+    pub(crate) fn scan_tags(&self) -> io::Result<Vec<(TagKey, TagEntry)>> {
         let root = self.dir.join("tags");
         let mut found = Vec::new();
         for upstream in fs::read_dir(&root)? {

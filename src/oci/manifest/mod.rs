@@ -13,20 +13,22 @@
 use serde::de::IgnoredAny;
 
 mod model;
+pub use model::Platform;
 pub use model::{
-    ArtifactManifest, Descriptor, ImageIndex, ImageManifest, NoPlatform, Platform, PlatformError,
+    ArtifactManifest, Descriptor, ImageIndex, ImageManifest, NoPlatform, PlatformError,
 };
 
 /// Longest media type taken from a document; real ones are under 100 bytes.
 const MAX_MEDIA_TYPE: usize = 255;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// Docker schema 1, signed (the form registries serve) and unsigned.
-pub const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
-pub const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+pub(crate) const DOCKER_SCHEMA1_SIGNED: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
+pub(crate) const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 
 /// Why a document is not a manifest berth can type or read.
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +231,7 @@ pub fn embedded_media_type(bytes: &[u8]) -> String {
 }
 
 /// Whether `text` may be served as a media type (and so as a header value).
-pub fn is_media_type(text: &str) -> bool {
+pub(crate) fn is_media_type(text: &str) -> bool {
     text.len() <= MAX_MEDIA_TYPE && text.contains('/') && text.bytes().all(|b| b.is_ascii_graphic())
 }
 

@@ -32,7 +32,7 @@ pub struct Descriptor {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
+    pub(crate) artifact_type: Option<String>,
 }
 
 /// An image platform: in an index child, or wanted on the command line as
@@ -49,13 +49,13 @@ pub struct Platform {
         default,
         skip_serializing_if = "Option::is_none"
     )]
-    pub os_version: Option<String>,
+    pub(crate) os_version: Option<String>,
     #[serde(
         rename = "os.features",
         default,
         skip_serializing_if = "Option::is_none"
     )]
-    pub os_features: Option<Vec<String>>,
+    pub(crate) os_features: Option<Vec<String>>,
 }
 
 impl FromStr for Platform {
@@ -112,7 +112,7 @@ pub struct ImageManifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
+    pub(crate) artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     /// What this manifest is about (a signature's image). Registries accept it dangling, so
@@ -128,7 +128,7 @@ pub struct ImageIndex {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
+    pub(crate) artifact_type: Option<String>,
     pub manifests: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Descriptor>,
@@ -179,7 +179,7 @@ impl ImageIndex {
 pub struct ArtifactManifest {
     pub media_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
+    pub(crate) artifact_type: Option<String>,
     #[serde(default)]
     pub blobs: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
