@@ -16,6 +16,8 @@ use crate::access::AccessConfig;
 use crate::secret::Secret;
 use crate::secrets::SecretConfig;
 
+pub mod cluster;
+
 /// The configuration used when `berth serve` is given no file: a mirror of the public registries,
 /// caching under `./berth-cache`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../deploy/default.toml");
@@ -82,6 +84,9 @@ pub struct Config {
     /// Who may pull what: anonymous (a public mirror) or principals and policies.
     #[serde(default)]
     pub access: AccessConfig,
+    /// Replicas of one location acting as one cache, and the parent tier (`cluster`).
+    #[serde(default)]
+    pub cluster: cluster::ClusterConfig,
 }
 
 /// Caps and timeouts on the serving side. Over a cap berth answers 503 (or 429 for one client

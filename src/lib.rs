@@ -20,6 +20,8 @@
 //!   where each object came from and who holds it (`origins`, for the policy mode),
 //!   blob readers over complete or growing files, the in-memory window of a fill whose disk
 //!   failed (`spill`), the `Outcome` of each response.
+//! - `cluster`  replicas of a location as one cache: rendezvous ring of blob owners, membership
+//!   (static or DNS), the peer token, peer requests (asker and owner side), the parent tier.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
@@ -77,6 +79,7 @@ pub mod admin;
 pub mod api;
 pub mod body;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fill;
