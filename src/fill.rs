@@ -49,6 +49,7 @@ use tokio::time::Instant;
 use crate::cache::index::Reservation;
 use crate::cache::spill::{Spill, SPILL_WINDOW};
 use crate::cache::{Cache, Entry, Kind};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{ApiError, Code};
 use crate::metrics::Metrics;
@@ -96,6 +97,9 @@ pub struct Job {
     pub upstream: Arc<Upstream>,
     pub repository: Repository,
     pub digest: Digest,
+    /// The request came from another replica of the location: fill from the upstream, never
+    /// ask the ring again (an owner that disagrees about the ring fills itself).
+    pub from_peer: bool,
 }
 
 struct Running {
@@ -130,6 +134,8 @@ pub struct Fills {
     min_free: Option<u64>,
     max_fills: usize,
     retry_after: HeaderValue,
+    /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The slowest a fill may go: at least `rate` bytes per second over each `window`.
@@ -166,7 +172,13 @@ impl Fills {
             min_free: config.cache.min_free,
             max_fills: config.limits.max_fills,
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
+            cluster: None,
         }
+    }
+
+    /// Fills that ask the owner of a digest before the upstream.
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Fills {
+        Fills { cluster, ..self }
     }
 
     /// Joins the fill of `job.digest`, starting it if none runs and the cap allows one more.
@@ -324,10 +336,7 @@ impl Fills {
         job: Job,
         progress: &watch::Sender<Progress>,
     ) -> Result<(), ApiError> {
-        let response = job
-            .upstream
-            .blob(Method::GET, &job.repository, &job.digest)
-            .await?;
+        let response = self.first_response(&job).await?;
         let total = crate::upstream::content_length(response.headers());
         if let Some(total) = total.filter(|total| *total > self.max_blob_size) {
             return Err(too_large(total));
@@ -428,6 +437,23 @@ impl Fills {
             spill: None,
         });
         Ok(())
+    }
+
+    /// The owner's answer when another replica of the location owns the digest and serves it,
+    /// else the upstream's. Should the owner's body fail, `receive` resumes from the upstream
+    /// with a Range at the bytes already hashed, as for any upstream body.
+    async fn first_response(&self, job: &Job) -> Result<http::Response<Incoming>, ApiError> {
+        if let Some(cluster) = self.cluster.as_ref().filter(|_| !job.from_peer) {
+            let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
+            if let Some(response) = asked.await {
+                return Ok(response);
+            }
+        }
+        let response = job
+            .upstream
+            .blob(Method::GET, &job.repository, &job.digest)
+            .await?;
+        Ok(response)
     }
 
     /// Reserves `total` bytes in the cache (evicting to make room) against `max_size` and

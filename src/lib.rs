@@ -119,6 +119,8 @@ pub struct AppState {
     /// Set by the server (serving, shutting down); read by `/readyz`.
     pub readiness: Readiness,
     pub access: Access,
+    /// The location's other replicas, when `[cluster]` makes this one of several.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -131,6 +133,8 @@ pub enum StartError {
     Client(String),
     #[error("access: {0}")]
     Access(String),
+    #[error("{0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 impl AppState {
@@ -161,6 +165,12 @@ impl AppState {
                 dir: config.cache.dir.display().to_string(),
                 source,
             })?;
+        let cluster = cluster::Cluster::from_config(
+            &config.cluster,
+            &config.client,
+            Arc::clone(&resolver),
+            &metrics.registry,
+        )?;
         let upstreams = Upstreams::with_resolver(&config, Arc::clone(&metrics), resolver)
             .map_err(StartError::Client)?;
         let cache = Arc::new(cache);
@@ -173,7 +183,8 @@ impl AppState {
             .map_err(StartError::Access)?
             .with_listener_tls(config.tls.is_some());
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(&config)),
+            fills: Arc::new(Fills::new(&config).with_cluster(cluster.clone())),
+            cluster,
             upstreams,
             cache,
             metrics,

@@ -31,9 +31,14 @@ pub async fn serve(
     headers: &HeaderMap,
     head: bool,
     version: Version,
+    from_peer: bool,
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    // The asking replica applied the holdings rule for its client (`cluster::peer`).
+    if from_peer {
+        return serve_any(state, target, digest, range, head, version, true).await;
+    }
     // Policy mode: cached bytes, or a fill another request started, only for a repository
     // holding them on an upstream that served them (`holds`).
     match super::holds::admit_blob(state, &target, &digest, head).await? {
@@ -44,7 +49,7 @@ pub async fn serve(
             return serve_own(state, target, digest, range, held, version).await
         }
     }
-    serve_any(state, target, digest, range, head, version).await
+    serve_any(state, target, digest, range, head, version, false).await
 }
 
 /// Serves a blob from the cache or from any fill of it, starting one if none runs.
@@ -55,6 +60,7 @@ async fn serve_any(
     range: Option<&str>,
     head: bool,
     version: Version,
+    from_peer: bool,
 ) -> Served {
     if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
@@ -72,6 +78,7 @@ async fn serve_any(
         upstream: target.upstream,
         repository: target.repository,
         digest: digest.clone(),
+        from_peer,
     };
     let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
@@ -103,6 +110,7 @@ async fn serve_own(
             upstream: Arc::clone(&target.upstream),
             repository: target.repository.clone(),
             digest: digest.clone(),
+            from_peer: false,
         };
         if let Some(joined) = state
             .fills
@@ -119,7 +127,7 @@ async fn serve_own(
         }
         match super::holds::admit_blob(state, &target, &digest, false).await? {
             BlobSource::Own { held: now } => held = now,
-            _ => return serve_any(state, target, digest, range, false, version).await,
+            _ => return serve_any(state, target, digest, range, false, version, false).await,
         }
     }
     Err(ApiError::new(

@@ -256,7 +256,16 @@ async fn serve<B>(
     seen.upstream = Some(Arc::clone(&target.upstream.name));
     // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
     // policies let it pull this repository. Before any cache lookup or upstream request.
-    let authorized = state.access.authorize(&asker(request), &target).await;
+    // A peer request (another replica of the location, with the cluster token) was authorized
+    // by the replica its client asked; without a valid token it is an ordinary request.
+    let from_peer = crate::cluster::is_peer_request(state, request.headers());
+    if from_peer && state.readiness.is_shutting_down() {
+        return Err(crate::cluster::peer::draining());
+    }
+    let authorized = match from_peer {
+        true => Ok(Some("peer".to_owned())),
+        false => state.access.authorize(&asker(request), &target).await,
+    };
     seen.principal = match &authorized {
         Ok(principal) => principal.clone(),
         Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
@@ -280,7 +289,8 @@ async fn serve<B>(
             manifest::serve(state, target, reference, headers, head).await
         }
         ApiPath::Blob { digest, .. } => {
-            blob::serve(state, target, digest, headers, head, request.version()).await
+            let version = request.version();
+            blob::serve(state, target, digest, headers, head, version, from_peer).await
         }
         ApiPath::Tags { .. } => {
             passthrough::serve(target, "tags/list".into(), query, name, head).await

@@ -27,7 +27,7 @@ pub enum TokenError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cluster.token_file: line {line} is shorter than {MIN_TOKEN_LEN} characters")]
+    #[error("cluster.token_file: line {line} is shorter than {MIN_TOKEN_LEN} characters or not visible ASCII")]
     Short { line: usize },
     #[error("cluster.token_file: no token in the file")]
     Empty,
@@ -67,7 +67,8 @@ impl PeerTokens {
             if token.is_empty() || token.starts_with('#') {
                 continue;
             }
-            if token.len() < MIN_TOKEN_LEN {
+            // It travels in a header: visible ASCII only.
+            if token.len() < MIN_TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(TokenError::Short { line: i + 1 });
             }
             accepted.push(hashed(token.as_bytes()));
