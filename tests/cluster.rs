@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::Method;
-use support::{fetch, push_image, request, Auth, Berth, Flavor, Image, Kind, Registry, Tap};
+use support::{
+    fetch, push_blob, push_image, random_blob, request, Auth, Berth, Blob, Fault, Flavor, Image,
+    Kind, Registry, Tap,
+};
 use tokio::net::TcpListener;
 
 const TOKEN: &str = "peer-token-for-tests-0123456789";
@@ -17,21 +20,40 @@ struct Location {
     registry: Registry,
     tap: Tap,
     replicas: Vec<Berth>,
+    /// With `start_fronted`: the tap every peer request to replica 1 passes through.
+    front: Option<Tap>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
 impl Location {
     async fn start(n: usize) -> Location {
+        Location::start_with(n, false).await
+    }
+
+    /// `start`, with the peers reaching replica 1 through a tap of its own (replica 1's `self`
+    /// is that tap), so a test can cut what an owner sends its peers.
+    async fn start_fronted(n: usize) -> Location {
+        Location::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, fronted: bool) -> Location {
         let registry = Registry::start(Auth::None).await;
         let tap = Tap::start(&registry.url()).await;
         let mut listeners = Vec::new();
         for _ in 0..n {
             listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
         }
-        let urls: Vec<String> = listeners
+        let mut urls: Vec<String> = listeners
             .iter()
             .map(|l| format!("http://{}", l.local_addr().unwrap()))
             .collect();
+        let front = match fronted {
+            true => Some(Tap::start(&urls[1]).await),
+            false => None,
+        };
+        if let Some(front) = &front {
+            urls[1] = front.url();
+        }
         let peers = urls
             .iter()
             .map(|u| format!("{u:?}"))
@@ -57,6 +79,7 @@ impl Location {
             registry,
             tap,
             replicas,
+            front,
             _dirs: dirs,
         }
     }
@@ -120,7 +143,7 @@ fn peer_requests(replica: &Berth) -> u64 {
         .iter()
         .filter(|f| f.name() == "berth_peer_requests_total")
         .flat_map(|f| f.get_metric())
-        .map(|m| m.get_counter().value() as u64)
+        .map(|m| m.get_counter().get_value() as u64)
         .sum()
 }
 
@@ -162,4 +185,79 @@ async fn a_peer_request_without_the_token_or_with_a_wrong_one_is_an_ordinary_req
 fn owner_of(location: &Location, digest: &str) -> String {
     let cluster = location.replicas[0].state.cluster.as_ref().unwrap();
     cluster.members.owner(digest).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_no_pull() {
+    let location = Location::start_fronted(3).await;
+    let owner_url = location.front.as_ref().unwrap().url();
+    // A 2 MiB blob; the owner's answers to its peers are cut after 1 MiB, as if it died.
+    let blob = blob_owned_by(&location, &owner_url, 2 << 20);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    location.tap.reset();
+    let front = location.front.as_ref().unwrap();
+    front.inject(Kind::Blob, Fault::CutBlobAt(1 << 20));
+
+    let mut pulls = Vec::new();
+    for i in 0..10 {
+        let replica = [&location.replicas[0], &location.replicas[2]][i % 2].url();
+        let url = format!("{replica}/v2/team/app/blobs/{}", blob.digest);
+        pulls.push(tokio::spawn(async move {
+            fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+                .await
+                .unwrap()
+        }));
+    }
+    for pull in pulls {
+        let got = pull.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, blob.bytes, "every pull verifies");
+    }
+    assert!(
+        front.count(Method::GET, Kind::Blob) >= 1,
+        "the owner was asked"
+    );
+    let upstream: Vec<_> = location
+        .tap
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == Method::GET && s.path.ends_with(&blob.digest))
+        .collect();
+    let ranged = upstream.iter().filter(|s| s.headers.contains_key("range"));
+    // The owner's own fill, plus one Range GET from each of the two replicas with clients.
+    assert_eq!(upstream.len(), 3, "upstream GETs: {upstream:?}");
+    assert_eq!(ranged.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_owner_fails_no_pull() {
+    let location = Location::start_fronted(3).await;
+    let owner_url = location.front.as_ref().unwrap().url();
+    let blob = blob_owned_by(&location, &owner_url, 100_000);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let mut location = location;
+    // The owner's front door closes: connecting to it fails from now on.
+    drop(location.front.take());
+    let url = format!(
+        "{}/v2/team/app/blobs/{}",
+        location.replicas[0].url(),
+        blob.digest
+    );
+    let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, blob.bytes);
+}
+
+/// A blob of `size` bytes whose owner is `owner` (each try has a one in three chance).
+fn blob_owned_by(location: &Location, owner: &str, size: usize) -> Blob {
+    (0..200)
+        .map(|seed| random_blob(size, seed))
+        .find(|b| owner_of(location, &b.digest) == owner)
+        .expect("a blob owned by the replica")
 }
