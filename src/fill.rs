@@ -109,6 +109,8 @@ struct Running {
     /// upstream may join (`join_own`).
     upstream: Arc<str>,
     repository: Repository,
+    /// Started by another replica's peer request: counted against `max_peer_fills`.
+    from_peer: bool,
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -133,6 +135,9 @@ pub struct Fills {
     /// `cache.min_free`, which a fill's reservation counts against.
     min_free: Option<u64>,
     max_fills: usize,
+    /// The share of `max_fills` peer requests may hold (`cluster.peer_fill_share`), so the
+    /// location's other replicas cannot take every slot from this replica's own clients.
+    max_peer_fills: usize,
     retry_after: HeaderValue,
     /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
     cluster: Option<Arc<Cluster>>,
@@ -171,6 +176,9 @@ impl Fills {
             max_blob_size: config.max_blob_size(),
             min_free: config.cache.min_free,
             max_fills: config.limits.max_fills,
+            max_peer_fills: (config.limits.max_fills * usize::from(config.cluster.peer_fill_share)
+                / 100)
+                .max(1),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
             cluster: None,
         }
@@ -254,7 +262,9 @@ impl Fills {
                 coalesced: false,
             }));
         }
-        if running.len() >= self.max_fills {
+        let peer_fills = || running.values().filter(|fill| fill.from_peer).count();
+        if running.len() >= self.max_fills || (job.from_peer && peer_fills() >= self.max_peer_fills)
+        {
             metrics.rejected.with_label_values(&["fills"]).inc();
             let error = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -271,6 +281,7 @@ impl Fills {
         let metrics = Arc::clone(metrics);
         let task_key = key.clone();
         let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
+        let from_peer = job.from_peer;
         let task = tokio::spawn(async move {
             let digest = job.digest.clone();
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
@@ -289,6 +300,7 @@ impl Fills {
                 task: task.abort_handle(),
                 upstream,
                 repository,
+                from_peer,
             },
         );
         self.count.send_replace(running.len());

@@ -73,6 +73,29 @@ impl Members {
         None
     }
 
+    /// Each listed member and whether it is asked now: `live`, `draining` (it said so) or
+    /// `skipped` (its breaker is open after repeated failures). For `/admin/stats`.
+    pub fn states(&self) -> Vec<(Arc<str>, &'static str)> {
+        let now = Instant::now();
+        let drained = self.drained.lock().expect("drained lock").clone();
+        let listed = self.listed();
+        let breakers = self.breakers.lock().expect("breakers lock");
+        listed
+            .members()
+            .iter()
+            .map(|m| {
+                let state = if drained.get(&m.url).is_some_and(|until| *until > now) {
+                    "draining"
+                } else if breakers.get(&m.url).is_some_and(|b| b.is_open()) {
+                    "skipped"
+                } else {
+                    "live"
+                };
+                (Arc::clone(&m.url), state)
+            })
+            .collect()
+    }
+
     /// `member` answered 503 "draining": it leaves the ring at once, for `cooldown`.
     pub fn drained(&self, member: &str) {
         let mut drained = self.drained.lock().expect("drained lock");
@@ -128,6 +151,9 @@ mod tests {
         let other = key_owned_by(&members, C);
         members.drained(B);
         assert_ne!(members.owner(&key).as_deref(), Some(B));
+        let states = members.states();
+        assert!(states.contains(&(Arc::from(B), "draining")), "{states:?}");
+        assert!(states.contains(&(Arc::from(A), "live")), "{states:?}");
         assert_eq!(members.owner(&other).as_deref(), Some(C));
     }
 

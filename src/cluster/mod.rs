@@ -69,6 +69,9 @@ impl Cluster {
         if config.dns.is_some() && !config.peers.is_empty() {
             return Err(refuse("dns", "set either `peers` or `dns`, not both"));
         }
+        if config.peer_fill_share > 100 {
+            return Err(refuse("peer_fill_share", "a percentage: 0 to 100"));
+        }
         for peer in &config.peers {
             check_url(peer).map_err(|message| refuse("peers", message))?;
         }
@@ -103,6 +106,19 @@ impl Cluster {
             client,
             metrics,
         })))
+    }
+}
+
+impl Cluster {
+    /// The ring as `/admin/stats` shows it: this replica and every member with its state.
+    pub fn stats(&self) -> serde_json::Value {
+        let members: Vec<serde_json::Value> = self
+            .members
+            .states()
+            .into_iter()
+            .map(|(url, state)| serde_json::json!({"url": &*url, "state": state}))
+            .collect();
+        serde_json::json!({"self": &*self.self_url, "members": members})
     }
 }
 
