@@ -53,7 +53,9 @@
 //!                      through the repository, verified  (access::holdings, cache::origins)
 //!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(upstream, digest)
-//!                               first caller: spawn fill task -> upstream GET (auth, redirects)
+//!                               first caller: spawn fill task -> [cluster] the digest's owner
+//!                                   replica's answer (peer request), else / on failure
+//!                                   -> upstream GET (auth, redirects)
 //!                                   Content-Length > max_blob_size -> 403; reserve its room
 //!                                   body -> blocking writer: sha256 + temp file, publish length
 //!                                   body fails/trickles -> Range: bytes=<received>- , same hash

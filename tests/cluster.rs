@@ -261,3 +261,29 @@ fn blob_owned_by(location: &Location, owner: &str, size: usize) -> Blob {
         .find(|b| owner_of(location, &b.digest) == owner)
         .expect("a blob owned by the replica")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_owner_leaves_the_ring_at_once_and_fails_no_pull() {
+    let location = Location::start(3).await;
+    let owner_url = location.replicas[1].url();
+    let blob = blob_owned_by(&location, &owner_url, 100_000);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    location.replicas[1].state.readiness.mark_shutting_down();
+
+    let url = format!(
+        "{}/v2/team/app/blobs/{}",
+        location.replicas[0].url(),
+        blob.digest
+    );
+    let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, blob.bytes);
+    let asker = location.replicas[0].state.cluster.as_ref().unwrap();
+    let drained = (std::sync::Arc::from(owner_url.as_str()), "draining");
+    assert!(asker.members.states().contains(&drained));
+    assert_ne!(owner_of(&location, &blob.digest), owner_url);
+}

@@ -254,24 +254,7 @@ async fn serve<B>(
         }
     };
     seen.upstream = Some(Arc::clone(&target.upstream.name));
-    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
-    // policies let it pull this repository. Before any cache lookup or upstream request.
-    // A peer request (another replica of the location, with the cluster token) was authorized
-    // by the replica its client asked; without a valid token it is an ordinary request.
-    let from_peer = crate::cluster::is_peer_request(state, request.headers());
-    if from_peer && state.readiness.is_shutting_down() {
-        return Err(crate::cluster::peer::draining());
-    }
-    let authorized = match from_peer {
-        true => Ok(Some("peer".to_owned())),
-        false => state.access.authorize(&asker(request), &target).await,
-    };
-    seen.principal = match &authorized {
-        Ok(principal) => principal.clone(),
-        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
-        Err(_) => None,
-    };
-    authorized?;
+    let from_peer = authorize(state, request, &target, seen).await?;
     // Another org's platform registry is reached only with a docker secret for it.
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
@@ -307,6 +290,34 @@ async fn serve<B>(
         )
         .with_header(http::header::ALLOW, HeaderValue::from_static(""))),
     }
+}
+
+/// Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
+/// policies let it pull this repository. Before any cache lookup or upstream request.
+/// A peer request (another replica of the location, with the cluster token) was authorized by
+/// the replica its client asked; without a valid token it is an ordinary request. Returns
+/// whether it is a peer request.
+async fn authorize<B>(
+    state: &Arc<AppState>,
+    request: &Request<B>,
+    target: &route::Target,
+    seen: &mut Seen,
+) -> Result<bool, ApiError> {
+    let from_peer = crate::cluster::is_peer_request(state.cluster.as_deref(), request.headers());
+    if from_peer && state.readiness.is_shutting_down() {
+        return Err(crate::cluster::peer::draining());
+    }
+    let authorized = match from_peer {
+        true => Ok(Some("peer".to_owned())),
+        false => state.access.authorize(&asker(request), target).await,
+    };
+    seen.principal = match &authorized {
+        Ok(principal) => principal.clone(),
+        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
+        Err(_) => None,
+    };
+    authorized?;
+    Ok(from_peer)
 }
 
 /// What access control needs from a request: credentials, the host it was sent to, the peer.

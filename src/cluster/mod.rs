@@ -124,11 +124,8 @@ impl Cluster {
 
 /// Whether a request to this replica comes from another replica of its location (a valid
 /// peer token). The one question `api` asks the cluster.
-pub fn is_peer_request(state: &crate::AppState, headers: &http::HeaderMap) -> bool {
-    state
-        .cluster
-        .as_ref()
-        .is_some_and(|cluster| cluster.is_peer_request(headers))
+pub fn is_peer_request(cluster: Option<&Cluster>, headers: &http::HeaderMap) -> bool {
+    cluster.is_some_and(|cluster| cluster.is_peer_request(headers))
 }
 
 /// A member URL: `http` or `https`, a host, nothing after the authority but an optional `/`.
