@@ -452,11 +452,17 @@ impl Fills {
     }
 
     /// The owner's answer when another replica of the location owns the digest and serves it,
-    /// else the upstream's. Should the owner's body fail, `receive` resumes from the upstream
+    /// else the parent tier's (`cluster.parent`), else the upstream's. Should the owner's body fail, `receive` resumes from the upstream
     /// with a Range at the bytes already hashed, as for any upstream body.
     async fn first_response(&self, job: &Job) -> Result<http::Response<Incoming>, ApiError> {
-        if let Some(cluster) = self.cluster.as_ref().filter(|_| !job.from_peer) {
-            let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
+        if let Some(cluster) = &self.cluster {
+            if !job.from_peer {
+                let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
+                if let Some(response) = asked.await {
+                    return Ok(response);
+                }
+            }
+            let asked = cluster.ask_parent(&job.upstream.name, &job.repository, &job.digest);
             if let Some(response) = asked.await {
                 return Ok(response);
             }

@@ -287,3 +287,33 @@ async fn a_draining_owner_leaves_the_ring_at_once_and_fails_no_pull() {
     assert!(asker.members.states().contains(&drained));
     assert_ne!(owner_of(&location, &blob.digest), owner_url);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_children_of_one_parent_make_one_upstream_get() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let config = |dir: &tempfile::TempDir| {
+        support::single_upstream_config(&tap.host(), &tap.url(), dir.path(), "")
+    };
+    let parent = Berth::start(&config(&dirs[0])).await;
+    let child_config = |dir| format!("{}\n[cluster]\nparent = {:?}\n", config(dir), parent.url());
+    let children = [
+        Berth::start(&child_config(&dirs[1])).await,
+        Berth::start(&child_config(&dirs[2])).await,
+    ];
+    let blob = random_blob(500_000, 21);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    tap.reset();
+    for child in &children {
+        let url = format!("{}/v2/team/app/blobs/{}", child.url(), blob.digest);
+        let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, blob.bytes);
+    }
+    assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
+}

@@ -8,8 +8,12 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Regist
 /// refused it (`refused`: not configured there, denied, too busy).
 pub const RESULTS: [&str; 4] = ["hit", "fill", "fallback", "refused"];
 
+/// Outcomes of a request to the parent tier.
+pub const PARENT_RESULTS: [&str; 3] = ["served", "refused", "fallback"];
+
 pub struct ClusterMetrics {
     pub requests: IntCounterVec,
+    pub parent_requests: IntCounterVec,
     pub bytes: prometheus::IntCounter,
     pub time_to_first_byte: Histogram,
     pub ring_size: IntGauge,
@@ -22,6 +26,14 @@ impl ClusterMetrics {
                 Opts::new(
                     "berth_peer_requests_total",
                     "Peer requests this replica sent to a blob's owner, by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            parent_requests: IntCounterVec::new(
+                Opts::new(
+                    "berth_parent_requests_total",
+                    "Blob requests this replica sent to its parent tier, by result",
                 ),
                 &["result"],
             )
@@ -45,9 +57,13 @@ impl ClusterMetrics {
         for result in RESULTS {
             metrics.requests.with_label_values(&[result]);
         }
+        for result in PARENT_RESULTS {
+            metrics.parent_requests.with_label_values(&[result]);
+        }
         // A second registration (tests opening two states on one registry) is harmless.
         let _ = registry.register(Box::new(metrics.requests.clone()));
         let _ = registry.register(Box::new(metrics.bytes.clone()));
+        let _ = registry.register(Box::new(metrics.parent_requests.clone()));
         let _ = registry.register(Box::new(metrics.time_to_first_byte.clone()));
         let _ = registry.register(Box::new(metrics.ring_size.clone()));
         metrics

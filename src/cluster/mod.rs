@@ -11,6 +11,7 @@
 
 pub mod members;
 pub mod metrics;
+pub mod parent;
 pub mod peer;
 pub mod ring;
 pub mod token;
@@ -25,6 +26,7 @@ use crate::upstream::connect::Resolver;
 
 use self::members::Members;
 use self::metrics::ClusterMetrics;
+use self::parent::Parent;
 use self::ring::Ring;
 use self::token::PeerTokens;
 
@@ -48,7 +50,10 @@ pub struct Cluster {
     /// This replica's URL as the members list it: the owner of a key it may fill itself.
     pub self_url: Arc<str>,
     pub members: Members,
-    tokens: PeerTokens,
+    /// `None` for a location of one replica that only has a parent.
+    tokens: Option<PeerTokens>,
+    /// The regional berth the owners fill from before the upstream (`parent`).
+    parent: Option<Parent>,
     /// Peers are operator-named internal addresses: any internal address is allowed, and
     /// connecting gives up after `peer_connect_timeout` so a dead owner costs about a second.
     client: HttpClient,
@@ -56,35 +61,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The cluster `config` describes, `None` for a location of one replica.
+    /// The cluster `config` describes, `None` for a location of one replica without a parent.
     pub fn from_config(
         config: &ClusterConfig,
         client_config: &ClientConfig,
         resolver: Resolver,
         registry: &prometheus::Registry,
     ) -> Result<Option<Arc<Cluster>>, ClusterError> {
-        if !config.is_enabled() {
+        if !config.is_enabled() && config.parent.is_none() {
             return Ok(None);
-        }
-        if config.dns.is_some() && !config.peers.is_empty() {
-            return Err(refuse("dns", "set either `peers` or `dns`, not both"));
         }
         if config.peer_fill_share > 100 {
             return Err(refuse("peer_fill_share", "a percentage: 0 to 100"));
         }
-        for peer in &config.peers {
-            check_url(peer).map_err(|message| refuse("peers", message))?;
-        }
-        let self_url = own_url(config, |name| std::env::var(name).ok())?;
-        if config.dns.is_none() && !config.peers.iter().any(|p| *base(p) == *self_url) {
-            return Err(refuse("self", format!("{self_url} is not one of `peers`")));
-        }
-        let token_file = config
-            .token_file
-            .as_ref()
-            .ok_or_else(|| refuse("token_file", "required when peers are configured"))?;
-        let tokens =
-            PeerTokens::load(token_file).map_err(|e| refuse("token_file", e.to_string()))?;
+        let (self_url, tokens, listed) = match config.is_enabled() {
+            true => location(config)?,
+            false => (Arc::from(""), None, Ring::default()),
+        };
+        let parent = match &config.parent {
+            Some(url) => Some(Parent::from_config(url, config.parent_key_file.as_deref())?),
+            None => None,
+        };
         let peer_client = ClientConfig {
             connect_timeout: config.peer_connect_timeout,
             ..client_config.clone()
@@ -92,7 +89,6 @@ impl Cluster {
         let client = HttpClient::with_resolver(&peer_client, resolver)
             .map_err(|message| refuse("peers", message))?
             .with_rule(AddressRule::any_internal());
-        let listed = Ring::new(config.peers.iter().map(|p| base(p)));
         let metrics = ClusterMetrics::new(registry);
         metrics.ring_size.set(listed.len() as i64);
         Ok(Some(Arc::new(Cluster {
@@ -103,10 +99,32 @@ impl Cluster {
                 config.peer_cooldown,
             ),
             tokens,
+            parent,
             client,
             metrics,
         })))
     }
+}
+
+/// The location's half of the section: this replica's URL, the peer tokens, the listed ring.
+fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<PeerTokens>, Ring), ClusterError> {
+    if config.dns.is_some() && !config.peers.is_empty() {
+        return Err(refuse("dns", "set either `peers` or `dns`, not both"));
+    }
+    for peer in &config.peers {
+        check_url(peer).map_err(|message| refuse("peers", message))?;
+    }
+    let self_url = own_url(config, |name| std::env::var(name).ok())?;
+    if config.dns.is_none() && !config.peers.iter().any(|p| *base(p) == *self_url) {
+        return Err(refuse("self", format!("{self_url} is not one of `peers`")));
+    }
+    let token_file = config
+        .token_file
+        .as_ref()
+        .ok_or_else(|| refuse("token_file", "required when peers are configured"))?;
+    let tokens = PeerTokens::load(token_file).map_err(|e| refuse("token_file", e.to_string()))?;
+    let listed = Ring::new(config.peers.iter().map(|p| base(p)));
+    Ok((self_url, Some(tokens), listed))
 }
 
 impl Cluster {

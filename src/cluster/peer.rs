@@ -96,14 +96,18 @@ impl Cluster {
     /// Whether `headers` carry a valid peer token: such a request comes from a replica of this
     /// location. Without one (or with a wrong one) a request is an ordinary client request.
     pub fn is_peer_request(&self, headers: &http::HeaderMap) -> bool {
+        let Some(tokens) = &self.tokens else {
+            return false;
+        };
         headers
             .get(PEER_TOKEN_HEADER)
-            .is_some_and(|token| self.tokens.accepts(token.as_bytes()))
+            .is_some_and(|token| tokens.accepts(token.as_bytes()))
     }
 
     fn peer_token_header(&self) -> HeaderValue {
-        let mut value = HeaderValue::from_str(self.tokens.to_send().expose())
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let token = self.tokens.as_ref().map_or("", |t| t.to_send().expose());
+        let mut value =
+            HeaderValue::from_str(token).unwrap_or_else(|_| HeaderValue::from_static(""));
         value.set_sensitive(true);
         value
     }
