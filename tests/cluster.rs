@@ -242,11 +242,12 @@ async fn an_unreachable_owner_fails_no_pull() {
     let mut location = location;
     // The owner's front door closes: connecting to it fails from now on.
     drop(location.front.take());
-    let url = format!(
-        "{}/v2/team/app/blobs/{}",
-        location.replicas[0].url(),
-        blob.digest
-    );
+    pull_verified(&location.replicas[0], &blob).await;
+}
+
+/// Pulls `blob` through `replica`: a 200 with exactly its bytes.
+async fn pull_verified(replica: &Berth, blob: &Blob) {
+    let url = format!("{}/v2/team/app/blobs/{}", replica.url(), blob.digest);
     let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
         .await
         .unwrap();
@@ -272,16 +273,7 @@ async fn a_draining_owner_leaves_the_ring_at_once_and_fails_no_pull() {
         .unwrap();
     location.replicas[1].state.readiness.mark_shutting_down();
 
-    let url = format!(
-        "{}/v2/team/app/blobs/{}",
-        location.replicas[0].url(),
-        blob.digest
-    );
-    let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
-        .await
-        .unwrap();
-    assert_eq!(got.status, 200);
-    assert_eq!(got.body, blob.bytes);
+    pull_verified(&location.replicas[0], &blob).await;
     let asker = location.replicas[0].state.cluster.as_ref().unwrap();
     let drained = (std::sync::Arc::from(owner_url.as_str()), "draining");
     assert!(asker.members.states().contains(&drained));
@@ -308,12 +300,7 @@ async fn two_children_of_one_parent_make_one_upstream_get() {
         .unwrap();
     tap.reset();
     for child in &children {
-        let url = format!("{}/v2/team/app/blobs/{}", child.url(), blob.digest);
-        let got = fetch(request(Method::GET, &url, None, &[], Bytes::new()))
-            .await
-            .unwrap();
-        assert_eq!(got.status, 200);
-        assert_eq!(got.body, blob.bytes);
+        pull_verified(child, &blob).await;
     }
     assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
 }
