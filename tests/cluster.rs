@@ -304,3 +304,75 @@ async fn two_children_of_one_parent_make_one_upstream_get() {
     }
     assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
 }
+
+const LOCATION_KEY: &str = "location-a-key-0123456789abcdef";
+
+/// A parent in the policy mode whose one principal, `location-a`, may pull everything.
+async fn policy_parent(tap: &Tap, dir: &std::path::Path) -> Berth {
+    let hash = berth::access::principals::KeyHash::generate(LOCATION_KEY).to_string();
+    let principals = dir.join("principals.json");
+    let principal = serde_json::json!({"serviceAccounts": [
+        {"name": "location-a", "keys": [{"hash": hash}]}
+    ]});
+    std::fs::write(&principals, principal.to_string()).unwrap();
+    let policies = dir.join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let policy = serde_json::json!({
+        "kind": "policy", "name": "locations", "targetKind": "image", "target": "all",
+        "bindings": [{"permissions": ["pull"], "principalLinks": ["//serviceaccount/location-a"]}],
+    });
+    std::fs::write(policies.join("locations.json"), policy.to_string()).unwrap();
+    let access = format!(
+        "[access]\nmode = \"policy\"\nprincipals = {:?}\npolicies = {:?}\n",
+        principals.display().to_string(),
+        policies.display().to_string()
+    );
+    let cache = dir.join("cache");
+    let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
+    Berth::start(&format!("{config}\n{access}")).await
+}
+
+/// Sum of `berth_parent_requests_total{result}` on `replica`.
+fn parent_requests(replica: &Berth, result: &str) -> u64 {
+    let families = replica.state.metrics.registry.gather();
+    families
+        .iter()
+        .filter(|f| f.name() == "berth_parent_requests_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == result))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_with_its_key_pulls_through_the_parent_and_a_revoked_key_is_refused() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let parent = policy_parent(&tap, dir.path()).await;
+    let child = |name: &str, key: &str| {
+        let key_file = dir.path().join(format!("{name}.key"));
+        // A service account signs in as `<token>:KEY`, like any Basic client.
+        std::fs::write(&key_file, format!("<token>:{key}\n")).unwrap();
+        let cache = dir.path().join(name);
+        let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
+        format!(
+            "{config}\n[cluster]\nparent = {:?}\nparent_key_file = {:?}\n",
+            parent.url(),
+            key_file.display().to_string()
+        )
+    };
+    let allowed = Berth::start(&child("allowed", LOCATION_KEY)).await;
+    let revoked = Berth::start(&child("revoked", "revoked-key-0123456789abcdef")).await;
+    let blob = random_blob(300_000, 22);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+
+    pull_verified(&allowed, &blob).await;
+    assert_eq!(parent_requests(&allowed, "served"), 1);
+    // The parent refuses the revoked key; the child still serves its client from the upstream.
+    pull_verified(&revoked, &blob).await;
+    assert_eq!(parent_requests(&revoked, "refused"), 1);
+    assert_eq!(parent_requests(&revoked, "served"), 0);
+}

@@ -23,7 +23,7 @@ use crate::oci::name::Repository;
 /// Where the parent is and how this location proves who it is.
 pub struct Parent {
     base: String,
-    /// `Basic <base64(name:secret)>`, marked sensitive; `None` for an anonymous-mode parent.
+    /// `Basic <base64(user:key)>`, marked sensitive; `None` for an anonymous-mode parent.
     authorization: Option<HeaderValue>,
 }
 
@@ -41,7 +41,8 @@ impl Parent {
     }
 }
 
-/// The key file holds `name:secret` (the parent's principal and key) on its first line.
+/// The key file holds `user:key` on its first line, as any Basic client of the parent presents
+/// it (`<token>:KEY` for a service account, `EMAIL:KEY` for a user).
 fn basic(path: &Path) -> Result<HeaderValue, ClusterError> {
     let text = std::fs::read_to_string(path).map_err(|err| {
         refuse(
@@ -53,7 +54,7 @@ fn basic(path: &Path) -> Result<HeaderValue, ClusterError> {
     if !key.contains(':') {
         return Err(refuse(
             "parent_key_file",
-            "the first line must be `name:secret`",
+            "the first line must be `user:key`",
         ));
     }
     let encoded = base64::engine::general_purpose::STANDARD.encode(key);

@@ -60,7 +60,7 @@ pub struct ClusterConfig {
     /// A regional berth the location's owners fill from before the upstream itself.
     #[serde(default)]
     pub parent: Option<String>,
-    /// The file holding this location's key (`name:secret`, Basic) for the parent's policy mode.
+    /// The file holding this location's key (`user:key`, Basic) for the parent's policy mode.
     #[serde(default)]
     pub parent_key_file: Option<PathBuf>,
 }
