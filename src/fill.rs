@@ -141,6 +141,9 @@ pub struct Fills {
     retry_after: HeaderValue,
     /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
     cluster: Option<Arc<Cluster>>,
+    /// False in the policy access mode: an owner's answer carries no provenance yet, and
+    /// `record_origin` would credit this fill's repository with it (the holdings rule).
+    ask_peers: bool,
 }
 
 /// The slowest a fill may go: at least `rate` bytes per second over each `window`.
@@ -181,12 +184,18 @@ impl Fills {
                 .max(1),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
             cluster: None,
+            ask_peers: false,
         }
     }
 
-    /// Fills that ask the owner of a digest before the upstream.
-    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Fills {
-        Fills { cluster, ..self }
+    /// Fills that ask the parent tier, and the owner of a digest when `ask_peers`, before the
+    /// upstream.
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>, ask_peers: bool) -> Fills {
+        Fills {
+            cluster,
+            ask_peers,
+            ..self
+        }
     }
 
     /// Joins the fill of `job.digest`, starting it if none runs and the cap allows one more.
@@ -456,7 +465,7 @@ impl Fills {
     /// with a Range at the bytes already hashed, as for any upstream body.
     async fn first_response(&self, job: &Job) -> Result<http::Response<Incoming>, ApiError> {
         if let Some(cluster) = &self.cluster {
-            if !job.from_peer {
+            if self.ask_peers && !job.from_peer {
                 let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
                 if let Some(response) = asked.await {
                     return Ok(response);
