@@ -71,7 +71,7 @@ impl Location {
                 "{config}\n[cluster]\npeers = [{peers}]\nself = {url:?}\ntoken_file = {:?}\n",
                 token_file.display().to_string()
             );
-            let resolver = berth::upstream::connect::system_resolver();
+            let resolver = berth::net::connect::system_resolver();
             replicas.push(Berth::start_on(listener, &config, resolver).await);
             dirs.push(dir);
         }

@@ -18,7 +18,7 @@ use support::{
 fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadConfig {
     LoadConfig {
         target,
-        images: vec![ImageRef::parse(image).unwrap()],
+        images: vec![ImageRef::parse(image, None).unwrap()],
         concurrency,
         limit: Limit::Count(pulls),
         platform: "linux/amd64".into(),

@@ -20,9 +20,9 @@ use std::sync::Arc;
 
 use crate::config::cluster::ClusterConfig;
 use crate::config::ClientConfig;
-use crate::upstream::address::AddressRule;
-use crate::upstream::client::HttpClient;
-use crate::upstream::connect::Resolver;
+use crate::net::address::AddressRule;
+use crate::net::connect::Resolver;
+use crate::net::HttpClient;
 
 use self::members::Members;
 use self::metrics::ClusterMetrics;
@@ -87,7 +87,7 @@ impl Cluster {
             ..client_config.clone()
         };
         let client = HttpClient::with_resolver(&peer_client, resolver)
-            .map_err(|message| refuse("peers", message))?
+            .map_err(|error| refuse("peers", error.to_string()))?
             .with_rule(AddressRule::any_internal());
         let metrics = ClusterMetrics::new(registry);
         metrics.ring_size.set(listed.len() as i64);
@@ -112,7 +112,7 @@ fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<PeerTokens>, Rin
         return Err(refuse("dns", "set either `peers` or `dns`, not both"));
     }
     for peer in &config.peers {
-        check_url(peer).map_err(|message| refuse("peers", message))?;
+        check_url(peer).map_err(|error| refuse("peers", error.to_string()))?;
     }
     let self_url = own_url(config, |name| std::env::var(name).ok())?;
     if config.dns.is_none() && !config.peers.iter().any(|p| *base(p) == *self_url) {
@@ -247,7 +247,7 @@ mod tests {
     fn self_must_be_a_member_and_a_token_file_is_required() {
         let registry = prometheus::Registry::new();
         let client = crate::config::Config::from_toml("").unwrap().client;
-        let resolver = crate::upstream::connect::system_resolver();
+        let resolver = crate::net::connect::system_resolver();
         let open = |text: &str| {
             Cluster::from_config(
                 &config(text),

@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 
 use super::token::PEER_TOKEN_HEADER;
 use super::Cluster;
-use crate::error::{ApiError, Code};
 use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
 
@@ -111,17 +110,4 @@ impl Cluster {
         value.set_sensitive(true);
         value
     }
-}
-
-/// The answer of a draining replica to a peer request.
-pub fn draining() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unavailable,
-        "draining",
-    )
-    .with_header(
-        http::header::HeaderName::from_static(DRAINING_HEADER),
-        HeaderValue::from_static("1"),
-    )
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::de_duration;
+use super::units::de_duration;
 
 /// Absent or without `peers`/`dns`, berth is a location of one replica: nothing changes.
 #[derive(Debug, Clone, Deserialize, Default)]
