@@ -215,11 +215,8 @@ impl AppState {
         let access = Access::open(&config.access, &config.platform)
             .map_err(StartError::Access)?
             .with_listener_tls(config.tls.is_some());
-        // In the policy mode an owner's answer would be credited to the asker's repository
-        // (`cache::origins`) without the provenance check peers do not make yet: no peers there.
-        let ask_peers = config.access.mode == access::AccessMode::Anonymous;
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(&config).with_cluster(cluster.clone(), ask_peers)),
+            fills: Arc::new(Fills::new(&config).with_cluster(cluster.clone())),
             cluster,
             upstreams,
             cache,

@@ -27,16 +27,17 @@ struct Location {
 
 impl Location {
     async fn start(n: usize) -> Location {
-        Location::start_with(n, false).await
+        Location::start_with(n, false, "").await
     }
 
     /// `start`, with the peers reaching replica 1 through a tap of its own (replica 1's `self`
     /// is that tap), so a test can cut what an owner sends its peers.
     async fn start_fronted(n: usize) -> Location {
-        Location::start_with(n, true).await
+        Location::start_with(n, true, "").await
     }
 
-    async fn start_with(n: usize, fronted: bool) -> Location {
+    /// A location whose replicas all add `extra` (e.g. an `[access]` table) to their config.
+    async fn start_with(n: usize, fronted: bool, extra: &str) -> Location {
         let registry = Registry::start(Auth::None).await;
         let tap = Tap::start(&registry.url()).await;
         let mut listeners = Vec::new();
@@ -68,7 +69,7 @@ impl Location {
             let cache = dir.path().join("cache");
             let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
             let config = format!(
-                "{config}\n[cluster]\npeers = [{peers}]\nself = {url:?}\ntoken_file = {:?}\n",
+                "{config}\n{extra}\n[cluster]\npeers = [{peers}]\nself = {url:?}\ntoken_file = {:?}\n",
                 token_file.display().to_string()
             );
             let resolver = berth::net::connect::system_resolver();
@@ -150,10 +151,6 @@ fn peer_requests(replica: &Berth) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_request_without_the_token_or_with_a_wrong_one_is_an_ordinary_request() {
     let location = Location::start(3).await;
-    let image = Image::random(Flavor::Oci, 18, &[200_000, 100_000, 30_000, 20_000, 10_000]);
-    push_image(&location.registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
     let asked = &location.replicas[0];
     let ns = location.tap.host();
     let tokens: [&[(&str, &str)]; 3] = [
@@ -163,13 +160,16 @@ async fn a_peer_request_without_the_token_or_with_a_wrong_one_is_an_ordinary_req
     ];
     // An ordinary request to a replica that does not own the blob asks the owner; a peer
     // request never does (it is never forwarded again).
-    let mut blobs = image.blobs().into_iter();
+    // The ring depends on the replicas' ports: pick blobs another replica owns.
+    let mut blobs = (0..200)
+        .map(|seed| random_blob(50_000, 1800 + seed))
+        .filter(|b| owner_of(&location, &b.digest) != asked.url());
     for (i, headers) in tokens.iter().enumerate() {
         let before = peer_requests(asked);
-        let blob = blobs
-            .by_ref()
-            .find(|b| owner_of(&location, &b.digest) != asked.url())
-            .expect("a blob another replica owns");
+        let blob = blobs.next().expect("a blob another replica owns");
+        push_blob(&location.registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
         let url = format!("{}/v2/team/app/blobs/{}?ns={ns}", asked.url(), blob.digest);
         let got = fetch(request(Method::GET, &url, None, headers, Bytes::new()))
             .await
@@ -307,26 +307,32 @@ async fn two_children_of_one_parent_make_one_upstream_get() {
 
 const LOCATION_KEY: &str = "location-a-key-0123456789abcdef";
 
-/// A parent in the policy mode whose one principal, `location-a`, may pull everything.
-async fn policy_parent(tap: &Tap, dir: &std::path::Path) -> Berth {
-    let hash = berth::access::principals::KeyHash::generate(LOCATION_KEY).to_string();
+/// An `[access]` table of the policy mode, its files in `dir`, whose one principal `name`
+/// (a service account with `key`) may pull everything.
+fn policy_access(dir: &std::path::Path, name: &str, key: &str) -> String {
+    let hash = berth::access::principals::KeyHash::generate(key).to_string();
     let principals = dir.join("principals.json");
     let principal = serde_json::json!({"serviceAccounts": [
-        {"name": "location-a", "keys": [{"hash": hash}]}
+        {"name": name, "keys": [{"hash": hash}]}
     ]});
     std::fs::write(&principals, principal.to_string()).unwrap();
     let policies = dir.join("policies");
     std::fs::create_dir(&policies).unwrap();
     let policy = serde_json::json!({
-        "kind": "policy", "name": "locations", "targetKind": "image", "target": "all",
-        "bindings": [{"permissions": ["pull"], "principalLinks": ["//serviceaccount/location-a"]}],
+        "kind": "policy", "name": "pullers", "targetKind": "image", "target": "all",
+        "bindings": [{"permissions": ["pull"], "principalLinks": [format!("//serviceaccount/{name}")]}],
     });
-    std::fs::write(policies.join("locations.json"), policy.to_string()).unwrap();
-    let access = format!(
+    std::fs::write(policies.join("pullers.json"), policy.to_string()).unwrap();
+    format!(
         "[access]\nmode = \"policy\"\nprincipals = {:?}\npolicies = {:?}\n",
         principals.display().to_string(),
         policies.display().to_string()
-    );
+    )
+}
+
+/// A parent in the policy mode whose one principal, `location-a`, may pull everything.
+async fn policy_parent(tap: &Tap, dir: &std::path::Path) -> Berth {
+    let access = policy_access(dir, "location-a", LOCATION_KEY);
     let cache = dir.join("cache");
     let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
     Berth::start(&format!("{config}\n{access}")).await
@@ -375,4 +381,90 @@ async fn a_child_with_its_key_pulls_through_the_parent_and_a_revoked_key_is_refu
     pull_verified(&revoked, &blob).await;
     assert_eq!(parent_requests(&revoked, "refused"), 1);
     assert_eq!(parent_requests(&revoked, "served"), 0);
+}
+
+const PULLER_KEY: &str = "puller-key-0123456789abcdef";
+
+/// A verified GET of `blob` from `replica` with `creds`; the status when it is not a 200.
+async fn pull_as(replica: &Berth, blob: &Blob, creds: Option<(&str, &str)>) -> u16 {
+    let url = format!("{}/v2/team/app/blobs/{}", replica.url(), blob.digest);
+    let got = fetch(request(Method::GET, &url, creds, &[], Bytes::new()))
+        .await
+        .unwrap();
+    if got.status == 200 {
+        assert_eq!(got.body, blob.bytes);
+    }
+    got.status.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_policy_mode_replicas_share_fills_and_refuse_who_may_not_pull_before_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    let access = policy_access(dir.path(), "puller", PULLER_KEY);
+    let location = Location::start_with(3, false, &access).await;
+    let image = Image::random(Flavor::Oci, 23, &[1 << 20, 300_000, 40_000]);
+    push_image(&location.registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    let creds = Some(("<token>", PULLER_KEY));
+    // What a client may not pull, nobody asks for: not the owner, not the upstream.
+    location.tap.reset();
+    for replica in &location.replicas {
+        for blob in image.blobs() {
+            assert_eq!(pull_as(replica, blob, None).await, 401);
+            let wrong = Some(("<token>", "not-a-key-0123456789abcdef"));
+            assert_eq!(pull_as(replica, blob, wrong).await, 401);
+        }
+    }
+    assert_eq!(location.tap.requests().len(), 0);
+    assert_eq!(location.replicas.iter().map(peer_requests).sum::<u64>(), 0);
+
+    // The owner fills each blob once; every other replica records the provenance its owner
+    // reported: one upstream GET for the whole location.
+    for blob in image.blobs() {
+        for replica in &location.replicas {
+            assert_eq!(pull_as(replica, blob, creds).await, 200);
+            let origin = replica
+                .state
+                .cache
+                .origins
+                .get_cached(&berth::oci::digest::Digest::parse(&blob.digest).unwrap());
+            assert!(origin.is_some_and(|o| o.served_by(&location.tap.host())));
+        }
+    }
+    let gets = location.blob_gets();
+    for blob in image.blobs() {
+        assert_eq!(gets.get(&blob.digest), Some(&1), "{gets:?}");
+    }
+    assert!(location.replicas.iter().map(peer_requests).sum::<u64>() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_the_policy_mode_a_peer_request_without_a_valid_token_is_refused_as_a_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let access = policy_access(dir.path(), "puller", PULLER_KEY);
+    let location = Location::start_with(3, false, &access).await;
+    let blob = random_blob(100_000, 24);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    location.tap.reset();
+    let owner = owner_of(&location, &blob.digest);
+    let url = format!("{owner}/v2/team/app/blobs/{}", blob.digest);
+    for token in ["", "wrong-token-0123456789-abcdef"] {
+        let headers = [("x-berth-peer-token", token)];
+        let got = fetch(request(Method::GET, &url, None, &headers, Bytes::new()))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 401, "token {token:?}");
+    }
+    assert_eq!(location.tap.requests().len(), 0);
+    let headers = [("x-berth-peer-token", TOKEN)];
+    let got = fetch(request(Method::GET, &url, None, &headers, Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, blob.bytes);
+    let provenance = got.headers.get("x-berth-provenance").unwrap();
+    assert_eq!(provenance.to_str().unwrap(), location.tap.host());
 }

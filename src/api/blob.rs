@@ -36,21 +36,54 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
-    // The asking replica applied the holdings rule for its client (`cluster::peer`).
-    if from_peer {
-        return serve_any(state, target, digest, range, head, version, true).await;
-    }
+    let upstream = Arc::clone(&target.upstream.name);
     // Policy mode: cached bytes, or a fill another request started, only for a repository
-    // holding them on an upstream that served them (`holds`).
-    match super::holds::admit_blob(state, &target, &digest, head).await? {
-        BlobSource::Any => {}
+    // holding them on an upstream that served them (`holds`). A peer request (another
+    // replica's fill) is held to the rule like a client: the owner serves only bytes the asked
+    // upstream served, through the asked repository, else fills or verifies them first.
+    let served = match super::holds::admit_blob(state, &target, &digest, head).await? {
+        BlobSource::Any => {
+            serve_any(
+                state,
+                target,
+                digest.clone(),
+                range,
+                head,
+                version,
+                from_peer,
+            )
+            .await
+        }
         BlobSource::Upstream => return head_upstream(&target, &digest).await,
         BlobSource::Own { .. } if head => return head_upstream(&target, &digest).await,
         BlobSource::Own { held } => {
-            return serve_own(state, target, digest, range, held, version).await
+            let wanted = (digest.clone(), held, from_peer);
+            serve_own(state, target, wanted, range, version).await
         }
+    };
+    match from_peer {
+        true => with_provenance(state, &upstream, &digest, served?).await,
+        false => served,
     }
-    serve_any(state, target, digest, range, head, version, false).await
+}
+
+/// An owner's answer to a peer request names the upstreams that served the bytes
+/// (`cluster::peer`), the asked one first. A cached copy the asked upstream never served gets
+/// none: the asker then fetches for itself rather than credit that upstream with it.
+async fn with_provenance(
+    state: &AppState,
+    upstream: &str,
+    digest: &Digest,
+    (mut response, outcome): (Response<Body>, Outcome),
+) -> Served {
+    let origin = super::holds::origin_of(state, digest, true).await;
+    if outcome != Outcome::Hit || origin.served_by(upstream) {
+        let from = origin.from.iter().map(|u| &**u);
+        let value = crate::cluster::peer::provenance_header(upstream, from);
+        let name = http::header::HeaderName::from_static(crate::cluster::peer::PROVENANCE_HEADER);
+        response.headers_mut().insert(name, value);
+    }
+    Ok((response, outcome))
 }
 
 /// Serves a blob from the cache or from any fill of it, starting one if none runs.
@@ -101,9 +134,8 @@ async fn serve_any(
 async fn serve_own(
     state: &Arc<AppState>,
     target: Target,
-    digest: Digest,
+    (digest, mut held, from_peer): (Digest, bool, bool),
     range: Option<&str>,
-    mut held: bool,
     version: Version,
 ) -> Served {
     for _ in 0..4 {
@@ -111,7 +143,7 @@ async fn serve_own(
             upstream: Arc::clone(&target.upstream),
             repository: target.repository.clone(),
             digest: digest.clone(),
-            from_peer: false,
+            from_peer,
         };
         if let Some(joined) = state
             .fills
@@ -128,7 +160,7 @@ async fn serve_own(
         }
         match super::holds::admit_blob(state, &target, &digest, false).await? {
             BlobSource::Own { held: now } => held = now,
-            _ => return serve_any(state, target, digest, range, false, version, false).await,
+            _ => return serve_any(state, target, digest, range, false, version, from_peer).await,
         }
     }
     Err(ApiError::unavailable(

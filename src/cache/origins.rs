@@ -193,6 +193,21 @@ impl Origins {
         self.update(digest, Some(upstream), (upstream, repository), persist);
     }
 
+    /// Records what another replica of the location reported with bytes verified as `digest`
+    /// (`cluster::peer`): each upstream in `from` served them, and `held` (the upstream and
+    /// repository the bytes were asked through, one of `from`) holds them. Blocking.
+    pub fn reported(
+        &self,
+        digest: &Digest,
+        from: &[Arc<str>],
+        held: (&str, &Repository),
+        persist: bool,
+    ) {
+        for upstream in from {
+            self.update(digest, Some(upstream), held, persist);
+        }
+    }
+
     /// Records that `repository` on `upstream` holds `digest` (learned from one of its
     /// manifests, or confirmed by the upstream). Blocking.
     pub fn learned(&self, digest: &Digest, upstream: &str, repository: &Repository, persist: bool) {

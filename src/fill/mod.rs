@@ -108,9 +108,6 @@ pub struct Fills {
     retry_after: HeaderValue,
     /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
     cluster: Option<Arc<Cluster>>,
-    /// False in the policy access mode: an owner's answer carries no provenance yet, and
-    /// `record_origin` would credit this fill's repository with it (the holdings rule).
-    ask_peers: bool,
 }
 
 /// The slowest a fill may go: at least `rate` bytes per second over each `window`.
@@ -144,18 +141,12 @@ impl Fills {
                 .max(1),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
             cluster: None,
-            ask_peers: false,
         }
     }
 
-    /// Fills that ask the parent tier, and the owner of a digest when `ask_peers`, before the
-    /// upstream.
-    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>, ask_peers: bool) -> Fills {
-        Fills {
-            cluster,
-            ask_peers,
-            ..self
-        }
+    /// Fills that ask the owner of a digest, then the parent tier, before the upstream.
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Fills {
+        Fills { cluster, ..self }
     }
 
     /// Joins the fill of `job.digest`, starting it if none runs and the cap allows one more.
