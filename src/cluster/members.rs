@@ -8,6 +8,7 @@
 //! lets one probe through after `peer_cooldown`, exactly as for an upstream.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,17 @@ impl Members {
     /// The members as last listed (for `/admin/stats` and the ring-size gauge).
     pub fn listed(&self) -> Ring {
         self.listed.read().expect("members lock").clone()
+    }
+
+    /// Whether `ip` is the address of a listed member (a URL whose host is an IP literal, as
+    /// DNS membership and pod-IP `self` URLs give): its requests are peer traffic, exempt from
+    /// the per-client limits (`limits::ClientSlots`).
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        let listed = self.listed.read().expect("members lock");
+        listed
+            .members()
+            .iter()
+            .any(|m| address_of(&m.url) == Some(ip))
     }
 
     /// Replaces the listed members (a DNS refresh). Returns whether anything changed.
@@ -125,6 +137,16 @@ impl Members {
     }
 }
 
+/// The IP address of a member's URL, when its host is an IP literal (IPv6 in brackets).
+fn address_of(url: &str) -> Option<IpAddr> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = uri.host()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +164,25 @@ mod tests {
             .map(|i| format!("sha256:{i:064}"))
             .find(|key| members.owner(key).as_deref() == Some(wanted))
             .unwrap()
+    }
+
+    #[test]
+    fn listed_members_addresses_are_known_and_others_are_not() {
+        let members = Members::new(
+            Ring::new([
+                "http://10.0.0.7:5000",
+                "https://[fd00::9]:5000",
+                "http://b:1",
+            ]),
+            2,
+            Duration::from_secs(60),
+        );
+        assert!(members.has_address("10.0.0.7".parse().unwrap()));
+        assert!(members.has_address("fd00::9".parse().unwrap()));
+        assert!(!members.has_address("10.0.0.8".parse().unwrap()));
+        members.set(Ring::new(["http://10.0.0.8:5000"]));
+        assert!(!members.has_address("10.0.0.7".parse().unwrap()));
+        assert!(members.has_address("10.0.0.8".parse().unwrap()));
     }
 
     #[test]

@@ -129,6 +129,11 @@ fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<PeerTokens>, Rin
 
 impl Cluster {
     /// The ring as `/admin/stats` shows it: this replica and every member with its state.
+    /// Whether `ip` is a listed replica's address (`Members::has_address`).
+    pub fn is_member_address(&self, ip: std::net::IpAddr) -> bool {
+        self.members.has_address(ip)
+    }
+
     pub fn stats(&self) -> serde_json::Value {
         let members: Vec<serde_json::Value> = self
             .members
