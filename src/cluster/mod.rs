@@ -28,7 +28,7 @@ use self::members::Members;
 use self::metrics::ClusterMetrics;
 use self::parent::Parent;
 use self::ring::Ring;
-use self::token::PeerTokens;
+use self::token::TokenFile;
 
 /// A start-up refusal, naming the `[cluster]` key.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,7 @@ pub struct Cluster {
     pub self_url: Arc<str>,
     pub members: Members,
     /// `None` for a location of one replica that only has a parent.
-    tokens: Option<PeerTokens>,
+    tokens: Option<TokenFile>,
     /// The regional berth the owners fill from before the upstream (`parent`).
     parent: Option<Parent>,
     /// Peers are operator-named internal addresses: any internal address is allowed, and
@@ -107,7 +107,7 @@ impl Cluster {
 }
 
 /// The location's half of the section: this replica's URL, the peer tokens, the listed ring.
-fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<PeerTokens>, Ring), ClusterError> {
+fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<TokenFile>, Ring), ClusterError> {
     if config.dns.is_some() && !config.peers.is_empty() {
         return Err(refuse("dns", "set either `peers` or `dns`, not both"));
     }
@@ -122,7 +122,7 @@ fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<PeerTokens>, Rin
         .token_file
         .as_ref()
         .ok_or_else(|| refuse("token_file", "required when peers are configured"))?;
-    let tokens = PeerTokens::load(token_file).map_err(|e| refuse("token_file", e.to_string()))?;
+    let tokens = TokenFile::open(token_file).map_err(|e| refuse("token_file", e.to_string()))?;
     let listed = Ring::new(config.peers.iter().map(|p| base(p)));
     Ok((self_url, Some(tokens), listed))
 }

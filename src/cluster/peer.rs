@@ -123,13 +123,15 @@ impl Cluster {
         let Some(tokens) = &self.tokens else {
             return false;
         };
+        let tokens = tokens.current();
         headers
             .get(PEER_TOKEN_HEADER)
             .is_some_and(|token| tokens.accepts(token.as_bytes()))
     }
 
     fn peer_token_header(&self) -> HeaderValue {
-        let token = self.tokens.as_ref().map_or("", |t| t.to_send().expose());
+        let tokens = self.tokens.as_ref().map(|t| t.current());
+        let token = tokens.as_ref().map_or("", |t| t.to_send().expose());
         let mut value =
             HeaderValue::from_str(token).unwrap_or_else(|_| HeaderValue::from_static(""));
         value.set_sensitive(true);

@@ -4,18 +4,29 @@
 //! remove the old one. The first line is the one this replica sends.
 //!
 //! Comparison is constant-time over SHA-256 digests of the tokens, so neither the content nor
-//! the length of a token leaks through timing. Reading the file is the only I/O here.
+//! the length of a token leaks through timing. Reading the file is the only I/O here: it is
+//! re-read when it changes (`TokenFile`, checked at most every `RECHECK`), so a rotation needs
+//! no restart; a file that turns unreadable or invalid keeps the last good tokens.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::secret::Secret;
+use crate::stamp::Stamp;
 
 /// The header a peer request carries its token in (never the client's `Authorization`, which
 /// the policy mode reads as a client key).
 pub const PEER_TOKEN_HEADER: &str = "x-berth-peer-token";
+
+/// How often the token file is looked at (one `stat`) when tokens are used.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// A token file is a few lines; a larger one is not read.
+const MAX_FILE: u64 = 64 * 1024;
 
 /// Shorter tokens are refused at start-up: a guessable peer token bypasses per-client limits.
 const MIN_TOKEN_LEN: usize = 16;
@@ -95,6 +106,71 @@ impl PeerTokens {
     }
 }
 
+/// The token file and the tokens it held when last read, re-read when its stamp changes.
+pub struct TokenFile {
+    path: PathBuf,
+    recheck: Duration,
+    state: Mutex<TokenState>,
+}
+
+struct TokenState {
+    checked: Instant,
+    stamp: Option<Stamp>,
+    tokens: Arc<PeerTokens>,
+}
+
+impl TokenFile {
+    /// Reads the file; a missing, unreadable or invalid file is refused (at start-up).
+    pub fn open(path: &Path) -> Result<TokenFile, TokenError> {
+        TokenFile::with_recheck(path, RECHECK)
+    }
+
+    pub fn with_recheck(path: &Path, recheck: Duration) -> Result<TokenFile, TokenError> {
+        let stamp = Stamp::of(path).ok();
+        let tokens = Arc::new(PeerTokens::load(path)?);
+        Ok(TokenFile {
+            path: path.to_owned(),
+            recheck,
+            state: Mutex::new(TokenState {
+                checked: Instant::now(),
+                stamp,
+                tokens,
+            }),
+        })
+    }
+
+    /// The tokens in force, re-reading the file first if it changed since it was last read.
+    pub fn current(&self) -> Arc<PeerTokens> {
+        let mut state = self.state.lock().expect("token file lock");
+        if state.checked.elapsed() < self.recheck {
+            return Arc::clone(&state.tokens);
+        }
+        state.checked = Instant::now();
+        let stamp = Stamp::of(&self.path).ok();
+        if stamp.is_none() || stamp == state.stamp {
+            return Arc::clone(&state.tokens);
+        }
+        state.stamp = stamp;
+        let loaded = match stamp.is_some_and(|s| s.file_len() > MAX_FILE) {
+            true => Err(format!("larger than {MAX_FILE} bytes")),
+            false => PeerTokens::load(&self.path).map_err(|e| e.to_string()),
+        };
+        match loaded {
+            Ok(tokens) => {
+                tracing::info!(
+                    accepted = tokens.accepted.len(),
+                    "cluster.token_file re-read"
+                );
+                state.tokens = Arc::new(tokens);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cluster.token_file changed but cannot be used; keeping the tokens in force");
+            }
+        }
+        Arc::clone(&state.tokens)
+    }
+}
+
 fn hashed(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
@@ -132,6 +208,26 @@ mod tests {
             PeerTokens::parse("# nothing\n"),
             Err(TokenError::Empty)
         ));
+    }
+
+    #[test]
+    fn a_rotated_file_is_read_again_without_a_restart_and_a_broken_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, format!("{OLD}\n")).unwrap();
+        let file = TokenFile::with_recheck(&path, Duration::ZERO).unwrap();
+        assert!(!file.current().accepts(NEW.as_bytes()));
+        std::fs::write(&path, format!("{NEW}\n{OLD}\n")).unwrap();
+        assert!(file.current().accepts(NEW.as_bytes()));
+        assert!(file.current().accepts(OLD.as_bytes()));
+        assert_eq!(file.current().to_send().expose(), NEW);
+        std::fs::write(&path, format!("{NEW}\n")).unwrap();
+        assert!(!file.current().accepts(OLD.as_bytes()));
+        // A half-written or emptied file keeps the tokens in force.
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(file.current().accepts(NEW.as_bytes()));
+        std::fs::remove_file(&path).unwrap();
+        assert!(file.current().accepts(NEW.as_bytes()));
     }
 
     #[test]
