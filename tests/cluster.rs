@@ -4,6 +4,8 @@
 mod support;
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::Method;
@@ -467,4 +469,119 @@ async fn in_the_policy_mode_a_peer_request_without_a_valid_token_is_refused_as_a
     assert_eq!(got.body, blob.bytes);
     let provenance = got.headers.get("x-berth-provenance").unwrap();
     assert_eq!(provenance.to_str().unwrap(), location.tap.host());
+}
+
+/// A DNS server the test controls: every A query is answered with `addresses` (TTL 0).
+async fn dns_server(addresses: Arc<Mutex<Vec<Ipv4Addr>>>) -> std::net::SocketAddr {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let Ok(query) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut answer = Message::response(query.metadata.id, query.metadata.op_code);
+            answer.metadata.authoritative = true;
+            answer.metadata.recursion_desired = query.metadata.recursion_desired;
+            answer.metadata.recursion_available = true;
+            answer.add_queries(query.queries.clone());
+            for asked in query
+                .queries
+                .iter()
+                .filter(|q| q.query_type() == RecordType::A)
+            {
+                for ip in addresses.lock().unwrap().iter() {
+                    let record = Record::from_rdata(asked.name().clone(), 0, RData::A(A(*ip)));
+                    answer.add_answer(record);
+                }
+            }
+            let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
+        }
+    });
+    address
+}
+
+/// Waits (bounded) until `replica` lists `n` members.
+async fn wait_for_ring(replica: &Berth, n: usize) {
+    let cluster = replica.state.cluster.as_ref().unwrap();
+    for _ in 0..400 {
+        if cluster.members.listed().len() == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{} lists {:?}", replica.url(), cluster.stats());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_membership_follows_the_resolver_including_a_replica_that_disappears() {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let ips: Vec<Ipv4Addr> = (2..5).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let listed = Arc::new(Mutex::new(ips.clone()));
+    let dns = dns_server(Arc::clone(&listed)).await;
+    // One port on three loopback addresses: DNS members share `dns_port`.
+    let (listeners, port) = 'bind: loop {
+        let first = TcpListener::bind((ips[0], 0)).await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for ip in &ips[1..] {
+            match TcpListener::bind((*ip, port)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => continue 'bind,
+            }
+        }
+        break (listeners, port);
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("peer-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let mut replicas = Vec::new();
+    for (listener, ip) in listeners.into_iter().zip(&ips) {
+        let cache = dir.path().join(format!("cache-{ip}"));
+        let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
+        let config = format!(
+            "{config}\n[cluster]\ndns = \"replicas.location.test\"\ndns_port = {port}\n\
+             resolver = \"{dns}\"\nrefresh = \"50ms\"\nself = \"http://{ip}:{port}\"\n\
+             token_file = {:?}\n",
+            token_file.display().to_string()
+        );
+        let resolver = berth::net::connect::system_resolver();
+        replicas.push(Berth::start_on(listener, &config, resolver).await);
+    }
+    for replica in &replicas {
+        wait_for_ring(replica, 3).await;
+    }
+    let blob = random_blob(200_000, 31);
+    push_blob(&registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    for replica in &replicas {
+        pull_verified(replica, &blob).await;
+    }
+    assert_eq!(tap.count(Method::GET, Kind::Blob), 1);
+
+    // The third replica disappears from DNS: the others drop it, and only its keys move.
+    let cluster = replicas[0].state.cluster.as_ref().unwrap();
+    let keys: Vec<String> = (0..300).map(|i| format!("sha256:{i:064}")).collect();
+    let before: Vec<_> = keys
+        .iter()
+        .map(|k| cluster.members.owner(k).unwrap())
+        .collect();
+    listed.lock().unwrap().pop();
+    wait_for_ring(&replicas[0], 2).await;
+    wait_for_ring(&replicas[1], 2).await;
+    let gone = format!("http://{}:{port}", ips[2]);
+    for (key, owner) in keys.iter().zip(&before) {
+        let now = cluster.members.owner(key).unwrap();
+        if **owner != *gone {
+            assert_eq!(now, *owner, "{key} moved though its owner stayed");
+        } else {
+            assert_ne!(*now, *gone);
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! Start-up checks that need to know what a member is (URLs, `self` among the members, a
 //! token file) run in `Cluster::from_config` and name the key they are about.
 
+pub mod dns;
 pub mod members;
 pub mod metrics;
 pub mod parent;
@@ -86,12 +87,16 @@ impl Cluster {
             connect_timeout: config.peer_connect_timeout,
             ..client_config.clone()
         };
+        let lookup = match &config.dns {
+            Some(name) => Some(dns::Lookup::new(config, name, Arc::clone(&resolver))?),
+            None => None,
+        };
         let client = HttpClient::with_resolver(&peer_client, resolver)
             .map_err(|error| refuse("peers", error.to_string()))?
             .with_rule(AddressRule::any_internal());
         let metrics = ClusterMetrics::new(registry);
         metrics.ring_size.set(listed.len() as i64);
-        Ok(Some(Arc::new(Cluster {
+        let cluster = Arc::new(Cluster {
             self_url,
             members: Members::new(
                 listed,
@@ -102,7 +107,15 @@ impl Cluster {
             parent,
             client,
             metrics,
-        })))
+        });
+        if let Some(lookup) = lookup {
+            tokio::spawn(dns::refresh(
+                Arc::downgrade(&cluster),
+                lookup,
+                config.refresh,
+            ));
+        }
+        Ok(Some(cluster))
     }
 }
 
@@ -128,12 +141,12 @@ fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<TokenFile>, Ring
 }
 
 impl Cluster {
-    /// The ring as `/admin/stats` shows it: this replica and every member with its state.
     /// Whether `ip` is a listed replica's address (`Members::has_address`).
     pub fn is_member_address(&self, ip: std::net::IpAddr) -> bool {
         self.members.has_address(ip)
     }
 
+    /// The ring as `/admin/stats` shows it: this replica and every member with its state.
     pub fn stats(&self) -> serde_json::Value {
         let members: Vec<serde_json::Value> = self
             .members
