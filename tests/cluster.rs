@@ -38,7 +38,8 @@ impl Location {
         Location::start_with(n, true, "").await
     }
 
-    /// A location whose replicas all add `extra` (e.g. an `[access]` table) to their config.
+    /// A location whose replicas all end their config with `extra`: more `[cluster]` keys, then
+    /// e.g. an `[access]` table.
     async fn start_with(n: usize, fronted: bool, extra: &str) -> Location {
         let registry = Registry::start(Auth::None).await;
         let tap = Tap::start(&registry.url()).await;
@@ -71,7 +72,7 @@ impl Location {
             let cache = dir.path().join("cache");
             let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, "");
             let config = format!(
-                "{config}\n{extra}\n[cluster]\npeers = [{peers}]\nself = {url:?}\ntoken_file = {:?}\n",
+                "{config}\n[cluster]\npeers = [{peers}]\nself = {url:?}\ntoken_file = {:?}\n{extra}\n",
                 token_file.display().to_string()
             );
             let resolver = berth::net::connect::system_resolver();
@@ -584,4 +585,25 @@ async fn dns_membership_follows_the_resolver_including_a_replica_that_disappears
             assert_ne!(*now, *gone);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_does_not_keep_local_copies_asks_the_owner_each_time() {
+    let location = Location::start_with(3, false, "keep_local = false\n").await;
+    let asker = &location.replicas[0];
+    let blob = (0..200)
+        .map(|seed| random_blob(150_000, 3300 + seed))
+        .find(|b| owner_of(&location, &b.digest) != asker.url())
+        .expect("a blob another replica owns");
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    location.tap.reset();
+    let digest = berth::oci::digest::Digest::parse(&blob.digest).unwrap();
+    for pull in 1..=2 {
+        pull_verified(asker, &blob).await;
+        assert!(!asker.state.cache.index.contains(&digest), "pull {pull}");
+        assert_eq!(peer_requests(asker), pull);
+    }
+    assert_eq!(location.tap.count(Method::GET, Kind::Blob), 1);
 }

@@ -66,6 +66,16 @@ impl Fills {
             }
             return Err(error);
         }
+        if !provenance.is_empty() && !self.keep_local && received.written.spilled.is_none() {
+            // An owner replica sent the bytes and this one keeps no copy: readers finish from
+            // the open file, and the temp file goes when `received` drops.
+            progress.send_replace(Progress::Verified {
+                file: Arc::clone(&received.file),
+                total: received.written.len,
+                spill: None,
+            });
+            return Ok(());
+        }
         let source = (reservation, provenance);
         commit(cache, metrics, &job, received, source, progress).await;
         Ok(())

@@ -108,6 +108,9 @@ pub struct Fills {
     retry_after: HeaderValue,
     /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
     cluster: Option<Arc<Cluster>>,
+    /// `cluster.keep_local`: whether bytes an owner replica sent are cached here too, or only
+    /// passed through to this fill's readers.
+    keep_local: bool,
 }
 
 /// The slowest a fill may go: at least `rate` bytes per second over each `window`.
@@ -141,6 +144,7 @@ impl Fills {
                 .max(1),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
             cluster: None,
+            keep_local: config.cluster.keep_local,
         }
     }
 
