@@ -6,7 +6,7 @@
 //! - `GET /readyz`   200 when ready, else 503 with the reasons (`health`); 503 "loading
 //!   index" while the index is rebuilt from disk at start-up (`serve_loading`).
 //! - `/admin/...`    behind `Authorization: Bearer <admin_token>` (disabled without a token):
-//!   - `GET /admin/stats`                        cache and fill figures as JSON;
+//!   - `GET /admin/stats`                        cache and fill figures (and the ring) as JSON;
 //!   - `GET /admin/access-report?image=IMAGE`    who may do what to an image (`access`);
 //!   - `DELETE /admin/digests/<digest>`          removes one blob or manifest (index + disk);
 //!   - `DELETE /admin/repositories/<name>[?ns=]` drops the repository's tag mappings, in memory
@@ -232,6 +232,7 @@ fn stats(state: &AppState) -> serde_json::Value {
         "evicted_bytes": metrics.evicted_bytes.get(),
         "filesystem": filesystem,
         "ready": state.readiness.is_serving() && !state.readiness.is_shutting_down(),
+        "cluster": state.cluster.as_ref().map(|cluster| cluster.stats()),
     })
 }
 

@@ -20,6 +20,7 @@
 //!   type, typed descriptors, platforms, index children, `subject`, `urls`), the Accept class
 //!   of a manifest request.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
+
 //! - `net`      outbound HTTP for everything that dials out: the pooled client (TLS roots, CA
 //!   bundle, timeouts), the connector that applies the address rule after DNS, the rule.
 //!   A leaf: it reads `config` only.
@@ -33,6 +34,8 @@
 //!   ones from shared maps where the kernel copies the body: `mapped`, `reader::Copier`), the
 //!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response,
 //!   and `FillError`, which every reader of a failed fill sees.
+//! - `cluster`  replicas of a location as one cache: rendezvous ring of blob owners, membership
+//!   (static or DNS), the peer token, peer requests (asker and owner side), the parent tier.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
 //!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
@@ -77,8 +80,10 @@
 //!                      through the repository, verified  (access::holdings, cache::origins)
 //!         lookup cache::Index -- hit --> cache::open_cached -> cache::reader streams it  X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(upstream, digest)
-//!                               first caller: spawn fill task -> upstream GET (auth, redirects,
-//!                                   over net::HttpClient and its address rule)
+//!                               first caller: spawn fill task -> [cluster] the digest's owner
+//!                                   replica's answer (peer request), else / on failure
+//!                                   -> upstream GET (auth, redirects, over net::HttpClient
+//!                                   and its address rule)
 //!                                   Content-Length > max_blob_size -> 403; reserve its room
 //!                                   body -> blocking writer: sha256 + temp file, publish length
 //!                                   body fails/trickles -> Range: bytes=<received>- , same hash
@@ -105,6 +110,7 @@ pub mod admin;
 pub(crate) mod api;
 pub(crate) mod body;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub(crate) mod error;
 pub(crate) mod fill;
@@ -153,6 +159,8 @@ pub struct AppState {
     /// Set by the server (serving, shutting down); read by `/readyz`.
     pub readiness: Readiness,
     pub access: Access,
+    /// The location's other replicas, when `[cluster]` makes this one of several.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -167,6 +175,8 @@ pub enum StartError {
     Client(#[source] upstream::SetupError),
     #[error("access: {0}")]
     Access(String),
+    #[error("{0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 impl AppState {
@@ -198,6 +208,12 @@ impl AppState {
                 dir: config.cache.dir.display().to_string(),
                 source,
             })?;
+        let cluster = cluster::Cluster::from_config(
+            &config.cluster,
+            &config.client,
+            Arc::clone(&resolver),
+            &metrics.registry,
+        )?;
         let upstreams = Upstreams::with_resolver(&config, Arc::clone(&metrics), resolver)
             .map_err(StartError::Client)?;
         let cache = Arc::new(cache);
@@ -210,7 +226,8 @@ impl AppState {
             .map_err(StartError::Access)?
             .with_listener_tls(config.tls.is_some());
         Ok(Arc::new(AppState {
-            fills: Arc::new(Fills::new(&config)),
+            fills: Arc::new(Fills::new(&config).with_cluster(cluster.clone())),
+            cluster,
             upstreams,
             cache,
             metrics,

@@ -22,7 +22,8 @@
 //! A client is an IPv4 address or an IPv6 /64 (`ClientKey`): one host usually holds a whole
 //! /64, so counting single IPv6 addresses would give it 2^64 shares. Clients in
 //! `trusted_networks` (nodes behind SNAT or a load balancer, the location's own replicas) are
-//! exempt from both per-client caps.
+//! exempt from both per-client caps, and so are the addresses of the location's replicas as
+//! listed now (`ClientSlots::with_peers`; membership changes with DNS).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -67,8 +68,14 @@ impl ClientKey {
 pub(crate) struct ClientSlots {
     max: usize,
     trusted: Vec<ipnet::IpNet>,
+    /// Whether an address is one of the location's replicas (`cluster`): peer traffic is not
+    /// throttled as a client.
+    peers: Option<Peers>,
     in_flight: Mutex<HashMap<ClientKey, usize>>,
 }
+
+/// The replicas' addresses, as the cluster lists them at the time of asking.
+pub type Peers = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
 /// One request's or connection's slot; released when dropped. A trusted client's slot
 /// counts nothing.
@@ -78,10 +85,21 @@ pub(crate) struct ClientSlot {
 }
 
 impl ClientSlots {
-    pub fn new(max: usize, trusted: &[ipnet::IpNet]) -> Arc<ClientSlots> {
+    #[cfg(test)]
+    fn new(max: usize, trusted: &[ipnet::IpNet]) -> Arc<ClientSlots> {
+        ClientSlots::with_peers(max, trusted, None)
+    }
+
+    /// Slots that also exempt the location's replicas (`peers`).
+    pub(crate) fn with_peers(
+        max: usize,
+        trusted: &[ipnet::IpNet],
+        peers: Option<Peers>,
+    ) -> Arc<ClientSlots> {
         Arc::new(ClientSlots {
             max,
             trusted: trusted.to_vec(),
+            peers,
             in_flight: Mutex::new(HashMap::new()),
         })
     }
@@ -92,6 +110,7 @@ impl ClientSlots {
             v4 => v4,
         };
         self.trusted.iter().any(|network| network.contains(&ip))
+            || self.peers.as_ref().is_some_and(|peers| peers(ip))
     }
 
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
@@ -315,6 +334,31 @@ mod tests {
             slots.try_acquire(mapped).is_none(),
             "mapped IPv4 is the IPv4 client"
         );
+    }
+
+    #[test]
+    fn the_locations_replicas_are_not_counted_while_listed() {
+        let listed = Arc::new(Mutex::new(vec![IpAddr::from([10, 1, 0, 2])]));
+        let peers: Peers = {
+            let listed = Arc::clone(&listed);
+            Arc::new(move |ip| listed.lock().unwrap().contains(&ip))
+        };
+        let slots = ClientSlots::with_peers(1, &[], Some(peers));
+        let replica = IpAddr::from([10, 1, 0, 2]);
+        let held: Vec<_> = (0..5)
+            .map(|_| slots.try_acquire(replica).unwrap())
+            .collect();
+        assert_eq!(slots.clients(), 0);
+        // An IPv4-mapped address is the same replica.
+        assert!(slots
+            .try_acquire("::ffff:10.1.0.2".parse().unwrap())
+            .is_some());
+        // Gone from the ring (e.g. from DNS): an ordinary client again.
+        listed.lock().unwrap().clear();
+        let first = slots.try_acquire(replica);
+        assert!(first.is_some());
+        assert!(slots.try_acquire(replica).is_none());
+        drop(held);
     }
 
     #[test]

@@ -104,16 +104,26 @@ impl Serving {
     /// The shared state of every connection: the HTTP builder, client slots, TLS.
     fn open(state: &Arc<AppState>) -> std::io::Result<Arc<Serving>> {
         let limits = &state.config.limits;
+        // The location's replicas are not throttled as clients (`cluster`).
+        let peers = state
+            .cluster
+            .clone()
+            .map(|cluster| -> limits::Peers { Arc::new(move |ip| cluster.is_member_address(ip)) });
         let tls = match &state.config.tls {
             Some(config) => Some(Tls::load(config).map_err(std::io::Error::other)?),
             None => None,
         };
         Ok(Arc::new(Serving {
             builder: builder(state),
-            clients: ClientSlots::new(limits.max_client_requests, &limits.trusted_networks),
-            client_connections: ClientSlots::new(
+            clients: ClientSlots::with_peers(
+                limits.max_client_requests,
+                &limits.trusted_networks,
+                peers.clone(),
+            ),
+            client_connections: ClientSlots::with_peers(
                 limits.max_client_connections,
                 &limits.trusted_networks,
+                peers,
             ),
             state: Arc::clone(state),
             tls,

@@ -32,6 +32,8 @@ pub struct Client {
     pub version: Version,
     /// Whether a hit may be sent from a map of the file (`Copier`).
     pub copier: Copier,
+    /// Another replica's fill asking this one, the blob's owner (`cluster::peer`).
+    pub from_peer: bool,
 }
 
 pub async fn serve(
@@ -44,17 +46,43 @@ pub async fn serve(
 ) -> Served {
     let digest = Digest::parse(digest)?;
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
+    let upstream = Arc::clone(&target.upstream.name);
     // Policy mode: cached bytes, or a fill another request started, only for a repository
-    // holding them on an upstream that served them (`holds`).
-    match super::holds::admit_blob(state, &target, &digest, head).await? {
-        BlobSource::Any => {}
+    // holding them on an upstream that served them (`holds`). A peer request (another
+    // replica's fill) is held to the rule like a client: the owner serves only bytes the asked
+    // upstream served, through the asked repository, else fills or verifies them first.
+    let served = match super::holds::admit_blob(state, &target, &digest, head).await? {
+        BlobSource::Any => serve_any(state, target, digest.clone(), range, head, client).await,
         BlobSource::Upstream => return head_upstream(&target, &digest).await,
         BlobSource::Own { .. } if head => return head_upstream(&target, &digest).await,
         BlobSource::Own { held } => {
-            return serve_own(state, target, digest, range, held, client).await
+            let wanted = (digest.clone(), held);
+            serve_own(state, target, wanted, range, client).await
         }
+    };
+    match client.from_peer {
+        true => with_provenance(state, &upstream, &digest, served?).await,
+        false => served,
     }
-    serve_any(state, target, digest, range, head, client).await
+}
+
+/// An owner's answer to a peer request names the upstreams that served the bytes
+/// (`cluster::peer`), the asked one first. A cached copy the asked upstream never served gets
+/// none: the asker then fetches for itself rather than credit that upstream with it.
+async fn with_provenance(
+    state: &AppState,
+    upstream: &str,
+    digest: &Digest,
+    (mut response, outcome): (Response<Body>, Outcome),
+) -> Served {
+    let origin = super::holds::origin_of(state, digest, true).await;
+    if outcome != Outcome::Hit || origin.served_by(upstream) {
+        let from = origin.from.iter().map(|u| &**u);
+        let value = crate::cluster::peer::provenance_header(upstream, from);
+        let name = http::header::HeaderName::from_static(crate::cluster::peer::PROVENANCE_HEADER);
+        response.headers_mut().insert(name, value);
+    }
+    Ok((response, outcome))
 }
 
 /// Serves a blob from the cache or from any fill of it, starting one if none runs.
@@ -83,6 +111,7 @@ async fn serve_any(
         upstream: target.upstream,
         repository: target.repository,
         digest: digest.clone(),
+        from_peer: client.from_peer,
     };
     let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
@@ -105,9 +134,8 @@ async fn serve_any(
 async fn serve_own(
     state: &Arc<AppState>,
     target: Target,
-    digest: Digest,
+    (digest, mut held): (Digest, bool),
     range: Option<&str>,
-    mut held: bool,
     client: Client,
 ) -> Served {
     for _ in 0..4 {
@@ -115,6 +143,7 @@ async fn serve_own(
             upstream: Arc::clone(&target.upstream),
             repository: target.repository.clone(),
             digest: digest.clone(),
+            from_peer: client.from_peer,
         };
         if let Some(joined) = state
             .fills

@@ -184,7 +184,7 @@ async fn learn(state: &AppState, target: &Target, digests: Vec<Digest>) {
 
 /// What is known about `digest`; from its sidecar only when it is `cached` (an object that is
 /// not has none), so asking for random digests costs no disk reads.
-async fn origin_of(state: &AppState, digest: &Digest, cached: bool) -> Arc<Origin> {
+pub(super) async fn origin_of(state: &AppState, digest: &Digest, cached: bool) -> Arc<Origin> {
     if let Some(origin) = state.cache.origins.get_cached(digest) {
         return origin;
     }

@@ -250,15 +250,7 @@ async fn serve<B>(
         }
     };
     seen.upstream = Some(Arc::clone(&target.upstream.name));
-    // Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
-    // policies let it pull this repository. Before any cache lookup or upstream request.
-    let authorized = state.access.authorize(&asker(request), &target).await;
-    seen.principal = match &authorized {
-        Ok(principal) => principal.clone(),
-        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
-        Err(_) => None,
-    };
-    authorized?;
+    let from_peer = authorize(state, request, &target, seen).await?;
     // Another org's platform registry is reached only with a docker secret for it.
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
@@ -279,6 +271,7 @@ async fn serve<B>(
                 version: request.version(),
                 // Set by the server for each connection; anything else must not be mapped.
                 copier: (request.extensions().get().copied()).unwrap_or(Copier::Berth),
+                from_peer,
             };
             blob::serve(state, target, digest, headers, head, client).await
         }
@@ -292,6 +285,34 @@ async fn serve<B>(
         // Upload endpoints allow no method at all here: an empty `Allow` says so (RFC 9110).
         ApiPath::BlobUpload { .. } | ApiPath::Catalog => Err(ApiError::read_only()),
     }
+}
+
+/// Authorize: anyone in the anonymous access mode; in the policy mode, a principal whose
+/// policies let it pull this repository. Before any cache lookup or upstream request.
+/// A peer request (another replica of the location, with the cluster token) was authorized by
+/// the replica its client asked; without a valid token it is an ordinary request. Returns
+/// whether it is a peer request.
+async fn authorize<B>(
+    state: &Arc<AppState>,
+    request: &Request<B>,
+    target: &route::Target,
+    seen: &mut Seen,
+) -> Result<bool, ApiError> {
+    let from_peer = crate::cluster::is_peer_request(state.cluster.as_deref(), request.headers());
+    if from_peer && state.readiness.is_shutting_down() {
+        return Err(ApiError::peer_draining());
+    }
+    let authorized = match from_peer {
+        true => Ok(Some("peer".to_owned())),
+        false => state.access.authorize(&asker(request), target).await,
+    };
+    seen.principal = match &authorized {
+        Ok(principal) => principal.clone(),
+        Err(AccessError::Denied { principal, .. }) => Some(principal.clone()),
+        Err(_) => None,
+    };
+    authorized?;
+    Ok(from_peer)
 }
 
 /// What access control needs from a request: credentials, the host it was sent to, the peer.

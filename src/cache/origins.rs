@@ -58,7 +58,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub(crate) fn served_by(&self, upstream: &str) -> bool {
+    pub fn served_by(&self, upstream: &str) -> bool {
         self.from.iter().any(|u| &**u == upstream)
     }
 
@@ -183,7 +183,7 @@ impl Origins {
     }
 
     /// The same without touching the disk: `None` when memory does not know.
-    pub(crate) fn get_cached(&self, digest: &Digest) -> Option<Arc<Origin>> {
+    pub fn get_cached(&self, digest: &Digest) -> Option<Arc<Origin>> {
         self.memory.get(digest)
     }
 
@@ -191,6 +191,21 @@ impl Origins {
     /// writes the sidecar when `persist` (the object is in the cache). Blocking.
     pub fn fetched(&self, digest: &Digest, upstream: &str, repository: &Repository, persist: bool) {
         self.update(digest, Some(upstream), (upstream, repository), persist);
+    }
+
+    /// Records what another replica of the location reported with bytes verified as `digest`
+    /// (`cluster::peer`): each upstream in `from` served them, and `held` (the upstream and
+    /// repository the bytes were asked through, one of `from`) holds them. Blocking.
+    pub fn reported(
+        &self,
+        digest: &Digest,
+        from: &[Arc<str>],
+        held: (&str, &Repository),
+        persist: bool,
+    ) {
+        for upstream in from {
+            self.update(digest, Some(upstream), held, persist);
+        }
     }
 
     /// Records that `repository` on `upstream` holds `digest` (learned from one of its

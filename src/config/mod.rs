@@ -38,6 +38,8 @@ use serde::Deserialize;
 
 use crate::secret::Secret;
 
+pub mod cluster;
+
 /// The configuration used when `berth serve` is given no file: a mirror of the public registries,
 /// caching under `./berth-cache`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../deploy/default.toml");
@@ -115,6 +117,9 @@ pub struct Config {
     /// Who may pull what: anonymous (a public mirror) or principals and policies.
     #[serde(default)]
     pub access: AccessConfig,
+    /// Replicas of one location acting as one cache, and the parent tier (`cluster`).
+    #[serde(default)]
+    pub cluster: cluster::ClusterConfig,
 }
 
 /// PEM certificate chain and private key for serving HTTPS; re-read when either file changes.

@@ -144,6 +144,15 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, message)
     }
 
+    /// 503 to a peer request while this replica drains, marked so that the asking replica
+    /// drops it from the ring at once (`cluster::peer`).
+    pub fn peer_draining() -> ApiError {
+        ApiError::unavailable("draining").with_header(
+            HeaderName::from_static(crate::cluster::peer::DRAINING_HEADER),
+            HeaderValue::from_static("1"),
+        )
+    }
+
     /// 502: the upstream's answer cannot be used; the detail says why.
     pub(crate) fn bad_gateway(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_GATEWAY, Code::Unavailable, message)

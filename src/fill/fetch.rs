@@ -1,4 +1,4 @@
-//! One fill as named phases: ask the upstream -> reserve room -> open temp -> receive (the body
+//! One fill as named phases: ask the owner replica, the parent or the upstream (`first_response`) -> reserve room -> open temp -> receive (the body
 //! through the writer) -> verify -> commit. Each phase fails with a `FillError` that says what
 //! failed; the readers learn of success or failure through `Progress`. Joining a fill and
 //! running the task are `mod.rs`'s; the body's pacing and resumes, `receive`'s.
@@ -7,6 +7,8 @@ use std::fs::File;
 use std::sync::Arc;
 
 use http::Method;
+use http::Response;
+use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
 use super::write::{verify, write_chunks, TempFile, Written, WRITE_QUEUE_CHUNKS};
@@ -14,6 +16,10 @@ use super::{FillError, Fills, Job, Progress};
 use crate::cache::index::Reservation;
 use crate::cache::{Cache, Entry, Kind};
 use crate::metrics::Metrics;
+
+/// The upstreams an owner replica reported served a blob (`cluster::peer`); empty when the
+/// bytes came from the job's upstream (or the parent tier) directly.
+type Provenance = Vec<Arc<str>>;
 
 /// A received blob, not yet verified: its temp file (deleted unless committed), the open file
 /// readers are reading, and what the writer saw.
@@ -31,10 +37,7 @@ impl Fills {
         job: Job,
         progress: &watch::Sender<Progress>,
     ) -> Result<(), FillError> {
-        let response = job
-            .upstream
-            .blob(Method::GET, &job.repository, &job.digest)
-            .await?;
+        let (response, provenance) = self.first_response(&job).await?;
         let total = crate::upstream::content_length(response.headers());
         if let Some(length) = total.filter(|total| *total > self.max_blob_size) {
             return Err(FillError::TooLarge { length });
@@ -63,7 +66,18 @@ impl Fills {
             }
             return Err(error);
         }
-        commit(cache, metrics, &job, received, reservation, progress).await;
+        if !provenance.is_empty() && !self.keep_local && received.written.spilled.is_none() {
+            // An owner replica sent the bytes and this one keeps no copy: readers finish from
+            // the open file, and the temp file goes when `received` drops.
+            progress.send_replace(Progress::Verified {
+                file: Arc::clone(&received.file),
+                total: received.written.len,
+                spill: None,
+            });
+            return Ok(());
+        }
+        let source = (reservation, provenance);
+        commit(cache, metrics, &job, received, source, progress).await;
         Ok(())
     }
 
@@ -73,7 +87,7 @@ impl Fills {
         &self,
         job: &Job,
         metrics: &Metrics,
-        body: hyper::body::Incoming,
+        body: Incoming,
         total: Option<u64>,
         (temp, file): (TempFile, Arc<File>),
         progress: &watch::Sender<Progress>,
@@ -100,6 +114,34 @@ impl Fills {
             file,
             written,
         })
+    }
+
+    /// The owner's answer when another replica of the location owns the digest and serves it,
+    /// else the parent tier's (`cluster.parent`), else the upstream's; with the upstreams the
+    /// owner reports served the bytes (empty: the job's upstream alone). Should the owner's
+    /// body fail, `receive` resumes from the upstream with a Range at the bytes already
+    /// hashed, as for any upstream body.
+    async fn first_response(
+        &self,
+        job: &Job,
+    ) -> Result<(Response<Incoming>, Provenance), FillError> {
+        if let Some(cluster) = &self.cluster {
+            if !job.from_peer {
+                let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
+                if let Some(answer) = asked.await {
+                    return Ok((answer.response, answer.provenance));
+                }
+            }
+            let asked = cluster.ask_parent(&job.upstream.name, &job.repository, &job.digest);
+            if let Some(response) = asked.await {
+                return Ok((response, Vec::new()));
+            }
+        }
+        let response = job
+            .upstream
+            .blob(Method::GET, &job.repository, &job.digest)
+            .await?;
+        Ok((response, Vec::new()))
     }
 
     /// Reserves `total` bytes in the cache (evicting to make room) against `max_size` and
@@ -157,7 +199,7 @@ async fn commit(
     metrics: &Metrics,
     job: &Job,
     received: Received,
-    reservation: Option<Reservation<'_>>,
+    (reservation, provenance): (Option<Reservation<'_>>, Provenance),
     progress: &watch::Sender<Progress>,
 ) {
     let Received {
@@ -191,25 +233,30 @@ async fn commit(
         progress.send_replace(verified(None));
         return;
     }
+    // The origin first: a request that finds the blob in the index must find where it came
+    // from too (the holdings rule, and the provenance an owner replica reports).
+    record_origin(cache, job, provenance).await;
     let entry = Entry::new(Kind::Blob, written.len, None);
     match reservation {
         Some(reservation) => reservation.commit(job.digest.clone(), entry),
         None => cache.index.insert(job.digest.clone(), entry),
     }
-    record_origin(cache, job).await;
     metrics.fills_completed.inc();
     progress.send_replace(verified(None));
 }
 
-/// Notes where a committed blob came from (`cache::origins`), before readers see it verified.
-async fn record_origin(cache: &Cache, job: &Job) {
+/// Notes where a committed blob came from (`cache::origins`), before readers see it verified:
+/// the job's upstream and repository, and the other upstreams an owner replica reported.
+async fn record_origin(cache: &Cache, job: &Job, provenance: Provenance) {
     let origins = Arc::clone(&cache.origins);
     let (digest, upstream, repository) = (
         job.digest.clone(),
         Arc::clone(&job.upstream.name),
         job.repository.clone(),
     );
-    let _ =
-        tokio::task::spawn_blocking(move || origins.fetched(&digest, &upstream, &repository, true))
-            .await;
+    let _ = tokio::task::spawn_blocking(move || match provenance.is_empty() {
+        true => origins.fetched(&digest, &upstream, &repository, true),
+        false => origins.reported(&digest, &provenance, (&upstream, &repository), true),
+    })
+    .await;
 }

@@ -52,6 +52,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::cache::{open_cached, Cache, Progress};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
@@ -63,6 +64,9 @@ pub struct Job {
     pub upstream: Arc<Upstream>,
     pub repository: Repository,
     pub digest: Digest,
+    /// The request came from another replica of the location: fill from the upstream, never
+    /// ask the ring again (an owner that disagrees about the ring fills itself).
+    pub from_peer: bool,
 }
 
 struct Running {
@@ -72,6 +76,8 @@ struct Running {
     /// upstream may join (`join_own`).
     upstream: Arc<str>,
     repository: Repository,
+    /// Started by another replica's peer request: counted against `max_peer_fills`.
+    from_peer: bool,
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -96,7 +102,15 @@ pub struct Fills {
     /// `cache.min_free`, which a fill's reservation counts against.
     min_free: Option<u64>,
     max_fills: usize,
+    /// The share of `max_fills` peer requests may hold (`cluster.peer_fill_share`), so the
+    /// location's other replicas cannot take every slot from this replica's own clients.
+    max_peer_fills: usize,
     retry_after: HeaderValue,
+    /// The location's replicas: a miss asks the digest's owner first (`cluster::peer`).
+    cluster: Option<Arc<Cluster>>,
+    /// `cluster.keep_local`: whether bytes an owner replica sent are cached here too, or only
+    /// passed through to this fill's readers.
+    keep_local: bool,
 }
 
 /// The slowest a fill may go: at least `rate` bytes per second over each `window`.
@@ -125,8 +139,18 @@ impl Fills {
             max_blob_size: config.max_blob_size(),
             min_free: config.cache.min_free,
             max_fills: config.limits.max_fills,
+            max_peer_fills: (config.limits.max_fills * usize::from(config.cluster.peer_fill_share)
+                / 100)
+                .max(1),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
+            cluster: None,
+            keep_local: config.cluster.keep_local,
         }
+    }
+
+    /// Fills that ask the owner of a digest, then the parent tier, before the upstream.
+    pub fn with_cluster(self, cluster: Option<Arc<Cluster>>) -> Fills {
+        Fills { cluster, ..self }
     }
 
     /// Joins the fill of `job.digest`, starting it if none runs and the cap allows one more.
@@ -202,7 +226,9 @@ impl Fills {
                 coalesced: false,
             }));
         }
-        if running.len() >= self.max_fills {
+        let peer_fills = || running.values().filter(|fill| fill.from_peer).count();
+        if running.len() >= self.max_fills || (job.from_peer && peer_fills() >= self.max_peer_fills)
+        {
             metrics.rejected.with_label_values(&["fills"]).inc();
             return Err(FillError::Busy {
                 retry_after: self.retry_after.clone(),
@@ -215,6 +241,7 @@ impl Fills {
         let metrics = Arc::clone(metrics);
         let task_key = key.clone();
         let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
+        let from_peer = job.from_peer;
         let task = tokio::spawn(async move {
             let digest = job.digest.clone();
             let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
@@ -233,6 +260,7 @@ impl Fills {
                 task: task.abort_handle(),
                 upstream,
                 repository,
+                from_peer,
             },
         );
         self.count.send_replace(running.len());

@@ -94,6 +94,10 @@ impl Circuit {
             }
         }
     }
+
+    pub(crate) fn is_open(&self) -> bool {
+        !matches!(self.state, State::Closed { .. })
+    }
 }
 
 /// The shared breaker of one upstream.
@@ -120,6 +124,11 @@ impl Breaker {
     /// Returns true when this failure opened the circuit.
     pub fn failure(&self) -> bool {
         self.lock().failure(Instant::now())
+    }
+
+    /// Whether the circuit fails requests fast right now (open, or one probe under way).
+    pub(crate) fn is_open(&self) -> bool {
+        self.lock().is_open()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Circuit> {

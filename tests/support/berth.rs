@@ -52,11 +52,21 @@ impl Berth {
         config_toml: &str,
         resolver: berth::net::connect::Resolver,
     ) -> Berth {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Berth::start_on(listener, config_toml, resolver).await
+    }
+
+    /// `start_with_resolver` on a listener the test bound first: how replicas of one location
+    /// learn each other's addresses before any of them starts.
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        config_toml: &str,
+        resolver: berth::net::connect::Resolver,
+    ) -> Berth {
         let config = Config::from_toml(config_toml).expect("test config is valid");
         let state = AppState::open_with_resolver(config, resolver)
             .await
             .expect("berth starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin_listener.local_addr().unwrap();
