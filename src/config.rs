@@ -33,6 +33,8 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+pub mod prefetch;
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -82,6 +84,9 @@ pub struct Config {
     /// Who may pull what: anonymous (a public mirror) or principals and policies.
     #[serde(default)]
     pub access: AccessConfig,
+    /// Fills of a cold image's blobs started by the GET of its manifest (`prefetch`).
+    #[serde(default)]
+    pub prefetch: prefetch::PrefetchConfig,
 }
 
 /// Caps and timeouts on the serving side. Over a cap berth answers 503 (or 429 for one client
@@ -560,6 +565,9 @@ impl Config {
 
 impl Config {
     fn validate_limits(&self) -> Result<(), ConfigError> {
+        if let Some(key) = self.prefetch.zero_count() {
+            return Err(invalid(key, "must be greater than zero"));
+        }
         let limits = &self.limits;
         let counts = [
             ("limits.max_connections", limits.max_connections),

@@ -22,6 +22,8 @@
 //!   failed (`spill`), the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does.
+//! - `prefetch` a cold image's manifest GET starts the fills of its missing config and layers,
+//!   bounded, below real misses for `max_fills`, paused for an upstream that answers 429.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases.
 //! - `server`   accept loop, HTTP/1.1 + HTTP/2, idle and head timeouts per connection,
@@ -86,6 +88,7 @@ pub mod limits;
 pub mod load;
 pub mod metrics;
 pub mod oci;
+pub mod prefetch;
 pub mod probe;
 pub mod route;
 pub mod secret;
@@ -116,6 +119,8 @@ pub struct AppState {
     /// Set by the server (serving, shutting down); read by `/readyz`.
     pub readiness: Readiness,
     pub access: Access,
+    /// Starts the fills of an image's missing blobs when its manifest is fetched.
+    pub prefetch: prefetch::Prefetcher,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -176,6 +181,7 @@ impl AppState {
             metrics,
             readiness: Readiness::new(),
             access,
+            prefetch: prefetch::Prefetcher::new(&config.prefetch),
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,

@@ -104,6 +104,8 @@ pub struct Upstream {
     /// Fails requests fast while the upstream is down, so clients of it do not each wait out
     /// a timeout; cached content never reaches this point.
     breaker: breaker::Breaker,
+    /// When this upstream last answered 429: prefetching (optional traffic) pauses after it.
+    last_429: std::sync::Mutex<Option<std::time::Instant>>,
     /// Extra attempts for safe retries (`retry`), and the longest `Retry-After` waited out.
     retries: u32,
     max_retry_after: Duration,
@@ -156,6 +158,7 @@ impl Upstream {
             client: shared.client_for(config, host),
             metrics: Arc::clone(&shared.metrics),
             breaker: breaker::Breaker::new(shared.breaker_threshold, shared.breaker_cooldown),
+            last_429: std::sync::Mutex::new(None),
             retries: shared.retries,
             max_retry_after: shared.max_retry_after,
         }
@@ -249,6 +252,12 @@ impl Upstream {
         self.breaker.is_open()
     }
 
+    /// Whether this upstream answered 429 (to any request) less than `within` ago.
+    pub fn rate_limited_within(&self, within: Duration) -> bool {
+        let last = *self.last_429.lock().expect("429 lock");
+        last.is_some_and(|at| at.elapsed() < within)
+    }
+
     /// Sends `method /v2/<repository>/<path>?<query>` with credentials for pulling `repository`,
     /// answering one authentication challenge and following redirects. Any status comes back.
     pub async fn fetch(
@@ -318,6 +327,9 @@ impl Upstream {
             let verdict = match &sent {
                 Ok((response, _)) => {
                     self.breaker.success();
+                    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                        *self.last_429.lock().expect("429 lock") = Some(std::time::Instant::now());
+                    }
                     retry::after_status(
                         method,
                         response.status(),
