@@ -117,6 +117,9 @@ struct LoadArgs {
     /// Concurrent pullers.
     #[arg(long, short = 'c', default_value_t = 8)]
     concurrency: usize,
+    /// Blobs (config and layers) each puller fetches at once; containerd's default is 3.
+    #[arg(long, default_value_t = 3)]
+    layer_concurrency: usize,
     /// Run this long (e.g. 30s); without it, run --count pulls.
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
     duration: Option<std::time::Duration>,
@@ -359,6 +362,7 @@ fn load(args: LoadArgs) -> anyhow::Result<()> {
         target: args.target,
         images,
         concurrency: args.concurrency,
+        layer_concurrency: args.layer_concurrency,
         limit,
         platform: args.platform,
         request_timeout: args.timeout,

@@ -250,7 +250,9 @@ mod tests {
         assert!(is_image_manifest(DOCKER_MANIFEST));
         assert!(!is_image_manifest(crate::oci::manifest::OCI_INDEX));
         assert!(!is_image_manifest(crate::oci::manifest::DOCKER_LIST));
-        assert!(!is_image_manifest(crate::oci::manifest::DOCKER_SCHEMA1_SIGNED));
+        assert!(!is_image_manifest(
+            crate::oci::manifest::DOCKER_SCHEMA1_SIGNED
+        ));
     }
 
     #[test]

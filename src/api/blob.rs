@@ -76,7 +76,9 @@ async fn serve_any(
     };
     let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
-        state.prefetch.joined(&target_upstream, &digest, &state.metrics);
+        state
+            .prefetch
+            .joined(&target_upstream, &digest, &state.metrics);
         Outcome::Coalesced
     } else {
         Outcome::Miss

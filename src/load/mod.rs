@@ -3,7 +3,8 @@
 //!
 //! Each of N pullers repeatedly pulls an image from the list: the manifest (by tag or digest,
 //! with the Accept header a container runtime sends), the platform manifest if that was an
-//! index, then the config and every layer. Every body is hashed and checked against the digest
+//! index, then the config and every layer, `--layer-concurrency` of them at a time (3, as
+//! containerd). Every body is hashed and checked against the digest
 //! (and size) that named it, so a fast wrong answer counts as an error, not as throughput. It
 //! runs for a duration or a count of pulls and prints throughput and p50/p90/p99 per request
 //! class (`stats`). With `--metrics`, it reads the target's Prometheus text before and after and
@@ -96,6 +97,8 @@ pub struct LoadConfig {
     pub target: String,
     pub images: Vec<ImageRef>,
     pub concurrency: usize,
+    /// Blobs one puller fetches at once (containerd: 3).
+    pub layer_concurrency: usize,
     pub limit: Limit,
     /// `os/architecture[/variant]` chosen from an index.
     pub platform: String,
@@ -111,8 +114,8 @@ pub struct LoadConfig {
 
 /// Runs the load and returns what it measured.
 pub async fn run(config: LoadConfig) -> Result<Report, String> {
-    if config.images.is_empty() || config.concurrency == 0 {
-        return Err("need at least one image and one puller".into());
+    if config.images.is_empty() || config.concurrency == 0 || config.layer_concurrency == 0 {
+        return Err("need at least one image, one puller and one layer at a time".into());
     }
     // The operator names the target, often berth on this host or in this cluster.
     let client = HttpClient::new(&ClientConfig {
@@ -138,6 +141,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
         images: config.images,
         platform: config.platform,
         timeout: config.request_timeout,
+        layer_concurrency: config.layer_concurrency,
         started: AtomicU64::new(0),
     });
     let started = Instant::now();
@@ -212,6 +216,7 @@ struct Shared {
     images: Vec<ImageRef>,
     platform: String,
     timeout: Duration,
+    layer_concurrency: usize,
     /// Pulls claimed so far, across pullers; the count limit and the image rotation use it.
     started: AtomicU64,
 }
@@ -298,12 +303,32 @@ impl Shared {
                 return Err(());
             }
         };
-        for (class, blob) in std::iter::once((Class::Config, config))
-            .chain(layers.into_iter().map(|layer| (Class::Layer, layer)))
-        {
+        let blobs = std::iter::once((Class::Config, config))
+            .chain(layers.into_iter().map(|layer| (Class::Layer, layer)));
+        self.fetch_blobs(image, blobs, recorder).await
+    }
+
+    /// Fetches an image's config and layers, `layer_concurrency` at a time in manifest order
+    /// (containerd's default is 3); the first failure stops the rest, as a runtime's would.
+    async fn fetch_blobs(
+        &self,
+        image: &ImageRef,
+        blobs: impl Iterator<Item = (Class, Descriptor)>,
+        recorder: &mut Recorder,
+    ) -> Result<(), ()> {
+        use futures_util::StreamExt;
+        let fetches = blobs.map(|(class, blob)| async move {
             let path = format!("{}/blobs/{}", image.repository, blob.digest);
-            self.fetch(image, class, &path, Some(&blob.digest), blob.size, recorder)
-                .await?;
+            let mut own = Recorder::default();
+            let fetched = self
+                .fetch(image, class, &path, Some(&blob.digest), blob.size, &mut own)
+                .await;
+            (fetched.map(drop), own)
+        });
+        let mut running = futures_util::stream::iter(fetches).buffered(self.layer_concurrency);
+        while let Some((fetched, own)) = running.next().await {
+            recorder.merge(own);
+            fetched?;
         }
         Ok(())
     }
