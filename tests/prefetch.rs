@@ -29,6 +29,42 @@ async fn get_manifest(stack: &Stack, reference: &str, method: Method) -> support
     fetched
 }
 
+async fn get_blob(stack: &Stack, digest: &str) -> support::Fetched {
+    let url = stack.blob_url(REPO, digest);
+    fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap()
+}
+
+/// A stack (berth's config plus `extra`) whose registry holds `REPO:v1`, an image of layers of
+/// `sizes`, with the tap's count of requests at zero.
+async fn cold_stack(extra: &str, seed: u64, sizes: &[usize]) -> (Stack, Image) {
+    let stack = Stack::start(extra).await;
+    let image = Image::random(Flavor::Oci, seed, sizes);
+    push_image(&stack.registry.url(), REPO, "v1", &image, None)
+        .await
+        .unwrap();
+    stack.tap.reset();
+    (stack, image)
+}
+
+/// `cold_stack` of a config and four layers, whose upstream blob bodies are all held after
+/// their first bytes (so fills stay running until `Tap::resume`).
+async fn held_stack(extra: &str, seed: u64) -> (Stack, Image) {
+    let (stack, image) = cold_stack(extra, seed, &[100_000; 4]).await;
+    stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
+    (stack, image)
+}
+
+/// GETs `REPO:v1` from a `held_stack` and waits until `held` prefetch fills are held upstream
+/// and `count` blobs were skipped for `reason`; then exactly `held` blob GETs went upstream.
+async fn get_v1_until(stack: &Stack, held: usize, (reason, count): (&str, u64)) {
+    get_manifest(stack, "v1", Method::GET).await;
+    stack.tap.wait_paused(held).await;
+    wait_metric(reason, || skipped(stack, reason), count).await;
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), held);
+}
+
 /// Polls a metric until it reaches `want`; fails the test after 10 s.
 async fn wait_metric(what: &str, read: impl Fn() -> u64, want: u64) {
     for _ in 0..1000 {
@@ -47,12 +83,7 @@ fn skipped(stack: &Stack, reason: &str) -> u64 {
 
 #[tokio::test]
 async fn a_manifest_get_starts_the_fills_that_the_blob_requests_then_join() {
-    let stack = Stack::start("").await;
-    let image = Image::random(Flavor::Oci, 11, &[400_000, 900_000, 200_000]);
-    push_image(&stack.registry.url(), REPO, "v1", &image, None)
-        .await
-        .unwrap();
-    stack.tap.reset();
+    let (stack, image) = cold_stack("", 11, &[400_000, 900_000, 200_000]).await;
     // Every upstream blob body is held after its first bytes, so the fills are still running
     // when the client asks for the blobs.
     stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
@@ -93,12 +124,7 @@ async fn a_manifest_get_starts_the_fills_that_the_blob_requests_then_join() {
 
 #[tokio::test]
 async fn a_prefetch_no_client_joins_completes_and_later_requests_hit() {
-    let stack = Stack::start("").await;
-    let image = Image::random(Flavor::Oci, 21, &[300_000, 100_000]);
-    push_image(&stack.registry.url(), REPO, "v1", &image, None)
-        .await
-        .unwrap();
-    stack.tap.reset();
+    let (stack, image) = cold_stack("", 21, &[300_000, 100_000]).await;
 
     get_manifest(&stack, "v1", Method::GET).await;
     let metrics = &stack.berth.state.metrics;
@@ -110,15 +136,7 @@ async fn a_prefetch_no_client_joins_completes_and_later_requests_hit() {
     )
     .await;
     for blob in &blobs {
-        let fetched = fetch(request(
-            Method::GET,
-            &stack.blob_url(REPO, &blob.digest),
-            None,
-            &[],
-            Bytes::new(),
-        ))
-        .await
-        .unwrap();
+        let fetched = get_blob(&stack, &blob.digest).await;
         assert_eq!(fetched.header("x-cache"), Some("HIT"));
         assert_eq!(support::image::sha256_digest(&fetched.body), blob.digest);
     }
@@ -162,18 +180,8 @@ async fn heads_and_index_gets_start_nothing_and_the_platform_manifest_does() {
 
 #[tokio::test]
 async fn no_more_than_max_total_prefetches_run_at_once() {
-    let stack = Stack::start("[prefetch]\nmax_total = 2").await;
-    let image = Image::random(Flavor::Oci, 51, &[100_000, 100_000, 100_000, 100_000]);
-    push_image(&stack.registry.url(), REPO, "v1", &image, None)
-        .await
-        .unwrap();
-    stack.tap.reset();
-    stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
-
-    get_manifest(&stack, "v1", Method::GET).await;
-    stack.tap.wait_paused(2).await;
-    wait_metric("skipped", || skipped(&stack, "max_total"), 3).await;
-    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 2);
+    let (stack, _) = held_stack("[prefetch]\nmax_total = 2", 51).await;
+    get_v1_until(&stack, 2, ("max_total", 3)).await;
     assert_eq!(stack.berth.state.metrics.prefetch_started.get(), 2);
     stack.tap.resume();
 }
@@ -181,29 +189,16 @@ async fn no_more_than_max_total_prefetches_run_at_once() {
 #[tokio::test]
 async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
     // max_fills = 4: real misses keep one slot, so three prefetches run and two wait.
-    let stack = Stack::start("[limits]\nmax_fills = 4").await;
-    let image = Image::random(Flavor::Oci, 61, &[100_000, 100_000, 100_000, 100_000]);
-    push_image(&stack.registry.url(), REPO, "v1", &image, None)
-        .await
-        .unwrap();
-    stack.tap.reset();
-    stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
-
-    get_manifest(&stack, "v1", Method::GET).await;
-    stack.tap.wait_paused(3).await;
-    wait_metric("skipped", || skipped(&stack, "fills_busy"), 2).await;
-    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 3);
+    let (stack, image) = held_stack("[limits]\nmax_fills = 4", 61).await;
+    get_v1_until(&stack, 3, ("fills_busy", 2)).await;
 
     // A client's request for a blob no prefetch took gets the slot left free.
     let last = image.blobs()[4].digest.clone();
-    let url = stack.blob_url(REPO, &last);
-    let client =
-        tokio::spawn(
-            async move { fetch(request(Method::GET, &url, None, &[], Bytes::new())).await },
-        );
-    stack.tap.wait_paused(4).await;
-    stack.tap.resume();
-    let fetched = client.await.unwrap().unwrap();
+    let (client, _) = tokio::join!(get_blob(&stack, &last), async {
+        stack.tap.wait_paused(4).await;
+        stack.tap.resume();
+    });
+    let fetched = client;
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.header("x-cache"), Some("MISS"));
     assert_eq!(support::image::sha256_digest(&fetched.body), last);
@@ -211,26 +206,12 @@ async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
 
 #[tokio::test]
 async fn an_upstream_that_answered_429_gets_no_prefetches() {
-    let stack = Stack::start("").await;
-    let image = Image::random(Flavor::Oci, 71, &[100_000, 100_000]);
-    push_image(&stack.registry.url(), REPO, "v1", &image, None)
-        .await
-        .unwrap();
-    stack.tap.reset();
+    let (stack, image) = cold_stack("", 71, &[100_000, 100_000]).await;
     // A client's own miss is refused with 429 (a Retry-After too long to wait out).
     stack
         .tap
         .inject_times(Kind::Blob, Fault::Status(429, Some(120)), 1);
-    let first = &image.blobs()[1].digest;
-    let refused = fetch(request(
-        Method::GET,
-        &stack.blob_url(REPO, first),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let refused = get_blob(&stack, &image.blobs()[1].digest).await;
     assert_eq!(refused.status, 429);
 
     get_manifest(&stack, "v1", Method::GET).await;
