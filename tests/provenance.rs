@@ -365,10 +365,15 @@ async fn the_victim_still_pulls_and_after_a_restart_with_both_registries_down_as
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_upstream() {
     let site = Site::start().await;
+    // The victim's fills of its layers, which its manifest GET starts (prefetch), are held
+    // part-way at the tap.
+    site.tap
+        .inject(support::Kind::Blob, support::Fault::PauseAt(5_000));
     let manifest = site
         .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), victim())
         .await;
     assert_eq!(manifest.status, 200);
+    site.tap.wait_paused(2).await;
     // The attacker lists the layer as its own and answers HEAD 200 for it.
     let layer = site.image.layers[1].blob.clone();
     let listed = descriptor(Flavor::Oci.layer_type(), &layer);
@@ -380,9 +385,6 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
         mallory(),
     )
     .await;
-    // The victim's fill of the layer is held half-way at the tap.
-    site.tap
-        .inject_times(support::Kind::Blob, support::Fault::PauseAt(5_000), 1);
     let url = format!(
         "{}/v2/{VICTIM}/team/app/blobs/{}",
         site.berth.url(),
@@ -395,7 +397,6 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
         &[],
         Bytes::new(),
     )));
-    site.tap.wait_paused(1).await;
     let path = format!("/v2/{ATTACKER}/evil/app/blobs/{}", layer.digest);
     let fetched = site.get(&path, mallory()).await;
     assert_eq!(fetched.status, 404, "{:?}", fetched.header("x-cache"));
