@@ -406,3 +406,25 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
     assert_eq!(pulled.body, layer.bytes);
     site.mallory_gets_nothing_of_the_victim("racing fill").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_may_not_pull_the_repository_prefetches_nothing() {
+    let site = Site::start().await;
+    site.tap.reset();
+    // Mallory asks for the victim's manifest itself: refused before anything is looked up.
+    let refused = site
+        .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), mallory())
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(site.berth.state.metrics.prefetch_started.get(), 0);
+    assert!(site.tap.requests().is_empty(), "{:?}", site.tap.requests());
+    // The victim's own GET does start the fills of its image's blobs.
+    let allowed = site
+        .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), victim())
+        .await;
+    assert_eq!(allowed.status, 200);
+    let blobs = site.image.blobs().len();
+    site.tap
+        .wait_for(Method::GET, support::Kind::Blob, blobs)
+        .await;
+}
