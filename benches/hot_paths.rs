@@ -10,9 +10,9 @@ use std::io::Write;
 use std::sync::Arc;
 
 use berth::cache::store::{Kind, Store};
+use berth::cache::Progress;
 use berth::cache::{Entry, Index};
 use berth::config::Config;
-use berth::fill::Progress;
 use berth::oci::digest::{Digest, Verifier};
 use berth::oci::name::split_api_path;
 use berth::upstream::Upstreams;

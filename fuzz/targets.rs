@@ -4,14 +4,18 @@
 //! Each takes arbitrary bytes and must not panic; where a parser accepts, the result is also
 //! checked against an invariant of its type.
 //!
-//! The access-policy JSON target belongs with the policy parser (issue 6) and is not here.
+//! A new target goes in three places: a function here, a `fuzz_targets/<name>.rs` binary with
+//! its `[[bin]]` in `fuzz/Cargo.toml` and a seed corpus in `fuzz/corpus/<name>`, and a
+//! proptest case in `tests/fuzz.rs`.
 
 use std::sync::OnceLock;
 
 use berth::config::Config;
 use berth::oci::digest::Digest;
+use berth::oci::manifest::Manifest;
 use berth::oci::name::{split_api_path, ApiPath, Reference, Repository, Tag};
 use berth::oci::range::{parse_range, RangeRequest};
+use berth::oci::reference::{ImageRef, Orgs};
 use berth::secrets::SecretKind;
 use berth::upstream::challenge::{parse_challenges, token_url, Challenge};
 use berth::upstream::Upstreams;
@@ -51,7 +55,9 @@ pub fn api_path(data: &[u8]) {
     }
 }
 
-/// Names, tags and references alone, and whole image references (`berth resolve`).
+/// Names, tags and references alone, and whole image references (`berth resolve`, `berth
+/// warm`, `berth load`, the access report): what parses re-parses from its API name and shown
+/// reference to the same thing, so the name a pull sends is the name that was meant.
 pub fn reference(data: &[u8]) {
     let Some(text) = text(data) else { return };
     if let Ok(reference) = Reference::parse(text) {
@@ -69,13 +75,26 @@ pub fn reference(data: &[u8]) {
         Upstreams::new(&Config::embedded_default()).expect("the default config builds")
     });
     let _ = berth::route::resolve_image(upstreams, text);
-    let platform = upstreams.platform();
-    if let Ok(image) = berth::route::parse_image_reference(text, platform) {
+    let orgs = Orgs {
+        own: Some("my-org"),
+        domain: "registry.cpln.io",
+    };
+    for orgs in [None, Some(orgs)] {
+        let Ok(image) = ImageRef::parse(text, orgs) else {
+            continue;
+        };
         // A pinned tag is only kept next to the digest that wins over it.
         if image.pinned_tag.is_some() {
             assert!(image.reference.digest().is_some(), "{text:?}");
         }
-        assert!(!image.name.contains('@'), "{text:?}");
+        let name = image.api_name();
+        let written = match (&image.pinned_tag, &image.reference) {
+            (Some(tag), Reference::Digest(digest)) => format!("{name}:{tag}@{digest}"),
+            (None, Reference::Digest(digest)) => format!("{name}@{digest}"),
+            (_, Reference::Tag(tag)) => format!("{name}:{tag}"),
+        };
+        let again = ImageRef::parse(&written, None);
+        assert_eq!(again.as_ref(), Ok(&image), "{text:?} as {written:?}");
     }
 }
 
@@ -165,7 +184,10 @@ pub fn www_authenticate(data: &[u8]) {
     }
 }
 
-pub fn manifest_json(data: &[u8]) {
+/// A manifest document from an upstream or a target, read both ways (`oci::manifest`): the
+/// media type the server serves it as becomes a header; the typed model (`berth warm`, `berth
+/// load`, the holdings rule) round-trips, and holds only the content it lists.
+pub fn manifest(data: &[u8]) {
     let media_type = berth::oci::manifest::embedded_media_type(data);
     // It becomes a Content-Type header: non-empty visible ASCII, never a control character.
     assert!(media_type.contains('/'), "{media_type:?}");
@@ -173,52 +195,68 @@ pub fn manifest_json(data: &[u8]) {
         media_type.bytes().all(|b| b.is_ascii_graphic()),
         "{media_type:?}"
     );
+    if let Ok(manifest) = Manifest::parse(data) {
+        // What the strict reading reads, the lenient one types, so the server can serve it.
+        assert!(berth::oci::manifest::media_type(data).is_ok());
+        let json = serde_json::to_vec(&manifest_value(&manifest)).expect("serialises");
+        assert_eq!(Manifest::parse(&json).as_ref().ok(), Some(&manifest));
+    }
+    holdings(data);
+}
+
+fn manifest_value(manifest: &Manifest) -> serde_json::Value {
+    match manifest {
+        Manifest::Image(image) => serde_json::to_value(image),
+        Manifest::Index(index) => serde_json::to_value(index),
+        Manifest::Artifact(artifact) => serde_json::to_value(artifact),
+    }
+    .expect("a manifest serialises")
 }
 
 /// What a manifest fetched through a repository says the repository holds (the policy mode
-/// serves those digests to it), and the same bytes read as an origins sidecar from disk.
-pub fn holdings(data: &[u8]) {
+/// serves those digests to it), checked against the document read as plain JSON.
+fn holdings(data: &[u8]) {
     use berth::access::holdings::held_digests;
     let held = held_digests(data);
-    let text = String::from_utf8_lossy(data);
+    let Ok(document) = serde_json::from_slice::<serde_json::Value>(data) else {
+        assert!(held.is_empty(), "an unparsable document holds nothing");
+        return;
+    };
+    // Only config, layers, blobs and index children without `urls` are held; a subject
+    // or a foreign layer never is, unless also listed as held content.
+    let mut listed = Vec::new();
+    let mut excluded = Vec::new();
+    let descriptors = ["layers", "blobs", "manifests"]
+        .iter()
+        .flat_map(|field| document[*field].as_array().cloned().unwrap_or_default())
+        .chain(std::iter::once(document["config"].clone()));
+    for descriptor in descriptors {
+        let Some(digest) = descriptor["digest"].as_str() else {
+            continue;
+        };
+        match descriptor["urls"].is_null() {
+            true => listed.push(digest.to_string()),
+            false => excluded.push(digest.to_string()),
+        }
+    }
+    if let Some(subject) = document["subject"]["digest"].as_str() {
+        excluded.push(subject.to_string());
+    }
     for digest in &held {
+        let digest = digest.as_str().to_string();
+        assert!(listed.contains(&digest), "{digest} held but not listed");
+    }
+    for digest in excluded.iter().filter(|d| !listed.contains(d)) {
         assert!(
-            text.contains(digest.as_str()),
-            "{digest} is not in the document"
+            !held.iter().any(|h| h.as_str() == digest),
+            "{digest} is a subject or foreign layer"
         );
     }
-    if let Ok(document) = serde_json::from_slice::<serde_json::Value>(data) {
-        // Only config, layers, blobs and index children without `urls` are held; a subject
-        // or a foreign layer never is, unless also listed as held content.
-        let mut listed = Vec::new();
-        let mut excluded = Vec::new();
-        let descriptors = ["layers", "blobs", "manifests"]
-            .iter()
-            .flat_map(|field| document[*field].as_array().cloned().unwrap_or_default())
-            .chain(std::iter::once(document["config"].clone()));
-        for descriptor in descriptors {
-            let Some(digest) = descriptor["digest"].as_str() else {
-                continue;
-            };
-            match descriptor["urls"].is_null() {
-                true => listed.push(digest.to_string()),
-                false => excluded.push(digest.to_string()),
-            }
-        }
-        if let Some(subject) = document["subject"]["digest"].as_str() {
-            excluded.push(subject.to_string());
-        }
-        for digest in &held {
-            let digest = digest.as_str().to_string();
-            assert!(listed.contains(&digest), "{digest} held but not listed");
-        }
-        for digest in excluded.iter().filter(|d| !listed.contains(d)) {
-            assert!(
-                !held.iter().any(|h| h.as_str() == digest),
-                "{digest} is a subject or foreign layer"
-            );
-        }
-    }
+}
+
+/// An origins sidecar read from the cache directory (`cache::origins`): whatever decodes
+/// encodes back to itself.
+pub fn origin(data: &[u8]) {
     if let Some(origin) = berth::cache::Origin::decode(data) {
         let again = berth::cache::Origin::decode(origin.encode().as_bytes());
         assert_eq!(again.as_ref(), Some(&origin), "a sidecar round-trips");
@@ -257,8 +295,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("registry_host", registry_host),
     ("range", range),
     ("www_authenticate", www_authenticate),
-    ("manifest_json", manifest_json),
-    ("holdings", holdings),
+    ("manifest", manifest),
+    ("origin", origin),
     ("secret_json", secret_json),
     ("policy_json", policy_json),
     ("accept", accept),

@@ -14,6 +14,9 @@
 //!     and manifests are content-addressed and may be shared with other repositories, so they
 //!     are kept (they age out by LRU, or purge them by digest).
 //!
+//! Refusals and errors answer with the registry API's OCI envelope (`{"errors":[...]}`,
+//! built in `error`), so one client-side reader handles both listeners.
+//!
 //! The registry API and its metrics are `api`'s; readiness rules are `health`'s.
 //!
 //! The listener speaks HTTP/1.1 only, takes at most `MAX_CONNECTIONS` connections (more are
@@ -25,7 +28,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::body::{self, Body};
+use crate::error::ApiError;
 use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
 use crate::AppState;
@@ -113,10 +117,7 @@ pub async fn handle<B>(state: &Arc<AppState>, request: Request<B>) -> Response<B
             tracing::info!(method = %method, path = p, status = answer.status().as_u16(), "admin request");
             answer
         }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not found"}),
-        ),
+        _ => ApiError::admin_not_found("not found").into_response(false),
     }
 }
 
@@ -161,11 +162,7 @@ fn filesystem_space(store: &crate::cache::Store) -> std::io::Result<(u64, u64)> 
 #[allow(clippy::result_large_err)]
 fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response<Body>> {
     let Some(token) = &state.config.admin_token else {
-        let message = "the admin API is disabled: set admin_token in the config";
-        return Err(json(
-            StatusCode::FORBIDDEN,
-            serde_json::json!({ "error": message }),
-        ));
+        return Err(ApiError::admin_off().into_response(false));
     };
     let presented = headers
         .get(AUTHORIZATION)
@@ -175,14 +172,7 @@ fn authorize(state: &AppState, headers: &http::HeaderMap) -> Result<(), Response
     if tokens_match(presented, token.expose()) {
         return Ok(());
     }
-    let mut refusal = json(
-        StatusCode::UNAUTHORIZED,
-        serde_json::json!({"error": "a valid admin bearer token is required"}),
-    );
-    refusal
-        .headers_mut()
-        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    Err(refusal)
+    Err(ApiError::admin_unauthorized().into_response(false))
 }
 
 /// Compares hashes of both tokens with an xor fold, so neither the position of the first
@@ -206,7 +196,7 @@ async fn admin(
         return json(StatusCode::OK, stats(state));
     }
     if let (&Method::GET, "access-report") = (method, rest) {
-        return crate::access::report_json(state, query);
+        return access_report(state, query);
     }
     if let Some(digest) = rest.strip_prefix("digests/") {
         if method != Method::DELETE {
@@ -220,10 +210,7 @@ async fn admin(
         }
         return purge_repository(state, name, crate::route::ns_param(query));
     }
-    json(
-        StatusCode::NOT_FOUND,
-        serde_json::json!({"error": "no such admin endpoint"}),
-    )
+    ApiError::admin_not_found("no such admin endpoint").into_response(false)
 }
 
 fn stats(state: &AppState) -> serde_json::Value {
@@ -251,12 +238,7 @@ fn stats(state: &AppState) -> serde_json::Value {
 async fn purge_digest(state: &AppState, text: &str) -> Response<Body> {
     let digest = match Digest::parse(text) {
         Ok(digest) => digest,
-        Err(err) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": err.to_string()}),
-            )
-        }
+        Err(err) => return ApiError::from(err).into_response(false),
     };
     match state.cache.purge(&digest).await {
         Ok(Some(entry)) => {
@@ -270,14 +252,12 @@ async fn purge_digest(state: &AppState, text: &str) -> Response<Body> {
                 serde_json::json!({"purged": digest.as_str(), "kind": kind, "bytes": entry.size}),
             )
         }
-        Ok(None) => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "digest not cached", "digest": digest.as_str()}),
-        ),
-        Err(err) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": format!("removing the file failed: {err}")}),
-        ),
+        Ok(None) => ApiError::not_cached(&digest).into_response(false),
+        Err(err) => {
+            // The OS error names a path: the log has it, the answer does not.
+            tracing::warn!(%digest, %err, "purge: removing the file failed");
+            ApiError::purge_failed().into_response(false)
+        }
     }
 }
 
@@ -286,12 +266,7 @@ async fn purge_digest(state: &AppState, text: &str) -> Response<Body> {
 fn purge_repository(state: &AppState, name: &str, ns: Option<&str>) -> Response<Body> {
     let target = match crate::route::resolve(&state.upstreams, ns, name) {
         Ok(target) => target,
-        Err(err) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": err.to_string()}),
-            )
-        }
+        Err(err) => return ApiError::name_invalid(err.to_string()).into_response(false),
     };
     let repository: &Repository = &target.repository;
     let dropped = state
@@ -379,10 +354,7 @@ fn loading_answer(path: &str) -> Response<Body> {
 }
 
 fn method_not_allowed() -> Response<Body> {
-    json(
-        StatusCode::METHOD_NOT_ALLOWED,
-        serde_json::json!({"error": "use DELETE"}),
-    )
+    ApiError::admin_method_not_allowed().into_response(false)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
@@ -396,6 +368,32 @@ fn respond(status: StatusCode, content_type: &'static str, text: String) -> Resp
         .header(CONTENT_TYPE, content_type)
         .body(body::full(text))
         .expect("valid response")
+}
+
+/// The access report (`/admin/access-report`): `GET ...?image=IMAGE` answers the
+/// report as JSON, or an error in the OCI envelope (400 for a bad image or no policies).
+pub fn access_report(state: &AppState, query: Option<&str>) -> Response<Body> {
+    let image = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(name, _)| name == "image")
+        .map(|(_, value)| value.into_owned());
+    let report = match image {
+        Some(image) => state.access.report(&state.upstreams, &image),
+        None => Err(crate::access::AccessError::Report(
+            "pass the image as ?image=IMAGE".into(),
+        )),
+    };
+    match report {
+        Ok(report) => {
+            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
+            http::Response::builder()
+                .status(http::StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_LENGTH, bytes.len())
+                .body(body::full(bytes))
+                .expect("valid response")
+        }
+        Err(err) => crate::error::ApiError::from(err).into_response(false),
+    }
 }
 
 #[cfg(test)]

@@ -4,30 +4,42 @@
 //!
 //! - `access`   who may pull what: principals and their keys, platform policies, the token
 //!   service's JWTs, slowing down wrong keys, which repository holds which digest.
-//! - `config`   TOML configuration, defaults, the embedded default, errors naming the key.
+//! - `config`   TOML configuration as plain data, one file per group of sections, sizes and
+//!   durations (`units`), defaults, the embedded default, errors naming the key. A leaf:
+//!   it imports nothing of the crate but `secret`; the checks that need domain knowledge
+//!   (registry hosts and patterns, networks) are `check_config`'s, run at start-up.
 //! - `secret`   `Secret`, a string that never prints.
 //! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
-//! - `error`    `ApiError` and the one mapping of any failure to an OCI error response.
+//! - `error`    `ApiError`, the manifest flights' `ManifestError`, and the one mapping of any
+//!   failure (`UpstreamError`, `FillError`, ...) to an OCI error response, admin's included.
 //! - `body`     the response body type.
-//! - `oci`      pure parsers: digests, names and references, API paths, byte ranges, a
-//!   manifest's media type, the Accept class of a manifest request.
+//! - `oci`      pure parsers, a leaf: digests, names and references, full image references
+//!   (`oci::reference`), API paths, byte ranges, the one manifest model (`oci::manifest`: media
+//!   type, typed descriptors, platforms, index children, `subject`, `urls`), the Accept class
+//!   of a manifest request.
 //! - `route`    request -> (upstream, repository): `?ns=`, host prefix, default, Docker Hub rules.
-//! - `upstream` the registries berth fetches from: validated registry hosts and host patterns,
-//!   HTTP client over a connector that applies the address rule after DNS, token auth keyed
-//!   by credentials, redirects, safe retries with jittered backoff, a circuit breaker each.
-//! - `cache`    disk store, in-memory index with LRU eviction, manifests in memory, tag table,
-//!   where each object came from and who holds it (`origins`, for the policy mode),
-//!   blob readers over complete or growing files, the in-memory window of a fill whose disk
-//!   failed (`spill`), the `Outcome` of each response.
+//! - `net`      outbound HTTP for everything that dials out: the pooled client (TLS roots, CA
+//!   bundle, timeouts), the connector that applies the address rule after DNS, the rule.
+//!   A leaf: it reads `config` only.
+//! - `upstream` the registries berth fetches from: validated registry hosts and host patterns
+//!   (and their start-up checks, `check`), token auth keyed by credentials, redirects, safe
+//!   retries with jittered backoff, a circuit breaker each; over `net`'s client.
+//! - `cache`    disk store (objects; tag files in `store::tag_files`), in-memory index with
+//!   LRU eviction, manifests in memory, tag table, where each object came from and who holds
+//!   it (`origins`, for the policy mode), a blob on its way to readers (`progress`: a fill's
+//!   state, or a cached file opened), blob readers over complete or growing files, the
+//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
-//!   resumed with Range requests when the upstream body fails, passed through when the disk does.
+//!   resumed with Range requests when the upstream body fails, passed through when the disk does;
+//!   phases in files (`fetch`, `receive`, `write`), failures as `FillError`.
 //! - `prefetch` a cold image's manifest GET starts the fills of its missing config and layers,
 //!   bounded, below real misses for `max_fills`, paused for an upstream that answers 429.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
-//! - `api`      the `/v2/` handlers as named phases.
-//! - `server`   accept loop, HTTP/1.1 + HTTP/2, idle and head timeouts per connection,
-//!   graceful shutdown (requests, then fills).
+//! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
+//!   server puts in each request.
+//! - `server`   accept loop (open -> admit -> drain), HTTP/1.1 + HTTP/2, idle and head
+//!   timeouts per connection, graceful shutdown (requests, then fills).
 //! - `limits`   connection, fill and per-client caps (IPv6 by /64, trusted networks exempt),
 //!   request size checks, write deadlines.
 //! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.
@@ -35,15 +47,21 @@
 //! - `metrics`  the `berth_*` Prometheus families.
 //! - `health`   readiness: serving, not shutting down, cache directory writable.
 //! - `probe`    `berth health`: one GET of `/healthz`, for images without a shell or curl.
-//! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API.
-//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress;
-//!   `warm::image` picks the platform and reads manifests (pure).
-//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles.
+//! - `admin`    the admin listener: `/metrics`, `/healthz`, `/readyz`, token-guarded cache API
+//!   and the access report.
+//! - `warm`     `berth warm`: pre-pulls images through a running berth, with progress and a
+//!   summary (`warm::summary`); references and manifests are read by `oci`.
+//! - `load`     `berth load`: pulls whole images with N pullers, verifies, reports percentiles;
+//!   uses only the upstream HTTP client and auth, and `oci`.
+//!
+//! The binary (`main.rs`, `cli.rs`) parses the command line and dispatches; `cli` holds each
+//! subcommand's body and loads every config the same way (`Config::load_or_default`, then
+//! `check_config`). Imports go one way: `tests/layout.rs` fails on any cycle between files.
 //!
 //! # The life of one blob request
 //!
 //! ```text
-//! server: accept (connection caps) -> [TLS] -> hyper connection -> limits -> api::handle
+//! server: accept -> admit (connection caps) -> [TLS] -> hyper connection -> limits -> api::handle
 //! api:    parse /v2/<name>/blobs/<digest>  (oci::name, oci::digest)
 //!         route  ?ns= | host prefix | default_upstream  -> Target { upstream, repository }
 //!         authorize access: anonymous mode, everyone; policy mode, Basic key or berth's token
@@ -51,9 +69,10 @@
 //!                   -> (policy mode) the upstream served the digest and the repository is
 //!                      known to hold it there, or the upstream confirms (HEAD) or serves it
 //!                      through the repository, verified  (access::holdings, cache::origins)
-//!         lookup cache::Index ---- hit ----> cache::reader streams the file        X-Cache: HIT
+//!         lookup cache::Index -- hit --> cache::open_cached -> cache::reader streams it  X-Cache: HIT
 //!              \---- miss --> fill::Fills::join(upstream, digest)
-//!                               first caller: spawn fill task -> upstream GET (auth, redirects)
+//!                               first caller: spawn fill task -> upstream GET (auth, redirects,
+//!                                   over net::HttpClient and its address rule)
 //!                                   Content-Length > max_blob_size -> 403; reserve its room
 //!                                   body -> blocking writer: sha256 + temp file, publish length
 //!                                   body fails/trickles -> Range: bytes=<received>- , same hash
@@ -87,6 +106,7 @@ pub mod health;
 pub mod limits;
 pub mod load;
 pub mod metrics;
+pub mod net;
 pub mod oci;
 pub mod prefetch;
 pub mod probe;
@@ -109,6 +129,13 @@ use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
+/// The checks of a parsed configuration that need domain knowledge (registry host names and
+/// patterns, networks); `Config::from_toml` did the plain ones. Start-up and `berth
+/// check-config` run both.
+pub fn check_config(config: &Config) -> Result<(), config::ConfigError> {
+    upstream::check_config(&config.upstreams)
+}
+
 /// Everything a request needs, shared by all of them.
 pub struct AppState {
     pub config: Config,
@@ -127,6 +154,8 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("cache directory {dir}: {source}")]
     Cache { dir: String, source: std::io::Error },
     #[error("upstream client: {0}")]
@@ -143,15 +172,16 @@ impl AppState {
 
     /// Opens the cache (rebuilding the index from disk) and prepares the upstreams.
     pub async fn open(config: Config) -> Result<Arc<AppState>, StartError> {
-        AppState::open_with_resolver(config, upstream::connect::system_resolver()).await
+        AppState::open_with_resolver(config, net::connect::system_resolver()).await
     }
 
     /// `open`, with upstream names resolved by `resolver` (tests make names resolve where
     /// they want; the address rule still judges what comes back).
     pub async fn open_with_resolver(
         config: Config,
-        resolver: upstream::connect::Resolver,
+        resolver: net::connect::Resolver,
     ) -> Result<Arc<AppState>, StartError> {
+        check_config(&config)?;
         let metrics = Arc::new(Metrics::new());
         let cache_config = config.cache.clone();
         let cache_metrics = Arc::clone(&metrics);

@@ -34,12 +34,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{HeaderValue, RETRY_AFTER};
-use http::{Request, StatusCode};
+use http::Request;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::config::LimitsConfig;
-use crate::error::{ApiError, Code};
+use crate::error::ApiError;
 
 /// What a per-client cap counts by: an IPv4 address, or the /64 of an IPv6 address (an
 /// IPv4-mapped IPv6 address counts as its IPv4 address).
@@ -141,22 +141,14 @@ fn retry_after(limits: &LimitsConfig) -> HeaderValue {
 
 /// The answer to a connection over `max_connections`.
 pub fn too_many_connections(limits: &LimitsConfig) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unavailable,
-        "too many connections; retry shortly",
-    )
-    .with_header(RETRY_AFTER, retry_after(limits))
+    ApiError::unavailable("too many connections; retry shortly")
+        .with_header(RETRY_AFTER, retry_after(limits))
 }
 
 /// The answer to a client over `max_client_requests`.
 pub fn too_many_client_requests(limits: &LimitsConfig) -> ApiError {
-    ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        Code::TooManyRequests,
-        "too many requests in flight from this client",
-    )
-    .with_header(RETRY_AFTER, retry_after(limits))
+    ApiError::too_many_requests("too many requests in flight from this client")
+        .with_header(RETRY_AFTER, retry_after(limits))
 }
 
 /// Which size limit a request breaks, if any, as the error to answer with, and the metric
@@ -170,12 +162,8 @@ pub fn check_request<B>(
         .path_and_query()
         .map_or(0, |p| p.as_str().len());
     if target > limits.max_uri_bytes {
-        let error = ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            Code::NameInvalid,
-            "request target too long",
-        )
-        .with_detail(format!("{target} bytes; at most {}", limits.max_uri_bytes));
+        let error =
+            ApiError::uri_too_long(format!("{target} bytes; at most {}", limits.max_uri_bytes));
         return Some(("uri", error));
     }
     let headers = request.headers();
@@ -184,12 +172,7 @@ pub fn check_request<B>(
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     if bytes > limits.max_header_bytes || headers.len() > limits.max_headers {
-        let error = ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Code::Unsupported,
-            "request headers too large",
-        )
-        .with_detail(format!(
+        let error = ApiError::headers_too_large(format!(
             "{} fields, {bytes} bytes; at most {} fields, {} bytes",
             headers.len(),
             limits.max_headers,
@@ -295,6 +278,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::StatusCode;
 
     #[test]
     fn client_slots_cap_each_ip_and_free_on_drop() {

@@ -23,9 +23,10 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::cache::progress::Progress;
 use crate::cache::Cache;
-use crate::config::prefetch::PrefetchConfig;
-use crate::fill::{Fills, Job, Progress};
+use crate::config::PrefetchConfig;
+use crate::fill::{Fills, Job};
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};

@@ -49,7 +49,7 @@ pub async fn check(url: &str, timeout: Duration) -> Result<(), ProbeError> {
         Ok(Err(err)) => {
             return Err(ProbeError::Unreachable {
                 url: url.to_string(),
-                reason: crate::upstream::client::error_chain(&err),
+                reason: crate::net::client::error_chain(&err),
             })
         }
         Ok(Ok(response)) => response,

@@ -11,14 +11,14 @@
 //! here, before any connection: berth is never an open proxy.
 //!
 //! Full image references as people write them (`nginx:latest`, `ghcr.io/org/app@sha256:..`,
-//! the platform's `//image/app:v1` and `/org/ORG/image/app:v1`) are parsed here too, for
-//! `berth resolve` and pre-warming. Pure: no I/O.
+//! the platform's `//image/app:v1` and `/org/ORG/image/app:v1`), parsed by `oci::reference`,
+//! are resolved here the same way, for `berth resolve` and the access report. Pure: no I/O.
 
 use std::sync::Arc;
 
 use crate::config::PlatformConfig;
-use crate::oci::digest::Digest;
-use crate::oci::name::{NameError, Reference, Repository, Tag};
+use crate::oci::name::{NameError, Reference, Repository};
+use crate::oci::reference::{is_registry_host, ImageRef, Orgs, ReferenceError};
 use crate::upstream::host::{HostError, RegistryHost};
 use crate::upstream::{Upstream, Upstreams};
 
@@ -39,81 +39,16 @@ pub enum RouteError {
     UnknownRegistry(String),
     #[error("the name holds no registry and no default_upstream is configured")]
     NoDefault,
-    #[error("//image/ references need platform.org in the config")]
-    NoOrg,
-    #[error("{0:?} is not an image reference")]
-    Malformed(String),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
 }
 
-/// A full image reference split into registry (if named), repository name and tag or digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    pub registry: Option<String>,
-    pub name: String,
-    /// What is fetched: the digest when one is given (it wins over a tag), else the tag.
-    pub reference: Reference,
-    /// The tag as written in a pinned `NAME:TAG@DIGEST` (the form Kubernetes manifests pin),
-    /// kept for display only: the digest decides what is pulled.
-    pub pinned_tag: Option<Tag>,
-}
-
-impl ImageRef {
-    /// `reference` as written: `1.27`, `sha256:..` or, pinned, `1.27@sha256:..`.
-    pub fn shown_reference(&self) -> String {
-        match (&self.pinned_tag, &self.reference) {
-            (Some(tag), Reference::Digest(digest)) => format!("{tag}@{digest}"),
-            _ => self.reference.as_str().to_string(),
-        }
+/// The platform's registries as `oci::reference` reads them.
+pub fn orgs(platform: &PlatformConfig) -> Orgs<'_> {
+    Orgs {
+        own: platform.org.as_deref(),
+        domain: &platform.registry_domain,
     }
-}
-
-/// Parses `[registry/]name[:tag][@digest]` (tag `latest` when neither is given; the digest
-/// wins when both are) and the platform's `//image/NAME[:TAG][@DIGEST]` and
-/// `/org/ORG/image/NAME[:TAG][@DIGEST]` forms.
-pub fn parse_image_reference(
-    text: &str,
-    platform: &PlatformConfig,
-) -> Result<ImageRef, RouteError> {
-    let malformed = || RouteError::Malformed(text.to_string());
-    let (registry, rest) = if let Some(rest) = text.strip_prefix("//image/") {
-        (
-            Some(platform.own_registry().ok_or(RouteError::NoOrg)?),
-            rest,
-        )
-    } else if let Some(rest) = text.strip_prefix("/org/") {
-        let (org, rest) = rest.split_once("/image/").ok_or_else(malformed)?;
-        if org.is_empty() || org.contains('/') {
-            return Err(malformed());
-        }
-        (Some(platform.org_registry(org)), rest)
-    } else {
-        match text.split_once('/') {
-            Some((first, rest)) if is_registry_host(first) => (Some(first.to_string()), rest),
-            _ => (None, text),
-        }
-    };
-    let (rest, digest) = match rest.split_once('@') {
-        Some((rest, digest)) => (rest, Some(Digest::parse(digest).map_err(NameError::from)?)),
-        None => (rest, None),
-    };
-    let (name, tag) = match rest.rsplit_once(':') {
-        Some((name, tag)) if !tag.contains('/') => (name, Some(Tag::parse(tag)?)),
-        _ => (rest, None),
-    };
-    if name.is_empty() {
-        return Err(malformed());
-    }
-    let (reference, pinned_tag) = match (digest, tag) {
-        (Some(digest), tag) => (Reference::Digest(digest), tag),
-        (None, Some(tag)) => (Reference::Tag(tag), None),
-        (None, None) => (Reference::Tag(Tag::parse("latest")?), None),
-    };
-    Ok(ImageRef {
-        registry,
-        name: name.to_string(),
-        reference,
-        pinned_tag,
-    })
 }
 
 /// Resolves a full image reference to its upstream and repository.
@@ -127,14 +62,9 @@ pub fn resolve_image_ref(
     upstreams: &Upstreams,
     text: &str,
 ) -> Result<(Target, ImageRef), RouteError> {
-    let image = parse_image_reference(text, upstreams.platform())?;
-    let target = resolve(upstreams, image.registry.as_deref(), &image.name)?;
+    let image = ImageRef::parse(text, Some(orgs(upstreams.platform())))?;
+    let target = resolve(upstreams, image.registry.as_deref(), image.name.as_str())?;
     Ok((target, image))
-}
-
-/// Whether the first component of a name is a registry host (Docker's reference grammar).
-pub fn is_registry_host(component: &str) -> bool {
-    component.contains('.') || component.contains(':') || component == "localhost"
 }
 
 /// Resolves the raw name of a `/v2/<name>/...` path and the request's raw (still
@@ -184,6 +114,7 @@ pub fn ns_param(query: Option<&str>) -> Option<&str> {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::oci::name::Tag;
 
     fn upstreams() -> Upstreams {
         let config = Config::from_toml(
@@ -294,110 +225,6 @@ mod tests {
                 "{name:?}"
             );
         }
-    }
-
-    fn image(text: &str) -> Result<(Option<String>, String, String), RouteError> {
-        let platform = PlatformConfig {
-            org: Some("my-org".into()),
-            ..PlatformConfig::default()
-        };
-        parse_image_reference(text, &platform)
-            .map(|i| (i.registry, i.name, i.reference.as_str().to_string()))
-    }
-
-    #[test]
-    fn image_references_in_every_form() {
-        let digest = format!("sha256:{}", "a".repeat(64));
-        let some = |s: &str| Some(s.to_string());
-        let cases = [
-            ("nginx", (None, "nginx", "latest".to_string())),
-            ("nginx:1.27", (None, "nginx", "1.27".to_string())),
-            (
-                "library/nginx:latest",
-                (None, "library/nginx", "latest".to_string()),
-            ),
-            (
-                "docker.io/library/nginx:1",
-                (some("docker.io"), "library/nginx", "1".to_string()),
-            ),
-            (
-                "localhost:5000/app",
-                (some("localhost:5000"), "app", "latest".to_string()),
-            ),
-            (
-                "localhost/app:v2",
-                (some("localhost"), "app", "v2".to_string()),
-            ),
-            (
-                "ghcr.io/org/app:v1",
-                (some("ghcr.io"), "org/app", "v1".to_string()),
-            ),
-            (
-                &format!("ghcr.io/org/app@{digest}"),
-                (some("ghcr.io"), "org/app", digest.clone()),
-            ),
-            (&format!("app:v1@{digest}"), (None, "app", digest.clone())),
-            (
-                &format!("nginx:1.27@{digest}"),
-                (None, "nginx", digest.clone()),
-            ),
-            (
-                &format!("localhost:5000/team/app:v2@{digest}"),
-                (some("localhost:5000"), "team/app", digest.clone()),
-            ),
-            (
-                &format!("//image/app:v1@{digest}"),
-                (some("my-org.registry.cpln.io"), "app", digest.clone()),
-            ),
-            (
-                "//image/app:v1",
-                (some("my-org.registry.cpln.io"), "app", "v1".to_string()),
-            ),
-            (
-                "//image/team/app",
-                (
-                    some("my-org.registry.cpln.io"),
-                    "team/app",
-                    "latest".to_string(),
-                ),
-            ),
-            (
-                "/org/other/image/app:v3",
-                (some("other.registry.cpln.io"), "app", "v3".to_string()),
-            ),
-            (
-                "my-org.registry.cpln.io/app:v1",
-                (some("my-org.registry.cpln.io"), "app", "v1".to_string()),
-            ),
-        ];
-        for (text, (registry, name, reference)) in cases {
-            assert_eq!(
-                image(text),
-                Ok((registry, name.to_string(), reference)),
-                "{text}"
-            );
-        }
-    }
-
-    #[test]
-    fn malformed_image_references_are_errors() {
-        for text in [
-            "",
-            "/org//image/app",
-            "/org/a/b/app",
-            "nginx:",
-            "nginx:-x",
-            "app@sha256:12",
-            "ghcr.io/:v1",
-            "app@v1",
-            "app:v1@",
-            "app:@sha256:12",
-            "app:-x@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-        ] {
-            assert!(image(text).is_err(), "{text:?}");
-        }
-        let no_org = parse_image_reference("//image/app", &PlatformConfig::default());
-        assert_eq!(no_org, Err(RouteError::NoOrg));
     }
 
     #[test]

@@ -31,16 +31,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::api::{self, PeerAddr};
 use crate::body::Body;
 use crate::config::LimitsConfig;
 use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
 use crate::tls::Tls;
-use crate::{api, AppState};
-
-/// The client's address, put in each request's extensions for the handlers (access control
-/// slows down an address that keeps presenting wrong keys).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
+use crate::AppState;
 
 /// Connections over the cap that are being answered 503 at once; beyond this they are closed
 /// without an answer, so a flood costs nothing but the accept.
@@ -62,26 +58,15 @@ struct Serving {
     tls: Option<Tls>,
 }
 
+/// Serves `listener` until `shutdown` resolves, then drains: open -> accept (admit each
+/// connection) -> drain.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let limits = state.config.limits.clone();
-    let tls = match &state.config.tls {
-        Some(config) => Some(Tls::load(config).map_err(std::io::Error::other)?),
-        None => None,
-    };
-    let serving = Arc::new(Serving {
-        builder: builder(&state),
-        clients: ClientSlots::new(limits.max_client_requests, &limits.trusted_networks),
-        client_connections: ClientSlots::new(
-            limits.max_client_connections,
-            &limits.trusted_networks,
-        ),
-        state: Arc::clone(&state),
-        tls,
-    });
+    let serving = Serving::open(&state)?;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING));
     // Every connection task holds a receiver; `closed()` resolves when the last one ended.
@@ -104,36 +89,72 @@ pub async fn run(
                 break;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let Some(client) = serving.client_connections.try_acquire(peer.ip()) else {
-            // One client over its share: closed at once, no answer, so its flood costs others
-            // nothing but the accept.
-            state
-                .metrics
-                .rejected
-                .with_label_values(&["client_connections"])
-                .inc();
-            continue;
+        admit(&serving, stream, peer, (&connections, &rejecting), &stop);
+    }
+    drop(listener);
+    drain(&state, &connections, stop).await;
+    Ok(())
+}
+
+impl Serving {
+    /// The shared state of every connection: the HTTP builder, client slots, TLS.
+    fn open(state: &Arc<AppState>) -> std::io::Result<Arc<Serving>> {
+        let limits = &state.config.limits;
+        let tls = match &state.config.tls {
+            Some(config) => Some(Tls::load(config).map_err(std::io::Error::other)?),
+            None => None,
         };
-        match Arc::clone(&connections).try_acquire_owned() {
-            Ok(permit) => {
-                let serving = Arc::clone(&serving);
-                let stopping = stop.subscribe();
-                tokio::spawn(serving.connection(stream, peer, (permit, client), stopping));
-            }
-            Err(_) => {
-                state
-                    .metrics
-                    .rejected
-                    .with_label_values(&["connections"])
-                    .inc();
-                if let Ok(permit) = Arc::clone(&rejecting).try_acquire_owned() {
-                    tokio::spawn(reject_connection(Arc::clone(&serving), stream, permit));
-                }
+        Ok(Arc::new(Serving {
+            builder: builder(state),
+            clients: ClientSlots::new(limits.max_client_requests, &limits.trusted_networks),
+            client_connections: ClientSlots::new(
+                limits.max_client_connections,
+                &limits.trusted_networks,
+            ),
+            state: Arc::clone(state),
+            tls,
+        }))
+    }
+}
+
+/// One accepted connection: served if its client and the server have room, else closed (its
+/// client over its share) or answered 503 (the server full, while few are being answered so).
+fn admit(
+    serving: &Arc<Serving>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    (connections, rejecting): (&Arc<Semaphore>, &Arc<Semaphore>),
+    stop: &watch::Sender<bool>,
+) {
+    let metrics = &serving.state.metrics;
+    let _ = stream.set_nodelay(true);
+    let Some(client) = serving.client_connections.try_acquire(peer.ip()) else {
+        // One client over its share: closed at once, no answer, so its flood costs others
+        // nothing but the accept.
+        metrics
+            .rejected
+            .with_label_values(&["client_connections"])
+            .inc();
+        return;
+    };
+    match Arc::clone(connections).try_acquire_owned() {
+        Ok(permit) => {
+            let serving = Arc::clone(serving);
+            let stopping = stop.subscribe();
+            tokio::spawn(serving.connection(stream, peer, (permit, client), stopping));
+        }
+        Err(_) => {
+            metrics.rejected.with_label_values(&["connections"]).inc();
+            if let Ok(permit) = Arc::clone(rejecting).try_acquire_owned() {
+                tokio::spawn(reject_connection(Arc::clone(serving), stream, permit));
             }
         }
     }
-    drop(listener);
+}
+
+/// After the last accept: connections get `shutdown_grace` to finish, then fills what is left.
+async fn drain(state: &AppState, connections: &Semaphore, stop: watch::Sender<bool>) {
+    let limits = &state.config.limits;
     let deadline = Instant::now() + limits.shutdown_grace;
     tracing::info!(
         connections = limits.max_connections - connections.available_permits(),
@@ -151,7 +172,6 @@ pub async fn run(
         .fills
         .drain(deadline.saturating_duration_since(Instant::now()))
         .await;
-    Ok(())
 }
 
 fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {

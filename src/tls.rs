@@ -4,7 +4,7 @@
 //! previous one kept).
 //!
 //! Owns: loading and reloading the server config. Does not own: the handshake's place in the
-//! accept loop (`server`) or client-side TLS to upstreams (`upstream::client`).
+//! accept loop (`server`) or client-side TLS to upstreams (`net::client`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -16,6 +16,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
+use support::berth::policy_mode_tables;
+use support::error_code;
 use support::{
     fetch, push_image, random_layer, read_oci_layout, request, skopeo_copy, skopeo_copy_ok, Auth,
     Berth, Containerd, Fetched, Flavor, HostsDir, Image, Kind, Registry, Tap,
@@ -136,13 +138,7 @@ admin_token = "{ADMIN_TOKEN}"
 default_upstream = "{OWN}"
 [platform]
 org = "my-org"
-[cache]
-dir = "{cache}"
-[access]
-mode = "policy"
-principals = "{principals}"
-policies = "{policies}"
-{extra_access}
+{tables}{extra_access}
 [[upstream]]
 host = "{OWN}"
 endpoint = "{tap}"
@@ -151,9 +147,7 @@ host = "mirror.test"
 endpoint = "{tap}"
 public = true
 "#,
-            cache = dir.path().join("cache").display(),
-            principals = principals.display(),
-            policies = policies.display(),
+            tables = policy_mode_tables(dir.path()),
             tap = tap.url(),
         );
         let berth = Berth::start(&config).await;
@@ -218,11 +212,6 @@ public = true
     }
 }
 
-fn error_code(fetched: &Fetched) -> String {
-    let json: Value = serde_json::from_slice(&fetched.body).unwrap_or(Value::Null);
-    json["errors"][0]["code"].as_str().unwrap_or("").to_string()
-}
-
 fn token_of(fetched: &Fetched) -> String {
     assert_eq!(fetched.status, 200, "{:?}", fetched.body);
     let json: Value = serde_json::from_slice(&fetched.body).unwrap();
@@ -273,7 +262,7 @@ async fn berth_load_pulls_as_a_service_account_and_reports_denied_images() {
     let site = Site::start("").await;
     let run = |image: &str| berth::load::LoadConfig {
         target: site.berth.url(),
-        images: vec![berth::load::ImageRef::parse(image).unwrap()],
+        images: vec![berth::load::ImageRef::parse(image, None).unwrap()],
         concurrency: 2,
         layer_concurrency: 3,
         limit: berth::load::Limit::Count(4),
@@ -322,7 +311,7 @@ async fn a_denied_pull_gets_403_and_never_reaches_the_upstream() {
     for (path, creds) in cases {
         let fetched = site.get(path, creds).await;
         assert_eq!(fetched.status, 403, "{path}: {:?}", fetched.body);
-        assert_eq!(error_code(&fetched), "DENIED");
+        assert_eq!(error_code(&fetched.body), "DENIED");
         assert_eq!(fetched.header("x-cache"), Some("DENIED"));
     }
     // skopeo goes through the token service and is refused the same way.
@@ -355,7 +344,7 @@ async fn missing_or_wrong_credentials_get_401_with_the_challenge() {
     for creds in wrong {
         let fetched = site.get("/v2/team/app/manifests/v1", creds).await;
         assert_eq!(fetched.status, 401, "{creds:?}");
-        assert_eq!(error_code(&fetched), "UNAUTHORIZED");
+        assert_eq!(error_code(&fetched.body), "UNAUTHORIZED");
         assert_eq!(fetched.header("www-authenticate"), Some(challenge.as_str()));
     }
     let garbage = site
@@ -425,13 +414,13 @@ async fn a_digest_of_another_repositorys_blob_is_refused_even_when_cached() {
     let through_app = format!("/v2/team/app/blobs/{}", private.digest);
     let refused = site.get(&through_app, alice).await;
     assert_eq!(refused.status, 404, "{:?}", refused.body);
-    assert_eq!(error_code(&refused), "BLOB_UNKNOWN");
+    assert_eq!(error_code(&refused.body), "BLOB_UNKNOWN");
     assert_ne!(refused.body, private.bytes);
     // Its manifest by digest, the same.
     let by_digest = format!("/v2/team/app/manifests/{}", site.secret.digest());
     let refused = site.get(&by_digest, alice).await;
     assert_eq!(refused.status, 404);
-    assert_eq!(error_code(&refused), "MANIFEST_UNKNOWN");
+    assert_eq!(error_code(&refused.body), "MANIFEST_UNKNOWN");
     // berth asked team/app's upstream (HEAD) and fetched nothing.
     assert_eq!(site.tap.count(Method::HEAD, Kind::Blob), 1);
     assert_eq!(site.tap.count(Method::HEAD, Kind::Manifest), 1);
@@ -556,7 +545,7 @@ async fn the_oauth2_password_grant_issues_the_same_tokens_as_get() {
 
     let wrong = post(alice("not-the-key")).await.unwrap();
     assert_eq!(wrong.status, 401, "{:?}", wrong.body);
-    assert_eq!(error_code(&wrong), "UNAUTHORIZED");
+    assert_eq!(error_code(&wrong.body), "UNAUTHORIZED");
     // Malformed grants: 400 in the OCI envelope, saying what is wrong.
     for (form, says) in [
         (
@@ -573,7 +562,7 @@ async fn the_oauth2_password_grant_issues_the_same_tokens_as_get() {
     ] {
         let refused = post(form).await.unwrap();
         assert_eq!(refused.status, 400);
-        assert_eq!(error_code(&refused), "UNSUPPORTED");
+        assert_eq!(error_code(&refused.body), "UNSUPPORTED");
         assert!(
             String::from_utf8_lossy(&refused.body).contains(says),
             "{:?}",
@@ -667,7 +656,7 @@ async fn an_expired_token_is_refused() {
     tokio::time::advance(Duration::from_secs(2)).await;
     let expired = site.bearer(path, &token).await;
     assert_eq!(expired.status, 401);
-    assert_eq!(error_code(&expired), "UNAUTHORIZED");
+    assert_eq!(error_code(&expired.body), "UNAUTHORIZED");
     assert!(expired
         .header("www-authenticate")
         .unwrap()
@@ -783,7 +772,7 @@ async fn the_admin_listener_serves_the_access_report_behind_its_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_access_report_lists_who_may_do_what() {
     let site = Site::start("").await;
-    let response = berth::access::report_json(
+    let response = berth::admin::access_report(
         &site.berth.state,
         Some("image=%2F%2Fimage%2Fsecret%2Fapp%3Av1"),
     );
@@ -849,7 +838,7 @@ async fn the_access_report_lists_who_may_do_what() {
         "{text}"
     );
 
-    let bad = berth::access::report_json(&site.berth.state, None);
+    let bad = berth::admin::access_report(&site.berth.state, None);
     assert_eq!(bad.status(), 400);
 }
 
@@ -926,7 +915,7 @@ async fn an_anonymous_caller_learns_nothing_about_which_registries_are_configure
     ] {
         let anonymous = site.get(path, None).await;
         assert_eq!(anonymous.status, 401, "{path}: {:?}", anonymous.body);
-        assert_eq!(error_code(&anonymous), "UNAUTHORIZED");
+        assert_eq!(error_code(&anonymous.body), "UNAUTHORIZED");
         assert!(!String::from_utf8_lossy(&anonymous.body).contains("configured"));
     }
     // An authenticated caller is told.
@@ -937,5 +926,5 @@ async fn an_anonymous_caller_learns_nothing_about_which_registries_are_configure
         )
         .await;
     assert_eq!(known.status, 404);
-    assert_eq!(error_code(&known), "NAME_UNKNOWN");
+    assert_eq!(error_code(&known.body), "NAME_UNKNOWN");
 }

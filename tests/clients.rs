@@ -14,10 +14,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use serde_json::{json, Value};
+use serde_json::json;
+use support::berth::policy_mode_tables;
+use support::error_code;
+use support::process::output_text;
+use support::stack::registry_with;
 use support::{
-    fetch, get, push_blob, push_image, random_blob, read_body, request, send, Berth, Fault,
-    Fetched, Flavor, Image, Kind, Registry, Stack, Tap,
+    fetch, get, push_image, read_body, request, send, Berth, Fault, Fetched, Flavor, Image, Kind,
+    Registry, Stack, Tap,
 };
 
 /// What containerd 1.7 sends for a manifest (`remotes/docker/resolver.go`).
@@ -46,11 +50,6 @@ async fn pull(stack: &Stack, repo: &str, reference: &str, accept: Option<&str>) 
     fetch(request(Method::GET, &url, None, &headers, Bytes::new()))
         .await
         .unwrap()
-}
-
-fn error_code(fetched: &Fetched) -> String {
-    let json: Value = serde_json::from_slice(&fetched.body).unwrap_or(Value::Null);
-    json["errors"][0]["code"].as_str().unwrap_or("").to_string()
 }
 
 fn manifest_requests(tap: &Tap) -> (usize, usize) {
@@ -85,7 +84,7 @@ async fn a_404_for_a_client_without_the_oci_types_is_never_served_to_containerd(
     // distribution refuses an OCI manifest to a client that does not list the OCI types.
     let old = pull(&stack, "team/app", "v1", Some(OLD_DOCKER_ACCEPT)).await;
     assert_eq!(
-        (old.status.as_u16(), error_code(&old)),
+        (old.status.as_u16(), error_code(&old.body)),
         (404, "MANIFEST_UNKNOWN".into())
     );
     let again = pull(&stack, "team/app", "v1", Some(OLD_DOCKER_ACCEPT)).await;
@@ -196,12 +195,12 @@ async fn an_invalid_manifest_reference_is_unknown_and_dials_nothing() {
     let stack = Stack::start("").await;
     let invalid = pull(&stack, "team/app", ".INVALID_MANIFEST_NAME", None).await;
     assert_eq!(
-        (invalid.status.as_u16(), error_code(&invalid)),
+        (invalid.status.as_u16(), error_code(&invalid.body)),
         (404, "MANIFEST_UNKNOWN".into())
     );
     let bad_digest = pull(&stack, "team/app", "sha256:xyz", None).await;
     assert_eq!(
-        (bad_digest.status.as_u16(), error_code(&bad_digest)),
+        (bad_digest.status.as_u16(), error_code(&bad_digest.body)),
         (400, "DIGEST_INVALID".into())
     );
     assert!(
@@ -250,7 +249,7 @@ async fn tag_lists_and_referrers_answer_502_for_an_upstream_5xx_and_keep_429() {
             } else {
                 "UNAVAILABLE"
             };
-            assert_eq!(error_code(&answer), code);
+            assert_eq!(error_code(&answer.body), code);
         }
         stack.tap.clear_faults();
     }
@@ -291,12 +290,9 @@ async fn a_manifest_hit_records_recency_on_disk() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fill_of_a_blob_whose_first_client_left_completes_and_is_cached() {
     let stack = Stack::start("").await;
-    let blob = random_blob(2 << 20, 1506);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
+    let blob = stack.push(2 << 20, 1506).await;
     stack.tap.inject(Kind::Blob, Fault::PauseAt(256 * 1024));
-    let url = stack.blob_url("team/app", &blob.digest);
+    let url = stack.url(&blob);
     let mut first = send(request(Method::GET, &url, None, &[], Bytes::new()))
         .await
         .unwrap();
@@ -330,15 +326,6 @@ async fn berth_cli(args: Vec<String>, env: Vec<(&'static str, String)>) -> std::
     .unwrap()
 }
 
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pinned_reference_warms_and_resolves_by_its_digest() {
     let registry = Registry::start(support::Auth::None).await;
@@ -364,7 +351,7 @@ async fn a_pinned_reference_warms_and_resolves_by_its_digest() {
         reference.clone(),
     ];
     let output = berth_cli(args, vec![]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", output_text(&output));
     let manifests: Vec<String> = tap
         .seen()
         .iter()
@@ -382,7 +369,7 @@ async fn a_pinned_reference_warms_and_resolves_by_its_digest() {
         vec![],
     )
     .await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", output_text(&output));
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(printed.contains("repository: library/nginx"), "{printed}");
     assert!(
@@ -397,12 +384,8 @@ const CI_KEY: &str = "ci-key-1c0ffee-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn warm_pulls_as_a_principal_with_the_key_from_the_environment() {
-    let registry = Registry::start(support::Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 1509, &[1000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     let dir = tempfile::tempdir().unwrap();
     let principals = dir.path().join("principals.json");
     let policies = dir.path().join("policies");
@@ -421,19 +404,11 @@ listen = "127.0.0.1:0"
 default_upstream = "{OWN}"
 [platform]
 org = "my-org"
-[cache]
-dir = "{cache}"
-[access]
-mode = "policy"
-principals = "{principals}"
-policies = "{policies}"
-[[upstream]]
+{tables}[[upstream]]
 host = "{OWN}"
 endpoint = "{tap}"
 "#,
-        cache = dir.path().join("cache").display(),
-        principals = principals.display(),
-        policies = policies.display(),
+        tables = policy_mode_tables(dir.path()),
         tap = tap.url(),
     );
     let berth = Berth::start(&config).await;
@@ -447,15 +422,19 @@ endpoint = "{tap}"
     };
 
     let anonymous = warm(None, vec![]).await;
-    assert!(!anonymous.status.success(), "{}", text(&anonymous));
-    assert!(text(&anonymous).contains("401"), "{}", text(&anonymous));
+    assert!(!anonymous.status.success(), "{}", output_text(&anonymous));
+    assert!(
+        output_text(&anonymous).contains("401"),
+        "{}",
+        output_text(&anonymous)
+    );
 
     let no_key = warm(Some("<token>"), vec![]).await;
     assert!(!no_key.status.success());
     assert!(
-        text(&no_key).contains("BERTH_WARM_PASSWORD"),
+        output_text(&no_key).contains("BERTH_WARM_PASSWORD"),
         "{}",
-        text(&no_key)
+        output_text(&no_key)
     );
 
     let warmed = warm(
@@ -463,11 +442,11 @@ endpoint = "{tap}"
         vec![("BERTH_WARM_PASSWORD", CI_KEY.to_string())],
     )
     .await;
-    assert!(warmed.status.success(), "{}", text(&warmed));
+    assert!(warmed.status.success(), "{}", output_text(&warmed));
     assert!(
         String::from_utf8_lossy(&warmed.stdout).contains("warmed 1 image(s)"),
         "{}",
-        text(&warmed)
+        output_text(&warmed)
     );
     assert_eq!(tap.count(Method::GET, Kind::Blob), image.blobs().len());
 
@@ -482,7 +461,7 @@ endpoint = "{tap}"
         pinned,
     ];
     let report = berth_cli(args, vec![]).await;
-    assert!(report.status.success(), "{}", text(&report));
+    assert!(report.status.success(), "{}", output_text(&report));
     let printed = String::from_utf8_lossy(&report.stdout);
     assert!(
         printed.contains(&format!("{OWN}/team/app:v1@{}", image.digest())),
@@ -510,7 +489,12 @@ async fn serve_flags_override_the_config_and_a_bad_config_names_its_key() {
         ),
     ] {
         let output = berth_cli(serve(write("bad.toml", bad)), vec![]).await;
-        assert_eq!(output.status.code(), Some(1), "{bad}: {}", text(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{bad}: {}",
+            output_text(&output)
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(key), "{bad}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
@@ -520,7 +504,7 @@ async fn serve_flags_override_the_config_and_a_bad_config_names_its_key() {
         vec![],
     )
     .await;
-    assert_eq!(missing.status.code(), Some(1), "{}", text(&missing));
+    assert_eq!(missing.status.code(), Some(1), "{}", output_text(&missing));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.toml"));
 
     // The config's listen address is taken (held here), so only --listen lets berth start;
@@ -756,7 +740,7 @@ insecure = true
         assert!(
             pulled.status.success(),
             "podman pull {reference}: {}",
-            text(&pulled)
+            output_text(&pulled)
         );
         let inspect = podman
             .run(&["image", "inspect", "--format", "{{.Digest}}", reference])
@@ -765,7 +749,7 @@ insecure = true
             String::from_utf8_lossy(&inspect.stdout).trim(),
             image.digest(),
             "{}",
-            text(&inspect)
+            output_text(&inspect)
         );
         assert!(tap.count(Method::GET, Kind::Manifest) >= 1, "{reference}");
     }

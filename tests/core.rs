@@ -8,24 +8,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
-use sha2::{Digest as _, Sha256};
+use support::{error_code, image::sha256_digest};
 use support::{
     fetch, get, push_blob, push_image, random_blob, read_body, read_oci_layout, request, send,
     skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
 };
 use tokio::sync::Barrier;
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn error_code(body: &Bytes) -> String {
-    let json: serde_json::Value = serde_json::from_slice(body).expect("error body is JSON");
-    json["errors"][0]["code"]
-        .as_str()
-        .expect("envelope has a code")
-        .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn skopeo_pulls_by_tag_and_digest_and_a_second_pull_makes_no_blob_get() {
@@ -136,7 +124,7 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
                 .await
                 .expect("whole body")
                 .to_bytes();
-            (sha256(&body), body.len(), outcome)
+            (sha256_digest(&body), body.len(), outcome)
         }));
     }
     heads.wait().await;
@@ -196,13 +184,10 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_bytes_fail_the_transfer_and_are_never_cached() {
     let stack = Stack::start("").await;
-    let blob = random_blob(3 << 20, 11);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
+    let blob = stack.push(3 << 20, 11).await;
     stack.tap.inject_times(Kind::Blob, Fault::CorruptBlob, 1);
 
-    let url = stack.blob_url("team/app", &blob.digest);
+    let url = stack.url(&blob);
     let corrupted = get(&url, None).await;
     assert!(
         corrupted.is_err(),
@@ -222,7 +207,7 @@ async fn wrong_bytes_fail_the_transfer_and_are_never_cached() {
 
     let clean = get(&url, None).await.unwrap();
     assert_eq!(clean.status, 200);
-    assert_eq!(sha256(&clean.body), blob.digest);
+    assert_eq!(sha256_digest(&clean.body), blob.digest);
     assert_eq!(
         stack.tap.count(Method::GET, Kind::Blob),
         2,
@@ -234,19 +219,8 @@ async fn wrong_bytes_fail_the_transfer_and_are_never_cached() {
 async fn a_fill_that_cannot_finish_aborts_its_clients_and_caches_nothing() {
     let mut stack = Stack::start("").await;
     // Larger than the loopback socket buffers, so killing the registry really cuts the body.
-    let blob = random_blob(32 << 20, 12);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::PauseAt(1 << 20), 1);
-
-    let url = stack.blob_url("team/app", &blob.digest);
-    let response = send(request(Method::GET, &url, None, &[], Bytes::new()))
-        .await
-        .unwrap();
-    stack.tap.wait_paused(1).await;
+    let blob = stack.push(32 << 20, 12).await;
+    let response = stack.hold(&blob, 1 << 20).await;
     // The upstream dies mid-body; the fill's resume attempts find nothing to resume from.
     stack.registry.stop();
     stack.tap.resume();
@@ -257,13 +231,7 @@ async fn a_fill_that_cannot_finish_aborts_its_clients_and_caches_nothing() {
     );
     let digest = berth::oci::digest::Digest::parse(&blob.digest).unwrap();
     assert!(stack.berth.state.cache.index.get(&digest).is_none());
-    assert!(!stack
-        .berth
-        .state
-        .cache
-        .store
-        .path(berth::cache::Kind::Blob, &digest)
-        .exists());
+    assert!(!stack.cached_path(&blob).exists());
     for _ in 0..1_000_000 {
         if stack.berth.state.fills.in_flight() == 0 {
             break;
@@ -314,11 +282,8 @@ async fn restart_serves_cached_content_with_zero_upstream_traffic() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_work_on_hits_and_while_filling() {
     let stack = Stack::start("").await;
-    let blob = random_blob(2 << 20, 13);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    let url = stack.blob_url("team/app", &blob.digest);
+    let blob = stack.push(2 << 20, 13).await;
+    let url = stack.url(&blob);
 
     stack.tap.inject_times(Kind::Blob, Fault::PauseAt(4096), 1);
     let filling = tokio::spawn({
@@ -379,11 +344,8 @@ async fn ranges_work_on_hits_and_while_filling() {
 #[tokio::test(flavor = "multi_thread")]
 async fn head_requests_describe_without_bodies() {
     let stack = Stack::start("").await;
-    let blob = random_blob(100_000, 14);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    let url = stack.blob_url("team/app", &blob.digest);
+    let blob = stack.push(100_000, 14).await;
+    let url = stack.url(&blob);
     let cold = fetch(request(Method::HEAD, &url, None, &[], Bytes::new()))
         .await
         .unwrap();

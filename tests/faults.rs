@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
+use support::error_code;
 use support::{
     fetch, get, push_blob, random_blob, read_body, request, send, single_upstream_config, Auth,
     Berth, BerthProcess, Blob, Fault, Kind, Registry, Stack, Tap,
@@ -21,12 +22,6 @@ use support::{
 
 fn blob_url(base: &str, repo: &str, digest: &str) -> String {
     format!("{base}/v2/{repo}/blobs/{digest}")
-}
-
-fn error_code(body: &Bytes) -> String {
-    let json: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|_| panic!("error body is the OCI envelope: {body:?}"));
-    json["errors"][0]["code"].as_str().unwrap().to_string()
 }
 
 /// Every file in `tmp/` of a cache.
@@ -66,37 +61,14 @@ async fn push_random(registry: &Registry, size: usize, seed: u64) -> Blob {
     blob
 }
 
-impl Stack {
-    async fn push(&self, size: usize, seed: u64) -> Blob {
-        push_random(&self.registry, size, seed).await
-    }
-
-    fn url(&self, blob: &Blob) -> String {
-        blob_url(&self.berth.url(), "team/app", &blob.digest)
-    }
-
-    /// A GET of `blob` whose fill the tap holds after 100,000 bytes: its response head is here,
-    /// and the request (and its fill) stay in flight until `tap.resume()`.
-    async fn hold(&self, blob: &Blob) -> http::Response<hyper::body::Incoming> {
-        self.tap
-            .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
-        let get = request(Method::GET, &self.url(blob), None, &[], Bytes::new());
-        let held = send(get).await.unwrap();
-        self.tap.wait_paused(1).await;
-        held
-    }
-}
-
 // ---- upstream faults -------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_fill_resumes_from_the_byte_it_reached_and_every_client_gets_the_whole_blob() {
     let stack = Stack::start("").await;
-    let blob = stack.push(3_000_000, 1).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::CutBlobAt(1_234_567), 1);
+    let blob = stack
+        .push_faulted(3_000_000, 1, Fault::CutBlobAt(1_234_567))
+        .await;
 
     let first = send(request(
         Method::GET,
@@ -147,33 +119,24 @@ async fn a_stalled_fill_resumes_after_the_read_timeout() {
     let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes);
-    let ranged = stack
-        .tap
-        .seen()
-        .into_iter()
-        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
-        .count();
+    let ranged = stack.tap.count_ranged(Kind::Blob);
     assert_eq!(ranged, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_short_429_is_retried_but_a_long_one_and_a_404_go_to_the_client() {
     let stack = Stack::start("").await;
-    let blob = stack.push(10_000, 3).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::Status(429, Some(0)), 1);
+    let blob = stack
+        .push_faulted(10_000, 3, Fault::Status(429, Some(0)))
+        .await;
     let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes);
     assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 2, "retried once");
 
-    let other = stack.push(10_000, 4).await;
-    stack.tap.reset();
-    stack
-        .tap
-        .inject_times(Kind::Blob, Fault::Status(429, Some(120)), 1);
+    let other = stack
+        .push_faulted(10_000, 4, Fault::Status(429, Some(120)))
+        .await;
     let fetched = get(&stack.url(&other), None).await.unwrap();
     assert_eq!(fetched.status, 429);
     assert_eq!(fetched.header("retry-after"), Some("120"));
@@ -328,13 +291,7 @@ async fn a_read_error_on_a_cached_blob_drops_it_and_the_next_pull_refetches() {
     let stack = Stack::start("").await;
     let blob = stack.push(48 << 20, 10).await;
     assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
-    let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
-    let path = stack
-        .berth
-        .state
-        .cache
-        .store
-        .path(berth::cache::Kind::Blob, &digest);
+    let path = stack.cached_path(&blob);
 
     let response = send(request(
         Method::GET,
@@ -359,6 +316,7 @@ async fn a_read_error_on_a_cached_blob_drops_it_and_the_next_pull_refetches() {
     let (rest, error) = read_body(&mut body, usize::MAX).await;
     assert!(error.is_some(), "the body ends in an error, not short");
     assert!(head.len() + rest.len() < blob.len());
+    let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
     assert!(stack.berth.state.cache.index.get(&digest).is_none());
     assert!(!path.exists(), "the unreadable file is deleted");
     assert!(stack.berth.state.metrics.disk_errors.get() >= 1);
@@ -376,13 +334,7 @@ async fn a_cached_blob_truncated_on_disk_is_refetched_not_served() {
     let stack = Stack::start("").await;
     let blob = stack.push(300_000, 11).await;
     assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
-    let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
-    let path = stack
-        .berth
-        .state
-        .cache
-        .store
-        .path(berth::cache::Kind::Blob, &digest);
+    let path = stack.cached_path(&blob);
     std::fs::write(&path, &blob.bytes[..1000]).unwrap();
     stack.tap.reset();
     let again = get(&stack.url(&blob), None).await.unwrap();
@@ -561,7 +513,7 @@ async fn over_the_fill_cap_a_miss_gets_503_with_retry_after() {
     let stack = Stack::start("[limits]\nmax_fills = 1\nretry_after = \"3s\"").await;
     let first = stack.push(1_000_000, 50).await;
     let second = stack.push(1_000, 51).await;
-    let held = stack.hold(&first).await;
+    let held = stack.hold(&first, 100_000).await;
     let refused = get(&stack.url(&second), None).await.unwrap();
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("retry-after"), Some("3"));
@@ -576,7 +528,7 @@ async fn over_the_fill_cap_a_miss_gets_503_with_retry_after() {
 async fn a_client_over_its_share_gets_429_and_others_are_unaffected() {
     let stack = Stack::start("[limits]\nmax_client_requests = 1").await;
     let blob = stack.push(1_000_000, 52).await;
-    let held = stack.hold(&blob).await;
+    let held = stack.hold(&blob, 100_000).await;
     let refused = get(&format!("{}/v2/", stack.berth.url()), None)
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use sha2::{Digest as _, Sha256};
+use support::image::sha256_digest;
 use support::{
     fetch, get, push_blob, push_image, random_blob, read_body, request, send, Berth, Fault,
     Fetched, Flavor, Image, Kind, Stack,
@@ -235,10 +235,6 @@ async fn a_missing_tag_is_remembered_briefly() {
     );
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
 /// Bytes of committed objects on disk.
 fn disk_usage(dir: &std::path::Path) -> u64 {
     let mut total = 0;
@@ -281,7 +277,7 @@ async fn the_cache_stays_within_max_size_and_evicts_the_least_recently_used() {
 
     for blob in &blobs[1..] {
         let fetched = get(&url(blob), None).await.unwrap();
-        assert_eq!(sha256(&fetched.body), blob.digest);
+        assert_eq!(sha256_digest(&fetched.body), blob.digest);
         assert!(
             disk_usage(stack.cache.path()) <= 3 << 20,
             "within max_size after every fill"
@@ -290,7 +286,7 @@ async fn the_cache_stays_within_max_size_and_evicts_the_least_recently_used() {
     let (rest, error) = read_body(&mut body, BLOB).await;
     assert!(error.is_none());
     assert_eq!(
-        sha256(&[head, rest].concat()),
+        sha256_digest(&[head, rest].concat()),
         blobs[0].digest,
         "the evicted blob was read whole"
     );
@@ -315,7 +311,7 @@ async fn the_cache_stays_within_max_size_and_evicts_the_least_recently_used() {
     for blob in &blobs {
         let fetched = get(&url(blob), None).await.unwrap();
         assert_eq!(
-            sha256(&fetched.body),
+            sha256_digest(&fetched.body),
             blob.digest,
             "every blob served still verifies"
         );

@@ -442,7 +442,7 @@ async fn load_bounds_what_a_target_sends() {
     let target = lying_target().await;
     let config = berth::load::LoadConfig {
         target: format!("http://{}", target.addr),
-        images: vec![berth::load::ImageRef::parse("evil:latest").unwrap()],
+        images: vec![berth::load::ImageRef::parse("evil:latest", None).unwrap()],
         concurrency: 1,
         layer_concurrency: 3,
         limit: berth::load::Limit::Count(1),

@@ -130,41 +130,26 @@ async fn a_trickling_fill_is_abandoned_at_the_rate_floor_and_resumed() {
         "[client]\nmin_fill_rate = \"32KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"",
     )
     .await;
-    let blob = random_blob(300_000, 42);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
+    let blob = stack.push(300_000, 42).await;
     stack.tap.reset();
     stack.tap.inject_times(
         Kind::Blob,
         Fault::Slow(1_000, Duration::from_millis(100)),
         1,
     );
-    let fetched = get(&stack.blob_url("team/app", &blob.digest), None)
-        .await
-        .unwrap();
+    let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert!(fetched.body == blob.bytes, "whole blob, byte for byte");
     assert_eq!(stack.berth.state.metrics.fill_resumes.get(), 1);
-    let ranged = stack
-        .tap
-        .seen()
-        .into_iter()
-        .filter(|s| s.kind == Kind::Blob && s.headers.contains_key("range"))
-        .count();
+    let ranged = stack.tap.count_ranged(Kind::Blob);
     assert_eq!(ranged, 1, "the trickle was dropped and the rest asked for");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blob_over_max_blob_size_is_refused_before_a_byte_is_written() {
     let stack = support::Stack::start("[limits]\nmax_blob_size = \"100KiB\"").await;
-    let blob = random_blob(200_000, 43);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    let fetched = get(&stack.blob_url("team/app", &blob.digest), None)
-        .await
-        .unwrap();
+    let blob = stack.push(200_000, 43).await;
+    let fetched = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(fetched.status, 403, "{:?}", fetched.body);
     assert!(String::from_utf8_lossy(&fetched.body).contains("DENIED"));
     let state = &stack.berth.state;
@@ -175,10 +160,7 @@ async fn a_blob_over_max_blob_size_is_refused_before_a_byte_is_written() {
         .count();
     assert_eq!(blobs, 0, "nothing was written");
     // A blob under the limit is filled as usual.
-    let small = random_blob(50_000, 44);
-    push_blob(&stack.registry.url(), "team/app", &small, None)
-        .await
-        .unwrap();
+    let small = stack.push(50_000, 44).await;
     let fetched = get(&stack.blob_url("team/app", &small.digest), None)
         .await
         .unwrap();
@@ -234,11 +216,8 @@ async fn fills_running_side_by_side_cannot_overshoot_max_size() {
 /// A `Stack` with one blob pushed, and the blob's URL through berth.
 async fn stack_with_blob(size: usize, seed: u64) -> (support::Stack, Blob, String) {
     let stack = support::Stack::start("").await;
-    let blob = random_blob(size, seed);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    let url = stack.blob_url("team/app", &blob.digest);
+    let blob = stack.push(size, seed).await;
+    let url = stack.url(&blob);
     (stack, blob, url)
 }
 
@@ -422,13 +401,8 @@ async fn a_fill_that_would_eat_into_min_free_is_refused_before_it_writes() {
     // No filesystem here has a petabyte free: every fill's reservation breaks `min_free`, and
     // evicting the (empty) cache cannot help.
     let stack = support::Stack::start("min_free = \"1PiB\"").await;
-    let blob = random_blob(100_000, 52);
-    push_blob(&stack.registry.url(), "team/app", &blob, None)
-        .await
-        .unwrap();
-    let refused = get(&stack.blob_url("team/app", &blob.digest), None)
-        .await
-        .unwrap();
+    let blob = stack.push(100_000, 52).await;
+    let refused = get(&stack.url(&blob), None).await.unwrap();
     assert_eq!(refused.status, 503);
     assert!(refused.header("retry-after").is_some());
     let state = &stack.berth.state;

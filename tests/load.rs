@@ -18,7 +18,7 @@ use support::{
 fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadConfig {
     LoadConfig {
         target,
-        images: vec![ImageRef::parse(image).unwrap()],
+        images: vec![ImageRef::parse(image, None).unwrap()],
         concurrency,
         layer_concurrency: 3,
         limit: Limit::Count(pulls),

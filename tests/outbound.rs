@@ -6,19 +6,20 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use berth::config::Config;
+use berth::net::connect::{Resolve, Resolver};
 use berth::oci::name::{Reference, Repository};
-use berth::upstream::connect::{Resolve, Resolver};
 use berth::upstream::{UpstreamError, Upstreams};
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use support::ca::test_ca;
+use support::scripted::{Answer, Scripted};
+use support::stack::registry_with;
 use support::token::{Policy, TokenServer};
 use support::{fetch, push_image, request, Auth, Berth, Flavor, Image, Registry, Tap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -186,12 +187,8 @@ fn table(entries: &[(&'static str, &str)]) -> Resolver {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_allowed() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 3, &[1000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     let cache = tempfile::tempdir().unwrap();
     let config = |extra: &str| {
         format!(
@@ -245,99 +242,26 @@ async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_al
     assert_eq!(fetched.body, image.manifest.bytes);
 }
 
-/// An in-process upstream answering every request with `answer(request)`, counting them.
-struct Scripted {
-    url: String,
-    seen: Arc<Mutex<Vec<Request<()>>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-type Answer = Arc<dyn Fn(&Request<()>) -> Response<Full<Bytes>> + Send + Sync>;
-
-impl Scripted {
-    async fn start(answer: Answer) -> Scripted {
-        Scripted::serve(answer, None).await
-    }
-
-    /// Over TLS, with a certificate for 127.0.0.1 from the test CA (`test_ca`).
-    async fn start_tls(answer: Answer) -> Scripted {
-        let (leaf, key) = test_ca().leaf();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf], key)
-            .unwrap();
-        Scripted::serve(
-            answer,
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-        )
-        .await
-    }
-
-    async fn serve(answer: Answer, tls: Option<tokio_rustls::TlsAcceptor>) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&seen);
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (answer, log, tls) = (Arc::clone(&answer), Arc::clone(&log), tls.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<_>| {
-                        let (parts, _) = req.into_parts();
-                        let req = Request::from_parts(parts, ());
-                        let response = answer(&req);
-                        log.lock().unwrap().push(req);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let http = hyper::server::conn::http1::Builder::new();
-                    match tls {
-                        None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                        Some(tls) => {
-                            let Ok(stream) = tls.accept(stream).await else {
-                                return;
-                            };
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    }
-                });
-            }
-        });
-        Scripted {
-            url: format!("{scheme}://127.0.0.1:{port}"),
-            seen,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        self.url.clone()
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 fn redirect_to(location: String) -> Answer {
-    Arc::new(move |_| {
+    Arc::new(move |_, _| {
         Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header("location", location.as_str())
             .body(Full::new(Bytes::new()))
             .unwrap()
     })
+}
+
+/// Upstreams configured by `head` (top-level tables) and one `[[upstream]]` for `host` at
+/// `endpoint` with `extra` keys.
+fn upstreams_for(head: &str, host: &str, endpoint: &str, extra: &str) -> Upstreams {
+    let text = format!("{head}[[upstream]]\nhost = \"{host}\"\nendpoint = \"{endpoint}\"\n{extra}");
+    Upstreams::new(&Config::from_toml(&text).unwrap()).unwrap()
+}
+
+/// The error of a manifest GET through `host` that must fail.
+async fn manifest_error(upstreams: &Upstreams, host: &str) -> UpstreamError {
+    manifest_through(upstreams, host).await.unwrap_err()
 }
 
 async fn manifest_through(upstreams: &Upstreams, host: &str) -> Result<u16, UpstreamError> {
@@ -369,11 +293,11 @@ async fn a_redirect_to_the_metadata_address_is_refused_before_any_connection() {
         let resolver = table(&[("metadata.test", "169.254.169.254")]);
         let metrics = Arc::new(berth::metrics::Metrics::new());
         let upstreams = Upstreams::with_resolver(&config, metrics, resolver).unwrap();
-        let result = manifest_through(&upstreams, "redirecting.test").await;
+        let err = manifest_error(&upstreams, "redirecting.test").await;
         // `Refused` comes only from the connector's check, which runs before a socket exists.
         assert!(
-            matches!(result, Err(UpstreamError::Refused(_))),
-            "{location}: {result:?}"
+            matches!(err, UpstreamError::Refused(_)),
+            "{location}: {err:?}"
         );
         assert_eq!(upstream.count(), 1, "no retries of a refusal");
     }
@@ -382,17 +306,9 @@ async fn a_redirect_to_the_metadata_address_is_refused_before_any_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redirects_are_followed_five_times_at_most() {
     let upstream = Scripted::start(redirect_to("/v2/team/app/manifests/v1".into())).await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"loop.test\"\nendpoint = \"{}\"\n",
-        upstream.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
-    let result = manifest_through(&upstreams, "loop.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Invalid(_))),
-        "{result:?}"
-    );
+    let upstreams = upstreams_for("", "loop.test", &upstream.url(), "");
+    let err = manifest_error(&upstreams, "loop.test").await;
+    assert!(matches!(err, UpstreamError::Invalid(_)), "{err:?}");
     assert_eq!(upstream.count(), 6, "the request and five redirects");
 }
 
@@ -411,7 +327,7 @@ async fn a_challenge_on_a_redirect_hop_is_answered_anonymously() {
     // The upstream (with alice's password configured) redirects every call to the token
     // registry, as registry.k8s.io sends every /v2/ call to a pkg.dev host.
     let registry_url = registry.url();
-    let origin = Scripted::start(Arc::new(move |req| {
+    let origin = Scripted::start(Arc::new(move |req, _| {
         Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header("location", format!("{registry_url}{}", req.uri().path()))
@@ -419,13 +335,12 @@ async fn a_challenge_on_a_redirect_hop_is_answered_anonymously() {
             .unwrap()
     }))
     .await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"origin.test\"\nendpoint = \"{}\"\nusername = \"alice\"\n\
-         password = \"alice-pw\"\n",
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for(
+        "",
+        "origin.test",
+        &origin.url(),
+        "username = \"alice\"\npassword = \"alice-pw\"\n",
+    );
     tokens.reset();
     let status = manifest_through(&upstreams, "origin.test").await.unwrap();
     assert_eq!(status, 200);
@@ -521,12 +436,8 @@ async fn a_connect_failure_tells_the_client_nothing_but_the_request_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 41, &[32 << 10, 96 << 10]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     // The registry's name carries a port; it is not the default upstream, and the path holds
     // no host, so only `?ns=registry.internal%3APORT` (as containerd encodes it) can route.
     let name = format!("registry.internal:{}", tap.addr().port());
@@ -557,61 +468,8 @@ async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
     );
 }
 
-/// A private CA for the TLS upstreams of these tests, written where berth's `client.ca_file`
-/// can name it.
-struct TestCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    file: tempfile::NamedTempFile,
-}
-
-fn test_ca() -> &'static TestCa {
-    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
-    CA.get_or_init(|| {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        let file = tempfile::NamedTempFile::new().unwrap();
-        use base64::Engine;
-        let body = base64::engine::general_purpose::STANDARD.encode(cert.der());
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        let pem = format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            lines.join("\n")
-        );
-        std::fs::write(file.path(), pem).unwrap();
-        TestCa {
-            issuer: rcgen::Issuer::new(params, key),
-            file,
-        }
-    })
-}
-
-impl TestCa {
-    fn leaf(
-        &self,
-    ) -> (
-        rustls_pki_types::CertificateDer<'static>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    ) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let key = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        (cert.der().clone(), key.into())
-    }
-
-    fn client_section(&self) -> String {
-        format!("[client]\nca_file = \"{}\"\n", self.file.path().display())
-    }
-}
-
 fn challenge(value: String) -> Answer {
-    Arc::new(move |_| {
+    Arc::new(move |_, _| {
         Response::builder()
             .status(StatusCode::UNAUTHORIZED)
             .header("www-authenticate", value.as_str())
@@ -628,18 +486,9 @@ async fn an_https_upstream_redirecting_to_http_is_not_followed() {
         listener.port
     );
     let origin = Scripted::start_tls(redirect_to(location)).await;
-    let config = Config::from_toml(&format!(
-        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\n",
-        test_ca().client_section(),
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
-    let result = manifest_through(&upstreams, "tls.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Invalid(_))),
-        "{result:?}"
-    );
+    let upstreams = upstreams_for(&test_ca().client_section(), "tls.test", &origin.url(), "");
+    let err = manifest_error(&upstreams, "tls.test").await;
+    assert!(matches!(err, UpstreamError::Invalid(_)), "{err:?}");
     assert_eq!(origin.count(), 1, "the TLS upstream was asked");
     assert_eq!(listener.accepted(), 0, "the http target was never dialled");
 }
@@ -650,14 +499,12 @@ async fn an_https_upstream_sends_its_credentials_to_an_https_realm_only() {
         TokenServer::start(Policy::new().user("alice", "alice-pw", &[("team/*", "pull")])).await;
     let realm = format!("Bearer realm=\"{}\",service=\"test\"", tokens.realm());
     let origin = Scripted::start_tls(challenge(realm)).await;
-    let config = Config::from_toml(&format!(
-        "{}[[upstream]]\nhost = \"tls.test\"\nendpoint = \"{}\"\nusername = \"alice\"\n\
-         password = \"alice-pw\"\n",
-        test_ca().client_section(),
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
+    let upstreams = upstreams_for(
+        &test_ca().client_section(),
+        "tls.test",
+        &origin.url(),
+        "username = \"alice\"\npassword = \"alice-pw\"\n",
+    );
     let _ = manifest_through(&upstreams, "tls.test").await;
     let requests = tokens.requests();
     assert!(!requests.is_empty(), "the realm was asked");
@@ -673,15 +520,7 @@ async fn a_token_realm_at_the_metadata_address_is_refused() {
         "Bearer realm=\"http://169.254.169.254/latest/api/token\"".to_string(),
     ))
     .await;
-    let config = Config::from_toml(&format!(
-        "[[upstream]]\nhost = \"realm.test\"\nendpoint = \"{}\"\n",
-        origin.url()
-    ))
-    .unwrap();
-    let upstreams = Upstreams::new(&config).unwrap();
-    let result = manifest_through(&upstreams, "realm.test").await;
-    assert!(
-        matches!(result, Err(UpstreamError::Refused(_))),
-        "{result:?}"
-    );
+    let upstreams = upstreams_for("", "realm.test", &origin.url(), "");
+    let err = manifest_error(&upstreams, "realm.test").await;
+    assert!(matches!(err, UpstreamError::Refused(_)), "{err:?}");
 }

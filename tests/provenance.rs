@@ -16,6 +16,7 @@ use std::path::Path;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
+use support::berth::policy_mode_tables;
 use support::{
     fetch, push_image, random_blob, random_layer, request, Auth, Berth, Fetched, Flavor, Hostile,
     Image, Registry, Tap,
@@ -164,13 +165,7 @@ fn config(dir: &Path, victim_url: &str, attacker_url: &str) -> String {
     format!(
         r#"
 listen = "127.0.0.1:0"
-[cache]
-dir = "{cache}"
-[access]
-mode = "policy"
-principals = "{principals}"
-policies = "{policies}"
-[[upstream]]
+{tables}[[upstream]]
 host = "{VICTIM}"
 endpoint = "{victim_url}"
 tag_ttl = "1h"
@@ -179,9 +174,7 @@ host = "{ATTACKER}"
 endpoint = "{attacker_url}"
 tag_ttl = "0s"
 "#,
-        cache = dir.join("cache").display(),
-        principals = dir.join("principals.json").display(),
-        policies = dir.join("policies").display(),
+        tables = policy_mode_tables(dir),
     )
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use http::Method;
+use support::stack::registry_with;
 use support::token::{Policy, TokenServer};
 use support::{
     fetch, push_image, read_oci_layout, request, skopeo_copy_ok, Auth, Berth, Containerd, Fetched,
@@ -281,12 +282,8 @@ endpoint = "{url}"
 
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_pulls_through_berth_as_its_hosts_toml_mirror() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 31, &[64 << 10, 256 << 10]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     let dir = tempfile::tempdir().unwrap();
     // The mirrored registry is not the default: only `?ns=` can route containerd's requests.
     let text = format!(

@@ -7,9 +7,11 @@ mod support;
 use std::process::Output;
 
 use http::Method;
+use support::process::output_text;
+use support::stack::registry_with;
 use support::{
-    push_image, push_index, random_layer, skopeo_copy_ok, Auth, Berth, Fault, Flavor, Image, Index,
-    Kind, Platform, Registry, Tap,
+    push_index, random_layer, skopeo_copy_ok, Auth, Berth, Fault, Flavor, Image, Index, Kind,
+    Platform, Registry, Tap,
 };
 
 async fn berth_warm(args: &[&str]) -> Output {
@@ -23,15 +25,6 @@ async fn berth_warm(args: &[&str]) -> Output {
     })
     .await
     .unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -59,12 +52,12 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
     // Host-prefixed reference: /v2/<tap host>/team/app/... on berth.
     let reference = format!("{}/team/app:v1", tap.host());
     let output = berth_warm(&["--target", &berth.url(), &reference]).await;
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", output_text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("warmed 1 image(s), 3 blob(s)"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     // The manifest GETs miss; the blob GETs join the fills the platform manifest's GET
     // started (prefetch), or start them if they come first.
@@ -110,11 +103,11 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
 
     // A second warm of the same image is all hits.
     let again = berth_warm(&["--target", &berth.url(), &reference]).await;
-    assert!(again.status.success(), "{}", text(&again));
+    assert!(again.status.success(), "{}", output_text(&again));
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("HIT=5"),
         "{}",
-        text(&again)
+        output_text(&again)
     );
 
     let other = berth_warm(&[
@@ -127,9 +120,9 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
     .await;
     assert!(!other.status.success());
     assert!(
-        text(&other).contains("no windows/amd64 image in the index"),
+        output_text(&other).contains("no windows/amd64 image in the index"),
         "{}",
-        text(&other)
+        output_text(&other)
     );
 }
 
@@ -137,16 +130,12 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
 async fn wrong_blob_bytes_fail_the_warm() {
     // Warm straight from a registry (same API) through a tap that corrupts one blob: berth
     // would never deliver such a body whole, so the registry stands in for a broken target.
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Docker, 53, &[100_000]);
-    push_image(&registry.url(), "team/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "team/app", "v1").await;
     tap.inject_times(Kind::Blob, Fault::CorruptBlob, 1);
     let output = berth_warm(&["--target", &tap.url(), "team/app:v1"]).await;
-    assert!(!output.status.success(), "{}", text(&output));
-    let report = text(&output);
+    assert!(!output.status.success(), "{}", output_text(&output));
+    let report = output_text(&output);
     assert!(report.contains("failed team/app:v1"), "{report}");
     assert!(report.contains("received content with digest"), "{report}");
 }

@@ -20,12 +20,12 @@
 //! `cache::origins`; this file holds the decision (`decide`, pure), the manifest reader (what
 //! a manifest says R holds) and the single flights of confirmations and verifications.
 
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::cache::Origin;
 use crate::flight::Flights;
 use crate::oci::digest::Digest;
+use crate::oci::manifest::Manifest;
 use crate::oci::name::Repository;
 
 /// What must happen before a digest may be served for repository R on upstream U.
@@ -89,36 +89,16 @@ impl Holdings {
 }
 
 /// The digests a manifest fetched through R says R holds: config, layers and artifact `blobs`
-/// without `urls`, index children. Never the subject. Unparsable documents hold nothing.
+/// without `urls`, index children. Never the subject. Documents the manifest model refuses
+/// (`oci::manifest::Manifest::parse`) hold nothing.
 pub fn held_digests(manifest: &[u8]) -> Vec<Digest> {
-    #[derive(Deserialize)]
-    struct Descriptor {
-        digest: String,
-        /// Foreign layers are fetched from these URLs, not from the repository.
-        #[serde(default)]
-        urls: Option<serde::de::IgnoredAny>,
-    }
-    #[derive(Deserialize)]
-    struct Document {
-        config: Option<Descriptor>,
-        #[serde(default)]
-        layers: Vec<Descriptor>,
-        #[serde(default)]
-        blobs: Vec<Descriptor>,
-        #[serde(default)]
-        manifests: Vec<Descriptor>,
-    }
-    let Ok(document) = serde_json::from_slice::<Document>(manifest) else {
+    let Ok(manifest) = Manifest::parse(manifest) else {
         return Vec::new();
     };
-    document
-        .config
-        .into_iter()
-        .chain(document.layers)
-        .chain(document.blobs)
-        .chain(document.manifests)
+    manifest
+        .contents()
         .filter(|descriptor| descriptor.urls.is_none())
-        .filter_map(|descriptor| Digest::parse(&descriptor.digest).ok())
+        .map(|descriptor| descriptor.digest.clone())
         .collect()
 }
 
@@ -188,21 +168,43 @@ mod tests {
             "schemaVersion": 2,
             "config": {"digest": d('c'), "size": 1},
             "layers": [
-                {"digest": d('1')},
-                {"digest": d('2'), "urls": ["https://example.com/layer"]},
-                {"digest": d('3')},
+                {"digest": d('1'), "size": 1},
+                {"digest": d('2'), "size": 1, "urls": ["https://example.com/layer"]},
+                {"digest": d('3'), "size": 1},
             ],
-            "subject": {"digest": d('5')},
+            "subject": {"digest": d('5'), "size": 1},
         });
         assert_eq!(
             held_digests(manifest.to_string().as_bytes()),
             [digest('c'), digest('1'), digest('3')]
         );
-        let index = serde_json::json!({"manifests": [{"digest": d('a')}, {"digest": "bogus"}]});
+        let index = serde_json::json!({"manifests": [{"digest": d('a'), "size": 1}]});
         assert_eq!(held_digests(index.to_string().as_bytes()), [digest('a')]);
-        assert!(held_digests(b"not json").is_empty());
+        let artifact = serde_json::json!({
+            "mediaType": "application/vnd.oci.artifact.manifest.v1+json",
+            "blobs": [{"digest": d('b'), "size": 1}],
+            "subject": {"digest": d('5'), "size": 1},
+        });
+        assert_eq!(held_digests(artifact.to_string().as_bytes()), [digest('b')]);
         // `urls: null` names no other place: the layer is the repository's.
-        let null_urls = format!(r#"{{"layers":[{{"digest":"{}","urls":null}}]}}"#, d('7'));
-        assert_eq!(held_digests(null_urls.as_bytes()).len(), 1);
+        let null_urls = format!(
+            r#"{{"config":{{"digest":"{}","size":1}},"layers":[{{"digest":"{}","size":1,"urls":null}}]}}"#,
+            d('c'),
+            d('7')
+        );
+        assert_eq!(held_digests(null_urls.as_bytes()).len(), 2);
+    }
+
+    #[test]
+    fn a_document_with_a_bogus_descriptor_holds_nothing() {
+        let bogus_digest = serde_json::json!({"manifests": [{"digest": d('a'), "size": 1}, {"digest": "bogus", "size": 1}]});
+        let no_size = serde_json::json!({"config": {"digest": d('c')}, "layers": []});
+        for document in [
+            bogus_digest.to_string(),
+            no_size.to_string(),
+            "not json".into(),
+        ] {
+            assert!(held_digests(document.as_bytes()).is_empty(), "{document}");
+        }
     }
 }

@@ -20,11 +20,11 @@
 //! may do what to an image). This file holds the state that ties them to requests; the
 //! responses are built by `error` (401/403) and `api::token` (the token endpoint).
 
-pub mod config;
 pub mod files;
 pub mod guard;
 pub mod holdings;
 pub mod policy;
+mod presented;
 pub mod principals;
 pub mod query;
 pub mod report;
@@ -34,19 +34,19 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use http::header::{HeaderMap, AUTHORIZATION};
+use http::header::HeaderMap;
 use ring::hmac;
 
 use crate::config::PlatformConfig;
+pub use crate::config::{AccessConfig, AccessMode};
 use crate::route::{self, Target};
 use crate::secret::Secret;
 use crate::upstream::Upstreams;
-pub use config::{check_config, AccessConfig, AccessMode};
 use files::{Files, Snapshot};
 use guard::Guard;
 use holdings::Holdings;
 use policy::{ImageFacts, Permission, PrincipalLink};
+use presented::{presented, Presented};
 use token::{Claims, Clock, Grant, TokenError, TokenKey, SERVICE};
 
 /// Why a request may not go on. `error` turns it into the 401 or 403 response.
@@ -86,13 +86,6 @@ struct Caller {
     key_id: Option<String>,
     /// Present when the caller came with one of berth's tokens, which limits what it reaches.
     token: Option<Claims>,
-}
-
-enum Presented {
-    Nothing,
-    Basic { user: String, key: Secret },
-    Bearer(String),
-    Malformed,
 }
 
 /// Credentials that verified recently are not checked (or slowed down) again for this long.
@@ -298,48 +291,6 @@ impl Access {
         })
     }
 
-    /// The access report of an image in any reference form (`nginx:1`, `//image/app:v1`).
-    pub fn report(
-        &self,
-        upstreams: &Upstreams,
-        image: &str,
-    ) -> Result<report::Report, AccessError> {
-        let files = self.files.as_ref().ok_or_else(|| {
-            AccessError::Report("the access report needs [access] principals and policies".into())
-        })?;
-        let (target, parsed) = route::resolve_image_ref(upstreams, image)
-            .map_err(|e| AccessError::Report(e.to_string()))?;
-        let reference = &parsed.reference;
-        let snapshot = files.current();
-        let repository = self.policy_repository(&target);
-        let tag = match reference {
-            crate::oci::name::Reference::Tag(tag) => Some(tag.as_str()),
-            crate::oci::name::Reference::Digest(_) => None,
-        };
-        // A pinned `NAME:TAG@DIGEST` is judged by its digest and shown with its tag.
-        let separator = if tag.is_some() || parsed.pinned_tag.is_some() {
-            ":"
-        } else {
-            "@"
-        };
-        let shown = format!(
-            "{}{separator}{}",
-            full_name(&target),
-            parsed.shown_reference()
-        );
-        let facts = ImageFacts {
-            repository: &repository,
-            tag,
-        };
-        Ok(report::report(
-            &shown,
-            &facts,
-            target.upstream.public,
-            &snapshot.policies,
-            &snapshot.principals,
-        ))
-    }
-
     fn snapshot(&self) -> Option<Arc<Snapshot>> {
         match (self.mode, &self.files) {
             (AccessMode::Policy, Some(files)) => Some(files.current()),
@@ -488,33 +439,6 @@ impl Access {
     }
 }
 
-/// The admin endpoint of the access report, ready to mount: `GET ...?image=IMAGE` answers the
-/// report as JSON, or an error in the OCI envelope (400 for a bad image or no policies).
-pub fn report_json(
-    state: &crate::AppState,
-    query: Option<&str>,
-) -> http::Response<crate::body::Body> {
-    let image = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(name, _)| name == "image")
-        .map(|(_, value)| value.into_owned());
-    let report = match image {
-        Some(image) => state.access.report(&state.upstreams, &image),
-        None => Err(AccessError::Report("pass the image as ?image=IMAGE".into())),
-    };
-    match report {
-        Ok(report) => {
-            let bytes = serde_json::to_vec_pretty(&report).expect("reports serialise");
-            http::Response::builder()
-                .status(http::StatusCode::OK)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .header(http::header::CONTENT_LENGTH, bytes.len())
-                .body(crate::body::full(bytes))
-                .expect("valid response")
-        }
-        Err(err) => crate::error::ApiError::from(err).into_response(false),
-    }
-}
-
 /// The token endpoint's answer, in the distribution token spec's fields.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IssuedToken {
@@ -548,37 +472,11 @@ fn is_plain_host(host: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
-fn presented(headers: &HeaderMap) -> Presented {
-    let Some(value) = headers.get(AUTHORIZATION) else {
-        return Presented::Nothing;
-    };
-    let Ok(value) = value.to_str() else {
-        return Presented::Malformed;
-    };
-    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
-    let rest = rest.trim();
-    if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
-        return Presented::Bearer(rest.to_string());
-    }
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Presented::Malformed;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok());
-    match decoded.as_deref().and_then(|text| text.split_once(':')) {
-        Some((user, key)) if !user.is_empty() => Presented::Basic {
-            user: user.to_string(),
-            key: Secret::new(key),
-        },
-        _ => Presented::Malformed,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use http::header::AUTHORIZATION;
 
     #[test]
     fn pull_scopes_keep_ports_and_ignore_other_actions() {

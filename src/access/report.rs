@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use super::policy::{permissions, ImageFacts, Permission, Permissions, Policy, PrincipalLink};
 use super::principals::Principals;
+use super::{full_name, Access, AccessError};
+use crate::route;
+use crate::upstream::Upstreams;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -191,6 +194,46 @@ impl Report {
             }
         }
         out
+    }
+}
+
+impl Access {
+    /// The access report of an image in any reference form (`nginx:1`, `//image/app:v1`).
+    pub fn report(&self, upstreams: &Upstreams, image: &str) -> Result<Report, AccessError> {
+        let files = self.files.as_ref().ok_or_else(|| {
+            AccessError::Report("the access report needs [access] principals and policies".into())
+        })?;
+        let (target, parsed) = route::resolve_image_ref(upstreams, image)
+            .map_err(|e| AccessError::Report(e.to_string()))?;
+        let reference = &parsed.reference;
+        let snapshot = files.current();
+        let repository = self.policy_repository(&target);
+        let tag = match reference {
+            crate::oci::name::Reference::Tag(tag) => Some(tag.as_str()),
+            crate::oci::name::Reference::Digest(_) => None,
+        };
+        // A pinned `NAME:TAG@DIGEST` is judged by its digest and shown with its tag.
+        let separator = if tag.is_some() || parsed.pinned_tag.is_some() {
+            ":"
+        } else {
+            "@"
+        };
+        let shown = format!(
+            "{}{separator}{}",
+            full_name(&target),
+            parsed.shown_reference()
+        );
+        let facts = ImageFacts {
+            repository: &repository,
+            tag,
+        };
+        Ok(report(
+            &shown,
+            &facts,
+            target.upstream.public,
+            &snapshot.policies,
+            &snapshot.principals,
+        ))
     }
 }
 

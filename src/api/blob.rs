@@ -16,8 +16,9 @@ use super::Served;
 use crate::body::{self, Body};
 use crate::cache::reader::Evict;
 use crate::cache::Outcome;
+use crate::cache::Progress;
 use crate::error::{ApiError, Code};
-use crate::fill::{self, Job, Progress};
+use crate::fill::Job;
 use crate::oci::digest::Digest;
 use crate::oci::range::{parse_range, unsatisfied_content_range, RangeRequest};
 use crate::route::Target;
@@ -56,7 +57,7 @@ async fn serve_any(
     head: bool,
     version: Version,
 ) -> Served {
-    if let Some(progress) = fill::open_cached(&state.cache, &state.metrics, &digest) {
+    if let Some(progress) = crate::cache::open_cached(&state.cache, &state.metrics, &digest) {
         let evict = Evict {
             cache: Arc::clone(&state.cache),
             metrics: Arc::clone(&state.metrics),
@@ -130,9 +131,7 @@ async fn serve_own(
             _ => return serve_any(state, target, digest, range, false, version).await,
         }
     }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unavailable,
+    Err(ApiError::unavailable(
         "the blob is being fetched through another repository; retry shortly",
     ))
 }
@@ -154,18 +153,12 @@ async fn respond(
             _ => true,
         })
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                Code::Unavailable,
-                "blob fill ended without an answer",
-            )
-        })?
+        .map_err(|_| ApiError::bad_gateway("blob fill ended without an answer"))?
         .clone();
     let total = match state {
         Progress::Verified { total, .. } => Some(total),
         Progress::Streaming { total, .. } => total,
-        Progress::Failed(error) => return Err(not_found_as_blob(error)),
+        Progress::Failed(error) => return Err(ApiError::from(&*error)),
         Progress::Connecting => unreachable!("waited for a state past Connecting"),
     };
     let request = match total {
@@ -180,16 +173,9 @@ async fn respond(
     let (builder, start, end) = match request {
         RangeRequest::Unsatisfiable => {
             let size = total.unwrap_or(0);
-            let error = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                Code::RangeInvalid,
-                "range not satisfiable",
-            )
-            .with_header(
-                CONTENT_RANGE,
-                HeaderValue::from_str(&unsatisfied_content_range(size)).expect("ascii"),
-            );
-            return Err(error);
+            let content_range =
+                HeaderValue::from_str(&unsatisfied_content_range(size)).expect("ascii");
+            return Err(ApiError::range_not_satisfiable(content_range));
         }
         RangeRequest::Full => {
             let builder = match total {
@@ -213,15 +199,6 @@ async fn respond(
         crate::cache::reader::blob_body(progress, start, end, evict)
     };
     Ok(builder.body(body).expect("valid response"))
-}
-
-/// A 404 from the upstream means the blob is unknown, not the repository.
-fn not_found_as_blob(mut error: ApiError) -> ApiError {
-    if error.status == StatusCode::NOT_FOUND {
-        error.code = Code::BlobUnknown;
-        error.message = "blob unknown to registry".into();
-    }
-    error
 }
 
 async fn head_upstream(target: &Target, digest: &Digest) -> Served {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use http::header::HeaderValue;
-use http::{Method, StatusCode};
+use http::Method;
 use http_body_util::BodyExt;
 
 use crate::access::holdings::{decide, held_digests, key, Decision};
@@ -306,12 +306,7 @@ async fn verify_blob(state: &AppState, target: &Target, digest: &Digest) -> Resu
                 .inc_by(received);
             if verifier.finish() != owned {
                 metrics.digest_mismatches.inc();
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    Code::BlobUnknown,
-                    "blob unknown to registry",
-                )
-                .with_detail(format!(
+                return Err(ApiError::blob_unknown(format!(
                     "{}/{repository} sent other bytes for {owned}",
                     upstream.name
                 )));
@@ -335,10 +330,6 @@ async fn verify_blob(state: &AppState, target: &Target, digest: &Digest) -> Resu
 }
 
 fn unverified(detail: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_GATEWAY,
-        Code::Unavailable,
-        "the upstream could not show it holds this blob",
-    )
-    .with_detail(detail.to_string())
+    ApiError::bad_gateway("the upstream could not show it holds this blob")
+        .with_detail(detail.to_string())
 }

@@ -16,6 +16,7 @@
 //! one GET.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::{Method, Response, StatusCode};
@@ -25,7 +26,7 @@ use tokio::time::Instant;
 use super::Served;
 use crate::body;
 use crate::cache::{Manifest, Outcome, TagEntry, TagKey};
-use crate::error::{ApiError, Code};
+use crate::error::{ApiError, ManifestError};
 use crate::flight::{Flights, Role};
 use crate::oci::accept::AcceptClass;
 use crate::oci::digest::Digest;
@@ -50,9 +51,9 @@ pub enum FetchKey {
     Tag(TagKey),
 }
 
-pub type ManifestFlights = Flights<FetchKey, Result<Manifest, ApiError>>;
+pub type ManifestFlights = Flights<FetchKey, Result<Manifest, ManifestError>>;
 /// The digest a tag points at now, or `None` when the upstream's HEAD did not say.
-pub type RevalidationFlights = Flights<TagKey, Result<Option<Digest>, ApiError>>;
+pub type RevalidationFlights = Flights<TagKey, Result<Option<Digest>, ManifestError>>;
 
 pub async fn serve(
     state: &Arc<AppState>,
@@ -99,12 +100,7 @@ fn prefetch(state: &Arc<AppState>, target: &Target, manifest: &Manifest) {
 fn reference_error(err: NameError) -> ApiError {
     match err {
         NameError::Digest(err) => err.into(),
-        other => ApiError::new(
-            StatusCode::NOT_FOUND,
-            Code::ManifestUnknown,
-            "manifest unknown",
-        )
-        .with_detail(other.to_string()),
+        other => ApiError::manifest_unknown(other.to_string()),
     }
 }
 
@@ -150,15 +146,16 @@ async fn by_tag(
     };
     let upstream = Arc::clone(&target.upstream);
     let clock = state.cache.tags.clock;
+    let (ttl, stale) = (upstream.tag_ttl, upstream.stale_if_error);
     let known = last_known(state, &key).await;
     if let Some((entry, manifest)) = &known {
-        if clock.age(entry.checked_ms) < upstream.tag_ttl {
+        if decide(entry, clock.now_ms(), ttl, stale) == TagAge::Fresh {
             return Ok((manifest.clone(), Outcome::Hit));
         }
     }
     if known.is_none() && state.cache.tags.is_missing(&key, upstream.negative_ttl) {
         state.metrics.negative_hits.inc();
-        return Err(tag_unknown(&key));
+        return Err(ApiError::tag_unknown(&key.repository, &key.tag));
     }
     let answered = match &known {
         Some(_) => match revalidate(state, &target, &key).await {
@@ -172,20 +169,45 @@ async fn by_tag(
         Ok(answer) => return Ok(answer),
         Err(error) => error,
     };
-    if error.status == StatusCode::NOT_FOUND {
+    if error.is_not_found() {
         state.cache.forget_tag(key);
-        return Err(error);
+        return Err(error.into());
     }
     match known {
+        // Judged again now: the failed request took time, and the stale window may have ended.
         Some((entry, manifest))
-            if upstream_failed(&error)
-                && clock.age(entry.checked_ms) < upstream.tag_ttl + upstream.stale_if_error =>
+            if error.is_upstream_failure()
+                && decide(&entry, clock.now_ms(), ttl, stale) != TagAge::Expired =>
         {
             state.metrics.stale_served.inc();
             tracing::warn!(upstream = %upstream.name, tag = %key.tag, error = %error, "serving a stale tag");
             Ok((manifest, Outcome::Stale))
         }
-        _ => Err(error),
+        _ => Err(error.into()),
+    }
+}
+
+/// How old a tag's mapping is, against its upstream's `tag_ttl` and `stale_if_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagAge {
+    /// Inside `tag_ttl`: served without asking the upstream.
+    Fresh,
+    /// Past `tag_ttl`: revalidated; if the upstream fails (unreachable, 5xx, 429), served stale.
+    Stale,
+    /// Past `tag_ttl + stale_if_error` too: revalidated, and an upstream failure is the answer.
+    Expired,
+}
+
+/// The freshness of `entry` at `now_ms` (the tag table's clock; a check in the future, after
+/// a clock step backwards, counts as just made).
+fn decide(entry: &TagEntry, now_ms: u64, ttl: Duration, stale: Duration) -> TagAge {
+    let age = Duration::from_millis(now_ms.saturating_sub(entry.checked_ms));
+    if age < ttl {
+        TagAge::Fresh
+    } else if age < ttl + stale {
+        TagAge::Stale
+    } else {
+        TagAge::Expired
     }
 }
 
@@ -201,7 +223,7 @@ async fn fetch_tag(
     state: &Arc<AppState>,
     target: Target,
     key: TagKey,
-) -> Result<(Manifest, Outcome), ApiError> {
+) -> Result<(Manifest, Outcome), ManifestError> {
     let work_state = Arc::clone(state);
     let work_key = key.clone();
     let tag = key.tag.clone();
@@ -218,24 +240,6 @@ async fn fetch_tag(
     Ok((fetched?, miss_outcome(role)))
 }
 
-/// Failures that serve-stale covers: the upstream is unreachable, timed out, failed (5xx) or
-/// rate-limited us (429). Refusals (401/403) and 404s are answers, not failures.
-fn upstream_failed(error: &ApiError) -> bool {
-    matches!(error.status.as_u16(), 429 | 500..=599)
-}
-
-fn tag_unknown(key: &TagKey) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        Code::ManifestUnknown,
-        "manifest unknown",
-    )
-    .with_detail(format!(
-        "{}:{} is not known upstream (remembered)",
-        key.repository, key.tag
-    ))
-}
-
 /// Asks the upstream (HEAD, with the class's Accept) where the tag points now. Returns the
 /// manifest if it is cached, and records the answer; `None` means the body must be fetched:
 /// the digest is new, or the HEAD answer named none (then one GET settles it).
@@ -243,7 +247,7 @@ async fn revalidate(
     state: &Arc<AppState>,
     target: &Target,
     key: &TagKey,
-) -> Result<Option<Manifest>, ApiError> {
+) -> Result<Option<Manifest>, ManifestError> {
     let upstream = Arc::clone(&target.upstream);
     let repository = target.repository.clone();
     let reference = Reference::Tag(key.tag.clone());
@@ -253,8 +257,7 @@ async fn revalidate(
         .run(key.clone(), move || async move {
             let response = upstream
                 .manifest(Method::HEAD, &repository, &reference, accept.as_ref())
-                .await
-                .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
+                .await?;
             let digest = announced_digest(response.headers());
             if digest.is_none() {
                 tracing::debug!(upstream = %upstream.name, "HEAD without Docker-Content-Digest; falling back to GET");
@@ -291,7 +294,7 @@ async fn fetch(
     target: Target,
     reference: Reference,
     accept: AcceptClass,
-) -> Result<Manifest, ApiError> {
+) -> Result<Manifest, ManifestError> {
     let started = Instant::now();
     let accept_value = accept.header_value();
     let response = target
@@ -302,8 +305,7 @@ async fn fetch(
             &reference,
             accept_value.as_ref(),
         )
-        .await
-        .map_err(|e| ApiError::from_upstream(e, Code::ManifestUnknown))?;
+        .await?;
     let announced = announced_digest(response.headers());
     // The response's Content-Type is not used: the document says what it is (`oci::manifest`).
     let read = Limited::new(response.into_body(), MAX_MANIFEST).collect();
@@ -348,14 +350,8 @@ async fn fetch(
     Ok(manifest)
 }
 
-fn bad_manifest(detail: String) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_GATEWAY,
-        Code::Unavailable,
-        "upstream sent a bad manifest",
-    )
-    // The detail quotes the upstream's bytes or a library's error: the log has it, not the client.
-    .with_internal(detail)
+fn bad_manifest(detail: String) -> ManifestError {
+    ManifestError::Invalid(detail)
 }
 
 /// `Docker-Content-Digest`, when the upstream sent a sha256 one we can check against.
@@ -390,6 +386,52 @@ fn response(manifest: &Manifest, head: bool) -> Response<body::Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Code;
+
+    fn checked_at(ms: u64) -> TagEntry {
+        TagEntry {
+            digest: Digest::of(b"{}"),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            checked_ms: ms,
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+    const STALE: Duration = Duration::from_secs(600);
+
+    #[test]
+    fn a_tag_inside_its_ttl_is_fresh() {
+        let entry = checked_at(1_000_000);
+        assert_eq!(decide(&entry, 1_000_000, TTL, STALE), TagAge::Fresh);
+        assert_eq!(decide(&entry, 1_059_999, TTL, STALE), TagAge::Fresh);
+    }
+
+    #[test]
+    fn a_tag_past_its_ttl_is_revalidated_and_may_be_served_stale_if_the_upstream_is_down() {
+        let entry = checked_at(1_000_000);
+        assert_eq!(decide(&entry, 1_060_000, TTL, STALE), TagAge::Stale);
+        assert_eq!(decide(&entry, 1_659_999, TTL, STALE), TagAge::Stale);
+    }
+
+    #[test]
+    fn a_tag_past_the_stale_window_is_revalidated_with_no_stale_fallback() {
+        let entry = checked_at(1_000_000);
+        assert_eq!(decide(&entry, 1_660_000, TTL, STALE), TagAge::Expired);
+        assert_eq!(
+            decide(&entry, 9_000_000, TTL, Duration::ZERO),
+            TagAge::Expired
+        );
+        assert_eq!(
+            decide(&entry, 1_060_000, TTL, Duration::ZERO),
+            TagAge::Expired
+        );
+    }
+
+    #[test]
+    fn a_check_in_the_future_counts_as_just_made() {
+        let entry = checked_at(2_000_000);
+        assert_eq!(decide(&entry, 1_000_000, TTL, STALE), TagAge::Fresh);
+    }
 
     #[test]
     fn invalid_tags_are_unknown_manifests_and_bad_digests_stay_invalid() {

@@ -26,10 +26,15 @@ use crate::cache::Outcome;
 use crate::error::{ApiError, Code};
 use crate::metrics::status_class;
 use crate::oci::name::{split_api_path, ApiPath};
+use crate::oci::reference::ReferenceError;
 use crate::route::{self, RouteError};
-use crate::server::PeerAddr;
 use crate::upstream::CredentialSource;
 use crate::AppState;
+
+/// The client's address, put in each request's extensions for the handlers (access control
+/// slows down an address that keeps presenting wrong keys).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 pub use manifest::{ManifestFlights, RevalidationFlights};
 
@@ -184,12 +189,7 @@ async fn dispatch<B>(state: &Arc<AppState>, request: &Request<B>) -> Dispatched 
         return (kind, Seen::default(), Err(error));
     }
     let Some(parsed) = parsed else {
-        let error = ApiError::new(
-            StatusCode::NOT_FOUND,
-            Code::NameUnknown,
-            "not a registry API path",
-        )
-        .with_detail(path.to_string());
+        let error = ApiError::not_api_path(path.to_string());
         return (kind, Seen::default(), Err(error));
     };
     let mut seen = Seen::default();
@@ -235,13 +235,7 @@ async fn serve<B>(
         | ApiPath::Tags { name }
         | ApiPath::Referrers { name, .. }
         | ApiPath::BlobUpload { name } => *name,
-        ApiPath::Catalog => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                Code::Unsupported,
-                "a pull-through cache has no catalog",
-            ))
-        }
+        ApiPath::Catalog => return Err(ApiError::no_catalog()),
     };
     // Route: which upstream, which repository. Nothing is dialled for an unknown registry. In
     // the policy mode the caller authenticates first, so an anonymous one learns nothing about
@@ -267,11 +261,10 @@ async fn serve<B>(
     if target.upstream.requires_secret
         && target.upstream.credential_source(&target.repository) == CredentialSource::Anonymous
     {
-        let error = ApiError::new(StatusCode::FORBIDDEN, Code::Denied, "access denied")
-            .with_detail(format!(
-                "{} is another org's registry and no docker secret covers it",
-                target.upstream.name
-            ));
+        let error = ApiError::denied(format!(
+            "{} is another org's registry and no docker secret covers it",
+            target.upstream.name
+        ));
         return Err(error);
     }
     let headers = request.headers();
@@ -290,12 +283,7 @@ async fn serve<B>(
             passthrough::serve(target, format!("referrers/{digest}"), query, name, head).await
         }
         // Upload endpoints allow no method at all here: an empty `Allow` says so (RFC 9110).
-        ApiPath::BlobUpload { .. } | ApiPath::Catalog => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            Code::Unsupported,
-            "berth is a pull-through cache; pushes go to the registry",
-        )
-        .with_header(http::header::ALLOW, HeaderValue::from_static(""))),
+        ApiPath::BlobUpload { .. } | ApiPath::Catalog => Err(ApiError::read_only()),
     }
 }
 
@@ -318,12 +306,11 @@ fn asker<B>(request: &Request<B>) -> Asker<'_> {
 
 fn route_error(err: RouteError) -> ApiError {
     match err {
-        RouteError::Name(err) => err.into(),
-        RouteError::UnknownRegistry(_) | RouteError::NoDefault | RouteError::NoOrg => {
-            ApiError::name_unknown(err.to_string())
-        }
-        RouteError::Malformed(_) | RouteError::Host(_) => {
-            ApiError::new(StatusCode::BAD_REQUEST, Code::NameInvalid, err.to_string())
-        }
+        RouteError::Name(err) | RouteError::Reference(ReferenceError::Name(err)) => err.into(),
+        RouteError::UnknownRegistry(_)
+        | RouteError::NoDefault
+        | RouteError::Reference(ReferenceError::NoOrg) => ApiError::name_unknown(err.to_string()),
+        RouteError::Reference(ReferenceError::Malformed(_) | ReferenceError::NoPlatform(_))
+        | RouteError::Host(_) => ApiError::name_invalid(err.to_string()),
     }
 }

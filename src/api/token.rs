@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Limited};
 use super::{asker, Served};
 use crate::body;
 use crate::cache::Outcome;
-use crate::error::{ApiError, Code};
+use crate::error::ApiError;
 use crate::AppState;
 
 /// The largest OAuth2 form berth reads; a real one is a few hundred bytes.
@@ -105,12 +105,7 @@ fn rewrite(parts: &mut http::request::Parts, form: &[u8]) -> Result<(), ApiError
 }
 
 fn bad_form(detail: String) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        Code::Unsupported,
-        "bad token request",
-    )
-    .with_detail(detail)
+    ApiError::unsupported_request("bad token request").with_detail(detail)
 }
 
 pub async fn serve<B>(state: &Arc<AppState>, request: &Request<B>) -> Served {
@@ -129,12 +124,8 @@ pub async fn serve<B>(state: &Arc<AppState>, request: &Request<B>) -> Served {
         }
     }
     if let Some(service) = service.filter(|s| s != crate::access::token::SERVICE) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            Code::Unsupported,
-            "unknown service",
-        )
-        .with_detail(format!("this token service is \"berth\", not {service:?}")));
+        return Err(ApiError::unsupported_request("unknown service")
+            .with_detail(format!("this token service is \"berth\", not {service:?}")));
     }
     let issued = state
         .access

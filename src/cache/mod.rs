@@ -5,8 +5,10 @@
 //! `api::manifest`. This module answers "what do we hold?" and keeps that answer true.
 
 pub mod evict;
+mod fill_error;
 pub mod index;
 pub mod origins;
+pub mod progress;
 pub mod reader;
 pub mod spill;
 pub mod store;
@@ -19,8 +21,10 @@ use bytes::Bytes;
 use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
+pub use fill_error::FillError;
 pub use index::{Entry, Index};
 pub use origins::{Origin, Origins};
+pub use progress::{drop_cached, open_cached, Progress};
 pub use store::{Kind, Store};
 pub use tags::{TagEntry, TagKey, Tags};
 
@@ -75,7 +79,7 @@ pub struct Cache {
     /// Manifest bodies by digest, so manifest hits need no disk read.
     manifests: moka::sync::Cache<Digest, Manifest>,
     /// Manifests whose hit was written to their file's mtime within the last minute: a hot
-    /// manifest costs one metadata write a minute, as a hot blob does (`fill::open_cached`).
+    /// manifest costs one metadata write a minute, as a hot blob does (`progress::open_cached`).
     accessed: moka::sync::Cache<Digest, ()>,
     pub tags: Tags,
     /// Where each object came from and who holds it, for the policy access mode.

@@ -169,8 +169,7 @@ impl Origins {
 
     /// Where a digest's sidecar lives.
     pub fn path(dir: &Path, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        dir.join("origins").join("sha256").join(&hex[..2]).join(hex)
+        super::store::origins_path(dir, digest)
     }
 
     /// What is known about `digest`, from memory or its sidecar. Blocking on a memory miss.

@@ -24,10 +24,10 @@ use bytes::Bytes;
 use http_body::Frame;
 use tokio::sync::watch;
 
+use super::progress::{drop_cached, Progress};
 use super::spill::Spill;
 use super::Cache;
 use crate::body::{self, Body, BoxError};
-use crate::fill::Progress;
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 
@@ -118,7 +118,7 @@ impl Reader {
             Err(err) => {
                 if let Some(evict) = self.evict.take() {
                     tracing::warn!(digest = %evict.digest, %err, offset = self.pos, "cached blob unreadable; dropping it");
-                    crate::fill::drop_cached(&evict.cache, &evict.metrics, &evict.digest);
+                    drop_cached(&evict.cache, &evict.metrics, &evict.digest);
                 }
                 Err(err)
             }

@@ -13,7 +13,8 @@
 //! With credentials it authenticates as a node does: Basic, or the registry token flow (a
 //! `WWW-Authenticate: Bearer` challenge, one token per repository, reused until it expires).
 //! That flow and the HTTP client are berth's own upstream ones (`upstream::Auth`,
-//! `upstream::HttpClient`); the verification of every body is not shared with the server.
+//! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
+//! else of the server is used, and the verification of every body is not shared with it.
 
 pub mod stats;
 
@@ -30,12 +31,14 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::config::ClientConfig;
-use crate::metrics::Metrics;
+use crate::net::address::AddressRule;
+use crate::net::client::error_chain;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
+use crate::oci::manifest::{Descriptor, ImageManifest, Manifest, Platform, PlatformError};
+pub use crate::oci::reference::ImageRef;
 use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::client::error_chain;
-use crate::upstream::{Auth, HttpClient};
+use crate::upstream::{Auth, UpstreamError};
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -48,40 +51,46 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 /// `crate::metrics` (`berth_upstream_requests_total`).
 pub const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
 
-/// An image to pull: `repository:tag`, `repository@sha256:...` or, pinned, both (the digest
-/// is pulled).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    pub repository: String,
-    pub reference: String,
+/// Why a run could not start or finish; a failed request is counted in the report instead.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("need at least one image, one puller and one layer at a time")]
+    Nothing,
+    #[error("--platform: {0}")]
+    Platform(#[from] PlatformError),
+    #[error("{0}")]
+    Client(#[source] crate::net::ClientError),
+    #[error("--metrics {url}: {why}")]
+    Metrics { url: String, why: String },
+    #[error("puller panicked: {0}")]
+    Panicked(#[from] tokio::task::JoinError),
 }
 
-impl ImageRef {
-    pub fn parse(text: &str) -> Result<ImageRef, String> {
-        // `NAME[:TAG][@DIGEST]`: the digest wins over a tag pinned next to it.
-        let (named, digest) = match text.split_once('@') {
-            Some((named, digest)) => {
-                Digest::parse(digest).map_err(|e| format!("{text}: {e}"))?;
-                (named, Some(digest))
-            }
-            None => (text, None),
-        };
-        let slash = named.rfind('/').map_or(0, |i| i + 1);
-        let (repository, tag) = match named[slash..].rfind(':') {
-            Some(colon) => (&named[..slash + colon], &named[slash + colon + 1..]),
-            None => (named, "latest"),
-        };
-        let reference = digest.unwrap_or(tag);
-        if repository.is_empty() || tag.is_empty() {
-            return Err(format!(
-                "{text}: expected repository:tag or repository@digest"
-            ));
-        }
-        Ok(ImageRef {
-            repository: repository.to_string(),
-            reference: reference.to_string(),
-        })
-    }
+/// Why one request failed: the message recorded for its class.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{url}: {source}")]
+    Url {
+        url: String,
+        source: http::uri::InvalidUri,
+    },
+    #[error("GET {url}: getting a token: {source}")]
+    Token { url: String, source: UpstreamError },
+    /// The error names the method and URL itself.
+    #[error(transparent)]
+    Send(UpstreamError),
+    #[error("GET {url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("GET {url}: status {status}")]
+    Status { url: String, status: StatusCode },
+    #[error("GET {url}: body: {chain}")]
+    Body { url: String, chain: String },
+    #[error("GET {url}: body longer than {limit} bytes")]
+    TooLong { url: String, limit: u64 },
+    #[error("GET {url}: body hashes to {actual}")]
+    Digest { url: String, actual: Digest },
+    #[error("GET {url}: {length} bytes, descriptor says {size}")]
+    Size { url: String, length: u64, size: u64 },
 }
 
 /// When the run stops.
@@ -100,7 +109,7 @@ pub struct LoadConfig {
     /// Blobs one puller fetches at once (containerd: 3).
     pub layer_concurrency: usize,
     pub limit: Limit,
-    /// `os/architecture[/variant]` chosen from an index.
+    /// `os/architecture[/variant]` chosen from an index (as `berth warm` chooses).
     pub platform: String,
     /// Per request, head to last byte.
     pub request_timeout: Duration,
@@ -113,16 +122,18 @@ pub struct LoadConfig {
 }
 
 /// Runs the load and returns what it measured.
-pub async fn run(config: LoadConfig) -> Result<Report, String> {
+pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     if config.images.is_empty() || config.concurrency == 0 || config.layer_concurrency == 0 {
-        return Err("need at least one image, one puller and one layer at a time".into());
+        return Err(LoadError::Nothing);
     }
+    let platform: Platform = config.platform.parse()?;
     // The operator names the target, often berth on this host or in this cluster.
     let client = HttpClient::new(&ClientConfig {
         ca_file: config.ca_file.clone(),
         response_timeout: config.request_timeout,
         ..ClientConfig::default()
-    })?
+    })
+    .map_err(LoadError::Client)?
     .with_rule(AddressRule::any_internal());
     let before = match &config.metrics {
         Some(url) => Some(upstream_requests(&client, url).await?),
@@ -130,16 +141,11 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     };
     let shared = Arc::new(Shared {
         client: client.clone(),
-        auth: Auth::new(
-            config.target.clone(),
-            config.target.starts_with("http://"),
-            "load".into(),
-            Arc::new(Metrics::new()),
-        ),
+        auth: Auth::for_tool(&config.target, "load"),
         credentials: config.credentials,
         target: config.target.trim_end_matches('/').to_string(),
         images: config.images,
-        platform: config.platform,
+        platform,
         timeout: config.request_timeout,
         layer_concurrency: config.layer_concurrency,
         started: AtomicU64::new(0),
@@ -162,7 +168,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     }
     let mut recorder = Recorder::default();
     for puller in pullers {
-        recorder.merge(puller.await.map_err(|e| format!("puller panicked: {e}"))?);
+        recorder.merge(puller.await?);
     }
     let elapsed = started.elapsed();
     let upstream_requests = match (&config.metrics, before) {
@@ -177,8 +183,12 @@ pub async fn run(config: LoadConfig) -> Result<Report, String> {
     })
 }
 
-async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("--metrics {url}: {e}"))?;
+async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, LoadError> {
+    let failed = |why: String| LoadError::Metrics {
+        url: url.to_string(),
+        why,
+    };
+    let uri: Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
     let response = client
         .send(
             Request::get(uri)
@@ -186,15 +196,15 @@ async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, String
                 .expect("valid request"),
         )
         .await
-        .map_err(|e| format!("--metrics {url}: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     if response.status() != StatusCode::OK {
-        return Err(format!("--metrics {url}: status {}", response.status()));
+        return Err(failed(format!("status {}", response.status())));
     }
     let body = Limited::new(response.into_body(), MAX_METRICS_BODY).collect();
     let body = tokio::time::timeout(METRICS_DEADLINE, body)
         .await
-        .map_err(|_| format!("--metrics {url}: no whole answer within {METRICS_DEADLINE:?}"))?
-        .map_err(|e| format!("--metrics {url}: {e}"))?
+        .map_err(|_| failed(format!("no whole answer within {METRICS_DEADLINE:?}")))?
+        .map_err(|e| failed(e.to_string()))?
         .to_bytes();
     let text = String::from_utf8_lossy(&body);
     // A berth that has not fetched anything yet has no samples in the family: that is zero.
@@ -214,17 +224,11 @@ struct Shared {
     credentials: Option<Credentials>,
     target: String,
     images: Vec<ImageRef>,
-    platform: String,
+    platform: Platform,
     timeout: Duration,
     layer_concurrency: usize,
     /// Pulls claimed so far, across pullers; the count limit and the image rotation use it.
     started: AtomicU64,
-}
-
-/// A descriptor in a manifest: what to fetch and what it must hash to.
-struct Descriptor {
-    digest: Digest,
-    size: Option<u64>,
 }
 
 /// What one request returned.
@@ -258,44 +262,39 @@ impl Shared {
 
     /// One whole image; stops at the first failed request (as a runtime would).
     async fn pull(&self, image: &ImageRef, recorder: &mut Recorder) -> Result<(), ()> {
-        let expected = Digest::parse(&image.reference).ok();
-        let path = format!("{}/manifests/{}", image.repository, image.reference);
+        let name = image.api_name();
+        let path = format!("{name}/manifests/{}", image.reference.as_str());
+        let digest = image.reference.digest();
         let top = self
-            .fetch(
-                image,
-                Class::Manifest,
-                &path,
-                expected.as_ref(),
-                None,
-                recorder,
-            )
+            .fetch(&name, Class::Manifest, &path, digest, None, recorder)
             .await?;
-        let manifest = match parse_manifest(&top.body) {
-            Ok(Parsed::Index(children)) => {
-                let Some(child) = choose_platform(&children, &self.platform) else {
-                    let message = format!("{path}: no manifest for {}", self.platform);
-                    recorder.error(Class::Child, message);
-                    return Err(());
+        let manifest = match Manifest::parse(&top.body) {
+            Ok(Manifest::Index(index)) => {
+                let child = match index.select(&self.platform) {
+                    Ok(child) => child,
+                    Err(err) => {
+                        recorder.error(Class::Child, format!("{path}: {err}"));
+                        return Err(());
+                    }
                 };
-                let path = format!("{}/manifests/{}", image.repository, child.digest);
+                let path = format!("{name}/manifests/{}", child.digest);
+                let (digest, size) = (Some(&child.digest), Some(child.size));
                 let fetched = self
-                    .fetch(
-                        image,
-                        Class::Child,
-                        &path,
-                        Some(&child.digest),
-                        child.size,
-                        recorder,
-                    )
+                    .fetch(&name, Class::Child, &path, digest, size, recorder)
                     .await?;
-                parse_manifest(&fetched.body)
+                Manifest::parse(&fetched.body)
             }
             other => other,
         };
-        let (config, layers) = match manifest {
-            Ok(Parsed::Image { config, layers }) => (config, layers),
-            Ok(Parsed::Index(_)) => {
+        let ImageManifest { config, layers, .. } = match manifest {
+            Ok(Manifest::Image(image)) => image,
+            Ok(Manifest::Index(_)) => {
                 recorder.error(Class::Child, format!("{path}: an index inside an index"));
+                return Err(());
+            }
+            Ok(Manifest::Artifact(_)) => {
+                let message = format!("{path}: an artifact manifest, not an image");
+                recorder.error(Class::Manifest, message);
                 return Err(());
             }
             Err(err) => {
@@ -305,24 +304,23 @@ impl Shared {
         };
         let blobs = std::iter::once((Class::Config, config))
             .chain(layers.into_iter().map(|layer| (Class::Layer, layer)));
-        self.fetch_blobs(image, blobs, recorder).await
+        self.fetch_blobs(&name, blobs, recorder).await
     }
 
     /// Fetches an image's config and layers, `layer_concurrency` at a time in manifest order
     /// (containerd's default is 3); the first failure stops the rest, as a runtime's would.
     async fn fetch_blobs(
         &self,
-        image: &ImageRef,
+        name: &str,
         blobs: impl Iterator<Item = (Class, Descriptor)>,
         recorder: &mut Recorder,
     ) -> Result<(), ()> {
         use futures_util::StreamExt;
         let fetches = blobs.map(|(class, blob)| async move {
-            let path = format!("{}/blobs/{}", image.repository, blob.digest);
+            let path = format!("{name}/blobs/{}", blob.digest);
+            let (digest, size) = (Some(&blob.digest), Some(blob.size));
             let mut own = Recorder::default();
-            let fetched = self
-                .fetch(image, class, &path, Some(&blob.digest), blob.size, &mut own)
-                .await;
+            let fetched = self.fetch(name, class, &path, digest, size, &mut own).await;
             (fetched.map(drop), own)
         });
         let mut running = futures_util::stream::iter(fetches).buffered(self.layer_concurrency);
@@ -333,10 +331,11 @@ impl Shared {
         Ok(())
     }
 
-    /// GETs `/v2/<path>`, verifies the body, and records the outcome under `class`.
+    /// GETs `/v2/<path>` of repository `name`, verifies the body, and records the outcome
+    /// under `class`.
     async fn fetch(
         &self,
-        image: &ImageRef,
+        name: &str,
         class: Class,
         path: &str,
         digest: Option<&Digest>,
@@ -344,19 +343,21 @@ impl Shared {
         recorder: &mut Recorder,
     ) -> Result<Fetched, ()> {
         let url = format!("{}/v2/{path}", self.target);
-        let attempt =
-            tokio::time::timeout(self.timeout, self.get(image, &url, class, digest, size));
+        let attempt = tokio::time::timeout(self.timeout, self.get(name, &url, class, digest, size));
         let result = match attempt.await {
             Ok(result) => result,
-            Err(_) => Err(format!("GET {url}: no answer within {:?}", self.timeout)),
+            Err(_) => Err(FetchError::Timeout {
+                url,
+                timeout: self.timeout,
+            }),
         };
         match result {
             Ok(fetched) => {
                 recorder.success(class, fetched.first_byte, fetched.total, fetched.length);
                 Ok(fetched)
             }
-            Err(message) => {
-                recorder.error(class, message);
+            Err(err) => {
+                recorder.error(class, err.to_string());
                 Err(())
             }
         }
@@ -365,54 +366,37 @@ impl Shared {
     /// Times include any token fetch, as a node's pull would.
     async fn get(
         &self,
-        image: &ImageRef,
+        name: &str,
         url: &str,
         class: Class,
         digest: Option<&Digest>,
         size: Option<u64>,
-    ) -> Result<Fetched, String> {
+    ) -> Result<Fetched, FetchError> {
         let started = Instant::now();
-        let response = self.send_authorized(image, url, class).await?;
+        let response = self.send_authorized(name, url, class).await?;
         let first_byte = started.elapsed();
+        let url = url.to_string();
         if response.status() != StatusCode::OK {
-            return Err(format!("GET {url}: status {}", response.status()));
+            let status = response.status();
+            return Err(FetchError::Status { url, status });
         }
         // A tag is verified against the digest the registry says it resolved to, if it says.
         let announced = header(response.headers(), "docker-content-digest")
             .and_then(|d| Digest::parse(&d).ok());
         let expected = digest.cloned().or(announced);
-        let mut body = response.into_body();
-        let mut verifier = Verifier::new();
-        let mut length = 0u64;
         // Manifests are kept (they are parsed next); blobs are hashed and dropped.
-        let mut kept = Vec::new();
         let keep = matches!(class, Class::Manifest | Class::Child);
         // The target is not trusted to stop: a body is cut off past its descriptor's size, and
         // a manifest kept for parsing past `MAX_MANIFEST`.
         let limit = size
             .unwrap_or(u64::MAX)
             .min(if keep { MAX_MANIFEST } else { u64::MAX });
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("GET {url}: body: {}", error_chain(&e)))?;
-            if let Ok(data) = frame.into_data() {
-                verifier.update(&data);
-                length += data.len() as u64;
-                if length > limit {
-                    return Err(format!("GET {url}: body longer than {limit} bytes"));
-                }
-                if keep {
-                    kept.extend_from_slice(&data);
-                }
-            }
-        }
-        let actual = verifier.finish();
-        if let Some(expected) = expected {
-            if actual != expected {
-                return Err(format!("GET {url}: body hashes to {actual}"));
-            }
+        let (kept, length, actual) = receive(response.into_body(), &url, keep, limit).await?;
+        if expected.is_some_and(|expected| actual != expected) {
+            return Err(FetchError::Digest { url, actual });
         }
         if let Some(size) = size.filter(|&size| size != length) {
-            return Err(format!("GET {url}: {length} bytes, descriptor says {size}"));
+            return Err(FetchError::Size { url, length, size });
         }
         Ok(Fetched {
             body: Bytes::from(kept),
@@ -426,35 +410,36 @@ impl Shared {
     /// else in answer to its first 401.
     async fn send_authorized(
         &self,
-        image: &ImageRef,
+        name: &str,
         url: &str,
         class: Class,
-    ) -> Result<hyper::Response<Incoming>, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let scope = format!("repository:{}:pull", image.repository);
+    ) -> Result<hyper::Response<Incoming>, FetchError> {
+        let uri: Uri = url.parse().map_err(|source| FetchError::Url {
+            url: url.to_string(),
+            source,
+        })?;
+        let scope = format!("repository:{name}:pull");
         let creds = self.credentials.as_ref();
-        let auth_error = |e| format!("GET {url}: getting a token: {e}");
+        let token_error = |source| FetchError::Token {
+            url: url.to_string(),
+            source,
+        };
         let authorization = self
             .auth
             .authorization(&self.client, &scope, creds)
             .await
-            .map_err(auth_error)?;
+            .map_err(token_error)?;
         let response = self.send(&uri, class, authorization.as_ref()).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
         let challenge = response.headers().get(WWW_AUTHENTICATE);
+        let sent = authorization.as_ref();
         let answer = self
             .auth
-            .answer(
-                &self.client,
-                challenge,
-                &scope,
-                creds,
-                authorization.as_ref(),
-            )
+            .answer(&self.client, challenge, &scope, creds, sent)
             .await
-            .map_err(auth_error)?;
+            .map_err(token_error)?;
         match answer {
             Some(retry_with) => self.send(&uri, class, Some(&retry_with)).await,
             None => Ok(response),
@@ -466,7 +451,7 @@ impl Shared {
         uri: &Uri,
         class: Class,
         authorization: Option<&HeaderValue>,
-    ) -> Result<hyper::Response<Incoming>, String> {
+    ) -> Result<hyper::Response<Incoming>, FetchError> {
         let mut request = Request::get(uri.clone());
         if matches!(class, Class::Manifest | Class::Child) {
             request = request.header(ACCEPT, MANIFEST_ACCEPT);
@@ -477,9 +462,38 @@ impl Shared {
         self.client
             .send(request.body(Full::default()).expect("valid request"))
             .await
-            // The error names the method and URL itself.
-            .map_err(|e| e.to_string())
+            .map_err(|err| FetchError::Send(err.into()))
     }
+}
+
+/// Reads a body up to `limit` bytes, hashing it, keeping it if `keep`: (kept, length, digest).
+async fn receive(
+    mut body: Incoming,
+    url: &str,
+    keep: bool,
+    limit: u64,
+) -> Result<(Vec<u8>, u64, Digest), FetchError> {
+    let mut verifier = Verifier::new();
+    let mut length = 0u64;
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| FetchError::Body {
+            url: url.to_string(),
+            chain: error_chain(&e),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            verifier.update(&data);
+            length += data.len() as u64;
+            if length > limit {
+                let url = url.to_string();
+                return Err(FetchError::TooLong { url, limit });
+            }
+            if keep {
+                kept.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok((kept, length, verifier.finish()))
 }
 
 fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
@@ -489,158 +503,22 @@ fn header(headers: &http::HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A manifest as a puller needs it.
-enum Parsed {
-    /// An index or manifest list: `(platform, descriptor)` of each child.
-    Index(Vec<(String, Descriptor)>),
-    Image {
-        config: Descriptor,
-        layers: Vec<Descriptor>,
-    },
-}
-
-fn descriptor(value: &serde_json::Value) -> Result<Descriptor, String> {
-    let digest = value
-        .get("digest")
-        .and_then(|d| d.as_str())
-        .ok_or("descriptor without a digest")?;
-    Ok(Descriptor {
-        digest: Digest::parse(digest).map_err(|e| e.to_string())?,
-        size: value.get("size").and_then(|s| s.as_u64()),
-    })
-}
-
-/// Tells an index from an image manifest by its shape (`manifests` vs `config`), which works
-/// for both the OCI and the Docker media types without trusting `Content-Type`.
-fn parse_manifest(body: &[u8]) -> Result<Parsed, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    if let Some(children) = value.get("manifests").and_then(|m| m.as_array()) {
-        let children = children
-            .iter()
-            .map(|child| {
-                let platform = child.get("platform");
-                let field = |name: &str| {
-                    platform
-                        .and_then(|p| p.get(name))
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("")
-                        .to_string()
-                };
-                let mut text = format!("{}/{}", field("os"), field("architecture"));
-                let variant = field("variant");
-                if !variant.is_empty() {
-                    text = format!("{text}/{variant}");
-                }
-                Ok((text, descriptor(child)?))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        return Ok(Parsed::Index(children));
-    }
-    let config = descriptor(value.get("config").ok_or("manifest without a config")?)?;
-    let layers = value
-        .get("layers")
-        .and_then(|l| l.as_array())
-        .map(|layers| layers.iter().map(descriptor).collect())
-        .transpose()?
-        .unwrap_or_default();
-    Ok(Parsed::Image { config, layers })
-}
-
-/// The child for `platform` (`os/arch` matches any variant), else none.
-fn choose_platform<'a>(
-    children: &'a [(String, Descriptor)],
-    platform: &str,
-) -> Option<&'a Descriptor> {
-    children
-        .iter()
-        .find(|(p, _)| p == platform)
-        .or_else(|| {
-            children
-                .iter()
-                .find(|(p, _)| p.starts_with(&format!("{platform}/")))
-        })
-        .map(|(_, d)| d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
-
     #[test]
-    fn image_references_split_into_repository_and_tag_or_digest() {
-        let parsed = |s: &str| ImageRef::parse(s).unwrap();
-        assert_eq!(parsed("library/nginx:1.25").repository, "library/nginx");
-        assert_eq!(parsed("library/nginx:1.25").reference, "1.25");
-        assert_eq!(parsed("app").reference, "latest");
-        assert_eq!(parsed(&format!("a/b@{A}")).reference, A);
-        // A port-like colon in an earlier component is not a tag.
-        assert_eq!(parsed("host:5000/app").repository, "host:5000/app");
-        assert_eq!(
-            parsed(&format!("host:5000/app:1.27@{A}")).repository,
-            "host:5000/app"
-        );
-        assert_eq!(parsed(&format!("host:5000/app:1.27@{A}")).reference, A);
-        assert!(ImageRef::parse("app@sha256:nothex").is_err());
-        assert!(ImageRef::parse(&format!("app:@{A}")).is_err());
-        assert!(ImageRef::parse(":tag").is_err());
-    }
-
-    #[test]
-    fn parses_an_image_manifest_into_config_and_layers() {
-        let body = format!(
-            r#"{{"schemaVersion":2,"config":{{"digest":"{A}","size":7}},
-               "layers":[{{"digest":"{B}","size":9}},{{"digest":"{A}"}}]}}"#
-        );
-        let Ok(Parsed::Image { config, layers }) = parse_manifest(body.as_bytes()) else {
-            panic!("an image manifest");
-        };
-        assert_eq!((config.digest.as_str(), config.size), (A, Some(7)));
-        assert_eq!(layers.len(), 2);
-        assert_eq!(layers[1].size, None);
-    }
-
-    #[test]
-    fn picks_the_platform_child_of_an_index() {
-        let body = format!(
-            r#"{{"manifests":[
-                {{"digest":"{A}","size":1,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
-                {{"digest":"{B}","size":2,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
-        );
-        let Ok(Parsed::Index(children)) = parse_manifest(body.as_bytes()) else {
-            panic!("an index");
-        };
-        assert_eq!(
-            choose_platform(&children, "linux/amd64")
-                .unwrap()
-                .digest
-                .as_str(),
-            B
-        );
-        assert_eq!(
-            choose_platform(&children, "linux/arm64")
-                .unwrap()
-                .digest
-                .as_str(),
-            A
-        );
-        assert_eq!(
-            choose_platform(&children, "linux/arm64/v8")
-                .unwrap()
-                .digest
-                .as_str(),
-            A
-        );
-        assert!(choose_platform(&children, "windows/amd64").is_none());
-    }
-
-    #[test]
-    fn rejects_manifests_without_usable_descriptors() {
-        assert!(parse_manifest(b"not json").is_err());
-        assert!(parse_manifest(br#"{"layers":[]}"#).is_err());
-        assert!(parse_manifest(br#"{"config":{"digest":"md5:x"}}"#).is_err());
+    fn a_pull_goes_to_the_host_prefixed_name_and_fetches_the_pinned_digest() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let parsed = |s: &str| ImageRef::parse(s, None).unwrap();
+        assert_eq!(parsed("library/nginx:1.25").api_name(), "library/nginx");
+        assert_eq!(parsed("library/nginx:1.25").reference.as_str(), "1.25");
+        assert_eq!(parsed("app").reference.as_str(), "latest");
+        let pinned = parsed(&format!("host:5000/app:1.27@{a}"));
+        assert_eq!(pinned.api_name(), "host:5000/app");
+        assert_eq!(pinned.reference.as_str(), a);
+        for bad in ["app@sha256:nothex", &format!("app:@{a}"), ":tag"] {
+            assert!(ImageRef::parse(bad, None).is_err(), "{bad}");
+        }
     }
 }

@@ -143,6 +143,21 @@ impl AsRef<str> for Digest {
     }
 }
 
+/// In a manifest's descriptors: a digest is parsed as it is read, so a document with a
+/// malformed or unsupported one is refused whole.
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Digest, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Digest::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 /// Incremental sha256 over a byte stream, so a blob can be verified while it
 /// is relayed and written, without a second pass over the file.
 ///

@@ -20,9 +20,8 @@ use tokio::time::Instant;
 
 use super::aws::{self, AwsCredentials};
 use super::fields::Fields;
-use super::source::Source;
-use super::token::Fetched;
-use super::{Login, SecretError, Transport};
+use super::token::{Fetched, TokenCache};
+use super::{Login, SecretConfig, SecretError, Transport};
 use crate::secret::Secret;
 
 #[derive(Debug)]
@@ -160,15 +159,17 @@ impl EcrKey {
     }
 
     /// Registry credentials for `registry`: `AWS` and the password from
-    /// `GetAuthorizationToken` in its region, through the source's caches.
+    /// `GetAuthorizationToken` in its region, through the source's caches (`sessions`, `logins`).
     pub async fn login(
         &self,
-        source: &Source,
+        config: &SecretConfig,
+        sessions: &Arc<TokenCache<AwsCredentials>>,
+        logins: &TokenCache<Login>,
         generation: u64,
         registry: &str,
         transport: &Transport,
     ) -> Result<(Login, u64), SecretError> {
-        let name = source.config.name.clone();
+        let name = config.name.clone();
         let registry = registry.to_ascii_lowercase();
         let host = parse_host(&registry).ok_or_else(|| SecretError::NotFor {
             name: name.clone(),
@@ -179,11 +180,11 @@ impl EcrKey {
         if let Some(error) = self.remembered_failure(&region) {
             return Err(error);
         }
-        let ecr_endpoint = endpoint(source.config.ecr_endpoint.as_deref(), &host, "api.ecr");
-        let sts_endpoint = endpoint(source.config.sts_endpoint.as_deref(), &host, "sts");
+        let ecr_endpoint = endpoint(config.ecr_endpoint.as_deref(), &host, "api.ecr");
+        let sts_endpoint = endpoint(config.sts_endpoint.as_deref(), &host, "sts");
         let now = Instant::now();
         let cache_key = format!("{generation}:{region}");
-        let sessions = Arc::clone(&source.sessions);
+        let sessions = Arc::clone(sessions);
         let base = self.credentials.clone();
         let role = self.role.clone();
         let transport = transport.clone();
@@ -209,8 +210,7 @@ impl EcrKey {
                 lifetime,
             })
         };
-        let result = source
-            .logins
+        let result = logins
             .get(&format!("{generation}:{}", host.region), now, fetch)
             .await;
         if let Err(error) = &result {

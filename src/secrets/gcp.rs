@@ -24,8 +24,7 @@ use tokio::time::Instant;
 
 use super::exchange::{form_encode, refusal, send};
 use super::fields::Fields;
-use super::source::Source;
-use super::token::Fetched;
+use super::token::{Fetched, TokenCache};
 use super::{Login, SecretError, Transport};
 use crate::secret::Secret;
 
@@ -121,12 +120,13 @@ impl GcpKey {
     /// `oauth2accesstoken` and a current access token, through the source's cache.
     pub async fn login(
         &self,
-        source: &Source,
+        name: &str,
+        logins: &TokenCache<Login>,
         generation: u64,
         transport: &Transport,
     ) -> Result<(Login, u64), SecretError> {
         let issuer = Arc::clone(&self.issuer);
-        let name = source.config.name.clone();
+        let name = name.to_string();
         let transport = transport.clone();
         let fetch = move || async move {
             issuer
@@ -139,7 +139,7 @@ impl GcpKey {
                 })
         };
         let key = format!("{generation}:access-token");
-        source.logins.get(&key, Instant::now(), fetch).await
+        logins.get(&key, Instant::now(), fetch).await
     }
 }
 
@@ -268,12 +268,41 @@ pub(super) mod tests {
         })
     }
 
+    /// A test RSA key: the private half as PKCS#8 PEM, the public half to verify with (by the
+    /// `rsa` crate, independently of the `ring` signer). Made once per test run, so no private
+    /// key is committed.
+    pub struct TestKey {
+        pub private_pem: String,
+        verifying: rsa::pkcs1v15::VerifyingKey<rsa::sha2::Sha256>,
+    }
+
+    pub fn rsa_key() -> &'static TestKey {
+        use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+        use rsa::Generate;
+        static KEY: std::sync::OnceLock<TestKey> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| {
+            let key = rsa::PrivateKey::generate();
+            TestKey {
+                private_pem: key.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
+                verifying: rsa::pkcs1v15::VerifyingKey::new(key.to_public_key()),
+            }
+        })
+    }
+
+    /// Checks an RS256 signature against `rsa_key()`.
+    fn verify_rs256(message: &[u8], signature: &[u8]) -> Result<(), String> {
+        let signature =
+            rsa::pkcs1v15::Signature::try_from(signature).map_err(|e| format!("signature: {e}"))?;
+        rsa::signature::Verifier::verify(&rsa_key().verifying, message, &signature)
+            .map_err(|_| "signature does not verify".to_string())
+    }
+
     fn parse(doc: Value) -> Result<GcpKey, SecretError> {
         GcpKey::parse(&Fields::root("gcp", &doc)?)
     }
 
     fn test_key(project: &str) -> GcpKey {
-        let pem = crate::secrets::standin::rsa_key().private_pem.clone();
+        let pem = rsa_key().private_pem.clone();
         parse(key_json(
             &pem,
             project,
@@ -336,13 +365,13 @@ pub(super) mod tests {
             (Some(1000), Some(4600))
         );
         let signed = format!("{}.{}", parts[0], parts[1]);
-        crate::secrets::standin::verify_rs256(signed.as_bytes(), &b64.decode(parts[2]).unwrap())
+        verify_rs256(signed.as_bytes(), &b64.decode(parts[2]).unwrap())
             .expect("signature verifies with the public key");
     }
 
     #[test]
     fn malformed_keys_name_the_secret_and_field_never_the_value() {
-        let pem = crate::secrets::standin::rsa_key().private_pem.clone();
+        let pem = rsa_key().private_pem.clone();
         let uri = "https://oauth2.googleapis.com/token";
         let with = |field: &str, value: Value| {
             let mut doc = key_json(&pem, "p", uri);

@@ -24,56 +24,22 @@ mod exchange;
 mod fields;
 mod gcp;
 mod source;
-#[cfg(test)]
-mod standin;
 mod token;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
+pub use crate::config::{SecretConfig, SecretKind};
 use crate::secret::Secret;
 use source::{Parsed, Source};
 
 /// The HTTP client for STS, ECR and Google token endpoints: berth's upstream client, so the
 /// same timeouts, TLS roots and extra CA bundle apply.
-pub type Transport = crate::upstream::HttpClient;
+pub type Transport = crate::net::HttpClient;
 
 /// How often a secret's file is checked for changes, at most.
 const RECHECK: Duration = Duration::from_secs(1);
-
-/// One `[[secret]]` entry of the configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretConfig {
-    /// What upstreams (`secret = "NAME"`), logs and errors call it.
-    pub name: String,
-    /// The file's format: `docker`, `ecr` or `gcp`.
-    #[serde(rename = "type")]
-    pub kind: SecretKind,
-    /// The secret file, re-read when it changes.
-    pub file: PathBuf,
-    /// STS endpoint for `ecr` secrets with a role; default `https://sts.REGION.amazonaws.com`
-    /// (`{region}` in the value is replaced by the registry's region). For VPC endpoints and
-    /// tests.
-    #[serde(default)]
-    pub sts_endpoint: Option<String>,
-    /// ECR API endpoint for `ecr` secrets; default `https://api.ecr.REGION.amazonaws.com`
-    /// (`{region}` is replaced likewise).
-    #[serde(default)]
-    pub ecr_endpoint: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SecretKind {
-    Docker,
-    Ecr,
-    Gcp,
-}
 
 /// Reads a secret file's bytes as berth would for a `[[secret]]` of `kind`, without using
 /// them: the entry point for checking a file before deploying it, and for fuzzing the parsers.
@@ -166,7 +132,9 @@ impl Secrets {
         Secrets::with_recheck(configs, client, RECHECK)
     }
 
-    fn with_recheck(
+    /// As `new`, checking the files for changes every `recheck` at most (tests use zero, to
+    /// see a change at once).
+    pub fn with_recheck(
         configs: Vec<SecretConfig>,
         transport: Transport,
         recheck: Duration,
@@ -284,11 +252,22 @@ impl Secrets {
                 (login, format!("{name}#{generation}"))
             }
             Parsed::Ecr(key) => {
-                let (login, serial) = key.login(source, generation, registry, transport).await?;
+                let (login, serial) = key
+                    .login(
+                        &source.config,
+                        &source.sessions,
+                        &source.logins,
+                        generation,
+                        registry,
+                        transport,
+                    )
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
             Parsed::Gcp(key) => {
-                let (login, serial) = key.login(source, generation, transport).await?;
+                let (login, serial) = key
+                    .login(&source.config.name, &source.logins, generation, transport)
+                    .await?;
                 (login, format!("{name}#{generation}.{serial}"))
             }
         };
@@ -322,7 +301,7 @@ impl Secrets {
 /// of an endpoint the configuration gives as a loopback or private address. A GCP key's
 /// `token_uri` comes from the file, not the configuration, so it widens nothing.
 fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
-    use crate::upstream::address::AddressRule;
+    use crate::net::address::AddressRule;
     let endpoint_rule = |url: &Option<String>| {
         let host = url
             .as_deref()
@@ -342,49 +321,34 @@ fn transport_for(base: &Transport, config: &SecretConfig) -> Transport {
     }
 }
 
-/// Checks `[[secret]]` entries before use: names non-empty and unique, endpoint overrides
-/// absolute URLs. The error is `(key, message)` for `ConfigError::Invalid`, the key being
-/// `secret[INDEX].FIELD`. Files are not read here: a bad file is a runtime condition that
-/// fixing the file cures, not a reason to refuse to start.
-pub fn check_configs(configs: &[SecretConfig]) -> Result<(), (String, String)> {
-    let mut seen = HashSet::new();
-    for (i, config) in configs.iter().enumerate() {
-        let key = |field: &str| format!("secret[{i}].{field}");
-        if config.name.trim().is_empty() {
-            return Err((key("name"), "must not be empty".to_string()));
-        }
-        if !seen.insert(config.name.as_str()) {
-            return Err((key("name"), format!("`{}` is used twice", config.name)));
-        }
-        if config.file.as_os_str().is_empty() {
-            return Err((key("file"), "must not be empty".to_string()));
-        }
-        for (field, url) in [
-            ("sts_endpoint", &config.sts_endpoint),
-            ("ecr_endpoint", &config.ecr_endpoint),
-        ] {
-            let Some(url) = url else { continue };
-            if config.kind != SecretKind::Ecr {
-                return Err((key(field), "applies to `type = \"ecr\"` only".to_string()));
-            }
-            let probe = url.replace("{region}", "us-east-1");
-            let valid = probe.parse::<http::Uri>().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            });
-            if !valid {
-                return Err((key(field), format!("{url:?} is not an http(s) URL")));
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::standin::{secret_file, transport};
     use super::*;
     use base64::Engine;
     use serde_json::json;
+
+    /// Nothing here goes on the network: a default client.
+    fn transport() -> Transport {
+        Transport::new(&crate::config::ClientConfig::default()).unwrap()
+    }
+
+    /// Writes `doc` as the file of a secret called `name` and returns its config.
+    fn secret_file(
+        dir: &tempfile::TempDir,
+        name: &str,
+        kind: SecretKind,
+        doc: &serde_json::Value,
+    ) -> SecretConfig {
+        let file = dir.path().join(name);
+        std::fs::write(&file, doc.to_string()).unwrap();
+        SecretConfig {
+            name: name.to_string(),
+            kind,
+            file,
+            sts_endpoint: None,
+            ecr_endpoint: None,
+        }
+    }
 
     const ECR_HOST: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
 
@@ -394,9 +358,15 @@ mod tests {
         json!({ "auth": encoded })
     }
 
+    /// Why `secrets` cannot log in to `registry` with the secret `name`, as the error reads.
+    async fn refusal(secrets: &Secrets, name: &str, registry: &str) -> String {
+        let err = secrets.credentials(name, registry).await.unwrap_err();
+        err.to_string()
+    }
+
     /// A docker, an ECR and a GCP secret, and one whose file is broken, in that order.
     fn all_kinds(dir: &tempfile::TempDir) -> Vec<SecretConfig> {
-        let pem = standin::rsa_key().private_pem.clone();
+        let pem = gcp::tests::rsa_key().private_pem.clone();
         let gcp_key = gcp::tests::key_json(&pem, "my-proj", "https://oauth2.googleapis.com/token");
         vec![
             secret_file(
@@ -511,40 +481,37 @@ mod tests {
             ("hubuser", "hunter2")
         );
         assert_eq!(hub.id, "hub#1");
-        let err = secrets
-            .credentials("hub", "quay.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "quay.io").await;
         assert_eq!(
             err,
             "secret `hub` cannot serve registry `quay.io`: no `auths` entry for it"
         );
-        let err = secrets
-            .credentials("aws", "docker.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "aws", "docker.io").await;
         assert!(err.starts_with("secret `aws` cannot serve registry `docker.io`: not an ECR host"));
-        let err = secrets
-            .credentials("nope", "docker.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "nope", "docker.io").await;
         assert_eq!(err, "secret `nope` is not configured");
     }
 
-    #[tokio::test]
-    async fn files_are_read_again_when_they_change() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A docker secret `hub` with the login `a:one` for ghcr.io, checked every `recheck`, and
+    /// its file.
+    fn hub_for_ghcr(dir: &tempfile::TempDir, recheck: Duration) -> (Secrets, PathBuf) {
         let config = secret_file(
-            &dir,
+            dir,
             "hub",
             SecretKind::Docker,
             &json!({"auths": {"ghcr.io": auth("a", "one")}}),
         );
         let path = config.file.clone();
-        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::ZERO);
+        (
+            Secrets::with_recheck(vec![config], transport(), recheck),
+            path,
+        )
+    }
+
+    #[tokio::test]
+    async fn files_are_read_again_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secrets, path) = hub_for_ghcr(&dir, Duration::ZERO);
         let before = secrets.credentials("hub", "ghcr.io").await.unwrap();
         assert_eq!(
             (before.password.expose(), before.id.as_str()),
@@ -567,11 +534,7 @@ mod tests {
         );
 
         std::fs::write(&path, "{\"auths\": ").unwrap();
-        let err = secrets
-            .credentials("hub", "ghcr.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "ghcr.io").await;
         assert!(
             err.starts_with("secret `hub`: file is not valid JSON: unexpected end of file"),
             "{err}"
@@ -579,11 +542,7 @@ mod tests {
         assert_eq!(secrets.select("ghcr.io", "x", None), None);
 
         std::fs::remove_file(&path).unwrap();
-        let err = secrets
-            .credentials("hub", "ghcr.io")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&secrets, "hub", "ghcr.io").await;
         assert!(
             err.starts_with(&format!("secret `hub`: cannot read {}", path.display())),
             "{err}"
@@ -604,14 +563,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_not_checked_more_often_than_the_recheck_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let config = secret_file(
-            &dir,
-            "hub",
-            SecretKind::Docker,
-            &json!({"auths": {"ghcr.io": auth("a", "one")}}),
-        );
-        let path = config.file.clone();
-        let secrets = Secrets::with_recheck(vec![config], transport(), Duration::from_secs(3600));
+        let (secrets, path) = hub_for_ghcr(&dir, Duration::from_secs(3600));
         std::fs::write(
             &path,
             json!({"auths": {"ghcr.io": auth("b", "second")}}).to_string(),
@@ -638,72 +590,5 @@ mod tests {
         for value in ["hunter", "PRIVATE KEY", "MII"] {
             assert!(!shown.contains(value), "{value} shown in {shown}");
         }
-    }
-
-    #[test]
-    fn configs_are_checked_for_names_and_endpoints() {
-        let config = |name: &str, kind, sts: Option<&str>| SecretConfig {
-            name: name.into(),
-            kind,
-            file: "/dev/null".into(),
-            sts_endpoint: sts.map(str::to_string),
-            ecr_endpoint: None,
-        };
-        assert_eq!(
-            check_configs(&[config(
-                "a",
-                SecretKind::Ecr,
-                Some("http://127.0.0.1:1/{region}")
-            )]),
-            Ok(())
-        );
-        let cases = [
-            (vec![config("", SecretKind::Docker, None)], "secret[0].name"),
-            (
-                vec![
-                    config("a", SecretKind::Docker, None),
-                    config("a", SecretKind::Gcp, None),
-                ],
-                "secret[1].name",
-            ),
-            (
-                vec![config("a", SecretKind::Ecr, Some("sts.amazonaws.com"))],
-                "secret[0].sts_endpoint",
-            ),
-            (
-                vec![config(
-                    "a",
-                    SecretKind::Docker,
-                    Some("https://sts.amazonaws.com"),
-                )],
-                "secret[0].sts_endpoint",
-            ),
-        ];
-        for (configs, key) in cases {
-            assert_eq!(check_configs(&configs).unwrap_err().0, key);
-        }
-    }
-
-    #[test]
-    fn config_entries_deserialize_from_toml() {
-        #[derive(Deserialize)]
-        struct Doc {
-            secret: Vec<SecretConfig>,
-        }
-        let doc: Doc = toml::from_str(
-            r#"
-            [[secret]]
-            name = "aws"
-            type = "ecr"
-            file = "/var/run/secrets/aws.json"
-            ecr_endpoint = "https://ecr.internal"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(doc.secret[0].kind, SecretKind::Ecr);
-        assert!(toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='azure'\nfile='f'").is_err());
-        assert!(
-            toml::from_str::<Doc>("[[secret]]\nname='a'\ntype='gcp'\nfile='f'\nextra=1").is_err()
-        );
     }
 }

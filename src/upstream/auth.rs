@@ -88,6 +88,19 @@ impl Auth {
         }
     }
 
+    /// The auth of a command-line tool (`berth warm`, `berth load`) against its one target:
+    /// plain http allowed for the realm when the target is plain http; token fetches are
+    /// counted in metrics no one reads.
+    pub fn for_tool(target: &str, tool: &str) -> Auth {
+        let plain_http = target.starts_with("http://");
+        Auth::new(
+            target.to_string(),
+            plain_http,
+            tool.into(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
     /// The Authorization header to send up front for `scope`, if the upstream's scheme is known.
     pub async fn authorization(
         &self,

@@ -1,20 +1,19 @@
 //! Upstream registries: where each one is, how to ask it for manifests and blobs, and what its
 //! failures mean.
 //!
-//! `Upstream::fetch` is the one way berth talks to a registry: it adds credentials
+//! `Upstream::fetch` (`exchange`) is the one way berth talks to a registry: it adds credentials
 //! (`auth`), follows at most five redirects (never from https to http) with `Authorization`
 //! only for the scheme and host it was made for, answers a redirect hop's challenge
 //! anonymously, and maps refusals to `UpstreamError`. Every connection goes through the
-//! upstream's `HttpClient`, whose connector applies the address rule (`address`, `connect`).
+//! upstream's `net::HttpClient`, whose connector applies the address rule (`net::address`).
 //! Registry names from requests are `host::RegistryHost`s; `pattern` matches them. Which
 //! upstream serves a request is decided in `route`; what to do with the bytes, by the caller.
 
-pub mod address;
 pub mod auth;
 pub mod breaker;
 pub mod challenge;
-pub mod client;
-pub mod connect;
+mod check;
+mod exchange;
 pub mod host;
 pub mod pattern;
 pub mod retry;
@@ -23,24 +22,21 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{
-    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, LOCATION, RANGE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
-};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use http_body_util::Full;
+use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, RANGE, RETRY_AFTER};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::config::{CacheConfig, Config, PlatformConfig, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::net::address::{AddressRule, Network};
+use crate::net::connect;
+pub use crate::net::HttpClient;
 use crate::oci::digest::Digest;
 use crate::oci::name::{Reference, Repository};
 use crate::secret::Secret;
 use crate::secrets::{Credentials, Secrets};
-use address::{AddressRule, Network};
 pub use auth::Auth;
-pub use client::HttpClient;
+pub use check::check_config;
 use host::RegistryHost;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,8 +66,25 @@ pub enum UpstreamError {
     CircuitOpen(String),
 }
 
-/// Storage backends (S3, CDNs) answer blob GETs with redirects; a few hops are normal.
-const MAX_REDIRECTS: usize = 5;
+impl From<crate::net::SendError> for UpstreamError {
+    fn from(err: crate::net::SendError) -> UpstreamError {
+        use crate::net::SendError;
+        match err {
+            SendError::Timeout { target } => {
+                UpstreamError::Timeout(format!("no response to {target}"))
+            }
+            SendError::Refused { target, chain } => {
+                UpstreamError::Refused(format!("{target}: {chain}"))
+            }
+            SendError::Connect { target, chain } => {
+                UpstreamError::Connect(format!("{target}: {chain}"))
+            }
+            SendError::Protocol { target, chain } => {
+                UpstreamError::Protocol(format!("{target}: {chain}"))
+            }
+        }
+    }
+}
 
 pub struct Upstream {
     /// The registry name as references use it (`docker.io`, or the host a pattern matched);
@@ -257,218 +270,6 @@ impl Upstream {
         let last = *self.last_429.lock().expect("429 lock");
         last.is_some_and(|at| at.elapsed() < within)
     }
-
-    /// Sends `method /v2/<repository>/<path>?<query>` with credentials for pulling `repository`,
-    /// answering one authentication challenge and following redirects. Any status comes back.
-    pub async fn fetch(
-        &self,
-        method: Method,
-        repository: &Repository,
-        path: &str,
-        query: Option<&str>,
-        headers: HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut url = format!("{}/v2/{}/{}", self.base, repository, path);
-        if let Some(query) = query {
-            url.push('?');
-            url.push_str(query);
-        }
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| UpstreamError::Invalid(format!("cannot build URL {url:?}: {e}")))?;
-        let scope = format!("repository:{repository}:pull");
-        let credentials = self.credentials(repository).await?;
-        let creds = credentials.as_ref();
-        let mut authorization = self.auth.authorization(&self.client, &scope, creds).await?;
-        let (mut response, from_origin) = self
-            .send(&method, &uri, &headers, authorization.as_ref())
-            .await?;
-        // A 401 from a redirect hop was answered (anonymously) in `send_once`; the upstream's
-        // credentials answer only the upstream's own challenges.
-        if response.status() == StatusCode::UNAUTHORIZED && from_origin {
-            let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
-            let sent = authorization.take();
-            let retry = self
-                .auth
-                .answer(
-                    &self.client,
-                    challenge.as_ref(),
-                    &scope,
-                    creds,
-                    sent.as_ref(),
-                )
-                .await?;
-            if let Some(retry) = retry {
-                response = self.send(&method, &uri, &headers, Some(&retry)).await?.0;
-            }
-        }
-        Ok(response)
-    }
-
-    /// One request through the circuit breaker, retried only where that is safe (`retry`).
-    /// Also says whether the response came from the upstream itself (not a redirect hop).
-    async fn send(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<(Response<Incoming>, bool), UpstreamError> {
-        let mut attempt = 0;
-        loop {
-            if let breaker::Admission::Reject { retry_in } = self.breaker.admit() {
-                return Err(UpstreamError::CircuitOpen(format!(
-                    "{} failed repeatedly; next try in {}s",
-                    self.name,
-                    retry_in.as_secs().max(1)
-                )));
-            }
-            let sent = self.send_once(method, uri, headers, authorization).await;
-            let verdict = match &sent {
-                Ok((response, _)) => {
-                    self.breaker.success();
-                    if response.status() == StatusCode::TOO_MANY_REQUESTS {
-                        *self.last_429.lock().expect("429 lock") = Some(std::time::Instant::now());
-                    }
-                    retry::after_status(
-                        method,
-                        response.status(),
-                        response.headers().get(RETRY_AFTER),
-                        attempt,
-                        self.retries,
-                        self.max_retry_after,
-                    )
-                }
-                Err(error) => {
-                    let unreachable =
-                        matches!(error, UpstreamError::Connect(_) | UpstreamError::Timeout(_));
-                    if unreachable && self.breaker.failure() {
-                        tracing::warn!(upstream = %self.name, %error, "circuit breaker opened");
-                    }
-                    retry::after_error(method, error, attempt, self.retries)
-                }
-            };
-            let retry::Verdict::After(wait) = verdict else {
-                return sent;
-            };
-            tracing::debug!(upstream = %self.name, attempt, ?wait, "retrying upstream request");
-            attempt += 1;
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// One request, following at most `MAX_REDIRECTS` redirects, never from https to http.
-    /// `authorization` goes only to the scheme and authority it was made for; a hop that
-    /// challenges gets an anonymous token for its own scope, once.
-    async fn send_once(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<(Response<Incoming>, bool), UpstreamError> {
-        let origin = (uri.scheme().cloned(), uri.authority().cloned());
-        let mut uri = uri.clone();
-        let mut hop_authorization: Option<HeaderValue> = None;
-        let mut hops = 0;
-        loop {
-            let at_origin = (uri.scheme().cloned(), uri.authority().cloned()) == origin;
-            let credential = if at_origin {
-                authorization
-            } else {
-                hop_authorization.as_ref()
-            };
-            let response = self.send_one(method, &uri, headers, credential).await?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !at_origin && hop_authorization.is_none() {
-                let challenge = response.headers().get(WWW_AUTHENTICATE).cloned();
-                if let Some(token) = self
-                    .auth
-                    .answer_hop(&self.client, challenge.as_ref())
-                    .await?
-                {
-                    hop_authorization = Some(token);
-                    continue;
-                }
-            }
-            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
-                return Ok((response, at_origin));
-            }
-            if hops == MAX_REDIRECTS {
-                return Err(UpstreamError::Invalid(format!(
-                    "more than {MAX_REDIRECTS} redirects"
-                )));
-            }
-            hops += 1;
-            let next = redirect_target(&uri, response.headers())?;
-            if next.authority() != uri.authority() || next.scheme() != uri.scheme() {
-                hop_authorization = None;
-            }
-            uri = next;
-        }
-    }
-
-    /// One HTTP exchange, measured.
-    async fn send_one(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        authorization: Option<&HeaderValue>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::builder().method(method.clone()).uri(uri.clone());
-        for (name, value) in headers {
-            request = request.header(name, value);
-        }
-        if let Some(value) = authorization {
-            request = request.header(AUTHORIZATION, value);
-        }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-        let started = tokio::time::Instant::now();
-        let sent = self.client.send(request).await;
-        let status = sent.as_ref().ok().map(Response::status);
-        let secs = started.elapsed().as_secs_f64();
-        self.metrics
-            .observe_upstream(&self.metric_label, status, secs);
-        sent
-    }
-}
-
-/// Where a redirect points: an absolute http(s) URL, or a path on the same origin. Never from
-/// https down to http, where anyone on the path could read or change what follows.
-fn redirect_target(from: &Uri, headers: &HeaderMap) -> Result<Uri, UpstreamError> {
-    let location = headers
-        .get(LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| UpstreamError::Invalid("redirect without Location".into()))?;
-    let shown = || escape_remote(location);
-    let scheme = from.scheme_str().unwrap_or("https");
-    let target: Uri = if let Some(network_path) = location.strip_prefix("//") {
-        // A network-path reference (RFC 3986 section 4.2) keeps the scheme.
-        format!("{scheme}://{network_path}").parse()
-    } else if location.starts_with('/') {
-        let authority = from.authority().map_or("", |a| a.as_str());
-        format!("{scheme}://{authority}{location}").parse()
-    } else {
-        location.parse()
-    }
-    .map_err(|e| UpstreamError::Invalid(format!("bad redirect Location {:?}: {e}", shown())))?;
-    let scheme_ok = matches!(target.scheme_str(), Some("http" | "https"));
-    if !scheme_ok || target.host().is_none() {
-        return Err(UpstreamError::Invalid(format!(
-            "redirect to {:?} is not an http(s) URL",
-            shown()
-        )));
-    }
-    if from.scheme_str() == Some("https") && target.scheme_str() == Some("http") {
-        return Err(UpstreamError::Invalid(format!(
-            "redirect from https to http ({:?}) refused",
-            shown()
-        )));
-    }
-    Ok(target)
 }
 
 /// Text from a remote party (a Location, an error description) made safe for one log line:
@@ -573,7 +374,9 @@ impl Upstreams {
         metrics: Arc<Metrics>,
         resolver: connect::Resolver,
     ) -> Result<Upstreams, String> {
-        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))?;
+        check_config(&config.upstreams).map_err(|e| e.to_string())?;
+        let client = HttpClient::with_resolver(&config.client, Arc::clone(&resolver))
+            .map_err(|e| e.to_string())?;
         let secrets = Arc::new(Secrets::new(config.secrets.clone(), client.clone()));
         let mut insecure_client = None;
         for upstream in config.upstreams.iter().filter(|u| u.insecure) {
@@ -586,7 +389,10 @@ impl Upstreams {
             );
             if insecure_client.is_none() {
                 let resolver = Arc::clone(&resolver);
-                insecure_client = Some(HttpClient::new_insecure(&config.client, resolver)?);
+                insecure_client = Some(
+                    HttpClient::new_insecure(&config.client, resolver)
+                        .map_err(|e| e.to_string())?,
+                );
             }
         }
         let shared = Shared {
@@ -659,35 +465,6 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn follow(from: &str, location: &str) -> Result<String, UpstreamError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(LOCATION, HeaderValue::from_str(location).unwrap());
-        redirect_target(&from.parse().unwrap(), &headers).map(|uri| uri.to_string())
-    }
-
-    #[test]
-    fn redirects_resolve_against_the_request_and_never_drop_to_http() {
-        let from = "https://registry.example/v2/a/blobs/sha256:1";
-        let cases = [
-            ("/v2/b", Some("https://registry.example/v2/b")),
-            ("//cdn.example/x?sig=1", Some("https://cdn.example/x?sig=1")),
-            ("https://s3.example/x", Some("https://s3.example/x")),
-            ("http://s3.example/x", None),
-            ("//169.254.169.254/x", Some("https://169.254.169.254/x")),
-            ("ftp://files.example/x", None),
-            ("file:///etc/passwd", None),
-            ("relative/path", None),
-        ];
-        for (location, expected) in cases {
-            let got = follow(from, location).ok();
-            assert_eq!(got.as_deref(), expected, "{location}");
-        }
-        assert_eq!(
-            follow("http://127.0.0.1:5000/v2/", "http://127.0.0.1:5001/x").unwrap(),
-            "http://127.0.0.1:5001/x"
-        );
-    }
 
     #[test]
     fn remote_text_is_escaped_for_one_log_line() {

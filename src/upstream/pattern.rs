@@ -12,14 +12,28 @@
 use super::host::RegistryHost;
 
 /// Why a pattern is refused at start-up (the caller names the key).
-pub fn check(pattern: &str) -> Result<(), String> {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("{0:?} has a malformed port")]
+    Port(String),
+    #[error("{0:?}: each label is [a-z0-9-] with at most one `*`")]
+    Label(String),
+    #[error(
+        "{0:?} covers too much: at least two literal labels must follow the last `*` \
+         (as in `*.azurecr.io`)"
+    )]
+    TooBroad(String),
+}
+
+/// Refuses a pattern that is malformed or covers more than one operator's domain.
+pub fn check(pattern: &str) -> Result<(), PatternError> {
     let lower = pattern.to_ascii_lowercase();
     let (name, port) = match lower.split_once(':') {
         Some((name, port)) => (name, Some(port)),
         None => (lower.as_str(), None),
     };
     if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
-        return Err(format!("{pattern:?} has a malformed port"));
+        return Err(PatternError::Port(pattern.to_string()));
     }
     let labels: Vec<&str> = name.split('.').collect();
     for label in &labels {
@@ -27,18 +41,13 @@ pub fn check(pattern: &str) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*');
         if label.is_empty() || !chars_ok || label.matches('*').count() > 1 {
-            return Err(format!(
-                "{pattern:?}: each label is [a-z0-9-] with at most one `*`"
-            ));
+            return Err(PatternError::Label(pattern.to_string()));
         }
     }
     let last_star = labels.iter().rposition(|l| l.contains('*'));
     let literal_after = last_star.map_or(labels.len(), |i| labels.len() - i - 1);
     if last_star.is_some() && literal_after < 2 {
-        return Err(format!(
-            "{pattern:?} covers too much: at least two literal labels must follow the last `*` \
-             (as in `*.azurecr.io`)"
-        ));
+        return Err(PatternError::TooBroad(pattern.to_string()));
     }
     Ok(())
 }

@@ -10,8 +10,9 @@
 //! (host-prefix routing), or `/v2/<repository>/...` for names without a registry, which the
 //! target routes to its `default_upstream`. With credentials (`berth warm --user`, the key in
 //! `BERTH_WARM_PASSWORD`) it authenticates as a node does, Basic or berth's token flow, with
-//! the same `upstream::Auth` that `berth load` uses. The parsing and selection steps are pure
-//! functions in `image`; the I/O is here.
+//! the same `upstream::Auth` that `berth load` uses. References are read by `oci::reference`,
+//! manifests and the platform choice by `oci::manifest`; the I/O is here, the summary in
+//! `summary`.
 //!
 //! The target is not trusted either: every body read is bounded in size (a blob by its
 //! descriptor, a manifest by `MAX_MANIFEST`, an error body by `MAX_ERROR_BODY`) and in time
@@ -19,32 +20,33 @@
 //! tallied, and whatever it sent is passed through `printable` before it reaches a terminal.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::time::Instant;
 
 use crate::config::{ClientConfig, PlatformConfig};
-use crate::metrics::Metrics;
+use crate::net::address::AddressRule;
+use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
-use crate::oci::name::Reference;
-use crate::route::{parse_image_reference, RouteError};
-use crate::secrets::Credentials;
-use crate::upstream::address::AddressRule;
-use crate::upstream::{Auth, HttpClient};
-
-mod image;
-pub use image::{
-    api_name, parse_manifest, select_platform, Descriptor, NoPlatform, Parsed, Platform,
+use crate::oci::manifest::{
+    Descriptor, ImageManifest, Manifest, ManifestError, NoPlatform, Platform, DOCKER_LIST,
+    DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
-use image::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use crate::oci::name::Reference;
+use crate::oci::reference::{ImageRef, Orgs, ReferenceError};
+use crate::secrets::Credentials;
+use crate::upstream::Auth;
+
+mod summary;
+use summary::OUTCOMES;
+pub use summary::{printable, Summary};
 
 /// Longest silence tolerated inside a body. Generous: berth holds a blob's last byte until the
 /// whole blob is verified and fsynced, which takes a while for a multi-GiB layer.
@@ -59,41 +61,13 @@ const MAX_ERROR_BODY: usize = 4096;
 /// Time allowed to read a whole manifest or error body.
 const BODY_DEADLINE: Duration = Duration::from_secs(60);
 
-/// The `X-Cache` values berth sends; anything else a target sends is tallied as `other`.
-const OUTCOMES: [&str; 8] = [
-    "HIT",
-    "MISS",
-    "COALESCED",
-    "REVALIDATED",
-    "STALE",
-    "BYPASS",
-    "DENIED",
-    "ERROR",
-];
-
-/// `text` with control characters (terminal escapes, carriage returns, newlines) shown as
-/// `\u{..}` escapes, and cut at 1024 characters: what a target sent may be printed to a
-/// terminal, which must not execute it.
-pub fn printable(text: &str) -> String {
-    let mut out = String::new();
-    for (n, c) in text.chars().enumerate() {
-        if n == 1024 {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
+    /// The run cannot start: a bad `--target`, or no HTTP client.
+    #[error("{0}")]
+    Setup(String),
     #[error(transparent)]
-    Reference(#[from] RouteError),
+    Reference(#[from] ReferenceError),
     #[error("{what}: {message}")]
     Http { what: String, message: String },
     #[error("{what}: the target answered {status}: {body}")]
@@ -114,8 +88,14 @@ pub enum WarmError {
         expected: u64,
         actual: u64,
     },
-    #[error("{what}: {message}")]
-    Manifest { what: String, message: String },
+    #[error("{what}: {source}")]
+    Manifest {
+        what: String,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{what}: {kind}, not an image manifest")]
+    NotAnImage { what: String, kind: &'static str },
     #[error(transparent)]
     NoPlatform(#[from] NoPlatform),
 }
@@ -134,48 +114,6 @@ pub struct Options {
     pub credentials: Option<Credentials>,
 }
 
-/// What one warm run did, for the summary line.
-#[derive(Debug, Default)]
-pub struct Summary {
-    pub images: usize,
-    pub failed: Vec<(String, String)>,
-    pub blobs: usize,
-    pub bytes: u64,
-    pub seconds: f64,
-    /// `X-Cache` values of every manifest and blob response.
-    pub outcomes: BTreeMap<String, usize>,
-}
-
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let outcomes: Vec<String> = self
-            .outcomes
-            .iter()
-            .map(|(outcome, n)| format!("{outcome}={n}"))
-            .collect();
-        write!(
-            f,
-            "warmed {} image(s), {} blob(s), {} in {:.1}s ({}/s); cache outcomes: {}",
-            self.images,
-            self.blobs,
-            bytesize::ByteSize::b(self.bytes).display().iec(),
-            self.seconds,
-            bytesize::ByteSize::b((self.bytes as f64 / self.seconds.max(0.001)) as u64)
-                .display()
-                .iec(),
-            if outcomes.is_empty() {
-                "none".to_string()
-            } else {
-                outcomes.join(" ")
-            },
-        )?;
-        for (reference, error) in &self.failed {
-            write!(f, "\nfailed {}: {}", printable(reference), printable(error))?;
-        }
-        Ok(())
-    }
-}
-
 /// Shared by the images of one run: the client, progress, and what was already fetched.
 struct Run {
     client: HttpClient,
@@ -184,7 +122,7 @@ struct Run {
     credentials: Option<Credentials>,
     target: String,
     progress: MultiProgress,
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<Digest>>,
     outcomes: Mutex<BTreeMap<String, usize>>,
 }
 
@@ -212,26 +150,22 @@ impl Run {
 
 /// Warms every reference (one after another, each image's blobs concurrently); a failed image
 /// is recorded in the summary and the run goes on with the next.
-pub async fn warm(options: Options) -> Result<Summary, String> {
+pub async fn warm(options: Options) -> Result<Summary, WarmError> {
     let started = Instant::now();
     let target = options.target.trim_end_matches('/').to_string();
     let uri: http::Uri = target
         .parse()
-        .map_err(|e| format!("--target {target:?}: {e}"))?;
+        .map_err(|e| WarmError::Setup(format!("--target {target:?}: {e}")))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        return Err(format!(
+        return Err(WarmError::Setup(format!(
             "--target {target:?} must be an http:// or https:// URL"
-        ));
+        )));
     }
+    // The operator names the berth to warm, often on this host or in this cluster.
+    let client = HttpClient::new(&options.client).map_err(|e| WarmError::Setup(e.to_string()))?;
     let run = Arc::new(Run {
-        // The operator names the berth to warm, often on this host or in this cluster.
-        client: HttpClient::new(&options.client)?.with_rule(AddressRule::any_internal()),
-        auth: Auth::new(
-            target.clone(),
-            target.starts_with("http://"),
-            "warm".into(),
-            Arc::new(Metrics::new()),
-        ),
+        client: client.with_rule(AddressRule::any_internal()),
+        auth: Auth::for_tool(&target, "warm"),
         credentials: options.credentials.clone(),
         target,
         progress: MultiProgress::new(),
@@ -260,30 +194,38 @@ async fn warm_one(
     text: &str,
     options: &Options,
 ) -> Result<(usize, u64), WarmError> {
-    let image = parse_image_reference(text, &options.platform_config)?;
-    let name = api_name(&image);
-    let (bytes, content_type) = get_manifest(run, &name, &image.reference).await?;
-    let what = format!("manifest {text}");
-    let parsed = parse_manifest(&bytes, content_type.as_deref())
-        .map_err(|message| WarmError::Manifest { what, message })?;
-    let (config, layers) = match parsed {
-        Parsed::Image { config, layers } => (config, layers),
-        Parsed::Index(manifests) => {
-            let child = select_platform(&manifests, &options.platform)?;
-            let digest = parse_digest(&child.digest, text)?;
-            let reference = Reference::Digest(digest);
-            let (bytes, content_type) = get_manifest(run, &name, &reference).await?;
-            let what = format!("{} manifest of {text}", options.platform);
-            match parse_manifest(&bytes, content_type.as_deref()) {
-                Ok(Parsed::Image { config, layers }) => (config, layers),
-                Ok(Parsed::Index(_)) => {
-                    let message = "an index inside an index".to_string();
-                    return Err(WarmError::Manifest { what, message });
-                }
-                Err(message) => return Err(WarmError::Manifest { what, message }),
-            }
-        }
+    let platform = &options.platform_config;
+    let orgs = Orgs {
+        own: platform.org.as_deref(),
+        domain: &platform.registry_domain,
     };
+    let image = ImageRef::parse(text, Some(orgs))?;
+    let name = image.api_name();
+    let what = format!("manifest {text}");
+    let ImageManifest { config, layers, .. } =
+        match get_manifest(run, &name, &image.reference, &what).await? {
+            Manifest::Image(image) => image,
+            Manifest::Index(index) => {
+                let child = index.select(&options.platform)?;
+                let reference = Reference::Digest(child.digest.clone());
+                let what = format!("{} manifest of {text}", options.platform);
+                match get_manifest(run, &name, &reference, &what).await? {
+                    Manifest::Image(image) => image,
+                    Manifest::Index(_) => {
+                        let kind = "an index inside an index";
+                        return Err(WarmError::NotAnImage { what, kind });
+                    }
+                    Manifest::Artifact(_) => {
+                        let kind = "an artifact manifest";
+                        return Err(WarmError::NotAnImage { what, kind });
+                    }
+                }
+            }
+            Manifest::Artifact(_) => {
+                let kind = "an artifact manifest";
+                return Err(WarmError::NotAnImage { what, kind });
+            }
+        };
     let mut blobs = Vec::new();
     {
         let mut seen = run.seen.lock().expect("seen lock");
@@ -334,13 +276,6 @@ fn bars(run: &Run, text: &str, total: u64, blobs: u64) -> (ProgressBar, Progress
         .add(ProgressBar::new(blobs).with_style(blobs_style));
     blobs_bar.set_prefix(text.to_string());
     (bytes_bar, blobs_bar)
-}
-
-fn parse_digest(text: &str, what: &str) -> Result<Digest, WarmError> {
-    Digest::parse(text).map_err(|e| WarmError::Manifest {
-        what: what.to_string(),
-        message: format!("bad digest {text:?}: {e}"),
-    })
 }
 
 /// GETs `path` (of repository `name`) with the credentials the target asks for: up front once
@@ -428,21 +363,18 @@ async fn send_once(
     })
 }
 
-/// GETs a manifest and checks it against the digest asked for and the one announced.
+/// GETs a manifest, checks it against the digest asked for and the one announced, and reads
+/// it (its errors named by `shown`). The document says what it is, not the `Content-Type`.
 async fn get_manifest(
     run: &Run,
     name: &str,
     reference: &Reference,
-) -> Result<(Bytes, Option<String>), WarmError> {
+    shown: &str,
+) -> Result<Manifest, WarmError> {
     let what = format!("manifest {name}:{}", reference.as_str());
     let accept = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].join(", ");
     let path = format!("/v2/{name}/manifests/{}", reference.as_str());
     let response = send(run, name, &path, &what, Some(&accept)).await?;
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
     let announced = response
         .headers()
         .get("docker-content-digest")
@@ -470,7 +402,10 @@ async fn get_manifest(
             });
         }
     }
-    Ok((bytes, content_type))
+    Manifest::parse(&bytes).map_err(|source| WarmError::Manifest {
+        what: shown.to_string(),
+        source,
+    })
 }
 
 /// GETs a blob, hashing it as it streams; the digest and size must match the descriptor.
@@ -481,7 +416,7 @@ async fn get_blob(
     bar: &ProgressBar,
 ) -> Result<u64, WarmError> {
     let what = format!("blob {}", descriptor.digest);
-    let expected = parse_digest(&descriptor.digest, &what)?;
+    let expected = descriptor.digest.clone();
     let path = format!("/v2/{name}/blobs/{expected}");
     let response = send(run, name, &path, &what, None).await?;
     let mut body = response.into_body();

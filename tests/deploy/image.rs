@@ -6,7 +6,6 @@
 //! (65532) and nothing else: no shell, so `HEALTHCHECK` and the probe must work without one.
 //! The build stage (rustc in a rust image) is not built here: it needs that image.
 
-use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -14,6 +13,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::podman::Podman;
+use super::support::image::append;
+use super::support::process::{stderr_lines, wait_line};
 use super::support::{push_image, read_oci_layout, skopeo_copy_ok, Auth, Flavor, Image, Registry};
 use super::tools::{assert_ok, berth_binary, deploy, have, output, output_ok, tool};
 
@@ -185,22 +186,6 @@ async fn import_base_image(podman: &Podman) {
     output_ok(podman.command(&["import", "--quiet", &tarball, BASE])).await;
 }
 
-fn append(
-    tar: &mut tar::Builder<Vec<u8>>,
-    kind: tar::EntryType,
-    path: &str,
-    mode: u32,
-    data: &[u8],
-) {
-    let mut header = tar::Header::new_gnu();
-    header.set_entry_type(kind);
-    header.set_size(data.len() as u64);
-    header.set_mode(mode);
-    header.set_mtime(0);
-    tar.append_data(&mut header, path, data)
-        .expect("append tar entry");
-}
-
 /// `podman build --target runtime-prebuilt` with a context holding only the binary.
 async fn build_runtime_stage(podman: &Podman) {
     let context = podman.path("context");
@@ -313,28 +298,13 @@ impl Container {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn podman run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stderr_lines(&mut child);
         Container { child, lines }
     }
 
     /// Blocks until the container logs a line containing `needle`.
     fn wait_line(&mut self, needle: &str) -> String {
-        let mut seen = Vec::new();
-        loop {
-            match self.lines.recv_timeout(START_TIMEOUT) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("the container never logged {needle:?}; it logged {seen:#?}"),
-            }
-        }
+        wait_line(&self.lines, needle, START_TIMEOUT, "the container")
     }
 
     fn wait(&mut self) -> std::process::ExitStatus {

@@ -43,14 +43,14 @@ endpoint = "{endpoint}"
 impl Berth {
     /// Starts berth on the given TOML config (its `listen` is ignored: berth binds port 0).
     pub async fn start(config_toml: &str) -> Berth {
-        Berth::start_with_resolver(config_toml, berth::upstream::connect::system_resolver()).await
+        Berth::start_with_resolver(config_toml, berth::net::connect::system_resolver()).await
     }
 
     /// `start`, with upstream names resolved by `resolver`: how a test makes a name resolve
     /// to a loopback server (the address rule still judges the address).
     pub async fn start_with_resolver(
         config_toml: &str,
-        resolver: berth::upstream::connect::Resolver,
+        resolver: berth::net::connect::Resolver,
     ) -> Berth {
         let config = Config::from_toml(config_toml).expect("test config is valid");
         let state = AppState::open_with_resolver(config, resolver)
@@ -133,4 +133,16 @@ impl Drop for Berth {
             task.abort();
         }
     }
+}
+
+/// The `[cache]` and `[access]` tables of berth in the policy mode, with everything in `dir`:
+/// the cache in `cache/`, principals in `principals.json`, policies in `policies/`. The
+/// `[access]` table stays open, so a caller may add keys to it.
+pub fn policy_mode_tables(dir: &Path) -> String {
+    format!(
+        "[cache]\ndir = \"{}\"\n[access]\nmode = \"policy\"\nprincipals = \"{}\"\npolicies = \"{}\"\n",
+        dir.join("cache").display(),
+        dir.join("principals.json").display(),
+        dir.join("policies").display()
+    )
 }

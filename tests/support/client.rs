@@ -36,6 +36,21 @@ impl Fetched {
     }
 }
 
+/// The `code` of the first error in an OCI `{"errors":[...]}` body; panics when the body is
+/// not that envelope, so calling it also asserts the shape.
+pub fn error_code(body: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|_| {
+        panic!(
+            "error body is the OCI envelope: {:?}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    json["errors"][0]["code"]
+        .as_str()
+        .expect("envelope has a code")
+        .to_string()
+}
+
 /// A fresh client with its own connection pool, so one test's idle connections never leak into
 /// another's request counts.
 pub fn http_client() -> HttpClient {

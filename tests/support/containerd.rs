@@ -22,8 +22,6 @@
 //! mirror to `https://<registry>` therefore costs no DNS lookup and shows up in
 //! `Containerd::escapes` instead.
 
-use std::collections::VecDeque;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -32,14 +30,14 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+use super::process::LogTail;
 use tokio::task::JoinHandle;
 
 use super::client::{basic_auth, Creds};
 
 /// containerd boots in well under a second; a loaded 2-core CI box gets slack.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
-/// Log lines kept for failure messages.
-const LOG_TAIL_LINES: usize = 200;
 /// The containerd namespace every test uses; images live per namespace.
 pub const NAMESPACE: &str = "test";
 
@@ -105,7 +103,13 @@ impl Containerd {
         let (tx, rx) = oneshot::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let tail = log.clone();
-        std::thread::spawn(move || tail.follow(stderr, tx));
+        std::thread::spawn(move || {
+            let booted = |line: &str| {
+                line.contains("containerd successfully booted")
+                    .then_some(())
+            };
+            tail.follow(stderr, booted, tx)
+        });
         let containerd = Containerd {
             dir,
             child: Some(child),
@@ -387,38 +391,5 @@ impl Outside {
             ("http_proxy", self.url.as_str()),
             ("https_proxy", self.url.as_str()),
         ]
-    }
-}
-
-/// The last lines containerd logged, shared with the thread that reads its stderr.
-#[derive(Clone, Default)]
-struct LogTail(Arc<Mutex<VecDeque<String>>>);
-
-impl LogTail {
-    /// Reads stderr to EOF, reporting containerd's "containerd successfully booted" line, which
-    /// it logs after every plugin is loaded and the gRPC socket is serving.
-    fn follow(self, stderr: ChildStderr, booted: oneshot::Sender<()>) {
-        let mut booted = Some(booted);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("containerd successfully booted") {
-                if let Some(tx) = booted.take() {
-                    let _ = tx.send(());
-                }
-            }
-            let mut lines = self.0.lock().unwrap();
-            if lines.len() == LOG_TAIL_LINES {
-                lines.pop_front();
-            }
-            lines.push_back(line);
-        }
-    }
-
-    fn text(&self) -> String {
-        let lines = self.0.lock().unwrap();
-        lines
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 }

@@ -302,13 +302,14 @@ impl Body for ChannelBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.cutting {
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.cutting {
             return Poll::Pending;
         }
-        match ready!(self.rx.poll_recv(cx)) {
+        match ready!(this.rx.poll_recv(cx)) {
             None => Poll::Ready(None),
             Some(Piece::Data(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Piece::Failed(e)) => Poll::Ready(Some(Err(e))),
@@ -316,8 +317,8 @@ impl Body for ChannelBody {
                 // Pending (never woken) makes hyper flush what it holds; the flush then fails in
                 // `CuttableIo`, which ends the connection with every byte before the cut sent.
                 // An error frame instead would drop hyper's unflushed buffer with the connection.
-                self.cutting = true;
-                self.cut.store(true, Ordering::SeqCst);
+                this.cutting = true;
+                this.cut.store(true, Ordering::SeqCst);
                 Poll::Pending
             }
         }

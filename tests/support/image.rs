@@ -146,7 +146,7 @@ fn gzip_stored(data: &[u8]) -> Vec<u8> {
 }
 
 /// Appends one entry with fixed owner and mtime, so the same seed gives the same bytes.
-fn append<W: Write>(
+pub fn append<W: Write>(
     tar: &mut tar::Builder<W>,
     kind: tar::EntryType,
     path: &str,

@@ -1,10 +1,18 @@
 //! Shared support for berth's integration tests: everything a test needs around the proxy.
 //!
-//! Owns: a real upstream registry process (`registry`), synthetic images and the code that pushes
-//! them (`image`, `push`), a plain-HTTP test client (`client`), an in-process tap that counts and
-//! breaks upstream traffic (`tap`, `fault`), and a real pulling client (`skopeo`).
-//! Does not own: starting berth itself (that belongs next to the lead's server API), and it never
-//! touches the internet: every server binds 127.0.0.1 port 0 and every tool gets private config.
+//! Owns:
+//! - berth itself: in process on port 0 (`berth`), as the real binary for tests that send
+//!   signals (`process`), and the usual registry + tap + berth set-up (`stack`);
+//! - upstreams: a real registry process (`registry`), its token server (`token`), an in-process
+//!   tap that counts and breaks upstream traffic (`tap`, `fault`), a hostile registry
+//!   (`hostile`), a server answering from a closure (`scripted`) with a test CA for TLS (`ca`),
+//!   and stand-ins for the cloud services behind pull secrets (`cloud`);
+//! - content and clients: synthetic images and the code that pushes them (`image`, `push`), a
+//!   plain-HTTP test client (`client`), and real pulling clients (`skopeo`, `containerd`).
+//!
+//! Does not own: assertions about berth (those are the tests). It never touches the internet:
+//! every server binds 127.0.0.1 port 0 and every tool gets private config. tests/deploy shares
+//! it through `#[path]`.
 //!
 //! Picture of a typical test:
 //! ```text
@@ -17,7 +25,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod berth;
+pub mod ca;
 pub mod client;
+pub mod cloud;
 pub mod containerd;
 pub mod fault;
 pub mod hostile;
@@ -25,13 +35,14 @@ pub mod image;
 pub mod process;
 pub mod push;
 pub mod registry;
+pub mod scripted;
 pub mod skopeo;
 pub mod stack;
 pub mod tap;
 pub mod token;
 
 pub use berth::{single_upstream_config, Berth};
-pub use client::{fetch, get, read_body, request, send, Creds, Fetched};
+pub use client::{error_code, fetch, get, read_body, request, send, Creds, Fetched};
 pub use containerd::{Containerd, CtrImage, HostsDir};
 pub use fault::Fault;
 pub use hostile::Hostile;
@@ -43,3 +54,12 @@ pub use skopeo::{read_oci_layout, skopeo_copy, skopeo_copy_ok, OciLayout};
 pub use stack::Stack;
 pub use tap::{Kind, Seen, Tap};
 pub use token::{push_image_bearer, Access, Challenge, Policy, TokenRequest, TokenServer};
+
+/// The whole number in environment variable `name`, or `default` when it is unset or not a
+/// number: how the long runs (soaks) are asked for.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

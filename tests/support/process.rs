@@ -11,6 +11,48 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// The lines `child` writes to its (piped) stderr, read by a thread of their own.
+pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// Blocks until `lines` brings one containing `needle` and returns it; fails the test, showing
+/// what `who` logged instead, when none comes within `timeout` of the previous line.
+pub fn wait_line(
+    lines: &mpsc::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+    who: &str,
+) -> String {
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(timeout) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("{who} never logged {needle:?}; it logged {seen:#?}"),
+        }
+    }
+}
+
+/// A finished command's status, stdout and stderr, for an assertion message.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// How long to wait for a log line or an exit before failing the test.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -66,16 +108,7 @@ impl BerthProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn berth");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stderr_lines(&mut child);
         BerthProcess {
             child,
             addr: String::new(),
@@ -93,14 +126,7 @@ impl BerthProcess {
 
     /// Blocks until a log line containing `needle` appears; returns it.
     pub fn wait_line(&mut self, needle: &str) -> String {
-        let mut seen = Vec::new();
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("berth never logged {needle:?}; it logged {seen:#?}"),
-            }
-        }
+        wait_line(&self.lines, needle, WAIT, "berth")
     }
 
     pub fn signal(&self, signal: &str) {
@@ -133,5 +159,47 @@ impl Drop for BerthProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The last lines a child process (the registry, containerd) logged, shared with the thread
+/// that reads its stderr, for a failing test's message.
+#[derive(Clone, Default)]
+pub struct LogTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl LogTail {
+    /// How many lines it keeps for a failure message (the registry logs a line per request).
+    const LINES: usize = 200;
+
+    /// Reads `stderr` to EOF, keeping the last lines, and sends what `found` makes of the
+    /// first line it recognizes (the process's "ready" line) through `tx`.
+    pub fn follow<T>(
+        self,
+        stderr: std::process::ChildStderr,
+        found: impl Fn(&str) -> Option<T>,
+        tx: tokio::sync::oneshot::Sender<T>,
+    ) {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(value) = found(&line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(value);
+                }
+            }
+            let mut lines = self.0.lock().unwrap();
+            if lines.len() == LogTail::LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line);
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

@@ -155,7 +155,8 @@ async fn send(
     Ok(client::fetch(client::request(method, url, creds, headers, body)).await?)
 }
 
-fn expect(response: &client::Fetched, status: StatusCode) -> Result<(), PushError> {
+/// `Ok` when the registry answered `status`, else its status and body as a `PushError`.
+pub(super) fn expect(response: &client::Fetched, status: StatusCode) -> Result<(), PushError> {
     if response.status == status {
         return Ok(());
     }

@@ -8,8 +8,6 @@
 //! the token server and its key (`token`): `Auth::Token` only renders the `auth.token` section
 //! that trusts them.
 
-use std::collections::VecDeque;
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
@@ -19,12 +17,12 @@ use std::time::Duration;
 use rand::Rng as _;
 use tokio::sync::oneshot;
 
+use super::process::LogTail;
+
 use super::client::{self, Creds};
 
 /// How long the registry gets to bind and answer `GET /v2/`; it needs well under a second.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Log lines kept for failure messages; the registry logs one line per request at info level.
-const LOG_TAIL_LINES: usize = 200;
 
 /// How the registry authenticates clients.
 #[derive(Clone, Debug)]
@@ -205,7 +203,7 @@ async fn spawn(auth: &Auth, dir: &Path, listen: &str, log: &LogTail) -> (Child, 
     let (tx, rx) = oneshot::channel();
     let stderr = child.stderr.take().expect("piped stderr");
     let tail = log.clone();
-    std::thread::spawn(move || tail.follow(stderr, tx));
+    std::thread::spawn(move || tail.follow(stderr, listening_addr, tx));
     match tokio::time::timeout(READY_TIMEOUT, rx).await {
         Ok(Ok(addr)) => (child, addr),
         _ => {
@@ -258,38 +256,6 @@ fn bcrypt_hash(password: &str) -> String {
         "libcrypt has no bcrypt support: got {hash:?}"
     );
     hash
-}
-
-/// The last lines the registry logged, shared with the thread that reads its stderr.
-#[derive(Clone, Default)]
-struct LogTail(Arc<Mutex<VecDeque<String>>>);
-
-impl LogTail {
-    /// Reads stderr to EOF, reporting the first "listening on ADDR" through `addr_tx`.
-    fn follow(self, stderr: ChildStderr, addr_tx: oneshot::Sender<SocketAddr>) {
-        let mut addr_tx = Some(addr_tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = listening_addr(&line) {
-                if let Some(tx) = addr_tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-            let mut lines = self.0.lock().unwrap();
-            if lines.len() == LOG_TAIL_LINES {
-                lines.pop_front();
-            }
-            lines.push_back(line);
-        }
-    }
-
-    fn text(&self) -> String {
-        let lines = self.0.lock().unwrap();
-        lines
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
 /// Parses distribution's `msg="listening on 127.0.0.1:40187"` (registry.go logs `ln.Addr()`,

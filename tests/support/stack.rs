@@ -3,7 +3,28 @@
 //!
 //! Test files add their own helpers in `impl Stack` blocks next to their tests.
 
-use super::{single_upstream_config, Auth, Berth, Registry, Tap};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{Method, Response};
+use hyper::body::Incoming;
+
+use super::client::{request, send};
+use super::{
+    push_blob, push_image, random_blob, single_upstream_config, Auth, Berth, Blob, Fault, Image,
+    Kind, Registry, Tap,
+};
+
+/// An anonymous registry holding `image` as `repo:tag`, and a tap in front of it that has seen
+/// nothing yet.
+pub async fn registry_with(image: &Image, repo: &str, tag: &str) -> (Registry, Tap) {
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    push_image(&registry.url(), repo, tag, image, None)
+        .await
+        .unwrap();
+    (registry, tap)
+}
 
 pub struct Stack {
     pub registry: Registry,
@@ -43,5 +64,45 @@ impl Stack {
 
     pub fn blob_url(&self, repo: &str, digest: &str) -> String {
         format!("{}/v2/{repo}/blobs/{digest}", self.berth.url())
+    }
+
+    /// A random blob of `size` bytes from `seed`, pushed to the registry's `team/app`.
+    pub async fn push(&self, size: usize, seed: u64) -> Blob {
+        let blob = random_blob(size, seed);
+        push_blob(&self.registry.url(), "team/app", &blob, None)
+            .await
+            .unwrap();
+        blob
+    }
+
+    /// As `push`, then forgets the requests seen so far and makes the tap inject `fault` into
+    /// the next blob response.
+    pub async fn push_faulted(&self, size: usize, seed: u64, fault: Fault) -> Blob {
+        let blob = self.push(size, seed).await;
+        self.tap.reset();
+        self.tap.inject_times(Kind::Blob, fault, 1);
+        blob
+    }
+
+    /// berth's URL for `blob` in `team/app`.
+    pub fn url(&self, blob: &Blob) -> String {
+        self.blob_url("team/app", &blob.digest)
+    }
+
+    /// A GET of `blob` whose fill the tap holds after `at` bytes: its response head is here,
+    /// and the request (and its fill) stay in flight until `tap.resume()`.
+    pub async fn hold(&self, blob: &Blob, at: u64) -> Response<Incoming> {
+        self.tap.inject_times(Kind::Blob, Fault::PauseAt(at), 1);
+        let get = request(Method::GET, &self.url(blob), None, &[], Bytes::new());
+        let held = send(get).await.unwrap();
+        self.tap.wait_paused(1).await;
+        held
+    }
+
+    /// Where berth's cache keeps `blob` once committed.
+    pub fn cached_path(&self, blob: &Blob) -> PathBuf {
+        let digest: berth::oci::digest::Digest = blob.digest.parse().unwrap();
+        let store = &self.berth.state.cache.store;
+        store.path(berth::cache::Kind::Blob, &digest)
     }
 }

@@ -145,6 +145,14 @@ impl Tap {
             .count()
     }
 
+    /// How many requests of `kind` since the last `reset` asked for a `Range` (resumes).
+    pub fn count_ranged(&self, kind: Kind) -> usize {
+        let seen = self.state.seen.lock().unwrap();
+        seen.iter()
+            .filter(|s| s.kind == kind && s.headers.contains_key("range"))
+            .count()
+    }
+
     /// Every request since the last `reset`, in arrival order.
     pub fn requests(&self) -> Vec<(Method, String)> {
         let seen = self.state.seen.lock().unwrap();

@@ -47,9 +47,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::ca::pem;
 use super::client::{self, BoxError, Creds};
 use super::image::{Blob, Image, Index};
-use super::push::{upload_url, PushError};
+use super::push::{expect, upload_url, PushError};
 use super::registry::Auth;
 
 /// The `service` the registry names in its challenge and expects as the token's `aud`.
@@ -501,16 +502,6 @@ impl Bearer {
     }
 }
 
-fn expect(response: &client::Fetched, status: StatusCode) -> Result<(), PushError> {
-    if response.status == status {
-        return Ok(());
-    }
-    Err(PushError {
-        status: Some(response.status),
-        message: String::from_utf8_lossy(&response.body).into_owned(),
-    })
-}
-
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let mut connections = JoinSet::new();
     loop {
@@ -730,19 +721,6 @@ fn libtrust_key_id(spki_der: &[u8]) -> String {
         .map(|g| std::str::from_utf8(g).expect("ASCII"))
         .collect();
     groups.join(":")
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let body = STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|l| std::str::from_utf8(l).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
 }
 
 /// Unix seconds as RFC 3339 UTC (`issued_at`), via the civil-from-days algorithm

@@ -1,11 +1,12 @@
-//! The `[access]` section of the configuration: its keys, defaults, and the checks that name
-//! the offending key. Reading the files it points at is `files`' job.
+//! `[access]`: its keys, defaults, and the checks that name the offending key. Reading the
+//! files it points at is `access::files`' job.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::{invalid, ConfigError};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -33,7 +34,7 @@ pub struct AccessConfig {
     /// How long a token from the token endpoint is valid.
     #[serde(
         default = "default_token_ttl",
-        deserialize_with = "crate::config::de_duration"
+        deserialize_with = "super::units::de_duration"
     )]
     pub token_ttl: Duration,
     /// The token signing secret, shared by instances that accept each other's tokens; random
@@ -46,7 +47,7 @@ pub struct AccessConfig {
     /// How often the principals file and the policies directory are checked for changes.
     #[serde(
         default = "default_reload_interval",
-        deserialize_with = "crate::config::de_duration"
+        deserialize_with = "super::units::de_duration"
     )]
     pub reload_interval: Duration,
 }
@@ -76,9 +77,9 @@ fn default_reload_interval() -> Duration {
 /// A signing key shorter than this is guessable offline from any token.
 const MIN_TOKEN_KEY: usize = 32;
 
-/// Checks `[access]`; an error is (key, message).
-pub fn check_config(config: &AccessConfig) -> Result<(), (String, String)> {
-    let invalid = |key: &str, message: &str| Err((format!("access.{key}"), message.to_string()));
+/// Checks `[access]`.
+pub(super) fn check_config(config: &AccessConfig) -> Result<(), ConfigError> {
+    let invalid = |key: &str, message: &str| Err(invalid(format!("access.{key}"), message));
     if config.mode == AccessMode::Policy {
         if config.principals.is_none() {
             return invalid("principals", "mode = \"policy\" needs a principals file");
@@ -158,7 +159,7 @@ mod tests {
             ),
         ];
         for (config, key) in cases {
-            assert_eq!(check_config(&config).unwrap_err().0, key);
+            assert_eq!(check_config(&config).unwrap_err().key(), Some(key));
         }
         assert!(check_config(&AccessConfig::default()).is_ok());
     }

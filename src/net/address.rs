@@ -2,7 +2,7 @@
 //!
 //! Every outbound connection (upstream requests, redirect hops, token realms, the ECR, STS and
 //! GCP exchange endpoints) is checked on the address actually dialled, after DNS, by
-//! `upstream::connect`. IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::/96`) addresses
+//! `net::connect`. IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::/96`) addresses
 //! are judged by the IPv4 address inside them.
 //! - Never: link-local, cloud metadata addresses, unspecified, `0.0.0.0/8`, multicast,
 //!   broadcast, and the other reserved ranges.
@@ -221,11 +221,16 @@ fn prefix_eq(a: u128, b: u128, prefix: u8, bits: u8) -> bool {
     (a >> shift) == (b >> shift)
 }
 
-impl FromStr for Network {
-    type Err = String;
+/// A network that does not parse: the text, for the message that names the config key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a network in CIDR form (10.0.0.0/8)")]
+pub struct NetworkError(String);
 
-    fn from_str(text: &str) -> Result<Network, String> {
-        let invalid = || format!("{text:?} is not a network in CIDR form (10.0.0.0/8)");
+impl FromStr for Network {
+    type Err = NetworkError;
+
+    fn from_str(text: &str) -> Result<Network, NetworkError> {
+        let invalid = || NetworkError(text.to_string());
         let (addr, prefix) = text.split_once('/').ok_or_else(invalid)?;
         let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
         let prefix: u8 = prefix.parse().map_err(|_| invalid())?;

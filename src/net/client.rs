@@ -4,7 +4,8 @@
 //!
 //! One client per rule: `with_rule` makes a client with the same TLS set-up and resolver and
 //! its own pool, for an upstream that may reach internal networks. Only transport lives here.
-//! Registry semantics (auth, redirects, status mapping) are in `upstream`.
+//! Registry semantics (auth, redirects, status mapping) are in `upstream`, which turns a
+//! `SendError` into its own error.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,8 +26,43 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::address::AddressRule;
 use super::connect::{self, Guarded, Resolver};
-use super::UpstreamError;
 use crate::config::ClientConfig;
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("client.ca_file {}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("client.ca_file {}: {source}", path.display())]
+    CaCertificate {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client.ca_file {}: no certificates", path.display())]
+    NoCertificates { path: std::path::PathBuf },
+    #[error("TLS setup: {0}")]
+    Tls(#[source] rustls::Error),
+}
+
+/// Why a request got no response head. The text carries hyper's whole cause chain (the useful
+/// cause, refused, TLS or DNS, sits several sources deep), so it is not repeated as a source.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("timed out: no response to {target}")]
+    Timeout { target: String },
+    /// The address rule refused the address; nothing was dialled.
+    #[error("refused by the address rule: {target}: {chain}")]
+    Refused { target: String, chain: String },
+    #[error("cannot connect: {target}: {chain}")]
+    Connect { target: String, chain: String },
+    #[error("protocol error: {target}: {chain}")]
+    Protocol { target: String, chain: String },
+}
 
 #[derive(Clone)]
 pub struct HttpClient {
@@ -45,12 +81,15 @@ struct Setup {
 
 impl HttpClient {
     /// A client for public addresses only, certificates always verified, the system resolver.
-    pub fn new(config: &ClientConfig) -> Result<HttpClient, String> {
+    pub fn new(config: &ClientConfig) -> Result<HttpClient, ClientError> {
         HttpClient::with_resolver(config, connect::system_resolver())
     }
 
     /// `new`, resolving names with `resolver`.
-    pub fn with_resolver(config: &ClientConfig, resolver: Resolver) -> Result<HttpClient, String> {
+    pub fn with_resolver(
+        config: &ClientConfig,
+        resolver: Resolver,
+    ) -> Result<HttpClient, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
@@ -59,7 +98,7 @@ impl HttpClient {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(ClientError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         HttpClient::build(config, tls, resolver, AddressRule::public_only())
@@ -67,12 +106,15 @@ impl HttpClient {
 
     /// The client for upstreams with `insecure = true` only: any certificate is accepted.
     /// Signatures are still checked, so the peer holds the key of the certificate it showed.
-    pub fn new_insecure(config: &ClientConfig, resolver: Resolver) -> Result<HttpClient, String> {
+    pub fn new_insecure(
+        config: &ClientConfig,
+        resolver: Resolver,
+    ) -> Result<HttpClient, ClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = Arc::new(AnyCertificate(Arc::clone(&provider)));
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(ClientError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
@@ -101,7 +143,7 @@ impl HttpClient {
         tls: rustls::ClientConfig,
         resolver: Resolver,
         rule: AddressRule,
-    ) -> Result<HttpClient, String> {
+    ) -> Result<HttpClient, ClientError> {
         let mut guarded = Guarded::new(Arc::clone(&resolver), rule.clone());
         let http = guarded.tcp();
         http.enforce_http(false);
@@ -134,42 +176,45 @@ impl HttpClient {
     pub async fn send(
         &self,
         request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, SendError> {
         let target = format!("{} {}", request.method(), redact_query(request.uri()));
         match tokio::time::timeout(self.response_timeout, self.inner.request(request)).await {
-            Err(_) => Err(UpstreamError::Timeout(format!("no response to {target}"))),
-            Ok(Err(err)) if connect::refusal(&err).is_some() => Err(UpstreamError::Refused(
-                format!("{target}: {}", error_chain(&err)),
-            )),
-            Ok(Err(err)) if err.is_connect() => Err(UpstreamError::Connect(format!(
-                "{target}: {}",
-                error_chain(&err)
-            ))),
-            Ok(Err(err)) => Err(UpstreamError::Protocol(format!(
-                "{target}: {}",
-                error_chain(&err)
-            ))),
+            Err(_) => Err(SendError::Timeout { target }),
+            Ok(Err(err)) => {
+                let chain = error_chain(&err);
+                Err(if connect::refusal(&err).is_some() {
+                    SendError::Refused { target, chain }
+                } else if err.is_connect() {
+                    SendError::Connect { target, chain }
+                } else {
+                    SendError::Protocol { target, chain }
+                })
+            }
             Ok(Ok(response)) => Ok(response),
         }
     }
 }
 
-fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("client.ca_file {}: {e}", path.display()))?;
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), ClientError> {
+    let ca_file = |source| ClientError::CaFile {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut added = 0;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("client.ca_file {}: {e}", path.display()))?;
+    for cert in CertificateDer::pem_file_iter(path).map_err(ca_file)? {
+        let cert = cert.map_err(ca_file)?;
         roots
             .add(cert)
-            .map_err(|e| format!("client.ca_file {}: {e}", path.display()))?;
+            .map_err(|source| ClientError::CaCertificate {
+                path: path.to_path_buf(),
+                source,
+            })?;
         added += 1;
     }
     if added == 0 {
-        return Err(format!(
-            "client.ca_file {}: no certificates",
-            path.display()
-        ));
+        return Err(ClientError::NoCertificates {
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }

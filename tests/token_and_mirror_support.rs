@@ -1,6 +1,7 @@
-//! Checks the second half of the test support, with no berth in the loop: the registry under
-//! token auth with the in-process token server (challenges, grants, refusals, expiry), and
-//! containerd pulling through a `hosts.toml` mirror.
+//! Checks the token and mirror pieces of the test support, with no berth in the loop: the
+//! registry under token auth with the in-process token server (challenges, grants, refusals,
+//! expiry), and containerd pulling through a `hosts.toml` mirror. tests/registry_support.rs
+//! checks the rest (registry, images, tap, faults).
 //!
 //! Does not test berth. If one of these fails, every berth test built on these pieces is suspect.
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::Value;
 use support::client::{fetch, request, Fetched};
+use support::stack::registry_with;
 use support::token::SERVICE;
 use support::*;
 
@@ -250,12 +252,8 @@ fn challenge_parser_reads_what_distribution_writes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn containerd_pulls_through_a_hosts_toml_mirror_and_sends_ns() {
-    let registry = Registry::start(Auth::None).await;
-    let tap = Tap::start(&registry.url()).await;
     let image = Image::random(Flavor::Oci, 51, &[64 << 10, 256 << 10]);
-    push_image(&registry.url(), "smoke/app", "v1", &image, None)
-        .await
-        .unwrap();
+    let (_registry, tap) = registry_with(&image, "smoke/app", "v1").await;
     let containerd = Containerd::start().await;
     let hosts = HostsDir::new();
     hosts.mirror("mirror.test", &tap.url(), None);

@@ -1,0 +1,292 @@
+//! Single-flight fills: one upstream fetch per missing blob, streamed to every client that asks
+//! while it runs.
+//!
+//! A fill owns a temp file. The upstream body is hashed and appended to it on the blocking pool,
+//! and each appended length is published on a `watch` channel. Every client, the first one
+//! included, is a reader of that file up to the published length (`cache::reader`), so a client
+//! that joins late starts at byte 0 from disk and no one waits for the fill to finish. When the
+//! body ends, the digest and length are checked: a match is fsynced, renamed into the store and
+//! indexed; anything else fails every reader (their bodies end in an error) and leaves nothing
+//! behind. The fill runs in its own task, so it completes even if every client goes away.
+//! Deciding whether to fill (the lookup) is the caller's job.
+//!
+//! A fill is keyed by upstream and digest: only requests routed to the same upstream join it,
+//! so a slow or hostile upstream's fill never holds (or fails) the clients of another one.
+//!
+//! Faults, and what a fill does about them:
+//! - The upstream body fails mid-way (cut, stalled past `client.read_timeout`, protocol error):
+//!   the fill asks again with `Range: bytes=<received>-` (a 206 continues the same file and the
+//!   same hasher, so verification still covers the whole blob; a 200 has its first bytes
+//!   skipped), with jittered backoff, at most `MAX_RESUMES` times. Readers just wait.
+//! - The disk fails (ENOSPC, EIO): the temp file is unlinked, the rest of the blob goes to
+//!   readers through an in-memory window (`cache::spill`), it is still verified, and nothing is
+//!   cached; `berth_disk_errors_total` rises.
+//! - The upstream body trickles (slower than `client.min_fill_rate` over `client.min_fill_window`,
+//!   yet never silent for `read_timeout`): abandoned and resumed as after a stall, so it cannot
+//!   pin the fill or its `max_fills` slot.
+//! - The blob is too long (`limits.max_blob_size`): a longer Content-Length is refused before a
+//!   byte is written; a body without one is cut off there. A Content-Length is reserved in the
+//!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
+//!   overshoot `cache.max_size`; without room, 503 + Retry-After.
+//! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
+//!
+//! The files, in the order a fill runs: this one (joining, the running set, shutdown; and
+//! opening a cached blob), `fetch` (the phases: ask -> reserve -> open temp -> receive ->
+//! verify -> commit), `receive` (the upstream body into the write queue, paced and resumed with
+//! Range requests), `write` (the blocking writer: hasher + temp file + published length) and
+//! `error` (`FillError`, what a failed fill tells its readers; `crate::error` maps it to a
+//! response).
+
+mod fetch;
+mod receive;
+mod write;
+
+pub use crate::cache::FillError;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use crate::cache::{open_cached, Cache, Progress};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::oci::digest::Digest;
+use crate::oci::name::Repository;
+use crate::upstream::Upstream;
+
+/// What a fill fetches.
+pub struct Job {
+    pub upstream: Arc<Upstream>,
+    pub repository: Repository,
+    pub digest: Digest,
+}
+
+struct Running {
+    progress: watch::Receiver<Progress>,
+    task: AbortHandle,
+    /// Where the bytes come from: in the policy access mode only a request through the same
+    /// upstream may join (`join_own`).
+    upstream: Arc<str>,
+    repository: Repository,
+}
+
+/// A fill is shared only by requests routed to the same upstream: a request for the same digest
+/// from another upstream must not wait on (or be failed by) a slow or hostile upstream's fill.
+/// It starts its own fill, or is a hit once either one has committed the blob.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct FillKey {
+    upstream: Arc<str>,
+    digest: Digest,
+}
+
+/// The fills under way, by upstream and digest.
+pub struct Fills {
+    running: Mutex<HashMap<FillKey, Running>>,
+    /// The number of fills running, for graceful shutdown to wait on.
+    count: watch::Sender<usize>,
+    read_timeout: Duration,
+    /// `client.min_fill_rate` over `client.min_fill_window`.
+    floor: Floor,
+    /// `limits.max_blob_size` (capped by `cache.max_size`).
+    max_blob_size: u64,
+    /// `cache.min_free`, which a fill's reservation counts against.
+    min_free: Option<u64>,
+    max_fills: usize,
+    retry_after: HeaderValue,
+}
+
+/// The slowest a fill may go: at least `rate` bytes per second over each `window`.
+#[derive(Clone, Copy)]
+struct Floor {
+    rate: u64,
+    window: Duration,
+}
+
+/// A reader's handle on a fill, and whether it started the fill or joined it.
+pub struct Joined {
+    pub progress: watch::Receiver<Progress>,
+    pub coalesced: bool,
+}
+
+impl Fills {
+    pub fn new(config: &Config) -> Fills {
+        Fills {
+            running: Mutex::new(HashMap::new()),
+            count: watch::Sender::new(0),
+            read_timeout: config.client.read_timeout,
+            floor: Floor {
+                rate: config.client.min_fill_rate,
+                window: config.client.min_fill_window,
+            },
+            max_blob_size: config.max_blob_size(),
+            min_free: config.cache.min_free,
+            max_fills: config.limits.max_fills,
+            retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
+        }
+    }
+
+    /// Joins the fill of `job.digest`, starting it if none runs and the cap allows one more.
+    pub fn join(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+    ) -> Result<Joined, FillError> {
+        let joined = self.join_where(cache, metrics, job, 0, |_| true)?;
+        Ok(joined.expect("any source is accepted"))
+    }
+
+    /// Joins or starts a fill whose bytes come from `job.upstream`, for the policy access mode:
+    /// a running fill from that upstream is joined when it runs through `job.repository` or when
+    /// `held` (the repository is known to hold the digest there). `None` when the digest is
+    /// cached or is being filled from elsewhere: the caller decides again.
+    pub fn join_own(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+        held: bool,
+    ) -> Result<Option<Joined>, FillError> {
+        let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
+        self.join_where(cache, metrics, job, 0, |source| {
+            source.is_some_and(|(u, r)| *u == upstream && (held || *r == repository))
+        })
+    }
+
+    /// Starts a fill of `job.digest` ahead of any client (`prefetch`), unless it is cached or
+    /// being filled from the same upstream (`None`). Real misses keep a quarter of `max_fills`
+    /// (at least one slot): a prefetch that would take those is refused (`Busy`), never queued.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+    ) -> Result<Option<Joined>, FillError> {
+        let kept = (self.max_fills / 4).max(1);
+        self.join_where(cache, metrics, job, kept, |_| false)
+    }
+
+    /// The upstream and repository of the fill of `digest` from `upstream` under way, if any.
+    pub fn filling(&self, upstream: &Arc<str>, digest: &Digest) -> Option<(Arc<str>, Repository)> {
+        let key = FillKey {
+            upstream: Arc::clone(upstream),
+            digest: digest.clone(),
+        };
+        let running = self.running.lock().expect("fills lock");
+        let fill = running.get(&key)?;
+        Some((Arc::clone(&fill.upstream), fill.repository.clone()))
+    }
+
+    /// Joins the running fill of `job.digest` if `accept` takes its source, else serves the
+    /// cached object if `accept(None)`, else starts a fill (cap permitting, `kept` slots of it
+    /// left free for others).
+    fn join_where(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+        kept: usize,
+        accept: impl Fn(Option<(&Arc<str>, &Repository)>) -> bool,
+    ) -> Result<Option<Joined>, FillError> {
+        let key = FillKey {
+            upstream: Arc::clone(&job.upstream.name),
+            digest: job.digest.clone(),
+        };
+        let mut running = self.running.lock().expect("fills lock");
+        if let Some(fill) = running.get(&key) {
+            if !accept(Some((&fill.upstream, &fill.repository))) {
+                return Ok(None);
+            }
+            metrics.fill_followers.inc();
+            return Ok(Some(Joined {
+                progress: fill.progress.clone(),
+                coalesced: true,
+            }));
+        }
+        // A fill may have committed between the caller's index lookup and this lock.
+        if cache.index.contains(&job.digest) && !accept(None) {
+            return Ok(None);
+        }
+        if let Some(progress) = open_cached(cache, metrics, &job.digest) {
+            return Ok(Some(Joined {
+                progress,
+                coalesced: false,
+            }));
+        }
+        if running.len() + kept >= self.max_fills {
+            if kept == 0 {
+                metrics.rejected.with_label_values(&["fills"]).inc();
+            }
+            return Err(FillError::Busy {
+                retry_after: self.retry_after.clone(),
+            });
+        }
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        metrics.fills_in_flight.inc();
+        let fills = Arc::clone(self);
+        let cache = Arc::clone(cache);
+        let metrics = Arc::clone(metrics);
+        let task_key = key.clone();
+        let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
+        let task = tokio::spawn(async move {
+            let digest = job.digest.clone();
+            let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
+            if let Err(error) = outcome {
+                metrics.fills_failed.inc();
+                tracing::warn!(%digest, error = %error, "fill failed");
+                tx.send_replace(Progress::Failed(Arc::new(error)));
+            }
+            fills.finished(&task_key);
+            metrics.fills_in_flight.dec();
+        });
+        running.insert(
+            key,
+            Running {
+                progress: rx.clone(),
+                task: task.abort_handle(),
+                upstream,
+                repository,
+            },
+        );
+        self.count.send_replace(running.len());
+        Ok(Some(Joined {
+            progress: rx,
+            coalesced: false,
+        }))
+    }
+
+    fn finished(&self, key: &FillKey) {
+        let mut running = self.running.lock().expect("fills lock");
+        running.remove(key);
+        self.count.send_replace(running.len());
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.running.lock().expect("fills lock").len()
+    }
+
+    /// Waits until no fill runs (each commits or fails on its own), at most `grace`; then
+    /// aborts the rest, which deletes their temp files. For graceful shutdown.
+    pub async fn drain(&self, grace: Duration) {
+        let mut count = self.count.subscribe();
+        if tokio::time::timeout(grace, count.wait_for(|n| *n == 0))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let mut running = self.running.lock().expect("fills lock");
+        tracing::warn!(
+            fills = running.len(),
+            "fills still running after the shutdown grace period; discarding them"
+        );
+        for (_, fill) in running.drain() {
+            fill.task.abort();
+        }
+        self.count.send_replace(0);
+    }
+}

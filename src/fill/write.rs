@@ -1,0 +1,158 @@
+//! The blocking writer of a fill: queued chunks -> hasher + temp file, each new length
+//! published to the readers; a disk failure mid-way moves the rest into memory (`Spill`). Also
+//! the verdict on what was written (`verify`, pure) and the temp file's clean-up. What to fetch
+//! and what to do with the verdict is `fetch`'s.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use super::{FillError, Progress};
+use crate::cache::spill::{Spill, SPILL_WINDOW};
+use crate::oci::digest::{Digest, Verifier};
+use crate::upstream::UpstreamError;
+
+/// Bounded so a slow disk pushes back on the upstream read instead of buffering the blob.
+pub(super) const WRITE_QUEUE_CHUNKS: usize = 16;
+
+/// What the writer saw.
+pub(super) struct Written {
+    pub(super) digest: Digest,
+    pub(super) len: u64,
+    /// The disk failed mid-fill: the error, and the window the rest of the blob went through.
+    pub(super) spilled: Option<(std::io::Error, Arc<Spill>)>,
+    /// The final fsync failed: the file's contents cannot be trusted, so the fill fails.
+    pub(super) sync_error: Option<std::io::Error>,
+}
+
+/// Appends queued chunks to the file, hashing them, and publishes each new length. On a write
+/// error it unlinks the file and carries on in memory (`Spill`), so the readers still get
+/// every byte and the hash still covers the whole blob.
+pub(super) fn write_chunks(
+    file: &File,
+    path: &Path,
+    mut queue: mpsc::Receiver<Bytes>,
+    progress: &watch::Sender<Progress>,
+) -> Written {
+    let mut verifier = Verifier::new();
+    let mut written = 0u64;
+    let mut spilled: Option<(std::io::Error, Arc<Spill>)> = None;
+    let mut out = file;
+    while let Some(chunk) = queue.blocking_recv() {
+        verifier.update(&chunk);
+        if spilled.is_none() {
+            if let Err(err) = out.write_all(&chunk) {
+                // Bytes before this chunk are whole in the file; this one may be partial.
+                let _ = std::fs::remove_file(path);
+                let spill = Arc::new(Spill::new(written, SPILL_WINDOW));
+                progress.send_modify(|state| {
+                    if let Progress::Streaming { spill: slot, .. } = state {
+                        *slot = Some(Arc::clone(&spill));
+                    }
+                });
+                spilled = Some((err, spill));
+            }
+        }
+        if let Some((_, spill)) = &spilled {
+            spill.push(chunk.clone());
+        }
+        written += chunk.len() as u64;
+        progress.send_modify(|state| {
+            if let Progress::Streaming { written: w, .. } = state {
+                *w = written;
+            }
+        });
+    }
+    let sync_error = match spilled {
+        Some(_) => None,
+        None => file.sync_data().err(),
+    };
+    Written {
+        digest: verifier.finish(),
+        len: written,
+        spilled,
+        sync_error,
+    }
+}
+
+/// Deletes an uncommitted temp file when the fill ends without committing it.
+pub(super) struct TempFile(pub(super) Option<PathBuf>);
+
+impl TempFile {
+    pub(super) fn keep(mut self) -> PathBuf {
+        self.0.take().expect("temp path present until kept")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether the bytes received are the blob asked for: as long as the upstream promised (when it
+/// did) and hashing to `want`. Any other outcome fails every reader and caches nothing.
+pub(super) fn verify(
+    want: &Digest,
+    promised: Option<u64>,
+    got: &Digest,
+    len: u64,
+) -> Result<(), FillError> {
+    if promised.is_some_and(|total| total != len) {
+        let detail = format!("upstream promised {promised:?} bytes and sent {len}");
+        return Err(UpstreamError::Invalid(detail).into());
+    }
+    if got != want {
+        return Err(FillError::Mismatch {
+            want: want.clone(),
+            got: got.clone(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest_of(bytes: &[u8]) -> Digest {
+        let mut verifier = Verifier::new();
+        verifier.update(bytes);
+        verifier.finish()
+    }
+
+    #[test]
+    fn the_promised_length_and_the_digest_verify() {
+        let want = digest_of(b"blob");
+        assert!(verify(&want, Some(4), &want, 4).is_ok());
+        assert!(verify(&want, None, &want, 4).is_ok());
+    }
+
+    #[test]
+    fn fewer_or_more_bytes_than_promised_fail_as_bad_upstream_content() {
+        let want = digest_of(b"blob");
+        for len in [3, 5] {
+            let verdict = verify(&want, Some(4), &want, len);
+            assert!(
+                matches!(verdict, Err(FillError::Upstream(UpstreamError::Invalid(_)))),
+                "{verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_bytes_fail_as_a_mismatch_naming_both_digests() {
+        let (want, got) = (digest_of(b"blob"), digest_of(b"evil"));
+        let verdict = verify(&want, Some(4), &got, 4);
+        match verdict {
+            Err(FillError::Mismatch { want: w, got: g }) => assert_eq!((w, g), (want, got)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
