@@ -15,6 +15,10 @@
 //! index does not say which platform the node will ask for. Prefetching pauses for an upstream
 //! that answered 429 in the last `PAUSE_AFTER_429` or whose circuit breaker is open: the
 //! node's own requests then decide what is fetched.
+//!
+//! A manifest hit stays cheap: a manifest found complete (every blob it names cached) is
+//! remembered by digest for `COMPLETE_RECHECK` in a bounded set, and its hits within that time
+//! parse nothing. A blob evicted meanwhile is then not prefetched; the node's request fills it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cache::progress::Progress;
-use crate::cache::Cache;
+use crate::cache::{Cache, Manifest};
 use crate::config::PrefetchConfig;
 use crate::fill::{Fills, Job};
 use crate::metrics::Metrics;
@@ -36,6 +40,13 @@ use crate::upstream::Upstream;
 /// How long prefetching stays off for an upstream after it answered 429 to any request.
 pub const PAUSE_AFTER_429: Duration = Duration::from_secs(60);
 
+/// How long a manifest found complete skips the parse and the index lookups on its hits.
+const COMPLETE_RECHECK: Duration = Duration::from_secs(30);
+
+/// Most manifests remembered as complete; beyond it the least used are forgotten (and parsed
+/// again on their next hit).
+const COMPLETE_CAPACITY: u64 = 4096;
+
 /// Prefetch fills under way, by upstream and digest: whether a client has joined each.
 type Running = HashMap<(Arc<str>, Digest), bool>;
 
@@ -45,6 +56,8 @@ pub struct Prefetcher {
     /// `max_total` permits; a prefetch fill holds one until it ends.
     total: Arc<Semaphore>,
     running: Arc<Mutex<Running>>,
+    /// Image manifests whose blobs were all cached when last checked (`COMPLETE_RECHECK`).
+    complete: moka::sync::Cache<Digest, ()>,
 }
 
 /// The shared parts a prefetch needs to start fills.
@@ -60,6 +73,10 @@ impl Prefetcher {
             config: config.clone(),
             total: Arc::new(Semaphore::new(config.max_total)),
             running: Arc::new(Mutex::new(HashMap::new())),
+            complete: moka::sync::Cache::builder()
+                .max_capacity(COMPLETE_CAPACITY)
+                .time_to_live(COMPLETE_RECHECK)
+                .build(),
         }
     }
 
@@ -71,14 +88,17 @@ impl Prefetcher {
         at: Fillers<'_>,
         upstream: &Arc<Upstream>,
         repository: &Repository,
-        media_type: &str,
-        manifest: &[u8],
+        manifest: &Manifest,
     ) {
-        if !self.config.enabled || !is_image_manifest(media_type) {
+        if !self.config.enabled || !is_image_manifest(&manifest.media_type) {
             return;
         }
-        let missing = missing_blobs(at.cache, manifest);
+        if self.complete.contains_key(&manifest.digest) {
+            return;
+        }
+        let missing = missing_blobs(at.cache, &manifest.bytes);
         if missing.is_empty() {
+            self.complete.insert(manifest.digest.clone(), ());
             return;
         }
         let queue = Queue {

@@ -84,13 +84,9 @@ fn prefetch(state: &Arc<AppState>, target: &Target, manifest: &Manifest) {
         cache: &state.cache,
         metrics: &state.metrics,
     };
-    state.prefetch.manifest_served(
-        at,
-        &target.upstream,
-        &target.repository,
-        &manifest.media_type,
-        &manifest.bytes,
-    );
+    state
+        .prefetch
+        .manifest_served(at, &target.upstream, &target.repository, manifest);
 }
 
 /// A reference that is not a valid tag names a manifest no registry can hold: 404

@@ -16,6 +16,7 @@
 //! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
 //! else of the server is used, and the verification of every body is not shared with it.
 
+mod scrape;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -39,6 +40,8 @@ use crate::oci::manifest::{Descriptor, ImageManifest, Manifest, Platform, Platfo
 pub use crate::oci::reference::ImageRef;
 use crate::secrets::Credentials;
 use crate::upstream::{Auth, UpstreamError};
+use scrape::upstream_requests;
+pub use scrape::{MetricsError, UPSTREAM_REQUESTS_FAMILY};
 pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
@@ -46,10 +49,6 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.oci.image.manifest.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json";
-
-/// The metric family (by suffix) that counts berth's requests to upstream registries; see
-/// `crate::metrics` (`berth_upstream_requests_total`).
-pub const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
 
 /// Why a run could not start or finish; a failed request is counted in the report instead.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +59,8 @@ pub enum LoadError {
     Platform(#[from] PlatformError),
     #[error("{0}")]
     Client(#[source] crate::net::ClientError),
-    #[error("--metrics {url}: {why}")]
-    Metrics { url: String, why: String },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("puller panicked: {0}")]
     Panicked(#[from] tokio::task::JoinError),
 }
@@ -183,40 +182,8 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     })
 }
 
-async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, LoadError> {
-    let failed = |why: String| LoadError::Metrics {
-        url: url.to_string(),
-        why,
-    };
-    let uri: Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
-    let response = client
-        .send(
-            Request::get(uri)
-                .body(Full::default())
-                .expect("valid request"),
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    if response.status() != StatusCode::OK {
-        return Err(failed(format!("status {}", response.status())));
-    }
-    let body = Limited::new(response.into_body(), MAX_METRICS_BODY).collect();
-    let body = tokio::time::timeout(METRICS_DEADLINE, body)
-        .await
-        .map_err(|_| failed(format!("no whole answer within {METRICS_DEADLINE:?}")))?
-        .map_err(|e| failed(e.to_string()))?
-        .to_bytes();
-    let text = String::from_utf8_lossy(&body);
-    // A berth that has not fetched anything yet has no samples in the family: that is zero.
-    Ok(stats::sum_family(&text, UPSTREAM_REQUESTS_FAMILY).unwrap_or(0.0))
-}
-
 /// Manifests are small; the distribution registry refuses anything over 4 MiB.
 const MAX_MANIFEST: u64 = 4 << 20;
-
-/// Bounds on the `--metrics` scrape: a berth's exposition is a few hundred KiB at most.
-const MAX_METRICS_BODY: usize = 16 << 20;
-const METRICS_DEADLINE: Duration = Duration::from_secs(30);
 
 struct Shared {
     client: HttpClient,
