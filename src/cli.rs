@@ -237,6 +237,7 @@ pub fn load(args: LoadArgs) -> anyhow::Result<()> {
         target: args.target,
         images,
         concurrency: args.concurrency,
+        layer_concurrency: args.layer_concurrency,
         limit,
         platform: args.platform,
         request_timeout: args.timeout,

@@ -39,6 +39,8 @@
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
 //!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
+//! - `prefetch` a cold image's manifest GET starts the fills of its missing config and layers,
+//!   bounded, below real misses for `max_fills`, paused for an upstream that answers 429.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
 //!   server puts in each request; the request log line written by hand (`request_line`).
@@ -122,6 +124,7 @@ pub mod logs;
 pub mod metrics;
 pub mod net;
 pub mod oci;
+pub mod prefetch;
 pub mod probe;
 pub mod route;
 pub mod secret;
@@ -161,6 +164,8 @@ pub struct AppState {
     pub access: Access,
     /// The location's other replicas, when `[cluster]` makes this one of several.
     pub cluster: Option<Arc<cluster::Cluster>>,
+    /// Starts the fills of an image's missing blobs when its manifest is fetched.
+    pub prefetch: prefetch::Prefetcher,
     manifest_flights: api::ManifestFlights,
     revalidations: api::RevalidationFlights,
 }
@@ -233,6 +238,7 @@ impl AppState {
             metrics,
             readiness: Readiness::new(),
             access,
+            prefetch: prefetch::Prefetcher::new(&config.prefetch),
             manifest_flights: Default::default(),
             revalidations: Default::default(),
             config,

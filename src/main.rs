@@ -83,6 +83,9 @@ pub struct LoadArgs {
     /// Concurrent pullers.
     #[arg(long, short = 'c', default_value_t = 8)]
     pub concurrency: usize,
+    /// Blobs (config and layers) each puller fetches at once; containerd's default is 3.
+    #[arg(long, default_value_t = 3)]
+    pub layer_concurrency: usize,
     /// Run this long (e.g. 30s); without it, run --count pulls.
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
     pub duration: Option<std::time::Duration>,

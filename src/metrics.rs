@@ -27,6 +27,11 @@ pub(crate) const ROUTES: [&str; 7] = [
 /// for bytes that arrived from a registry for this request or a fill it joined.
 pub(crate) const SOURCES: [&str; 2] = ["cache", "upstream"];
 
+/// Why a missing blob of a manifest was not prefetched: its upstream answered 429 lately or its
+/// breaker is open, the fills left for real misses are all that remains of `limits.max_fills`,
+/// or `prefetch.max_total` prefetches run already.
+pub const PREFETCH_SKIPS: [&str; 3] = ["paused", "fills_busy", "max_total"];
+
 /// Request latencies: from a millisecond (a hit's head) to ten minutes (a multi-GiB layer's body).
 const DURATION_BUCKETS: [f64; 16] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0,
@@ -70,6 +75,13 @@ pub struct Metrics {
     pub fill_resumes: IntCounter,
     /// Requests and connections refused by a limit, by which limit.
     pub rejected: IntCounterVec,
+    /// Prefetch fills started by a manifest GET (`prefetch`), those a client's blob request
+    /// then joined, those that committed with no client joining, and blobs not prefetched, by
+    /// why (`PREFETCH_SKIPS`).
+    pub prefetch_started: IntCounter,
+    pub prefetch_joined: IntCounter,
+    pub prefetch_unjoined: IntCounter,
+    pub prefetch_skipped: IntCounterVec,
     pub connections_open: IntGauge,
     /// Objects deleted to keep the cache within `cache.max_size`, and their bytes.
     pub evictions: IntCounter,
@@ -191,6 +203,23 @@ impl Metrics {
                 "Requests or connections refused by a limit",
                 &["limit"],
             ),
+            prefetch_started: counter(
+                "berth_prefetch_started_total",
+                "Blob fills started by a manifest GET before any client asked for the blob",
+            ),
+            prefetch_joined: counter(
+                "berth_prefetch_joined_total",
+                "Prefetch fills a client's blob request joined while they ran",
+            ),
+            prefetch_unjoined: counter(
+                "berth_prefetch_completed_unjoined_total",
+                "Prefetch fills that committed without any client joining them",
+            ),
+            prefetch_skipped: counter_vec(
+                "berth_prefetch_skipped_total",
+                "Missing blobs of a manifest not prefetched, by why",
+                &["reason"],
+            ),
             connections_open: gauge("berth_connections_open", "Client connections open"),
             evictions: counter(
                 "berth_evictions_total",
@@ -250,6 +279,10 @@ impl Metrics {
             Box::new(self.disk_errors.clone()),
             Box::new(self.fill_resumes.clone()),
             Box::new(self.rejected.clone()),
+            Box::new(self.prefetch_started.clone()),
+            Box::new(self.prefetch_joined.clone()),
+            Box::new(self.prefetch_unjoined.clone()),
+            Box::new(self.prefetch_skipped.clone()),
             Box::new(self.connections_open.clone()),
             Box::new(self.evictions.clone()),
             Box::new(self.evicted_bytes.clone()),
@@ -279,6 +312,9 @@ impl Metrics {
         }
         for kind in ["blob", "manifest"] {
             self.upstream_bytes.with_label_values(&[kind]);
+        }
+        for reason in PREFETCH_SKIPS {
+            self.prefetch_skipped.with_label_values(&[reason]);
         }
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])

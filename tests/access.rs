@@ -264,6 +264,7 @@ async fn berth_load_pulls_as_a_service_account_and_reports_denied_images() {
         target: site.berth.url(),
         images: vec![berth::load::ImageRef::parse(image, None).unwrap()],
         concurrency: 2,
+        layer_concurrency: 3,
         limit: berth::load::Limit::Count(4),
         platform: "linux/amd64".into(),
         request_timeout: Duration::from_secs(60),

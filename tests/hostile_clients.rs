@@ -444,6 +444,7 @@ async fn load_bounds_what_a_target_sends() {
         target: format!("http://{}", target.addr),
         images: vec![berth::load::ImageRef::parse("evil:latest", None).unwrap()],
         concurrency: 1,
+        layer_concurrency: 3,
         limit: berth::load::Limit::Count(1),
         platform: "linux/amd64".into(),
         request_timeout: Duration::from_secs(60),

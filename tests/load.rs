@@ -20,6 +20,7 @@ fn config(target: String, image: &str, concurrency: usize, pulls: u64) -> LoadCo
         target,
         images: vec![ImageRef::parse(image, None).unwrap()],
         concurrency,
+        layer_concurrency: 3,
         limit: Limit::Count(pulls),
         platform: "linux/amd64".into(),
         request_timeout: Duration::from_secs(60),

@@ -72,7 +72,9 @@ async fn one_json_line_per_request_with_id_upstream_outcome_bytes_and_no_secrets
     let registry = Registry::start(Auth::basic("puller", PASSWORD)).await;
     let tap = Tap::start(&registry.url()).await;
     let cache = tempfile::tempdir().unwrap();
-    let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), "");
+    // Without prefetch, so the blob request below is the one that fetches (a MISS).
+    let no_prefetch = "[prefetch]\nenabled = false";
+    let config = single_upstream_config(&tap.host(), &tap.url(), cache.path(), no_prefetch);
     let config = format!("{config}username = \"puller\"\npassword = \"{PASSWORD}\"\n");
     let berth = Berth::start(&config).await;
     let image = Image::random(Flavor::Oci, 40, &[20_000]);

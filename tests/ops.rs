@@ -511,7 +511,9 @@ async fn the_admin_api_is_off_without_a_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_api_needs_the_token_and_purges_digests_and_repositories() {
-    let stack = Stack::with_config(&format!("admin_token = \"{TOKEN}\""), "").await;
+    // Without prefetch, so the cache holds exactly what the test asked for.
+    let no_prefetch = "[prefetch]\nenabled = false";
+    let stack = Stack::with_config(&format!("admin_token = \"{TOKEN}\""), no_prefetch).await;
     for token in [None, Some("wrong-token-wrong-token-wrong")] {
         let refused = admin_call(&stack, Method::GET, "/admin/stats", token).await;
         assert_eq!(refused.status, 401, "{token:?}");

@@ -358,10 +358,15 @@ async fn the_victim_still_pulls_and_after_a_restart_with_both_registries_down_as
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_upstream() {
     let site = Site::start().await;
+    // The victim's fills of its layers, which its manifest GET starts (prefetch), are held
+    // part-way at the tap.
+    site.tap
+        .inject(support::Kind::Blob, support::Fault::PauseAt(5_000));
     let manifest = site
         .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), victim())
         .await;
     assert_eq!(manifest.status, 200);
+    site.tap.wait_paused(2).await;
     // The attacker lists the layer as its own and answers HEAD 200 for it.
     let layer = site.image.layers[1].blob.clone();
     let listed = descriptor(Flavor::Oci.layer_type(), &layer);
@@ -373,9 +378,6 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
         mallory(),
     )
     .await;
-    // The victim's fill of the layer is held half-way at the tap.
-    site.tap
-        .inject_times(support::Kind::Blob, support::Fault::PauseAt(5_000), 1);
     let url = format!(
         "{}/v2/{VICTIM}/team/app/blobs/{}",
         site.berth.url(),
@@ -388,7 +390,6 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
         &[],
         Bytes::new(),
     )));
-    site.tap.wait_paused(1).await;
     let path = format!("/v2/{ATTACKER}/evil/app/blobs/{}", layer.digest);
     let fetched = site.get(&path, mallory()).await;
     assert_eq!(fetched.status, 404, "{:?}", fetched.header("x-cache"));
@@ -397,4 +398,26 @@ async fn a_fill_of_the_victims_layer_under_way_is_not_joined_through_another_ups
     let pulled = victim_pull.await.unwrap().unwrap();
     assert_eq!(pulled.body, layer.bytes);
     site.mallory_gets_nothing_of_the_victim("racing fill").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_may_not_pull_the_repository_prefetches_nothing() {
+    let site = Site::start().await;
+    site.tap.reset();
+    // Mallory asks for the victim's manifest itself: refused before anything is looked up.
+    let refused = site
+        .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), mallory())
+        .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(site.berth.state.metrics.prefetch_started.get(), 0);
+    assert!(site.tap.requests().is_empty(), "{:?}", site.tap.requests());
+    // The victim's own GET does start the fills of its image's blobs.
+    let allowed = site
+        .get(&format!("/v2/{VICTIM}/team/app/manifests/v1"), victim())
+        .await;
+    assert_eq!(allowed.status, 200);
+    let blobs = site.image.blobs().len();
+    site.tap
+        .wait_for(Method::GET, support::Kind::Blob, blobs)
+        .await;
 }

@@ -261,6 +261,9 @@ endpoint = "{url}"
         .await
         .unwrap();
     assert_eq!(fetched.status, 200);
+    // That GET started the fills of the image's config and layer (prefetch): let them arrive
+    // before the tap forgets what it saw.
+    tap.wait_for(Method::GET, Kind::Blob, 2).await;
     tap.reset();
     let theirs = format!(
         "{}/v2/other-org.registry.cpln.io/app/manifests/v1",

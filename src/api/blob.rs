@@ -107,6 +107,7 @@ async fn serve_any(
     if head {
         return head_upstream(&target, &digest).await;
     }
+    let target_upstream = Arc::clone(&target.upstream.name);
     let job = Job {
         upstream: target.upstream,
         repository: target.repository,
@@ -115,6 +116,9 @@ async fn serve_any(
     };
     let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
+        state
+            .prefetch
+            .joined(&target_upstream, &digest, &state.metrics);
         Outcome::Coalesced
     } else {
         Outcome::Miss
@@ -150,7 +154,11 @@ async fn serve_own(
             .join_own(&state.cache, &state.metrics, job, held)?
         {
             let outcome = match joined.coalesced {
-                true => Outcome::Coalesced,
+                true => {
+                    let upstream = &target.upstream.name;
+                    state.prefetch.joined(upstream, &digest, &state.metrics);
+                    Outcome::Coalesced
+                }
                 false => Outcome::Miss,
             };
             let whole_first = client.version <= Version::HTTP_10;

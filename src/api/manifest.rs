@@ -70,7 +70,23 @@ pub async fn serve(
         Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
     };
     super::holds::record_manifest(state, &holder, &manifest).await;
+    if !head {
+        prefetch(state, &holder, &manifest);
+    }
     Ok((response(&manifest, head), outcome))
+}
+
+/// A GET (never a HEAD) of an image manifest, answered after the authorize phase: the fills
+/// of its missing blobs start now, through the request's own upstream and repository.
+fn prefetch(state: &Arc<AppState>, target: &Target, manifest: &Manifest) {
+    let at = crate::prefetch::Fillers {
+        fills: &state.fills,
+        cache: &state.cache,
+        metrics: &state.metrics,
+    };
+    state
+        .prefetch
+        .manifest_served(at, &target.upstream, &target.repository, manifest);
 }
 
 /// A reference that is not a valid tag names a manifest no registry can hold: 404

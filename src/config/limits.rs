@@ -93,6 +93,9 @@ impl Default for LimitsConfig {
 
 impl Config {
     pub(super) fn validate_limits(&self) -> Result<(), ConfigError> {
+        if let Some(key) = self.prefetch.zero_count() {
+            return Err(invalid(key, "must be greater than zero"));
+        }
         let limits = &self.limits;
         let counts = [
             ("limits.max_connections", limits.max_connections),

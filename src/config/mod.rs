@@ -11,12 +11,13 @@
 //! lives, at start-up (`crate::check_config`), and name the key the same way.
 //!
 //! One file per group of sections: `cache`, `client`, `limits`, `upstream` (with `[platform]`),
-//! `access`, `secret`; `units` reads sizes and durations.
+//! `access`, `secret`, `prefetch`; `units` reads sizes and durations.
 
 mod access;
 mod cache;
 mod client;
 mod limits;
+mod prefetch;
 mod secret;
 mod units;
 mod upstream;
@@ -25,6 +26,7 @@ pub use access::{AccessConfig, AccessMode};
 pub use cache::CacheConfig;
 pub use client::ClientConfig;
 pub use limits::LimitsConfig;
+pub use prefetch::PrefetchConfig;
 pub use secret::{SecretConfig, SecretKind};
 pub use units::parse_duration;
 pub use units::UnitError;
@@ -120,6 +122,9 @@ pub struct Config {
     /// Replicas of one location acting as one cache, and the parent tier (`cluster`).
     #[serde(default)]
     pub cluster: cluster::ClusterConfig,
+    /// Fills of a cold image's blobs started by the GET of its manifest (`prefetch`).
+    #[serde(default)]
+    pub prefetch: PrefetchConfig,
 }
 
 /// PEM certificate chain and private key for serving HTTPS; re-read when either file changes.

@@ -160,7 +160,7 @@ impl Fills {
         metrics: &Arc<Metrics>,
         job: Job,
     ) -> Result<Joined, FillError> {
-        let joined = self.join_where(cache, metrics, job, |_| true)?;
+        let joined = self.join_where(cache, metrics, job, 0, |_| true)?;
         Ok(joined.expect("any source is accepted"))
     }
 
@@ -176,9 +176,22 @@ impl Fills {
         held: bool,
     ) -> Result<Option<Joined>, FillError> {
         let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
-        self.join_where(cache, metrics, job, |source| {
+        self.join_where(cache, metrics, job, 0, |source| {
             source.is_some_and(|(u, r)| *u == upstream && (held || *r == repository))
         })
+    }
+
+    /// Starts a fill of `job.digest` ahead of any client (`prefetch`), unless it is cached or
+    /// being filled from the same upstream (`None`). Real misses keep a quarter of `max_fills`
+    /// (at least one slot): a prefetch that would take those is refused (`Busy`), never queued.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+    ) -> Result<Option<Joined>, FillError> {
+        let kept = (self.max_fills / 4).max(1);
+        self.join_where(cache, metrics, job, kept, |_| false)
     }
 
     /// The upstream and repository of the fill of `digest` from `upstream` under way, if any.
@@ -193,12 +206,14 @@ impl Fills {
     }
 
     /// Joins the running fill of `job.digest` if `accept` takes its source, else serves the
-    /// cached object if `accept(None)`, else starts a fill (cap permitting).
+    /// cached object if `accept(None)`, else starts a fill (cap permitting, `kept` slots of it
+    /// left free for others).
     fn join_where(
         self: &Arc<Self>,
         cache: &Arc<Cache>,
         metrics: &Arc<Metrics>,
         job: Job,
+        kept: usize,
         accept: impl Fn(Option<(&Arc<str>, &Repository)>) -> bool,
     ) -> Result<Option<Joined>, FillError> {
         let key = FillKey {
@@ -227,9 +242,11 @@ impl Fills {
             }));
         }
         let peer_fills = || running.values().filter(|fill| fill.from_peer).count();
-        if running.len() >= self.max_fills || (job.from_peer && peer_fills() >= self.max_peer_fills)
-        {
-            metrics.rejected.with_label_values(&["fills"]).inc();
+        let peers_full = job.from_peer && peer_fills() >= self.max_peer_fills;
+        if running.len() + kept >= self.max_fills || peers_full {
+            if kept == 0 {
+                metrics.rejected.with_label_values(&["fills"]).inc();
+            }
             return Err(FillError::Busy {
                 retry_after: self.retry_after.clone(),
             });

@@ -3,7 +3,8 @@
 //!
 //! Each of N pullers repeatedly pulls an image from the list: the manifest (by tag or digest,
 //! with the Accept header a container runtime sends), the platform manifest if that was an
-//! index, then the config and every layer. Every body is hashed and checked against the digest
+//! index, then the config and every layer, `--layer-concurrency` of them at a time (3, as
+//! containerd). Every body is hashed and checked against the digest
 //! (and size) that named it, so a fast wrong answer counts as an error, not as throughput. It
 //! runs for a duration or a count of pulls and prints throughput and p50/p90/p99 per request
 //! class (`stats`). With `--metrics`, it reads the target's Prometheus text before and after and
@@ -15,6 +16,7 @@
 //! `net::HttpClient`), and image references and manifests are read by `oci`; nothing
 //! else of the server is used, and the verification of every body is not shared with it.
 
+mod scrape;
 pub(crate) mod stats;
 
 use std::path::PathBuf;
@@ -25,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -34,12 +36,13 @@ use crate::net::address::AddressRule;
 use crate::net::client::error_chain;
 use crate::net::HttpClient;
 use crate::oci::digest::{Digest, Verifier};
-use crate::oci::manifest::{ImageManifest, Manifest, Platform, PlatformError};
+use crate::oci::manifest::{Descriptor, ImageManifest, Manifest, Platform, PlatformError};
 pub use crate::oci::reference::ImageRef;
 use crate::secrets::Credentials;
 use crate::upstream::{Auth, UpstreamError};
-pub use stats::Recorder;
-pub use stats::{Class, Report};
+use scrape::upstream_requests;
+pub use scrape::{MetricsError, UPSTREAM_REQUESTS_FAMILY};
+pub use stats::{Class, Recorder, Report};
 
 /// What a container runtime accepts when it pulls (containerd sends the same four).
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -47,21 +50,17 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
     application/vnd.docker.distribution.manifest.v2+json";
 
-/// The metric family (by suffix) that counts berth's requests to upstream registries; see
-/// `crate::metrics` (`berth_upstream_requests_total`).
-pub(crate) const UPSTREAM_REQUESTS_FAMILY: &str = "upstream_requests_total";
-
 /// Why a run could not start or finish; a failed request is counted in the report instead.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("need at least one image and one puller")]
+    #[error("need at least one image, one puller and one layer at a time")]
     Nothing,
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
     #[error("{0}")]
     Client(#[source] crate::net::ClientError),
-    #[error("--metrics {url}: {why}")]
-    Metrics { url: String, why: String },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("puller panicked: {0}")]
     Panicked(#[from] tokio::task::JoinError),
 }
@@ -106,6 +105,8 @@ pub struct LoadConfig {
     pub target: String,
     pub images: Vec<ImageRef>,
     pub concurrency: usize,
+    /// Blobs one puller fetches at once (containerd: 3).
+    pub layer_concurrency: usize,
     pub limit: Limit,
     /// `os/architecture[/variant]` chosen from an index (as `berth warm` chooses).
     pub platform: String,
@@ -121,7 +122,7 @@ pub struct LoadConfig {
 
 /// Runs the load and returns what it measured.
 pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
-    if config.images.is_empty() || config.concurrency == 0 {
+    if config.images.is_empty() || config.concurrency == 0 || config.layer_concurrency == 0 {
         return Err(LoadError::Nothing);
     }
     let platform: Platform = config.platform.parse()?;
@@ -145,6 +146,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
         images: config.images,
         platform,
         timeout: config.request_timeout,
+        layer_concurrency: config.layer_concurrency,
         started: AtomicU64::new(0),
     });
     let started = Instant::now();
@@ -180,40 +182,8 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
     })
 }
 
-async fn upstream_requests(client: &HttpClient, url: &str) -> Result<f64, LoadError> {
-    let failed = |why: String| LoadError::Metrics {
-        url: url.to_string(),
-        why,
-    };
-    let uri: Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
-    let response = client
-        .send(
-            Request::get(uri)
-                .body(Full::default())
-                .expect("valid request"),
-        )
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    if response.status() != StatusCode::OK {
-        return Err(failed(format!("status {}", response.status())));
-    }
-    let body = Limited::new(response.into_body(), MAX_METRICS_BODY).collect();
-    let body = tokio::time::timeout(METRICS_DEADLINE, body)
-        .await
-        .map_err(|_| failed(format!("no whole answer within {METRICS_DEADLINE:?}")))?
-        .map_err(|e| failed(e.to_string()))?
-        .to_bytes();
-    let text = String::from_utf8_lossy(&body);
-    // A berth that has not fetched anything yet has no samples in the family: that is zero.
-    Ok(stats::sum_family(&text, UPSTREAM_REQUESTS_FAMILY).unwrap_or(0.0))
-}
-
 /// Manifests are small; the distribution registry refuses anything over 4 MiB.
 const MAX_MANIFEST: u64 = 4 << 20;
-
-/// Bounds on the `--metrics` scrape: a berth's exposition is a few hundred KiB at most.
-const MAX_METRICS_BODY: usize = 16 << 20;
-const METRICS_DEADLINE: Duration = Duration::from_secs(30);
 
 struct Shared {
     client: HttpClient,
@@ -223,6 +193,7 @@ struct Shared {
     images: Vec<ImageRef>,
     platform: Platform,
     timeout: Duration,
+    layer_concurrency: usize,
     /// Pulls claimed so far, across pullers; the count limit and the image rotation use it.
     started: AtomicU64,
 }
@@ -298,13 +269,31 @@ impl Shared {
                 return Err(());
             }
         };
-        for (class, blob) in std::iter::once((Class::Config, config))
-            .chain(layers.into_iter().map(|layer| (Class::Layer, layer)))
-        {
+        let blobs = std::iter::once((Class::Config, config))
+            .chain(layers.into_iter().map(|layer| (Class::Layer, layer)));
+        self.fetch_blobs(&name, blobs, recorder).await
+    }
+
+    /// Fetches an image's config and layers, `layer_concurrency` at a time in manifest order
+    /// (containerd's default is 3); the first failure stops the rest, as a runtime's would.
+    async fn fetch_blobs(
+        &self,
+        name: &str,
+        blobs: impl Iterator<Item = (Class, Descriptor)>,
+        recorder: &mut Recorder,
+    ) -> Result<(), ()> {
+        use futures_util::StreamExt;
+        let fetches = blobs.map(|(class, blob)| async move {
             let path = format!("{name}/blobs/{}", blob.digest);
             let (digest, size) = (Some(&blob.digest), Some(blob.size));
-            self.fetch(&name, class, &path, digest, size, recorder)
-                .await?;
+            let mut own = Recorder::default();
+            let fetched = self.fetch(name, class, &path, digest, size, &mut own).await;
+            (fetched.map(drop), own)
+        });
+        let mut running = futures_util::stream::iter(fetches).buffered(self.layer_concurrency);
+        while let Some((fetched, own)) = running.next().await {
+            recorder.merge(own);
+            fetched?;
         }
         Ok(())
     }

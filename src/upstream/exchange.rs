@@ -98,6 +98,9 @@ impl Upstream {
             let verdict = match &sent {
                 Ok((response, _)) => {
                     self.breaker.success();
+                    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                        *self.last_429.lock().expect("429 lock") = Some(std::time::Instant::now());
+                    }
                     retry::after_status(
                         method,
                         response.status(),

@@ -72,6 +72,8 @@ pub struct Upstream {
     /// Fails requests fast while the upstream is down, so clients of it do not each wait out
     /// a timeout; cached content never reaches this point.
     breaker: breaker::Breaker,
+    /// When this upstream last answered 429: prefetching (optional traffic) pauses after it.
+    last_429: std::sync::Mutex<Option<std::time::Instant>>,
     /// Extra attempts for safe retries (`retry`), and the longest `Retry-After` waited out.
     retries: u32,
     max_retry_after: Duration,
@@ -124,6 +126,7 @@ impl Upstream {
             client: shared.client_for(config, host),
             metrics: Arc::clone(&shared.metrics),
             breaker: breaker::Breaker::new(shared.breaker_threshold, shared.breaker_cooldown),
+            last_429: std::sync::Mutex::new(None),
             retries: shared.retries,
             max_retry_after: shared.max_retry_after,
         }
@@ -210,6 +213,17 @@ impl Upstream {
             .fetch(Method::GET, repository, &path, None, headers)
             .await?;
         ok_or_status(response)
+    }
+
+    /// Whether the circuit breaker is failing this upstream's requests fast right now.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Whether this upstream answered 429 (to any request) less than `within` ago.
+    pub fn rate_limited_within(&self, within: Duration) -> bool {
+        let last = *self.last_429.lock().expect("429 lock");
+        last.is_some_and(|at| at.elapsed() < within)
     }
 }
 
