@@ -219,6 +219,7 @@ impl Queue {
             repository: self.repository.clone(),
             digest: digest.clone(),
             from_peer: false,
+            prefetch: true,
         };
         // Hold the map across the start, so a client joining at once finds the entry.
         let key = (Arc::clone(&self.upstream.name), digest.clone());

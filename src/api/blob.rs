@@ -113,6 +113,7 @@ async fn serve_any(
         repository: target.repository,
         digest: digest.clone(),
         from_peer: client.from_peer,
+        prefetch: false,
     };
     let joined = state.fills.join(&state.cache, &state.metrics, job)?;
     let outcome = if joined.coalesced {
@@ -148,6 +149,7 @@ async fn serve_own(
             repository: target.repository.clone(),
             digest: digest.clone(),
             from_peer: client.from_peer,
+            prefetch: false,
         };
         if let Some(joined) = state
             .fills

@@ -187,10 +187,21 @@ impl Index {
     /// entries, the reservations of other fills and this one fit `max_size`. `None` (and
     /// nothing evicted) when the other fills' reservations alone leave no room.
     pub(crate) fn reserve(&self, size: u64) -> Option<Reservation<'_>> {
+        self.reserve_within(size, (1, 1))
+    }
+
+    /// `reserve`, but only while all reservations together stay within `numerator /
+    /// denominator` of the capacity (a prefetch leaves the rest to real misses).
+    pub(crate) fn reserve_within(
+        &self,
+        size: u64,
+        (numerator, denominator): (u64, u64),
+    ) -> Option<Reservation<'_>> {
         let needed = weight(size);
+        let limit = self.max_weight / denominator.max(1) * numerator;
         let evicted = {
             let mut entries = self.lock();
-            if entries.reserved.saturating_add(needed) > self.max_weight {
+            if entries.reserved.saturating_add(needed) > limit {
                 return None;
             }
             let evicted = self.evict_over(&mut entries, needed);
@@ -368,6 +379,23 @@ mod tests {
         assert_eq!(index.reserved(), 0);
         assert_eq!(index.weighted_bytes(), 2 * unit);
         assert!(index.get(&c).is_some());
+    }
+
+    #[test]
+    fn a_reservation_within_a_share_leaves_the_rest_to_ordinary_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let unit = unit(&store);
+        let index = Index::new(Arc::clone(&store), 4 * unit, Arc::new(Metrics::new()));
+        let half = (1, 2);
+        let prefetch = index.reserve_within(2 * unit, half).expect("half is free");
+        assert!(index.reserve_within(unit, half).is_none(), "past half");
+        let miss = index
+            .reserve(2 * unit)
+            .expect("the other half stays for real misses");
+        assert_eq!(index.reserved(), 4 * unit);
+        drop((prefetch, miss));
+        assert_eq!(index.reserved(), 0);
     }
 
     #[test]

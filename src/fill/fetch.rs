@@ -45,7 +45,7 @@ impl Fills {
         // Room for the promised bytes is held from now on, so fills running side by side
         // cannot together overshoot `max_size` or eat into `min_free`.
         let reservation = match total {
-            Some(total) => Some(self.reserve(cache, metrics, total).await?),
+            Some(total) => Some(self.reserve(cache, metrics, total, job.prefetch).await?),
             None => None,
         };
         let (temp, file) = open_temp(cache, metrics).await?;
@@ -151,6 +151,7 @@ impl Fills {
         cache: &'c Arc<Cache>,
         metrics: &Metrics,
         total: u64,
+        prefetch: bool,
     ) -> Result<Reservation<'c>, FillError> {
         let full = || {
             metrics.rejected.with_label_values(&["fills"]).inc();
@@ -158,7 +159,11 @@ impl Fills {
                 retry_after: self.retry_after.clone(),
             }
         };
-        let reservation = cache.index.reserve(total).ok_or_else(full)?;
+        let reservation = match prefetch {
+            true => cache.index.reserve_within(total, PREFETCH_ROOM),
+            false => cache.index.reserve(total),
+        };
+        let reservation = reservation.ok_or_else(full)?;
         let Some(min_free) = self.min_free else {
             return Ok(reservation);
         };
@@ -177,6 +182,10 @@ impl Fills {
         }
     }
 }
+
+/// The share of `cache.max_size` that reservations may fill when a prefetch reserves: the
+/// rest stays for real misses, which a speculative fill must never turn into "cache full".
+pub(super) const PREFETCH_ROOM: (u64, u64) = (1, 2);
 
 /// Creates the fill's temp file in the store; deleted again unless the fill commits it.
 async fn open_temp(cache: &Cache, metrics: &Metrics) -> Result<(TempFile, Arc<File>), FillError> {

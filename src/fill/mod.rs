@@ -67,6 +67,9 @@ pub struct Job {
     /// The request came from another replica of the location: fill from the upstream, never
     /// ask the ring again (an owner that disagrees about the ring fills itself).
     pub from_peer: bool,
+    /// Started ahead of any client (`prefetch`): its reservation may not take the room real
+    /// misses need (`fetch::PREFETCH_ROOM`).
+    pub prefetch: bool,
 }
 
 struct Running {
