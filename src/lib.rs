@@ -166,7 +166,7 @@ pub enum StartError {
     #[error("upstream client: {0}")]
     Client(#[source] upstream::SetupError),
     #[error("access: {0}")]
-    Access(String),
+    Access(#[source] access::FilesError),
 }
 
 impl AppState {

@@ -42,11 +42,13 @@ pub use crate::config::{AccessConfig, AccessMode};
 use crate::route::{self, Target};
 use crate::secret::Secret;
 use crate::upstream::Upstreams;
+pub use files::FilesError;
 use files::{Files, Snapshot};
 use guard::Guard;
 use holdings::Holdings;
 use policy::{ImageFacts, Permission, PrincipalLink};
 use presented::{presented, Presented};
+pub use query::QueryError;
 use token::{Claims, Clock, Grant, TokenError, TokenKey, SERVICE};
 
 /// Why a request may not go on. `error` turns it into the 401 or 403 response.
@@ -115,7 +117,7 @@ pub struct Access {
 
 impl Access {
     /// Loads the principals and policies (if configured); an error says which file is wrong.
-    pub fn open(config: &AccessConfig, platform: &PlatformConfig) -> Result<Access, String> {
+    pub fn open(config: &AccessConfig, platform: &PlatformConfig) -> Result<Access, FilesError> {
         let org = platform.org.as_deref();
         let files = match (&config.principals, &config.policies) {
             (Some(principals), Some(policies)) => Some(Files::open(
