@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use support::{error_code, image::sha256_digest};
 use support::{
     fetch, get, push_blob, push_image, random_blob, read_body, read_oci_layout, request, send,
-    skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
+    send_get, skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
 };
 use tokio::sync::Barrier;
 
@@ -131,15 +131,9 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
     stack.tap.wait_paused(1).await;
 
     // A client joining mid-fill gets its first bytes while the fill is still held upstream.
-    let late = send(request(
-        Method::GET,
-        &stack.blob_url("team/big", &blob.digest),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let late = send_get(&stack.blob_url("team/big", &blob.digest))
+        .await
+        .unwrap();
     assert_eq!(late.headers()["x-cache"], "COALESCED");
     let mut late_body = late.into_body();
     let (first, error) = read_body(&mut late_body, 1).await;
@@ -164,12 +158,7 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
     }
     let rest = late_rest.await.unwrap().unwrap();
     assert_eq!(first.len() + rest.len(), blob.len());
-    assert_eq!(
-        stack.tap.count(Method::GET, Kind::Blob),
-        1,
-        "{:#?}",
-        stack.tap.requests()
-    );
+    stack.tap.assert_count(Method::GET, Kind::Blob, 1);
     assert_eq!(outcomes.iter().filter(|o| *o == "MISS").count(), 1);
     assert_eq!(
         outcomes.iter().filter(|o| *o == "COALESCED").count(),

@@ -145,6 +145,13 @@ impl Tap {
             .count()
     }
 
+    /// Asserts that `expected` requests of this method and kind arrived, listing every request
+    /// when not.
+    #[track_caller]
+    pub fn assert_count(&self, method: Method, kind: Kind, expected: usize) {
+        assert_eq!(self.count(method, kind), expected, "{:#?}", self.requests());
+    }
+
     /// How many requests of `kind` since the last `reset` asked for a `Range` (resumes).
     pub fn count_ranged(&self, kind: Kind) -> usize {
         let seen = self.state.seen.lock().unwrap();
