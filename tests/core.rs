@@ -268,6 +268,19 @@ async fn restart_serves_cached_content_with_zero_upstream_traffic() {
     );
 }
 
+/// A GET of `url` asking for `range`.
+async fn get_range(url: &str, range: &str) -> support::Fetched {
+    fetch(request(
+        Method::GET,
+        url,
+        None,
+        &[("range", range)],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_work_on_hits_and_while_filling() {
     let stack = Stack::start("").await;
@@ -277,20 +290,11 @@ async fn ranges_work_on_hits_and_while_filling() {
     stack.tap.inject_times(Kind::Blob, Fault::PauseAt(4096), 1);
     let filling = tokio::spawn({
         let url = url.clone();
-        async move {
-            fetch(request(
-                Method::GET,
-                &url,
-                None,
-                &[("range", "bytes=100-1099")],
-                Bytes::new(),
-            ))
-            .await
-        }
+        async move { get_range(&url, "bytes=100-1099").await }
     });
     stack.tap.wait_paused(1).await;
     stack.tap.resume();
-    let partial = filling.await.unwrap().unwrap();
+    let partial = filling.await.unwrap();
     assert_eq!(partial.status, 206);
     assert_eq!(partial.body, blob.bytes.slice(100..1100));
     let total = blob.len();
@@ -299,29 +303,13 @@ async fn ranges_work_on_hits_and_while_filling() {
         format!("bytes 100-1099/{total}")
     );
 
-    let suffix = fetch(request(
-        Method::GET,
-        &url,
-        None,
-        &[("range", "bytes=-10")],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let suffix = get_range(&url, "bytes=-10").await;
     assert_eq!(suffix.status, 206);
     assert_eq!(suffix.header("x-cache"), Some("HIT"));
     assert_eq!(suffix.body, blob.bytes.slice(total - 10..));
 
     let beyond = format!("bytes={total}-");
-    let unsatisfiable = fetch(request(
-        Method::GET,
-        &url,
-        None,
-        &[("range", &beyond)],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let unsatisfiable = get_range(&url, &beyond).await;
     assert_eq!(unsatisfiable.status, 416);
     assert_eq!(
         unsatisfiable.header("content-range").unwrap(),
