@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The parts: `config` (the `[access]` keys), `policy` (parse and evaluate policies; `query`,
-//! their query language), `principals` (accounts, keys, groups), `files` (both, reloaded on
+//! their query language; `policy_error`, what is wrong in one), `principals` (accounts, keys, groups), `files` (both, reloaded on
 //! change), `token` (JWTs and their clock), `guard` (slowing down repeated failures),
 //! `holdings` (the rule for serving cached content: provenance and holders) and `report` (who
 //! may do what to an image). This file holds the state that ties them to requests; the
@@ -24,6 +24,7 @@ pub(crate) mod files;
 pub(crate) mod guard;
 pub mod holdings;
 pub mod policy;
+mod policy_error;
 mod presented;
 pub mod principals;
 pub(crate) mod query;

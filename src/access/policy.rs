@@ -21,10 +21,11 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use super::policy_error::{PolicyError, RuleError};
 pub use super::query::Query;
-use super::query::{parse_query, QueryError, RawQuery};
+use super::query::{parse_query, RawQuery};
 pub use super::query::{ImageFacts, Term};
-use crate::oci::name::{NameError, Repository, Tag};
+use crate::oci::name::{Repository, Tag};
 
 /// The permissions of the platform's `image` kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -312,43 +313,6 @@ pub fn binds(link: &PrincipalLink, principal: &PrincipalLink, groups: &[&str]) -
         PrincipalLink::Group(group) => groups.contains(&group.as_str()),
         other => other == principal,
     }
-}
-
-/// Why a policy file does not load: the file's JSON, or one policy in it (named).
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
-    #[error("policy {file}: {source}")]
-    Json {
-        file: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("policy {file}: a list without items")]
-    NoItems { file: String },
-    #[error("policy {file}: {policy:?}: {source}")]
-    Rule {
-        file: String,
-        policy: String,
-        #[source]
-        source: RuleError,
-    },
-}
-
-/// What is wrong in one policy (its target or a binding) or in one principal link.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RuleError {
-    /// The message names the offending value.
-    #[error("{0}")]
-    Invalid(String),
-    /// A target link's repository or tag; `link` is the whole link as written.
-    #[error("{link:?}: {source}")]
-    Name {
-        link: String,
-        #[source]
-        source: NameError,
-    },
-    #[error(transparent)]
-    Query(#[from] QueryError),
 }
 
 /// The platform's policy object; fields berth does not use (`id`, `tags`, `links`, ...) are
