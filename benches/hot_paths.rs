@@ -9,9 +9,9 @@ use std::hint::black_box;
 use std::io::Write;
 use std::sync::Arc;
 
-use berth::cache::store::{Kind, Store};
+use berth::cache::store::Kind;
+use berth::cache::Entry;
 use berth::cache::Progress;
-use berth::cache::{Entry, Index};
 use berth::config::Config;
 use berth::oci::digest::{Digest, Verifier};
 use berth::oci::name::split_api_path;
@@ -19,6 +19,9 @@ use berth::upstream::Upstreams;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
+
+#[path = "shared/index.rs"]
+mod shared;
 
 /// The chunk size hyper hands the fill for an upstream body on loopback, roughly.
 const STREAM_CHUNK: usize = 64 * 1024;
@@ -127,13 +130,7 @@ async fn fan_out(dir: &std::path::Path, data: &[u8], readers: usize) {
 
 fn index_lookups(c: &mut Criterion) {
     const ENTRIES: usize = 100_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let index = Index::new(
-        store,
-        u64::MAX / 2,
-        Arc::new(berth::metrics::Metrics::new()),
-    );
+    let (_dir, index) = shared::unbounded_index();
     let digests: Vec<Digest> = (0..ENTRIES as u64)
         .map(|n| Digest::of(&n.to_le_bytes()))
         .collect();

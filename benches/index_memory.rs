@@ -8,11 +8,13 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::Arc;
 
-use berth::cache::store::{Kind, Store};
-use berth::cache::{Entry, Index};
+use berth::cache::store::Kind;
+use berth::cache::Entry;
 use berth::oci::digest::Digest;
+
+#[path = "shared/index.rs"]
+mod shared;
 
 struct Counting;
 
@@ -60,13 +62,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let index = Index::new(
-        store,
-        u64::MAX / 2,
-        Arc::new(berth::metrics::Metrics::new()),
-    );
+    let (_dir, index) = shared::unbounded_index();
     let heap_before = LIVE.load(Ordering::Relaxed);
     let rss_before = rss_kib();
     for n in 0..entries {

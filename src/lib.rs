@@ -179,7 +179,7 @@ pub enum StartError {
     #[error("upstream client: {0}")]
     Client(#[source] upstream::SetupError),
     #[error("access: {0}")]
-    Access(String),
+    Access(#[source] access::FilesError),
     #[error("{0}")]
     Cluster(#[from] cluster::ClusterError),
 }

@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use support::{error_code, image::sha256_digest};
 use support::{
     fetch, get, push_blob, push_image, random_blob, read_body, read_oci_layout, request, send,
-    skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
+    send_get, skopeo_copy_ok, Fault, Flavor, Image, Kind, Stack,
 };
 use tokio::sync::Barrier;
 
@@ -131,15 +131,9 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
     stack.tap.wait_paused(1).await;
 
     // A client joining mid-fill gets its first bytes while the fill is still held upstream.
-    let late = send(request(
-        Method::GET,
-        &stack.blob_url("team/big", &blob.digest),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let late = send_get(&stack.blob_url("team/big", &blob.digest))
+        .await
+        .unwrap();
     assert_eq!(late.headers()["x-cache"], "COALESCED");
     let mut late_body = late.into_body();
     let (first, error) = read_body(&mut late_body, 1).await;
@@ -164,12 +158,7 @@ async fn coalesces_concurrent_misses_into_one_upstream_fetch() {
     }
     let rest = late_rest.await.unwrap().unwrap();
     assert_eq!(first.len() + rest.len(), blob.len());
-    assert_eq!(
-        stack.tap.count(Method::GET, Kind::Blob),
-        1,
-        "{:#?}",
-        stack.tap.requests()
-    );
+    stack.tap.assert_count(Method::GET, Kind::Blob, 1);
     assert_eq!(outcomes.iter().filter(|o| *o == "MISS").count(), 1);
     assert_eq!(
         outcomes.iter().filter(|o| *o == "COALESCED").count(),
@@ -279,6 +268,19 @@ async fn restart_serves_cached_content_with_zero_upstream_traffic() {
     );
 }
 
+/// A GET of `url` asking for `range`.
+async fn get_range(url: &str, range: &str) -> support::Fetched {
+    fetch(request(
+        Method::GET,
+        url,
+        None,
+        &[("range", range)],
+        Bytes::new(),
+    ))
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ranges_work_on_hits_and_while_filling() {
     let stack = Stack::start("").await;
@@ -288,20 +290,11 @@ async fn ranges_work_on_hits_and_while_filling() {
     stack.tap.inject_times(Kind::Blob, Fault::PauseAt(4096), 1);
     let filling = tokio::spawn({
         let url = url.clone();
-        async move {
-            fetch(request(
-                Method::GET,
-                &url,
-                None,
-                &[("range", "bytes=100-1099")],
-                Bytes::new(),
-            ))
-            .await
-        }
+        async move { get_range(&url, "bytes=100-1099").await }
     });
     stack.tap.wait_paused(1).await;
     stack.tap.resume();
-    let partial = filling.await.unwrap().unwrap();
+    let partial = filling.await.unwrap();
     assert_eq!(partial.status, 206);
     assert_eq!(partial.body, blob.bytes.slice(100..1100));
     let total = blob.len();
@@ -310,29 +303,13 @@ async fn ranges_work_on_hits_and_while_filling() {
         format!("bytes 100-1099/{total}")
     );
 
-    let suffix = fetch(request(
-        Method::GET,
-        &url,
-        None,
-        &[("range", "bytes=-10")],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let suffix = get_range(&url, "bytes=-10").await;
     assert_eq!(suffix.status, 206);
     assert_eq!(suffix.header("x-cache"), Some("HIT"));
     assert_eq!(suffix.body, blob.bytes.slice(total - 10..));
 
     let beyond = format!("bytes={total}-");
-    let unsatisfiable = fetch(request(
-        Method::GET,
-        &url,
-        None,
-        &[("range", &beyond)],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let unsatisfiable = get_range(&url, &beyond).await;
     assert_eq!(unsatisfiable.status, 416);
     assert_eq!(
         unsatisfiable.header("content-range").unwrap(),

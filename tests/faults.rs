@@ -16,8 +16,8 @@ use http_body_util::BodyExt;
 use sha2::{Digest as _, Sha256};
 use support::error_code;
 use support::{
-    fetch, get, push_blob, random_blob, read_body, request, send, single_upstream_config, Auth,
-    Berth, BerthProcess, Blob, Fault, Kind, Registry, Stack, Tap,
+    fetch, get, push_blob, random_blob, read_body, request, send, send_get, single_upstream_config,
+    Auth, Berth, BerthProcess, Blob, Fault, Kind, Registry, Stack, Tap,
 };
 
 fn blob_url(base: &str, repo: &str, digest: &str) -> String {
@@ -70,21 +70,8 @@ async fn a_cut_fill_resumes_from_the_byte_it_reached_and_every_client_gets_the_w
         .push_faulted(3_000_000, 1, Fault::CutBlobAt(1_234_567))
         .await;
 
-    let first = send(request(
-        Method::GET,
-        &stack.url(&blob),
-        None,
-        &[],
-        Bytes::new(),
-    ));
-    let second = send(request(
-        Method::GET,
-        &stack.url(&blob),
-        None,
-        &[],
-        Bytes::new(),
-    ));
-    let (first, second) = tokio::join!(first, second);
+    let url = stack.url(&blob);
+    let (first, second) = tokio::join!(send_get(&url), send_get(&url));
     for response in [first.unwrap(), second.unwrap()] {
         assert_eq!(response.status(), 200);
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -162,13 +149,8 @@ async fn a_short_429_is_retried_but_a_long_one_and_a_404_go_to_the_client() {
 async fn a_dead_upstream_opens_the_breaker_while_cached_content_is_still_served() {
     // berth talks to the real registry directly, so stopping it means connection refused.
     let mut registry = Registry::start(Auth::None).await;
-    let cached = random_blob(200_000, 6);
-    let uncached = random_blob(1_000, 7);
-    for blob in [&cached, &uncached] {
-        push_blob(&registry.url(), "team/app", blob, None)
-            .await
-            .unwrap();
-    }
+    let cached = push_random(&registry, 200_000, 6).await;
+    let uncached = push_random(&registry, 1_000, 7).await;
     let cache = tempfile::tempdir().unwrap();
     let extra = "[client]\nretries = 1\nbreaker_threshold = 2\nbreaker_cooldown = \"1h\"";
     let config = single_upstream_config(&registry.host(), &registry.url(), cache.path(), extra);
@@ -241,16 +223,15 @@ async fn a_full_disk_during_a_fill_passes_the_blob_through_and_caches_nothing() 
     let disk = SmallDisk::mount("2m");
     let registry = Registry::start(Auth::None).await;
     let tap = Tap::start(&registry.url()).await;
-    let big = random_blob(6_000_000, 8);
-    let small = random_blob(100_000, 9);
-    for blob in [&big, &small] {
-        push_blob(&registry.url(), "team/app", blob, None)
-            .await
-            .unwrap();
-    }
+    let big = push_random(&registry, 6_000_000, 8).await;
+    let small = push_random(&registry, 100_000, 9).await;
     let cache = disk.path().join("cache");
     let berth = Berth::with_upstream(&tap.host(), &tap.url(), &cache).await;
     let url = |blob: &Blob| blob_url(&berth.url(), "team/app", &blob.digest);
+    let indexed = |blob: &Blob| {
+        let digest = blob.digest.parse().unwrap();
+        berth.state.cache.index.get(&digest).is_some()
+    };
 
     // Two clients, so one of them reads the part past the disk failure from the memory window.
     let big_url = url(&big);
@@ -266,24 +247,24 @@ async fn a_full_disk_during_a_fill_passes_the_blob_through_and_caches_nothing() 
         Vec::<PathBuf>::new(),
         "nothing half-written remains"
     );
-    assert!(berth
-        .state
-        .cache
-        .index
-        .get(&big.digest.parse().unwrap())
-        .is_none());
+    assert!(!indexed(&big));
     assert!(metrics.render().contains("berth_disk_errors_total 1"));
 
     // The space came back: a blob that fits is cached as usual.
     assert_eq!(get(&url(&small), None).await.unwrap().status, 200);
-    assert!(berth
-        .state
-        .cache
-        .index
-        .get(&small.digest.parse().unwrap())
-        .is_some());
+    assert!(indexed(&small));
     assert_eq!(assert_blobs_hash_to_their_names(&cache), 1);
     berth.stop().await;
+}
+
+/// The next pull of `blob` misses the cache and fetches it whole with one upstream GET.
+async fn assert_refetched(stack: &Stack, blob: &Blob) {
+    stack.tap.reset();
+    let again = get(&stack.url(blob), None).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("x-cache"), Some("MISS"));
+    assert!(again.body == blob.bytes);
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -293,15 +274,7 @@ async fn a_read_error_on_a_cached_blob_drops_it_and_the_next_pull_refetches() {
     assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
     let path = stack.cached_path(&blob);
 
-    let response = send(request(
-        Method::GET,
-        &stack.url(&blob),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let response = send_get(&stack.url(&blob)).await.unwrap();
     assert_eq!(response.headers()["x-cache"], "HIT");
     let mut body = response.into_body();
     let (head, _) = read_body(&mut body, 1).await;
@@ -329,12 +302,7 @@ async fn a_read_error_on_a_cached_blob_drops_it_and_the_next_pull_refetches() {
     assert!(!path.exists(), "the unreadable file is deleted");
     assert!(stack.berth.state.metrics.disk_errors.get() >= 1);
 
-    stack.tap.reset();
-    let again = get(&stack.url(&blob), None).await.unwrap();
-    assert_eq!(again.status, 200);
-    assert_eq!(again.header("x-cache"), Some("MISS"));
-    assert!(again.body == blob.bytes);
-    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
+    assert_refetched(&stack, &blob).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -344,12 +312,7 @@ async fn a_cached_blob_truncated_on_disk_is_refetched_not_served() {
     assert_eq!(get(&stack.url(&blob), None).await.unwrap().status, 200);
     let path = stack.cached_path(&blob);
     std::fs::write(&path, &blob.bytes[..1000]).unwrap();
-    stack.tap.reset();
-    let again = get(&stack.url(&blob), None).await.unwrap();
-    assert_eq!(again.status, 200);
-    assert_eq!(again.header("x-cache"), Some("MISS"));
-    assert!(again.body == blob.bytes);
-    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
+    assert_refetched(&stack, &blob).await;
 }
 
 // ---- crash safety and shutdown -------------------------------------------------------------
@@ -461,24 +424,16 @@ async fn sigkill_mid_fill_never_leaves_a_partial_blob_to_serve() {
             1 + round as usize
         );
         setup.tap.reset();
-        let hit = get(&blob_url(&berth.url(), "team/app", &done.digest), None)
-            .await
-            .unwrap();
-        assert_eq!(
-            hit.header("x-cache"),
-            Some("HIT"),
-            "the index matches the disk"
-        );
-        assert!(hit.body == done.bytes);
-        let pulled = get(&blob_url(&berth.url(), "team/app", &blob.digest), None)
-            .await
-            .unwrap();
-        assert_eq!(
-            pulled.header("x-cache"),
-            Some("MISS"),
-            "the half fill was not kept"
-        );
-        assert!(pulled.body == blob.bytes);
+        let expected = [
+            (&done, "HIT", "the index matches the disk"),
+            (&blob, "MISS", "the half fill was not kept"),
+        ];
+        for (wanted, x_cache, why) in expected {
+            let url = blob_url(&berth.url(), "team/app", &wanted.digest);
+            let pulled = get(&url, None).await.unwrap();
+            assert_eq!(pulled.header("x-cache"), Some(x_cache), "{why}");
+            assert!(pulled.body == wanted.bytes);
+        }
         assert_eq!(setup.tap.count(Method::GET, Kind::Blob), 1);
     }
     setup.tap.resume();

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Method;
 use support::image::sha256_digest;
 use support::{
-    fetch, get, push_blob, push_image, random_blob, read_body, request, send, Berth, Fault,
+    fetch, get, push_blob, push_image, random_blob, read_body, request, send_get, Berth, Fault,
     Fetched, Flavor, Image, Kind, Stack,
 };
 
@@ -263,15 +263,7 @@ async fn the_cache_stays_within_max_size_and_evicts_the_least_recently_used() {
 
     // A client that starts reading blob 0 before it is evicted reads it to the end.
     get(&url(&blobs[0]), None).await.unwrap();
-    let reader = send(request(
-        Method::GET,
-        &url(&blobs[0]),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let reader = send_get(&url(&blobs[0])).await.unwrap();
     let mut body = reader.into_body();
     let (head, _) = read_body(&mut body, 1).await;
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use support::{
-    fetch, get, push_blob, random_blob, read_body, request, send, Auth, Berth, Blob, Fault, Kind,
-    Registry, Tap,
+    fetch, get, push_blob, random_blob, read_body, request, send, send_get, Auth, Berth, Blob,
+    Fault, Kind, Registry, Tap,
 };
 
 /// A real registry, reachable by berth as `honest.test` directly and as `hostile.test` through a
@@ -87,15 +87,7 @@ async fn a_hostile_upstreams_stalled_fill_is_not_joined_by_clients_of_another_up
 
     // The hostile upstream sends 100,000 bytes and then holds the rest of its fill.
     two.tap.inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
-    let held = send(request(
-        Method::GET,
-        &two.url(&blob, "hostile.test"),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let held = send_get(&two.url(&blob, "hostile.test")).await.unwrap();
     two.tap.wait_paused(1).await;
 
     // A client of the honest upstream asks for the same digest meanwhile: its own fill.
@@ -182,15 +174,9 @@ async fn fills_running_side_by_side_cannot_overshoot_max_size() {
     stack
         .tap
         .inject_times(Kind::Blob, Fault::PauseAt(100_000), 1);
-    let held = send(request(
-        Method::GET,
-        &stack.blob_url("team/app", &first.digest),
-        None,
-        &[],
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let held = send_get(&stack.blob_url("team/app", &first.digest))
+        .await
+        .unwrap();
     stack.tap.wait_paused(1).await;
     let refused = get(&stack.blob_url("team/app", &second.digest), None)
         .await

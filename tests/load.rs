@@ -100,18 +100,8 @@ async fn pulls_whole_index_images_through_berth_and_each_object_is_fetched_upstr
     );
     // Six pulls of one image cost one upstream GET per object: config and layers once each,
     // the index and the platform manifest once each, and no version check before each call.
-    assert_eq!(
-        tap.count(Method::GET, Kind::Blob),
-        1 + amd64.layers.len(),
-        "{:#?}",
-        tap.requests()
-    );
-    assert_eq!(
-        tap.count(Method::GET, Kind::Manifest),
-        2,
-        "{:#?}",
-        tap.requests()
-    );
+    tap.assert_count(Method::GET, Kind::Blob, 1 + amd64.layers.len());
+    tap.assert_count(Method::GET, Kind::Manifest, 2);
     assert!(
         tap.count(Method::GET, Kind::Other) <= 1,
         "{:#?}",

@@ -55,6 +55,14 @@ impl Scrape {
             .sum()
     }
 
+    /// Asserts each unlabelled family's value, naming the family that differs.
+    #[track_caller]
+    fn assert_values(&self, expected: &[(&str, f64)]) {
+        for (name, value) in expected {
+            assert_eq!(self.value(name, &[]), *value, "{name}");
+        }
+    }
+
     fn samples(&self) -> impl Iterator<Item = (String, HashMap<String, String>, f64)> + '_ {
         self.0
             .lines()
@@ -233,11 +241,13 @@ async fn a_digest_mismatch_is_counted_and_nothing_is_cached() {
     assert!(get(&url, None).await.is_err(), "the body must fail");
 
     let scrape = stack.scrape().await;
-    assert_eq!(scrape.value("berth_digest_mismatches_total", &[]), 1.0);
-    assert_eq!(scrape.value("berth_fills_failed_total", &[]), 1.0);
-    assert_eq!(scrape.value("berth_fills_completed_total", &[]), 0.0);
-    assert_eq!(scrape.value("berth_cache_entries", &[]), 0.0);
-    assert_eq!(scrape.value("berth_cache_disk_bytes", &[]), 0.0);
+    scrape.assert_values(&[
+        ("berth_digest_mismatches_total", 1.0),
+        ("berth_fills_failed_total", 1.0),
+        ("berth_fills_completed_total", 0.0),
+        ("berth_cache_entries", 0.0),
+        ("berth_cache_disk_bytes", 0.0),
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -254,11 +264,13 @@ async fn an_eviction_is_counted_with_its_bytes_and_disk_use_follows() {
         assert_eq!(fetched.header("x-cache"), Some("MISS"));
     }
     let scrape = stack.scrape().await;
-    assert_eq!(scrape.value("berth_evictions_total", &[]), 1.0);
-    assert_eq!(scrape.value("berth_evicted_bytes_total", &[]), 400_000.0);
-    assert_eq!(scrape.value("berth_cache_disk_bytes", &[]), 800_000.0);
-    assert_eq!(scrape.value("berth_cache_entries", &[]), 2.0);
-    assert_eq!(scrape.value("berth_cache_max_bytes", &[]), 1048576.0);
+    scrape.assert_values(&[
+        ("berth_evictions_total", 1.0),
+        ("berth_evicted_bytes_total", 400_000.0),
+        ("berth_cache_disk_bytes", 800_000.0),
+        ("berth_cache_entries", 2.0),
+        ("berth_cache_max_bytes", 1048576.0),
+    ]);
     assert!(scrape.value("berth_cache_filesystem_size_bytes", &[]) > 0.0);
     let oldest = get(&stack.blob_url("team/app", &blobs[0].digest), None)
         .await
@@ -590,20 +602,12 @@ async fn the_admin_api_needs_the_token_and_purges_digests_and_repositories() {
         manifests_before + 1
     );
 
-    let bad = admin_call(
-        &stack,
-        Method::DELETE,
+    // A malformed digest, and a repository of no configured upstream.
+    for path in [
         "/admin/digests/sha256:12",
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(bad.status, 400);
-    let unknown = admin_call(
-        &stack,
-        Method::DELETE,
         "/admin/repositories/elsewhere.example.com/x",
-        Some(TOKEN),
-    )
-    .await;
-    assert_eq!(unknown.status, 400);
+    ] {
+        let refused = admin_call(&stack, Method::DELETE, path, Some(TOKEN)).await;
+        assert_eq!(refused.status, 400, "{path}");
+    }
 }

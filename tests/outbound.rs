@@ -209,16 +209,17 @@ async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_al
         )
     };
     let accept = [("accept", Flavor::Oci.manifest_type())];
+    let get = |berth: &Berth| {
+        fetch(request(
+            Method::GET,
+            &url(berth),
+            None,
+            &accept,
+            Bytes::new(),
+        ))
+    };
     let berth = Berth::start_with_resolver(&config(""), Arc::clone(&resolver)).await;
-    let refused = fetch(request(
-        Method::GET,
-        &url(&berth),
-        None,
-        &accept,
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let refused = get(&berth).await.unwrap();
     assert_eq!(refused.status, 502, "{:?}", refused.body);
     assert!(tap.requests().is_empty(), "{:#?}", tap.requests());
     let body = String::from_utf8_lossy(&refused.body);
@@ -229,27 +230,24 @@ async fn a_public_name_resolving_to_loopback_is_refused_unless_its_network_is_al
 
     let allowed = "allow_networks = [\"127.0.0.0/8\"]";
     let berth = Berth::start_with_resolver(&config(allowed), resolver).await;
-    let fetched = fetch(request(
-        Method::GET,
-        &url(&berth),
-        None,
-        &accept,
-        Bytes::new(),
-    ))
-    .await
-    .unwrap();
+    let fetched = get(&berth).await.unwrap();
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.body, image.manifest.bytes);
 }
 
-fn redirect_to(location: String) -> Answer {
+/// An empty answer of `status` with one header, to every request.
+fn answer_with(status: StatusCode, name: &'static str, value: String) -> Answer {
     Arc::new(move |_, _| {
         Response::builder()
-            .status(StatusCode::TEMPORARY_REDIRECT)
-            .header("location", location.as_str())
+            .status(status)
+            .header(name, value.as_str())
             .body(Full::new(Bytes::new()))
             .unwrap()
     })
+}
+
+fn redirect_to(location: String) -> Answer {
+    answer_with(StatusCode::TEMPORARY_REDIRECT, "location", location)
 }
 
 /// Upstreams configured by `head` (top-level tables) and one `[[upstream]]` for `host` at
@@ -469,13 +467,7 @@ async fn containerd_pulls_a_registry_with_a_port_routed_by_ns_alone() {
 }
 
 fn challenge(value: String) -> Answer {
-    Arc::new(move |_, _| {
-        Response::builder()
-            .status(StatusCode::UNAUTHORIZED)
-            .header("www-authenticate", value.as_str())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    })
+    answer_with(StatusCode::UNAUTHORIZED, "www-authenticate", value)
 }
 
 #[tokio::test(flavor = "multi_thread")]

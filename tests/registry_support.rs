@@ -59,18 +59,8 @@ async fn skopeo_pulls_pushed_images_and_the_tap_counts_every_blob_get() {
     assert_eq!(pulled.manifest_digest, oci.digest());
     assert_eq!(pulled.blobs, digests(&oci.blobs()));
     // skopeo 1.9 asks for exactly: the /v2/ check, the manifest, then each blob once.
-    assert_eq!(
-        tap.count(Method::GET, Kind::Blob),
-        oci.blobs().len(),
-        "{:#?}",
-        tap.requests()
-    );
-    assert_eq!(
-        tap.count(Method::GET, Kind::Manifest),
-        1,
-        "{:#?}",
-        tap.requests()
-    );
+    tap.assert_count(Method::GET, Kind::Blob, oci.blobs().len());
+    tap.assert_count(Method::GET, Kind::Manifest, 1);
     assert_eq!(
         tap.requests().len(),
         2 + oci.blobs().len(),
@@ -84,12 +74,7 @@ async fn skopeo_pulls_pushed_images_and_the_tap_counts_every_blob_get() {
     let pulled = pull(&tap.host(), "docker", &[]).await;
     assert_eq!(pulled.media_type, Flavor::Oci.manifest_type());
     assert_eq!(pulled.blobs[1..], layer_digests(&docker));
-    assert_eq!(
-        tap.count(Method::GET, Kind::Blob),
-        docker.blobs().len(),
-        "{:#?}",
-        tap.requests()
-    );
+    tap.assert_count(Method::GET, Kind::Blob, docker.blobs().len());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -94,12 +94,7 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
     let pulled = tempfile::tempdir().unwrap();
     let source = format!("docker://{}/team/app:v1", berth.host());
     skopeo_copy_ok(&source, pulled.path(), &["--override-arch", "amd64"]).await;
-    assert_eq!(
-        tap.count(Method::GET, Kind::Blob),
-        0,
-        "{:#?}",
-        tap.requests()
-    );
+    tap.assert_count(Method::GET, Kind::Blob, 0);
 
     // A second warm of the same image is all hits.
     let again = berth_warm(&["--target", &berth.url(), &reference]).await;

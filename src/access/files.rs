@@ -17,11 +17,50 @@ use std::time::{Duration, Instant};
 
 use crate::stamp::Stamp;
 
-use super::policy::{self, Policy};
-use super::principals::Principals;
+use super::policy::{self, Policy, PolicyError};
+use super::principals::{Principals, PrincipalsError};
 
 /// Bigger files are a wrong path, not a principals file or a policy.
 const MAX_FILE: u64 = 4 << 20;
+
+/// Why the principals file or the policies directory does not load; the text names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("policies directory {}: {source}", dir.display())]
+    Directory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: larger than {MAX_FILE} bytes", path.display())]
+    TooLarge { path: PathBuf },
+    #[error("principals file {}: {source}", path.display())]
+    Principals {
+        path: PathBuf,
+        #[source]
+        source: PrincipalsError,
+    },
+    #[error("{}: {source}", path.display())]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: Box<PolicyError>,
+    },
+}
+
+/// The `FilesError::Read` of `path`, for `map_err`.
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
+    move |source| FilesError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The principals and policies in force.
 #[derive(Debug, Default)]
@@ -55,7 +94,7 @@ impl Files {
         policies: &Path,
         org: Option<&str>,
         recheck: Duration,
-    ) -> Result<Files, String> {
+    ) -> Result<Files, FilesError> {
         let stamps = stamps(principals, policies)?;
         let snapshot = load(principals, policies, org, 1)?;
         log_loaded(&snapshot);
@@ -110,7 +149,8 @@ impl Files {
     }
 }
 
-fn report_failure(state: &mut State, err: String) {
+fn report_failure(state: &mut State, err: FilesError) {
+    let err = err.to_string();
     if state.failed.as_ref() != Some(&err) {
         tracing::error!(error = %err, "access files not reloaded; the previous principals and policies stay in force");
         state.failed = Some(err);
@@ -131,12 +171,14 @@ fn log_loaded(snapshot: &Snapshot) {
 
 /// The policy files: `*.json` in the directory, not hidden (Kubernetes keeps its `..data`
 /// machinery in dot-entries), in name order.
-fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("policies directory {}: {e}", dir.display()))?;
+fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, FilesError> {
+    let directory = |source| FilesError::Directory {
+        dir: dir.to_path_buf(),
+        source,
+    };
     let mut files = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("policies directory {}: {e}", dir.display()))?;
+    for entry in std::fs::read_dir(dir).map_err(directory)? {
+        let entry = entry.map_err(directory)?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if !name.starts_with('.') && name.ends_with(".json") {
@@ -147,24 +189,24 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-fn stamps(principals: &Path, policies: &Path) -> Result<Vec<(PathBuf, Stamp)>, String> {
+fn stamps(principals: &Path, policies: &Path) -> Result<Vec<(PathBuf, Stamp)>, FilesError> {
     std::iter::once(principals.to_path_buf())
         .chain(policy_files(policies)?)
         .map(|path| {
-            let stamp = Stamp::of(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let stamp = Stamp::of(&path).map_err(read_error(&path))?;
             Ok((path, stamp))
         })
         .collect()
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .len();
+fn read(path: &Path) -> Result<Vec<u8>, FilesError> {
+    let len = std::fs::metadata(path).map_err(read_error(path))?.len();
     if len > MAX_FILE {
-        return Err(format!("{}: larger than {MAX_FILE} bytes", path.display()));
+        return Err(FilesError::TooLarge {
+            path: path.to_path_buf(),
+        });
     }
-    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::read(path).map_err(read_error(path))
 }
 
 fn load(
@@ -172,17 +214,24 @@ fn load(
     policies_dir: &Path,
     org: Option<&str>,
     generation: u64,
-) -> Result<Snapshot, String> {
-    let principals = Principals::parse(&read(principals_path)?, org)
-        .map_err(|e| format!("principals file {}: {e}", principals_path.display()))?;
+) -> Result<Snapshot, FilesError> {
+    let principals = Principals::parse(&read(principals_path)?, org).map_err(|source| {
+        FilesError::Principals {
+            path: principals_path.to_path_buf(),
+            source,
+        }
+    })?;
     let mut policies = Vec::new();
     for path in policy_files(policies_dir)? {
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let parsed = policy::parse_file(&read(&path)?, &name, org)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed =
+            policy::parse_file(&read(&path)?, &name, org).map_err(|source| FilesError::Policy {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
         policies.extend(parsed);
     }
     Ok(Snapshot {
@@ -281,7 +330,8 @@ mod tests {
         std::fs::write(policies.join("p.json"), r#"{"targetKind":"image"}"#).unwrap();
         let err = Files::open(&principals, &policies, None, Duration::ZERO)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(err.contains("p.json") && err.contains("no target"), "{err}");
         let missing = Files::open(
             &dir.path().join("nope.json"),
@@ -290,7 +340,8 @@ mod tests {
             Duration::ZERO,
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(missing.contains("nope.json"), "{missing}");
     }
 }

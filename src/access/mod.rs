@@ -14,7 +14,7 @@
 //! ```
 //!
 //! The parts: `config` (the `[access]` keys), `policy` (parse and evaluate policies; `query`,
-//! their query language), `principals` (accounts, keys, groups), `files` (both, reloaded on
+//! their query language; `policy_error`, what is wrong in one), `principals` (accounts, keys, groups), `files` (both, reloaded on
 //! change), `token` (JWTs and their clock), `guard` (slowing down repeated failures),
 //! `holdings` (the rule for serving cached content: provenance and holders) and `report` (who
 //! may do what to an image). This file holds the state that ties them to requests; the
@@ -24,6 +24,7 @@ pub(crate) mod files;
 pub(crate) mod guard;
 pub mod holdings;
 pub mod policy;
+mod policy_error;
 mod presented;
 pub mod principals;
 pub(crate) mod query;
@@ -42,11 +43,13 @@ pub use crate::config::{AccessConfig, AccessMode};
 use crate::route::{self, Target};
 use crate::secret::Secret;
 use crate::upstream::Upstreams;
+pub use files::FilesError;
 use files::{Files, Snapshot};
 use guard::Guard;
 use holdings::Holdings;
 use policy::{ImageFacts, Permission, PrincipalLink};
 use presented::{presented, Presented};
+pub use query::QueryError;
 use token::{Claims, Clock, Grant, TokenError, TokenKey, SERVICE};
 
 /// Why a request may not go on. `error` turns it into the 401 or 403 response.
@@ -115,7 +118,7 @@ pub struct Access {
 
 impl Access {
     /// Loads the principals and policies (if configured); an error says which file is wrong.
-    pub fn open(config: &AccessConfig, platform: &PlatformConfig) -> Result<Access, String> {
+    pub fn open(config: &AccessConfig, platform: &PlatformConfig) -> Result<Access, FilesError> {
         let org = platform.org.as_deref();
         let files = match (&config.principals, &config.policies) {
             (Some(principals), Some(policies)) => Some(Files::open(

@@ -21,6 +21,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use super::policy_error::{PolicyError, RuleError};
 pub use super::query::Query;
 use super::query::{parse_query, RawQuery};
 pub use super::query::{ImageFacts, Term};
@@ -149,23 +150,27 @@ pub enum PrincipalLink {
 impl PrincipalLink {
     /// Parses `//user/EMAIL`, `//serviceaccount/NAME`, `//group/NAME`, `//identity/NAME`, or the
     /// full `/org/ORG/...` form of our own org.
-    pub fn parse(text: &str, org: Option<&str>) -> Result<PrincipalLink, String> {
+    pub fn parse(text: &str, org: Option<&str>) -> Result<PrincipalLink, RuleError> {
         let rest = relative_link(text, org)?;
         let (kind, name) = rest
             .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not a principal link"))?;
+            .ok_or_else(|| RuleError::Invalid(format!("{text:?} is not a principal link")))?;
         if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
-            return Err(format!("{text:?} has no valid principal name"));
+            return Err(RuleError::Invalid(format!(
+                "{text:?} has no valid principal name"
+            )));
         }
         match kind {
             "user" if name.contains('@') => Ok(PrincipalLink::User(name.to_lowercase())),
-            "user" => Err(format!("{text:?}: a user is named by an email")),
+            "user" => Err(RuleError::Invalid(format!(
+                "{text:?}: a user is named by an email"
+            ))),
             "serviceaccount" => Ok(PrincipalLink::ServiceAccount(name.to_string())),
             "group" => Ok(PrincipalLink::Group(name.to_string())),
             "identity" => Ok(PrincipalLink::Identity(name.to_string())),
-            _ => Err(format!(
+            _ => Err(RuleError::Invalid(format!(
                 "{text:?}: principals are users, service accounts, groups and identities"
-            )),
+            ))),
         }
     }
 }
@@ -182,22 +187,26 @@ impl fmt::Display for PrincipalLink {
 }
 
 /// `//KIND/NAME` from `//KIND/NAME` or `/org/OUR_ORG/KIND/NAME`.
-fn relative_link<'t>(text: &'t str, org: Option<&str>) -> Result<&'t str, String> {
+fn relative_link<'t>(text: &'t str, org: Option<&str>) -> Result<&'t str, RuleError> {
     if let Some(rest) = text.strip_prefix("//") {
         return Ok(rest);
     }
     let Some(rest) = text.strip_prefix("/org/") else {
-        return Err(format!("{text:?} is not a link (//KIND/NAME)"));
+        return Err(RuleError::Invalid(format!(
+            "{text:?} is not a link (//KIND/NAME)"
+        )));
     };
     let (link_org, rest) = rest
         .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a link"))?;
+        .ok_or_else(|| RuleError::Invalid(format!("{text:?} is not a link")))?;
     match org {
         Some(org) if org == link_org => Ok(rest),
-        Some(org) => Err(format!("{text:?} belongs to another org than {org:?}")),
-        None => Err(format!(
+        Some(org) => Err(RuleError::Invalid(format!(
+            "{text:?} belongs to another org than {org:?}"
+        ))),
+        None => Err(RuleError::Invalid(format!(
             "{text:?}: full /org/ links need platform.org in the config"
-        )),
+        ))),
     }
 }
 
@@ -306,13 +315,6 @@ pub fn binds(link: &PrincipalLink, principal: &PrincipalLink, groups: &[&str]) -
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("policy {source_name}: {message}")]
-pub struct PolicyError {
-    pub(crate) source_name: String,
-    pub message: String,
-}
-
 /// The platform's policy object; fields berth does not use (`id`, `tags`, `links`, ...) are
 /// allowed so a policy exported from the platform loads as it is.
 #[derive(Deserialize)]
@@ -342,62 +344,72 @@ pub fn parse_file(
     source_name: &str,
     org: Option<&str>,
 ) -> Result<Vec<Policy>, PolicyError> {
-    let error = |message: String| PolicyError {
-        source_name: source_name.to_string(),
-        message,
+    let json = |source| PolicyError::Json {
+        file: source_name.to_string(),
+        source,
     };
-    let doc: Value = serde_json::from_slice(bytes).map_err(|e| error(e.to_string()))?;
+    let doc: Value = serde_json::from_slice(bytes).map_err(json)?;
     let items = match doc {
         Value::Array(items) => items,
         Value::Object(ref map) if map.get("kind").and_then(Value::as_str) == Some("list") => {
             match map.get("items") {
                 Some(Value::Array(items)) => items.clone(),
-                _ => return Err(error("a list without items".into())),
+                _ => {
+                    return Err(PolicyError::NoItems {
+                        file: source_name.to_string(),
+                    })
+                }
             }
         }
         other => vec![other],
     };
     let mut policies = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let name = if i == 0 {
-            source_name.to_string()
-        } else {
-            format!("{source_name}[{i}]")
+        let mut raw: RawPolicy = serde_json::from_value(item).map_err(json)?;
+        let name = raw.name.take().unwrap_or_else(|| match i {
+            0 => source_name.to_string(),
+            _ => format!("{source_name}[{i}]"),
+        });
+        let rule = |source| PolicyError::Rule {
+            file: source_name.to_string(),
+            policy: name.clone(),
+            source,
         };
-        let raw: RawPolicy = serde_json::from_value(item).map_err(|e| error(e.to_string()))?;
-        if let Some(policy) = convert(raw, &name, org).map_err(error)? {
+        if let Some(policy) = convert(raw, name.clone(), org).map_err(rule)? {
             policies.push(policy);
         }
     }
     Ok(policies)
 }
 
-fn convert(raw: RawPolicy, fallback: &str, org: Option<&str>) -> Result<Option<Policy>, String> {
-    let name = raw.name.unwrap_or_else(|| fallback.to_string());
-    let at = |message: String| format!("{name:?}: {message}");
+/// One policy, named `name`; `None` for policies of other target kinds.
+fn convert(raw: RawPolicy, name: String, org: Option<&str>) -> Result<Option<Policy>, RuleError> {
     match raw.target_kind.as_deref() {
         Some("image") => {}
         Some(_) => return Ok(None),
         None => {
-            return Err(at(
-                "targetKind is missing (berth reads \"image\" policies)".into()
+            return Err(RuleError::Invalid(
+                "targetKind is missing (berth reads \"image\" policies)".into(),
             ))
         }
     }
     let target = match raw.target.as_deref() {
         Some("all") => Target::All,
-        Some(other) => return Err(at(format!("target {other:?}: the only value is \"all\""))),
+        Some(other) => {
+            return Err(RuleError::Invalid(format!(
+                "target {other:?}: the only value is \"all\""
+            )))
+        }
         None => {
             let links = raw
                 .target_links
                 .unwrap_or_default()
                 .iter()
                 .map(|link| parse_image_link(link, org))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(at)?;
-            let query = raw.target_query.map(parse_query).transpose().map_err(at)?;
+                .collect::<Result<Vec<_>, _>>()?;
+            let query = raw.target_query.map(parse_query).transpose()?;
             if links.is_empty() && query.is_none() {
-                return Err(at(
+                return Err(RuleError::Invalid(
                     "no target: set target \"all\", targetLinks or targetQuery".into(),
                 ));
             }
@@ -408,8 +420,7 @@ fn convert(raw: RawPolicy, fallback: &str, org: Option<&str>) -> Result<Option<P
         .bindings
         .into_iter()
         .map(|binding| parse_binding(binding, org))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(at)?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Policy {
         name,
         target,
@@ -418,32 +429,40 @@ fn convert(raw: RawPolicy, fallback: &str, org: Option<&str>) -> Result<Option<P
 }
 
 /// `//image/NAME:TAG` or `/org/OUR_ORG/image/NAME:TAG`.
-fn parse_image_link(text: &str, org: Option<&str>) -> Result<ImageLink, String> {
+fn parse_image_link(text: &str, org: Option<&str>) -> Result<ImageLink, RuleError> {
     let rest = relative_link(text, org)?;
-    let image = rest
-        .strip_prefix("image/")
-        .ok_or_else(|| format!("target link {text:?} is not an image link (//image/NAME:TAG)"))?;
+    let image = rest.strip_prefix("image/").ok_or_else(|| {
+        RuleError::Invalid(format!(
+            "target link {text:?} is not an image link (//image/NAME:TAG)"
+        ))
+    })?;
     let Some((repository, tag)) = image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) else {
-        return Err(format!(
+        return Err(RuleError::Invalid(format!(
             "target link {text:?} names no tag; a link is one tagged image, and a whole \
              repository is targeted with a query on `repository`"
-        ));
+        )));
     };
-    let repository = Repository::parse(repository).map_err(|e| format!("{text:?}: {e}"))?;
-    let tag = Tag::parse(tag).map_err(|e| format!("{text:?}: {e}"))?;
+    let name = |source| RuleError::Name {
+        link: text.to_string(),
+        source,
+    };
+    let repository = Repository::parse(repository).map_err(name)?;
+    let tag = Tag::parse(tag).map_err(name)?;
     Ok(ImageLink {
         repository: repository.as_str().to_string(),
         tag: tag.as_str().to_string(),
     })
 }
 
-fn parse_binding(raw: RawBinding, org: Option<&str>) -> Result<Binding, String> {
+fn parse_binding(raw: RawBinding, org: Option<&str>) -> Result<Binding, RuleError> {
     let permissions = raw
         .permissions
         .iter()
         .map(|text| {
             Permission::parse(text).ok_or_else(|| {
-                format!("{text:?} is not an image permission (create, delete, edit, manage, pull, view)")
+                RuleError::Invalid(format!(
+                    "{text:?} is not an image permission (create, delete, edit, manage, pull, view)"
+                ))
             })
         })
         .collect::<Result<Permissions, _>>()?;

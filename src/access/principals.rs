@@ -19,7 +19,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::policy::PrincipalLink;
+use super::policy::{PrincipalLink, RuleError};
 
 /// The username a service-account key is presented with, as the platform's registry has it.
 pub(crate) const SERVICE_ACCOUNT_USER: &str = "<token>";
@@ -55,16 +55,16 @@ impl KeyHash {
         }
     }
 
-    pub fn parse(text: &str) -> Result<KeyHash, String> {
-        let bad = || "a key hash looks like $sha256$<32 hex>$<64 hex> (berth hash-key)".to_string();
-        let rest = text.strip_prefix("$sha256$").ok_or_else(bad)?;
-        let (salt, hash) = rest.split_once('$').ok_or_else(bad)?;
+    pub fn parse(text: &str) -> Result<KeyHash, KeyHashError> {
+        let bad = |_| KeyHashError;
+        let rest = text.strip_prefix("$sha256$").ok_or(KeyHashError)?;
+        let (salt, hash) = rest.split_once('$').ok_or(KeyHashError)?;
         let mut parsed = KeyHash {
             salt: [0; SALT_LEN],
             hash: [0; 32],
         };
-        hex::decode_to_slice(salt, &mut parsed.salt).map_err(|_| bad())?;
-        hex::decode_to_slice(hash, &mut parsed.hash).map_err(|_| bad())?;
+        hex::decode_to_slice(salt, &mut parsed.salt).map_err(bad)?;
+        hex::decode_to_slice(hash, &mut parsed.hash).map_err(bad)?;
         Ok(parsed)
     }
 
@@ -186,10 +186,43 @@ struct RawGroup {
     member_links: Vec<String>,
 }
 
+/// A stored key hash that is not in `berth hash-key`'s form (the hash itself is never shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a key hash looks like $sha256$<32 hex>$<64 hex> (berth hash-key)")]
+pub struct KeyHashError;
+
+/// Why the principals file does not load: its JSON, a link, or an entry (named, without hashes).
+#[derive(Debug, thiserror::Error)]
+pub enum PrincipalsError {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Link(#[from] RuleError),
+    #[error("{link}: members are users and service accounts, not {member}")]
+    NotAMember {
+        link: PrincipalLink,
+        member: PrincipalLink,
+    },
+    #[error("{link}: member {member} is not defined in this file")]
+    UnknownMember {
+        link: PrincipalLink,
+        member: PrincipalLink,
+    },
+    #[error("{0} is defined twice")]
+    Twice(PrincipalLink),
+    #[error("{owner} key {index}: {source}")]
+    Key {
+        owner: PrincipalLink,
+        index: usize,
+        #[source]
+        source: KeyHashError,
+    },
+}
+
 impl Principals {
     /// Parses the principals file. Errors name the entry and never include a hash.
-    pub fn parse(bytes: &[u8], org: Option<&str>) -> Result<Principals, String> {
-        let raw: RawFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn parse(bytes: &[u8], org: Option<&str>) -> Result<Principals, PrincipalsError> {
+        let raw: RawFile = serde_json::from_slice(bytes)?;
         let mut principals = Principals::default();
         for sa in raw.service_accounts {
             let _ = sa.description;
@@ -212,27 +245,28 @@ impl Principals {
                     member,
                     PrincipalLink::User(_) | PrincipalLink::ServiceAccount(_)
                 ) {
-                    return Err(format!(
-                        "{link}: members are users and service accounts, not {member}"
-                    ));
+                    return Err(PrincipalsError::NotAMember { link, member });
                 }
                 if !principals.contains(&member) {
-                    return Err(format!(
-                        "{link}: member {member} is not defined in this file"
-                    ));
+                    return Err(PrincipalsError::UnknownMember { link, member });
                 }
                 members.push(member);
             }
             if principals.groups.insert(group.name, members).is_some() {
-                return Err(format!("{link} is defined twice"));
+                return Err(PrincipalsError::Twice(link));
             }
         }
         Ok(principals)
     }
 
-    fn add(&mut self, link: PrincipalLink, keys: Vec<Key>, service: bool) -> Result<(), String> {
+    fn add(
+        &mut self,
+        link: PrincipalLink,
+        keys: Vec<Key>,
+        service: bool,
+    ) -> Result<(), PrincipalsError> {
         if self.contains(&link) {
-            return Err(format!("{link} is defined twice"));
+            return Err(PrincipalsError::Twice(link));
         }
         let list = if service {
             &mut self.service_accounts
@@ -318,11 +352,15 @@ impl Principals {
     }
 }
 
-fn parse_keys(raw: Vec<RawKey>, owner: &PrincipalLink) -> Result<Vec<Key>, String> {
+fn parse_keys(raw: Vec<RawKey>, owner: &PrincipalLink) -> Result<Vec<Key>, PrincipalsError> {
     raw.into_iter()
         .enumerate()
-        .map(|(i, key)| {
-            let hash = KeyHash::parse(&key.hash).map_err(|e| format!("{owner} key {i}: {e}"))?;
+        .map(|(index, key)| {
+            let hash = KeyHash::parse(&key.hash).map_err(|source| PrincipalsError::Key {
+                owner: owner.clone(),
+                index,
+                source,
+            })?;
             Ok(Key {
                 name: key.name,
                 hash,
@@ -456,7 +494,9 @@ mod tests {
             ),
         ];
         for (doc, expected) in cases {
-            let err = Principals::parse(doc.to_string().as_bytes(), None).unwrap_err();
+            let err = Principals::parse(doc.to_string().as_bytes(), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expected), "{doc}: {err}");
             assert!(!err.contains(&secret_hash[10..]), "{err}");
         }

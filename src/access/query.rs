@@ -238,16 +238,40 @@ struct RawTerm {
     value: Option<Value>,
 }
 
-pub(super) fn parse_query(raw: RawQuery) -> Result<Query, String> {
-    if let Some(kind) = raw.kind.as_deref().filter(|k| *k != "image") {
-        return Err(format!("targetQuery kind {kind:?} is not \"image\""));
+/// Why a `targetQuery` does not parse; the text names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("targetQuery kind {0:?} is not \"image\"")]
+    Kind(String),
+    #[error("targetQuery has no spec")]
+    NoSpec,
+    #[error("match {0:?} is not all, any or none")]
+    Match(String),
+    #[error("query terms on `rel` or `tag` (resource tags) are not supported; use `property`")]
+    ResourceTags,
+    #[error("op {0:?} is not one of = != > >= < <= exists !exists")]
+    Op(String),
+    #[error("property {0:?} is not repository, name or tag")]
+    Property(String),
+    #[error("a query term has no property")]
+    NoProperty,
+    /// The JSON value as written.
+    #[error("value {0} is not a string or number")]
+    Value(String),
+    #[error("op {0:?} needs a value")]
+    NoValue(String),
+}
+
+pub(super) fn parse_query(raw: RawQuery) -> Result<Query, QueryError> {
+    if let Some(kind) = raw.kind.filter(|k| k != "image") {
+        return Err(QueryError::Kind(kind));
     }
-    let spec = raw.spec.ok_or("targetQuery has no spec")?;
+    let spec = raw.spec.ok_or(QueryError::NoSpec)?;
     let match_ = match spec.match_.as_deref().unwrap_or("all") {
         "all" => Match::All,
         "any" => Match::Any,
         "none" => Match::None,
-        other => return Err(format!("match {other:?} is not all, any or none")),
+        other => return Err(QueryError::Match(other.to_string())),
     };
     let terms = spec
         .terms
@@ -257,33 +281,28 @@ pub(super) fn parse_query(raw: RawQuery) -> Result<Query, String> {
     Ok(Query { match_, terms })
 }
 
-fn parse_term(raw: RawTerm) -> Result<Term, String> {
+fn parse_term(raw: RawTerm) -> Result<Term, QueryError> {
     if raw.rel.is_some() || raw.tag.is_some() {
-        return Err(
-            "query terms on `rel` or `tag` (resource tags) are not supported; use \
-                    `property`"
-                .into(),
-        );
+        return Err(QueryError::ResourceTags);
     }
     let op_text = raw.op.as_deref().unwrap_or("=");
-    let op = Op::parse(op_text)
-        .ok_or_else(|| format!("op {op_text:?} is not one of = != > >= < <= exists !exists"))?;
+    let op = Op::parse(op_text).ok_or_else(|| QueryError::Op(op_text.to_string()))?;
     let property = match raw.property.as_deref() {
         Some("repository") => Property::Repository,
         Some("name") => Property::Name,
         Some("tag") => Property::Tag,
-        Some(other) => return Err(format!("property {other:?} is not repository, name or tag")),
-        None => return Err("a query term has no property".into()),
+        Some(other) => return Err(QueryError::Property(other.to_string())),
+        None => return Err(QueryError::NoProperty),
     };
     let value = match raw.value {
         None | Some(Value::Null) => None,
         Some(Value::String(text)) => Some(text),
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::Bool(b)) => Some(b.to_string()),
-        Some(other) => return Err(format!("value {other} is not a string or number")),
+        Some(other) => return Err(QueryError::Value(other.to_string())),
     };
     if value.is_none() && !matches!(op, Op::Exists | Op::NotExists) {
-        return Err(format!("op {op_text:?} needs a value"));
+        return Err(QueryError::NoValue(op_text.to_string()));
     }
     Ok(Term {
         op,

@@ -141,7 +141,8 @@ impl EcrKey {
             .into_iter()
             .enumerate()
             .map(|(i, entry)| {
-                RepoPattern::parse(entry).map_err(|problem| doc.item_error("repos", i, problem))
+                RepoPattern::parse(entry)
+                    .map_err(|problem| doc.item_error("repos", i, problem.to_string()))
             })
             .collect::<Result<_, _>>()?;
         Ok(EcrKey {
@@ -278,8 +279,21 @@ fn endpoint(configured: Option<&str>, host: &EcrHost<'_>, service: &str) -> Stri
     format!("https://{service}.{}.{}", host.region, host.dns_suffix)
 }
 
+/// Why an entry of `repos` is not a repository pattern.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum RepoPatternError {
+    #[error(
+        "names registry {0:?}, which is not an ECR host (ACCOUNT.dkr.ecr.REGION.amazonaws.com)"
+    )]
+    NotEcr(String),
+    #[error("is empty")]
+    Empty,
+    #[error("may use `*` only as a whole last path component")]
+    Wildcard,
+}
+
 impl RepoPattern {
-    fn parse(entry: &str) -> Result<RepoPattern, String> {
+    fn parse(entry: &str) -> Result<RepoPattern, RepoPatternError> {
         let entry = entry.trim();
         let (registry, repository) = match entry.split_once('/') {
             Some((first, rest)) if first.contains('.') => (Some(first), rest),
@@ -288,21 +302,17 @@ impl RepoPattern {
         };
         let registry = match registry {
             Some(host) if parse_host(&host.to_ascii_lowercase()).is_none() => {
-                return Err(format!(
-                    "names registry {host:?}, which is not an ECR host (ACCOUNT.dkr.ecr.REGION.amazonaws.com)"
-                ))
+                return Err(RepoPatternError::NotEcr(host.to_string()))
             }
             other => other.map(str::to_ascii_lowercase),
         };
         let repository = match repository {
-            "" => return Err("is empty".to_string()),
+            "" => return Err(RepoPatternError::Empty),
             "*" => RepoMatch::All,
             prefix if prefix.ends_with("/*") => {
                 RepoMatch::Under(prefix.trim_end_matches('*').to_string())
             }
-            name if name.contains('*') => {
-                return Err("may use `*` only as a whole last path component".to_string())
-            }
+            name if name.contains('*') => return Err(RepoPatternError::Wildcard),
             name => RepoMatch::Exact(name.to_string()),
         };
         Ok(RepoPattern {

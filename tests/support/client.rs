@@ -89,6 +89,11 @@ pub async fn send(req: Request<Full<Bytes>>) -> Result<Response<Incoming>, BoxEr
     Ok(http_client().request(req).await?)
 }
 
+/// A plain GET of `url` with its body still streaming (see `send`).
+pub async fn send_get(url: &str) -> Result<Response<Incoming>, BoxError> {
+    send(request(Method::GET, url, None, &[], Bytes::new())).await
+}
+
 /// Sends a request and reads the whole body. A body that ends before its Content-Length (or whose
 /// connection drops) is an error, never a short `Fetched`.
 pub async fn fetch(req: Request<Full<Bytes>>) -> Result<Fetched, BoxError> {

@@ -165,8 +165,20 @@ impl Containerd {
     /// are e.g. `["--platform", "linux/arm64"]`, `["--all-platforms"]`, `["--user", "u:p"]`;
     /// a mirror in `hosts_dir` speaks plain HTTP by its `http://` URL, without `--plain-http`.
     pub async fn pull(&self, reference: &str, hosts_dir: &Path, extra_args: &[&str]) -> Output {
+        self.ctr_through(["images", "pull"], reference, hosts_dir, extra_args)
+            .await
+    }
+
+    /// `ctr COMMAND --hosts-dir HOSTS EXTRA... REFERENCE`.
+    async fn ctr_through(
+        &self,
+        command: [&str; 2],
+        reference: &str,
+        hosts_dir: &Path,
+        extra_args: &[&str],
+    ) -> Output {
         let hosts = hosts_dir.to_str().expect("UTF-8 hosts dir");
-        let mut args = vec!["images", "pull", "--hosts-dir", hosts];
+        let mut args = vec![command[0], command[1], "--hosts-dir", hosts];
         args.extend_from_slice(extra_args);
         args.push(reference);
         self.ctr(&args).await
@@ -181,11 +193,8 @@ impl Containerd {
     /// `ctr content fetch --hosts-dir HOSTS EXTRA... REFERENCE`: the same resolution and the
     /// same blob requests as `pull` (for the default platform), without unpacking.
     pub async fn fetch(&self, reference: &str, hosts_dir: &Path, extra_args: &[&str]) -> Output {
-        let hosts = hosts_dir.to_str().expect("UTF-8 hosts dir");
-        let mut args = vec!["content", "fetch", "--hosts-dir", hosts];
-        args.extend_from_slice(extra_args);
-        args.push(reference);
-        self.ctr(&args).await
+        self.ctr_through(["content", "fetch"], reference, hosts_dir, extra_args)
+            .await
     }
 
     /// Every image in the namespace, from `ctr images ls`.

@@ -147,35 +147,33 @@ fn manifest(state: &State, reference: &str, head: bool) -> Response<Full<Bytes>>
         }
     }
     match found {
-        Some((media_type, bytes)) => Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, media_type)
-            .header("docker-content-digest", sha256_digest(&bytes))
-            .header(header::CONTENT_LENGTH, bytes.len())
-            .body(if head {
-                Full::default()
-            } else {
-                Full::new(bytes)
-            })
-            .unwrap(),
+        Some((media_type, bytes)) => {
+            let digest = sha256_digest(&bytes);
+            stored(&media_type, &digest, bytes, head)
+        }
         None => empty(StatusCode::NOT_FOUND),
     }
+}
+
+/// The 200 answer for stored content: its headers, and its bytes unless `head`.
+fn stored(media_type: &str, digest: &str, bytes: Bytes, head: bool) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, media_type)
+        .header("docker-content-digest", digest)
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(if head {
+            Full::default()
+        } else {
+            Full::new(bytes)
+        })
+        .unwrap()
 }
 
 fn blob(state: &State, digest: &str, head: bool) -> Response<Full<Bytes>> {
     let found = state.blobs.lock().unwrap().get(digest).cloned();
     match found {
-        Some(bytes) => Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header("docker-content-digest", digest)
-            .header(header::CONTENT_LENGTH, bytes.len())
-            .body(if head {
-                Full::default()
-            } else {
-                Full::new(bytes)
-            })
-            .unwrap(),
+        Some(bytes) => stored("application/octet-stream", digest, bytes, head),
         None if head && lying(state) => lie(digest, "application/octet-stream"),
         None => empty(StatusCode::NOT_FOUND),
     }

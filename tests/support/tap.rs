@@ -145,6 +145,13 @@ impl Tap {
             .count()
     }
 
+    /// Asserts that `expected` requests of this method and kind arrived, listing every request
+    /// when not.
+    #[track_caller]
+    pub fn assert_count(&self, method: Method, kind: Kind, expected: usize) {
+        assert_eq!(self.count(method, kind), expected, "{:#?}", self.requests());
+    }
+
     /// How many requests of `kind` since the last `reset` asked for a `Range` (resumes).
     pub fn count_ranged(&self, kind: Kind) -> usize {
         let seen = self.state.seen.lock().unwrap();
@@ -237,12 +244,22 @@ impl Drop for Tap {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    accept_each(listener, |stream| serve_connection(stream, state.clone())).await
+}
+
+/// Accepts connections until aborted and serves each on its own task; aborting the future drops
+/// its `JoinSet`, which aborts every connection task with it.
+pub(super) async fn accept_each<Serve, Served>(listener: TcpListener, serve: Serve)
+where
+    Serve: Fn(tokio::net::TcpStream) -> Served,
+    Served: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                connections.spawn(serve_connection(stream, state.clone()));
+                connections.spawn(serve(stream));
             }
             Some(_) = connections.join_next() => {}
         }

@@ -45,13 +45,14 @@ use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use super::ca::pem;
 use super::client::{self, BoxError, Creds};
 use super::image::{Blob, Image, Index};
 use super::push::{expect, upload_url, PushError};
 use super::registry::Auth;
+use super::tap::accept_each;
 
 /// The `service` the registry names in its challenge and expects as the token's `aud`.
 pub const SERVICE: &str = "berth-test-registry";
@@ -503,27 +504,21 @@ impl Bearer {
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                connections.spawn(async move {
-                    let service = service_fn(move |req| {
-                        let response = state.answer(&req);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    // A client hanging up mid-request is not the test's concern.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
-            }
-            Some(_) = connections.join_next() => {}
+    accept_each(listener, |stream| {
+        let state = state.clone();
+        async move {
+            let service = service_fn(move |req| {
+                let response = state.answer(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            // A client hanging up mid-request is not the test's concern.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
         }
-    }
+    })
+    .await
 }
 
 /// What a token request asked for, parsed from its query and `Authorization` header.
