@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Method;
 use support::{
     fetch, push_blob, push_image, random_blob, request, Auth, Berth, Blob, Fault, Flavor, Image,
-    Kind, Registry, Tap,
+    Kind, Registry, Seen, Tap,
 };
 use tokio::net::TcpListener;
 
@@ -41,6 +41,20 @@ impl Location {
     /// A location whose replicas all end their config with `extra`: more `[cluster]` keys, then
     /// e.g. an `[access]` table.
     async fn start_with(n: usize, fronted: bool, extra: &str) -> Location {
+        Location::start_inner(n, fronted, extra, None).await
+    }
+
+    /// `start`, with replica `killable` on a tokio runtime of its own, so the test can kill it.
+    async fn start_killable(n: usize, killable: usize) -> Location {
+        Location::start_inner(n, false, "", Some(killable)).await
+    }
+
+    async fn start_inner(
+        n: usize,
+        fronted: bool,
+        extra: &str,
+        killable: Option<usize>,
+    ) -> Location {
         let registry = Registry::start(Auth::None).await;
         let tap = Tap::start(&registry.url()).await;
         let mut listeners = Vec::new();
@@ -65,7 +79,7 @@ impl Location {
             .join(", ");
         let mut dirs = Vec::new();
         let mut replicas = Vec::new();
-        for (listener, url) in listeners.into_iter().zip(&urls) {
+        for (i, (listener, url)) in listeners.into_iter().zip(&urls).enumerate() {
             let dir = tempfile::tempdir().unwrap();
             let token_file = dir.path().join("peer-token");
             std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -76,7 +90,11 @@ impl Location {
                 token_file.display().to_string()
             );
             let resolver = berth::net::connect::system_resolver();
-            replicas.push(Berth::start_on(listener, &config, resolver).await);
+            let replica = match killable == Some(i) {
+                true => Berth::start_on_own_runtime(listener, &config, resolver).await,
+                false => Berth::start_on(listener, &config, resolver).await,
+            };
+            replicas.push(replica);
             dirs.push(dir);
         }
         Location {
@@ -86,6 +104,15 @@ impl Location {
             front,
             _dirs: dirs,
         }
+    }
+
+    /// Upstream GETs of `digest` as the tap saw them: those without a `Range`, then those with.
+    fn upstream_gets(&self, digest: &str) -> (Vec<Seen>, Vec<Seen>) {
+        self.tap
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == Method::GET && s.path.ends_with(digest))
+            .partition(|s| !s.headers.contains_key("range"))
     }
 
     /// Upstream blob GETs by digest, as the tap saw them.
@@ -194,7 +221,8 @@ fn owner_of(location: &Location, digest: &str) -> String {
 async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_no_pull() {
     let location = Location::start_fronted(3).await;
     let owner_url = location.front.as_ref().unwrap().url();
-    // A 2 MiB blob; the owner's answers to its peers are cut after 1 MiB, as if it died.
+    // A 2 MiB blob; the owner stays up, but its answers to its peers are cut after 1 MiB (a
+    // network cut; `killing_the_owner_mid_fill...` kills the owner itself).
     let blob = blob_owned_by(&location, &owner_url, 2 << 20);
     push_blob(&location.registry.url(), "team/app", &blob, None)
         .await
@@ -222,16 +250,76 @@ async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_
         front.count(Method::GET, Kind::Blob) >= 1,
         "the owner was asked"
     );
-    let upstream: Vec<_> = location
-        .tap
-        .seen()
-        .into_iter()
-        .filter(|s| s.method == Method::GET && s.path.ends_with(&blob.digest))
-        .collect();
-    let ranged = upstream.iter().filter(|s| s.headers.contains_key("range"));
+    let (whole, ranged) = location.upstream_gets(&blob.digest);
     // The owner's own fill, plus one Range GET from each of the two replicas with clients.
-    assert_eq!(upstream.len(), 3, "upstream GETs: {upstream:?}");
-    assert_eq!(ranged.count(), 2);
+    assert_eq!(whole.len(), 1, "whole GETs: {whole:?}");
+    assert_eq!(ranged.len(), 2, "Range GETs: {ranged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_owner_mid_fill_fails_no_pull_and_costs_each_asker_at_most_one_range_get() {
+    let mut location = Location::start_killable(3, 1).await;
+    let owner_url = location.replicas[1].url();
+    let blob = blob_owned_by(&location, &owner_url, 8 << 20);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    location.tap.reset();
+    // The owner's fill (the first upstream GET) stops at 3 MiB until the test says so: the
+    // kill lands while it runs.
+    location
+        .tap
+        .inject_times(Kind::Blob, Fault::PauseAt(3 << 20), 1);
+
+    // Four clients on each of the two other replicas; each reports its first bytes.
+    let (first_bytes, mut started) = tokio::sync::mpsc::channel(8);
+    let mut pulls = Vec::new();
+    for i in 0..8 {
+        let replica = [&location.replicas[0], &location.replicas[2]][i % 2].url();
+        let url = format!("{replica}/v2/team/app/blobs/{}", blob.digest);
+        let first_bytes = first_bytes.clone();
+        pulls.push(tokio::spawn(async move {
+            let response = support::send(request(Method::GET, &url, None, &[], Bytes::new()))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{url}");
+            let mut body = response.into_body();
+            let (mut got, error) = support::read_body(&mut body, 1).await;
+            assert!(error.is_none() && !got.is_empty(), "{url}: {error:?}");
+            first_bytes.send(()).await.unwrap();
+            let (rest, error) = support::read_body(&mut body, usize::MAX).await;
+            assert!(error.is_none(), "{url}: {error:?}");
+            got.extend_from_slice(&rest);
+            got
+        }));
+    }
+    location.tap.wait_paused(1).await;
+    for _ in 0..8 {
+        let wait = tokio::time::timeout(std::time::Duration::from_secs(30), started.recv());
+        wait.await.expect("every client has bytes from the owner");
+    }
+
+    location.replicas[1].kill();
+    location.tap.resume();
+    for pull in pulls {
+        assert!(pull.await.unwrap() == blob.bytes, "every pull verifies");
+    }
+    let dead = tokio::net::TcpStream::connect(location.replicas[1].addr).await;
+    assert!(dead.is_err(), "the owner's listener died with it");
+    let (whole, ranged) = location.upstream_gets(&blob.digest);
+    // The dead owner's fill, plus at most one Range GET from each replica with clients, each
+    // from where its owner's answer stopped (never from the start).
+    assert_eq!(whole.len(), 1, "whole GETs: {whole:?}");
+    assert!(ranged.len() <= 2, "Range GETs: {ranged:?}");
+    for get in &ranged {
+        let range = get.headers["range"].to_str().unwrap();
+        let from: u64 = range
+            .strip_prefix("bytes=")
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("an open Range: {range}"));
+        assert!(from > 0 && from < blob.bytes.len() as u64, "{range}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
 //! Starting berth in-process for a test: a config on `127.0.0.1:0`, a cache directory, the
 //! server task and the admin listener (also on port 0), and graceful shutdown so a test can
-//! restart berth on the same cache.
+//! restart berth on the same cache; or berth on a tokio runtime of its own, so a test can kill
+//! it as a crash would (`start_on_own_runtime`, `kill`).
 //!
 //! Does not own: upstream registries or clients; tests wire those (usually a `Tap` in front of a
 //! `Registry`) into the config they pass.
@@ -21,6 +22,8 @@ pub struct Berth {
     pub state: Arc<AppState>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// With `start_on_own_runtime`: the runtime every task of this berth runs on.
+    own_runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// A config with one upstream, `host` served from `endpoint`, which is also the default.
@@ -97,7 +100,45 @@ impl Berth {
             state,
             shutdown: Some(shutdown),
             task: Some(task),
+            own_runtime: None,
         }
+    }
+
+    /// `start_on`, with berth on a multi-thread tokio runtime of its own: its listeners, its
+    /// connections, its fills and its background tasks all run there, so `kill` stops them all
+    /// at once.
+    pub async fn start_on_own_runtime(
+        listener: tokio::net::TcpListener,
+        config_toml: &str,
+        resolver: berth::net::connect::Resolver,
+    ) -> Berth {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("killable-berth")
+            .enable_all()
+            .build()
+            .expect("a runtime for berth");
+        // The listener moves to the new runtime's reactor.
+        let listener = listener.into_std().unwrap();
+        let config = config_toml.to_owned();
+        let start = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            Berth::start_on(listener, &config, resolver).await
+        });
+        let mut berth = start.await.expect("berth starts on its own runtime");
+        berth.own_runtime = Some(runtime);
+        berth
+    }
+
+    /// Kills a berth started with `start_on_own_runtime` as a crash would: its runtime is shut
+    /// down without waiting, which drops every task at once (listeners closed, connections cut
+    /// mid-body, fills abandoned). Nothing is drained and nothing is committed.
+    pub fn kill(&mut self) {
+        let runtime = self
+            .own_runtime
+            .take()
+            .expect("only a berth on its own runtime can be killed");
+        runtime.shutdown_background();
     }
 
     /// Starts berth with one upstream (the default) and the cache in `cache_dir`.
@@ -141,6 +182,10 @@ impl Drop for Berth {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        // Dropping a runtime blocks, which an async test may not do; this does not.
+        if let Some(runtime) = self.own_runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
