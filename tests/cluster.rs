@@ -212,6 +212,11 @@ async fn a_peer_request_without_the_token_or_with_a_wrong_one_is_an_ordinary_req
     }
 }
 
+/// `berth_peer_requests_total{result}` of one replica.
+fn peer_results(replica: &Berth, result: &str) -> u64 {
+    counter_by_result(replica, "berth_peer_requests_total", result)
+}
+
 fn owner_of(location: &Location, digest: &str) -> String {
     let cluster = location.replicas[0].state.cluster.as_ref().unwrap();
     cluster.members.owner(digest).unwrap().to_string()
@@ -431,10 +436,15 @@ async fn policy_parent(tap: &Tap, dir: &std::path::Path) -> Berth {
 
 /// Sum of `berth_parent_requests_total{result}` on `replica`.
 fn parent_requests(replica: &Berth, result: &str) -> u64 {
+    counter_by_result(replica, "berth_parent_requests_total", result)
+}
+
+/// The counter `family{result}` on `replica`.
+fn counter_by_result(replica: &Berth, family: &str, result: &str) -> u64 {
     let families = replica.state.metrics.registry.gather();
     families
         .iter()
-        .filter(|f| f.name() == "berth_parent_requests_total")
+        .filter(|f| f.name() == family)
         .flat_map(|f| f.get_metric())
         .filter(|m| m.get_label().iter().any(|l| l.value() == result))
         .map(|m| m.get_counter().get_value() as u64)
@@ -694,4 +704,115 @@ async fn a_replica_that_does_not_keep_local_copies_asks_the_owner_each_time() {
         assert_eq!(peer_requests(asker), pull);
     }
     assert_eq!(location.tap.count(Method::GET, Kind::Blob), 1);
+}
+
+/// Replicas serving https with certificates from the test CA, each trusting that CA through
+/// `client.ca_file`, so peer requests go over https to the owner.
+async fn start_https_location(n: usize) -> (Registry, Tap, Vec<Berth>, Vec<tempfile::TempDir>) {
+    let ca = support::ca::test_ca();
+    let registry = Registry::start(Auth::None).await;
+    let tap = Tap::start(&registry.url()).await;
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let urls: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("https://127.0.0.1:{}", l.local_addr().unwrap().port()))
+        .collect();
+    let peers = urls.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>();
+    let (mut replicas, mut dirs) = (Vec::new(), Vec::new());
+    for (listener, url) in listeners.into_iter().zip(&urls) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf();
+        let pem = support::ca::pem;
+        std::fs::write(dir.path().join("cert.pem"), pem("CERTIFICATE", &cert)).unwrap();
+        std::fs::write(
+            dir.path().join("key.pem"),
+            pem("PRIVATE KEY", key.secret_der()),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("peer-token"), format!("{TOKEN}\n")).unwrap();
+        let sections = format!(
+            "[tls]\ncert_file = \"{0}/cert.pem\"\nkey_file = \"{0}/key.pem\"\n{1}",
+            dir.path().display(),
+            ca.client_section()
+        );
+        let cache = dir.path().join("cache");
+        let config = support::single_upstream_config(&tap.host(), &tap.url(), &cache, &sections);
+        let config = format!(
+            "{config}\n[cluster]\npeers = [{}]\nself = {url:?}\ntoken_file = \"{}/peer-token\"\n",
+            peers.join(", "),
+            dir.path().display()
+        );
+        let resolver = berth::net::connect::system_resolver();
+        replicas.push(Berth::start_on(listener, &config, resolver).await);
+        dirs.push(dir);
+    }
+    (registry, tap, replicas, dirs)
+}
+
+/// An https client trusting only the test CA.
+fn https_client() -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<Bytes>,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_file(support::ca::test_ca().file());
+    roots.add(ca.unwrap()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_reach_each_other_over_https_with_the_client_ca() {
+    use http_body_util::BodyExt;
+    let (registry, tap, replicas, _dirs) = start_https_location(3).await;
+    let image = Image::random(Flavor::Oci, 1717, &[1 << 20, 300_000, 40_000, 5_000]);
+    push_image(&registry.url(), "team/app", "v1", &image, None)
+        .await
+        .unwrap();
+    tap.reset();
+    let client = https_client();
+    let mut peer_asks = 0;
+    for replica in &replicas {
+        let base = format!("https://127.0.0.1:{}", replica.addr.port());
+        for blob in image.blobs() {
+            let url = format!("{base}/v2/team/app/blobs/{}", blob.digest);
+            let got = client
+                .request(request(Method::GET, &url, None, &[], Bytes::new()))
+                .await
+                .unwrap();
+            assert_eq!(got.status(), 200, "{url}");
+            let body = got.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(support::image::sha256_digest(&body), blob.digest, "{url}");
+            assert_eq!(body, blob.bytes);
+        }
+        peer_asks += peer_requests(replica);
+        for failed in ["fallback", "refused"] {
+            assert_eq!(peer_results(replica, failed), 0, "{failed} peer asks");
+        }
+    }
+    let gets: Vec<(Method, String)> = tap.requests();
+    for blob in image.blobs() {
+        let count = gets
+            .iter()
+            .filter(|(m, p)| *m == Method::GET && p.ends_with(&blob.digest))
+            .count();
+        assert_eq!(count, 1, "{} {gets:?}", blob.digest);
+    }
+    // Every replica owns some blobs and not others, so some pulls were answered by a peer.
+    assert!(peer_asks > 0, "no replica asked its peer");
 }
