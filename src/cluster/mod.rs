@@ -164,14 +164,27 @@ pub fn is_peer_request(cluster: Option<&Cluster>, headers: &http::HeaderMap) -> 
     cluster.is_some_and(|cluster| cluster.is_peer_request(headers))
 }
 
+/// Why a member URL is refused.
+#[derive(Debug, thiserror::Error)]
+enum UrlError {
+    #[error("{0:?} is not a URL")]
+    Unparsable(String, #[source] http::uri::InvalidUri),
+    #[error("{0:?} is not an http(s) URL")]
+    Scheme(String),
+    #[error("{0:?} has a path; name the replica's base URL")]
+    Path(String),
+}
+
 /// A member URL: `http` or `https`, a host, nothing after the authority but an optional `/`.
-fn check_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url.parse().map_err(|_| format!("{url:?} is not a URL"))?;
+fn check_url(url: &str) -> Result<(), UrlError> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|err| UrlError::Unparsable(url.to_string(), err))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-        return Err(format!("{url:?} is not an http(s) URL"));
+        return Err(UrlError::Scheme(url.to_string()));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!("{url:?} has a path; name the replica's base URL"));
+        return Err(UrlError::Path(url.to_string()));
     }
     Ok(())
 }
@@ -205,7 +218,7 @@ fn own_url(
     let url = match (&config.self_url, ip) {
         (Some(url), None) => base(url).to_owned(),
         (Some(url), Some(ip)) => {
-            check_url(url).map_err(|message| refuse("self", message))?;
+            check_url(url).map_err(|error| refuse("self", error.to_string()))?;
             let uri: http::Uri = url.parse().expect("checked");
             let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
             format!(
@@ -224,7 +237,7 @@ fn own_url(
             ))
         }
     };
-    check_url(&url).map_err(|message| refuse("self", message))?;
+    check_url(&url).map_err(|error| refuse("self", error.to_string()))?;
     Ok(Arc::from(url))
 }
 

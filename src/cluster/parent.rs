@@ -29,7 +29,7 @@ pub struct Parent {
 
 impl Parent {
     pub fn from_config(url: &str, key_file: Option<&Path>) -> Result<Parent, ClusterError> {
-        check_url(url).map_err(|message| refuse("parent", message))?;
+        check_url(url).map_err(|error| refuse("parent", error.to_string()))?;
         let authorization = match key_file {
             Some(path) => Some(basic(path)?),
             None => None,
