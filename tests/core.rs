@@ -443,12 +443,9 @@ async fn errors_use_the_oci_envelope_with_the_right_status() {
         assert_eq!(error_code(&fetched.body), code, "{method} {path}");
         assert_eq!(fetched.header("content-type"), Some("application/json"));
     }
+    let dialled = stack.tap.paths();
     assert!(
-        stack
-            .tap
-            .requests()
-            .iter()
-            .all(|(_, path)| !path.contains("elsewhere")),
+        dialled.iter().all(|path| !path.contains("elsewhere")),
         "an unconfigured registry is never dialled"
     );
     let ping = get(&format!("{base}/v2/"), None).await.unwrap();
@@ -510,9 +507,9 @@ async fn tag_lists_keep_their_query_and_referrers_pass_through() {
     assert!(
         stack
             .tap
-            .requests()
+            .paths()
             .iter()
-            .any(|(_, path)| path.ends_with(&format!("/tags/list?{query}"))),
+            .any(|path| path.ends_with(&format!("/tags/list?{query}"))),
         "{:#?}",
         stack.tap.requests()
     );

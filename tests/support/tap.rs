@@ -168,6 +168,12 @@ impl Tap {
             .collect()
     }
 
+    /// The paths (with query) of every request since the last `reset`, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        let seen = self.state.seen.lock().unwrap();
+        seen.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// Like `requests`, with kinds and headers (e.g. to check `Authorization` or `Range`).
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
