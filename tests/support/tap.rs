@@ -190,6 +190,13 @@ impl Tap {
         self.set_rule(kind, fault, None);
     }
 
+    /// Forgets the requests seen so far, then applies `fault` to the next blob request only:
+    /// the set-up of a test about one faulted transfer.
+    pub fn reset_with_blob_fault(&self, fault: Fault) {
+        self.reset();
+        self.inject_times(Kind::Blob, fault, 1);
+    }
+
     /// Applies `fault` to the next `times` matching requests only.
     pub fn inject_times(&self, kind: Kind, fault: Fault, times: usize) {
         self.set_rule(kind, fault, Some(times));
