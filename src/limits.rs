@@ -235,6 +235,21 @@ impl<IO> WriteDeadline<IO> {
             Poll::Pending => Poll::Pending,
         }
     }
+
+    /// A finished write or flush clears the stall clock; a pending one arms or checks it.
+    fn settle<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(result) => {
+                self.blocked = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.pending(cx).map(Err),
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for WriteDeadline<IO> {
@@ -253,23 +268,13 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                self.blocked = None;
-                Poll::Ready(result)
-            }
-            Poll::Pending => self.pending(cx).map(Err),
-        }
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.settle(cx, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Ready(result) => {
-                self.blocked = None;
-                Poll::Ready(result)
-            }
-            Poll::Pending => self.pending(cx).map(Err),
-        }
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.settle(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -281,13 +286,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                self.blocked = None;
-                Poll::Ready(result)
-            }
-            Poll::Pending => self.pending(cx).map(Err),
-        }
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.settle(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -733,14 +733,13 @@ async fn containerd_with_credentials_pulls_allowed_images_and_is_refused_others(
 }
 
 const ADMIN_TOKEN: &str = "access-test-admin-token-0123";
+/// The admin path asking for the access report on `//image/team/app:v1`.
+const REPORT_FOR_TEAM_APP: &str = "/admin/access-report?image=%2F%2Fimage%2Fteam%2Fapp%3Av1";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_listener_serves_the_access_report_behind_its_token() {
     let site = Site::start("").await;
-    let url = format!(
-        "{}/admin/access-report?image=%2F%2Fimage%2Fteam%2Fapp%3Av1",
-        site.berth.admin_url()
-    );
+    let url = format!("{}{REPORT_FOR_TEAM_APP}", site.berth.admin_url());
     let refused = support::get(&url, None).await.unwrap();
     assert_eq!(refused.status, 401);
     let bearer = format!("Bearer {ADMIN_TOKEN}");
@@ -757,12 +756,7 @@ async fn the_admin_listener_serves_the_access_report_behind_its_token() {
     assert_eq!(fetched.status, 200);
     let report: Value = serde_json::from_slice(&fetched.body).unwrap();
     assert_eq!(report["repository"], "team/app");
-    let principals: Vec<&str> = report["principals"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["principal"].as_str().unwrap())
-        .collect();
+    let principals = support::strings_at(&report["principals"], "principal");
     assert!(
         principals.contains(&"//user/alice@example.com"),
         "{principals:?}"

@@ -269,12 +269,9 @@ async fn killing_the_owner_mid_fill_fails_no_pull_and_costs_each_asker_at_most_o
     push_blob(&location.registry.url(), "team/app", &blob, None)
         .await
         .unwrap();
-    location.tap.reset();
     // The owner's fill (the first upstream GET) stops at 3 MiB until the test says so: the
     // kill lands while it runs.
-    location
-        .tap
-        .inject_times(Kind::Blob, Fault::PauseAt(3 << 20), 1);
+    location.tap.reset_with_blob_fault(Fault::PauseAt(3 << 20));
 
     // Four clients on each of the two other replicas; each reports its first bytes.
     let (first_bytes, mut started) = tokio::sync::mpsc::channel(8);

@@ -483,15 +483,18 @@ async fn admin_delete(berth: &Berth, path: &str) -> support::Fetched {
     let auth = format!("Bearer {ADMIN_TOKEN}");
     let url = format!("{}{path}", berth.admin_url());
     let headers = [("authorization", auth.as_str())];
-    support::fetch(support::request(
-        http::Method::DELETE,
-        &url,
-        None,
-        &headers,
-        Bytes::new(),
-    ))
-    .await
-    .unwrap()
+    send_without_body(http::Method::DELETE, &url, &headers).await
+}
+
+/// Sends `method` to `url` with `headers`, no credentials and no body.
+async fn send_without_body(
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> support::Fetched {
+    support::fetch(support::request(method, url, None, headers, Bytes::new()))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -504,16 +507,8 @@ async fn purges_are_durable_and_reach_memory() {
         .unwrap();
     let url = format!("{}/v2/team/app/manifests/v1", stack.berth.url());
     let accept = [("accept", image.media_type())];
-    let pull = || {
-        support::fetch(support::request(
-            http::Method::GET,
-            &url,
-            None,
-            &accept,
-            Bytes::new(),
-        ))
-    };
-    assert_eq!(pull().await.unwrap().status, 200);
+    let pulled = send_without_body(http::Method::GET, &url, &accept).await;
+    assert_eq!(pulled.status, 200);
     let tags_dir = stack
         .cache
         .path()

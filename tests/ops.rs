@@ -235,8 +235,7 @@ async fn a_coalesced_follower_is_counted_as_one_fill_with_a_follower() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_digest_mismatch_is_counted_and_nothing_is_cached() {
     let stack = Stack::start("").await;
-    let blob = stack.push(1 << 20, 23).await;
-    stack.tap.inject_times(Kind::Blob, Fault::CorruptBlob, 1);
+    let blob = stack.push_faulted(1 << 20, 23, Fault::CorruptBlob).await;
     let url = stack.url(&blob);
     assert!(get(&url, None).await.is_err(), "the body must fail");
 
@@ -441,12 +440,7 @@ async fn dashboard_and_alerts_query_only_families_a_real_scrape_has() {
     ] {
         assert!(used.contains(needed), "the dashboard has no {needed} panel");
     }
-    let titles: Vec<&str> = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["title"].as_str().unwrap())
-        .collect();
+    let titles = support::strings_at(&dashboard["panels"], "title");
     assert!(titles.iter().any(|t| t.contains("Stale")), "{titles:?}");
 }
 

@@ -90,6 +90,12 @@ async fn connect(
     connector.connect(name, tcp).await.unwrap()
 }
 
+/// The ping came back 200 over the protocol ALPN chose.
+fn assert_ok_over<B>(response: &http::Response<B>, version: Version) {
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), version);
+}
+
 fn ping() -> Request<Empty<Bytes>> {
     Request::get("https://localhost/v2/")
         .body(Empty::new())
@@ -119,8 +125,7 @@ async fn serves_http2_and_http1_by_alpn_and_reloads_a_replaced_certificate() {
             .unwrap();
     tokio::spawn(connection);
     let response = sender.send_request(ping()).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.version(), Version::HTTP_2);
+    assert_ok_over(&response, Version::HTTP_2);
     assert_eq!(
         response.into_body().collect().await.unwrap().to_bytes(),
         "{}"
@@ -133,8 +138,7 @@ async fn serves_http2_and_http1_by_alpn_and_reloads_a_replaced_certificate() {
         .unwrap();
     tokio::spawn(connection);
     let response = sender.send_request(ping()).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.version(), Version::HTTP_11);
+    assert_ok_over(&response, Version::HTTP_11);
 
     // A renewed certificate is served from the next handshake on.
     let second = ca.leaf();

@@ -118,19 +118,24 @@ async fn token_auth_pushes_with_a_user_token_and_answers_anonymous_pulls_with_a_
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tokens_grant_only_what_the_policy_allows_and_the_registry_enforces_it() {
+/// A token server with `policy()` and a registry behind it, `image` seeded as `v1` in each of
+/// `repos` with minted tokens (so no token request is logged).
+async fn seeded_registry(image: &Image, repos: &[&str]) -> (TokenServer, Registry) {
     let tokens = TokenServer::start(policy()).await;
     let registry = Registry::start(tokens.auth()).await;
+    for repo in repos {
+        tokens
+            .seed_image(&registry.url(), repo, "v1", image)
+            .await
+            .unwrap();
+    }
+    (tokens, registry)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_grant_only_what_the_policy_allows_and_the_registry_enforces_it() {
     let image = Image::random(Flavor::Docker, 31, &[8 << 10]);
-    tokens
-        .seed_image(&registry.url(), TEAM_REPO, "v1", &image)
-        .await
-        .unwrap();
-    tokens
-        .seed_image(&registry.url(), PUBLIC_REPO, "v1", &image)
-        .await
-        .unwrap();
+    let (tokens, registry) = seeded_registry(&image, &[TEAM_REPO, PUBLIC_REPO]).await;
     assert!(tokens.requests().is_empty(), "seeding must not be counted");
     let team_scope = format!("repository:{TEAM_REPO}:pull");
     let team_url = format!("{}/v2/{TEAM_REPO}/manifests/v1", registry.url());
@@ -173,13 +178,8 @@ async fn tokens_grant_only_what_the_policy_allows_and_the_registry_enforces_it()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_refuses_expired_tokens_and_lifetime_is_configurable() {
-    let tokens = TokenServer::start(policy()).await;
-    let registry = Registry::start(tokens.auth()).await;
     let image = Image::random(Flavor::Oci, 41, &[4 << 10]);
-    tokens
-        .seed_image(&registry.url(), PUBLIC_REPO, "v1", &image)
-        .await
-        .unwrap();
+    let (tokens, registry) = seeded_registry(&image, &[PUBLIC_REPO]).await;
     let url = format!("{}/v2/{PUBLIC_REPO}/manifests/v1", registry.url());
     let scope = format!("repository:{PUBLIC_REPO}:pull");
 

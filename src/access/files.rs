@@ -253,6 +253,15 @@ mod tests {
         std::fs::rename(&temp, path).unwrap();
     }
 
+    /// A temp dir holding the path of `principals.json` (not written) and an empty `policies/`.
+    fn layout() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let principals = dir.path().join("principals.json");
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).unwrap();
+        (dir, principals, policies)
+    }
+
     fn all_for(user: &str) -> serde_json::Value {
         json!({"targetKind": "image", "target": "all",
                "bindings": [{"permissions": ["pull"], "principalLinks": [format!("//user/{user}")]}]})
@@ -260,10 +269,7 @@ mod tests {
 
     #[test]
     fn changes_are_loaded_and_broken_files_keep_the_previous_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let principals = dir.path().join("principals.json");
-        let policies = dir.path().join("policies");
-        std::fs::create_dir(&policies).unwrap();
+        let (_dir, principals, policies) = layout();
         write(&principals, json!({"users": [{"email": "a@x.io"}]}));
         write(&policies.join("a.json"), all_for("a@x.io"));
         std::fs::write(policies.join(".hidden.json"), "not json").unwrap();
@@ -322,10 +328,7 @@ mod tests {
 
     #[test]
     fn a_bad_file_at_start_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let principals = dir.path().join("principals.json");
-        let policies = dir.path().join("policies");
-        std::fs::create_dir(&policies).unwrap();
+        let (dir, principals, policies) = layout();
         write(&principals, json!({}));
         std::fs::write(policies.join("p.json"), r#"{"targetKind":"image"}"#).unwrap();
         let err = Files::open(&principals, &policies, None, Duration::ZERO)

@@ -121,24 +121,23 @@ impl Query {
 }
 
 fn all(truths: impl Iterator<Item = Truth>) -> Truth {
-    let mut result = Truth::Yes;
-    for truth in truths {
-        match truth {
-            Truth::No => return Truth::No,
-            Truth::Unknown => result = Truth::Unknown,
-            Truth::Yes => {}
-        }
-    }
-    result
+    combine(truths, Truth::No, Truth::Yes)
 }
 
 fn any(truths: impl Iterator<Item = Truth>) -> Truth {
-    let mut result = Truth::No;
+    combine(truths, Truth::Yes, Truth::No)
+}
+
+/// Three-valued `all` (`decisive` is No) or `any` (`decisive` is Yes): the first decisive truth
+/// settles it; otherwise any Unknown makes the result Unknown, else it is `otherwise`.
+fn combine(truths: impl Iterator<Item = Truth>, decisive: Truth, otherwise: Truth) -> Truth {
+    let mut result = otherwise;
     for truth in truths {
-        match truth {
-            Truth::Yes => return Truth::Yes,
-            Truth::Unknown => result = Truth::Unknown,
-            Truth::No => {}
+        if truth == decisive {
+            return decisive;
+        }
+        if truth == Truth::Unknown {
+            result = Truth::Unknown;
         }
     }
     result

@@ -89,13 +89,17 @@ mod tests {
         }
     }
 
+    /// Candidates 1, 2, 3, ... of the given `(size, age_secs)`.
+    fn numbered(specs: &[(u64, u64)]) -> Vec<Candidate> {
+        (1..)
+            .zip(specs)
+            .map(|(n, &(size, age))| candidate(n, size, age))
+            .collect()
+    }
+
     #[test]
     fn the_oldest_go_first_until_enough_is_freed() {
-        let candidates = vec![
-            candidate(1, 100, 10),
-            candidate(2, 100, 30),
-            candidate(3, 100, 20),
-        ];
+        let candidates = numbered(&[(100, 10), (100, 30), (100, 20)]);
         let victims = choose_victims(candidates, 150);
         let chosen: Vec<u64> = victims.iter().map(|v| v.size).collect();
         assert_eq!(chosen.len(), 2);
@@ -106,11 +110,7 @@ mod tests {
 
     #[test]
     fn short_of_inodes_evicts_by_count_even_with_bytes_to_spare() {
-        let candidates = vec![
-            candidate(1, 10, 30),
-            candidate(2, 10, 20),
-            candidate(3, 10, 10),
-        ];
+        let candidates = numbered(&[(10, 30), (10, 20), (10, 10)]);
         let need = Need {
             bytes: 0,
             inodes: 2,

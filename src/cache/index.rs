@@ -347,6 +347,13 @@ mod tests {
         digest
     }
 
+    /// A store in a fresh temp dir (kept alive by the returned guard).
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
     /// What one small object weighs on this filesystem (a block, at least `MIN_WEIGHT`).
     fn unit(store: &Store) -> u64 {
         let digest = Digest::of(b"probe");
@@ -360,8 +367,7 @@ mod tests {
 
     #[test]
     fn running_fills_reserve_room_against_max_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let unit = unit(&store);
         let index = Index::new(Arc::clone(&store), 4 * unit, Arc::new(Metrics::new()));
         let a = put(&store, &index, &[1; 1024]);
@@ -383,8 +389,7 @@ mod tests {
 
     #[test]
     fn a_reservation_within_a_share_leaves_the_rest_to_ordinary_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let unit = unit(&store);
         let index = Index::new(Arc::clone(&store), 4 * unit, Arc::new(Metrics::new()));
         let half = (1, 2);
@@ -400,8 +405,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used_and_deletes_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let metrics = Arc::new(Metrics::new());
         let unit = unit(&store);
         let index = Index::new(Arc::clone(&store), 3 * unit, Arc::clone(&metrics));
@@ -424,8 +428,7 @@ mod tests {
 
     #[test]
     fn small_objects_weigh_their_allocated_blocks_and_sidecars() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let unit = unit(&store);
         // Room for ten 1-byte objects by their bytes, but only for two by their blocks.
         let index = Index::new(Arc::clone(&store), 2 * unit, Arc::new(Metrics::new()));
@@ -447,8 +450,7 @@ mod tests {
 
     #[test]
     fn a_blob_and_a_manifest_with_one_digest_are_two_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
         let bytes = br#"{"schemaVersion":2,"layers":[]}"#;
         let digest = put(&store, &index, bytes);
@@ -475,8 +477,7 @@ mod tests {
 
     #[test]
     fn a_removal_decided_before_a_new_commit_keeps_the_new_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (_dir, store) = store();
         let index = Index::new(Arc::clone(&store), 1 << 30, Arc::new(Metrics::new()));
         let digest = put(&store, &index, b"layer bytes");
         // The decision: eviction or purge takes the entry out of the index...

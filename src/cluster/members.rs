@@ -159,6 +159,13 @@ mod tests {
         Members::new(Ring::new([A, B, C]), 2, Duration::from_secs(60))
     }
 
+    /// The test membership and a key `owner` owns in it.
+    fn members_and_key_of(owner: &str) -> (Members, String) {
+        let members = members();
+        let key = key_owned_by(&members, owner);
+        (members, key)
+    }
+
     fn key_owned_by(members: &Members, wanted: &str) -> String {
         (0u32..)
             .map(|i| format!("sha256:{i:064}"))
@@ -187,8 +194,7 @@ mod tests {
 
     #[test]
     fn a_draining_member_leaves_the_ring_at_once_and_only_its_keys_move() {
-        let members = members();
-        let key = key_owned_by(&members, B);
+        let (members, key) = members_and_key_of(B);
         let other = key_owned_by(&members, C);
         members.drained(B);
         assert_ne!(members.owner(&key).as_deref(), Some(B));
@@ -200,8 +206,7 @@ mod tests {
 
     #[test]
     fn a_member_failing_repeatedly_is_skipped() {
-        let members = members();
-        let key = key_owned_by(&members, A);
+        let (members, key) = members_and_key_of(A);
         members.failed(A);
         assert_eq!(members.owner(&key).as_deref(), Some(A));
         assert!(members.failed(A));
@@ -212,8 +217,7 @@ mod tests {
 
     #[test]
     fn a_member_listed_anew_is_no_longer_drained() {
-        let members = members();
-        let key = key_owned_by(&members, C);
+        let (members, key) = members_and_key_of(C);
         members.drained(C);
         assert!(members.set(Ring::new([A, B])));
         assert!(members.set(Ring::new([A, B, C])));

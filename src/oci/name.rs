@@ -290,10 +290,21 @@ mod tests {
         }
     }
 
+    /// Each of `bad` is refused with the error `refusal` makes of that very input.
+    fn assert_refused<T: std::fmt::Debug + PartialEq>(
+        parse: fn(&str) -> Result<T, NameError>,
+        refusal: fn(String) -> NameError,
+        bad: &[&str],
+    ) {
+        for bad in bad {
+            assert_eq!(parse(bad), Err(refusal(bad.to_string())), "{bad:?}");
+        }
+    }
+
     #[test]
     fn rejects_malformed_repository_names() {
         let too_long = format!("{}/{}", "a".repeat(128), "b".repeat(127));
-        for bad in [
+        let bad = [
             "",
             "/",
             "/a",
@@ -320,13 +331,8 @@ mod tests {
             "a/../b",
             "a/./b",
             &too_long,
-        ] {
-            assert_eq!(
-                Repository::parse(bad),
-                Err(NameError::Repository(bad.to_owned())),
-                "{bad:?}"
-            );
-        }
+        ];
+        assert_refused(Repository::parse, NameError::Repository, &bad);
     }
 
     #[test]
@@ -361,15 +367,10 @@ mod tests {
             assert_eq!(Tag::parse(ok).unwrap().as_str(), ok);
         }
         let over = format!("{max}c");
-        for bad in [
+        let bad = [
             "", ".x", "-x", "a:b", "a/b", "a b", "é", "a\0", "a+b", &over,
-        ] {
-            assert_eq!(
-                Tag::parse(bad),
-                Err(NameError::Tag(bad.to_owned())),
-                "{bad:?}"
-            );
-        }
+        ];
+        assert_refused(Tag::parse, NameError::Tag, &bad);
     }
 
     #[test]

@@ -51,6 +51,17 @@ pub fn error_code(body: &[u8]) -> String {
         .to_string()
 }
 
+/// The string `field` of each object in the JSON array `array`; panics when `array` is not an
+/// array or an item lacks the field, so calling it also asserts the shape.
+pub fn strings_at<'a>(array: &'a serde_json::Value, field: &str) -> Vec<&'a str> {
+    array
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|item| item[field].as_str().expect("a string field"))
+        .collect()
+}
+
 /// A fresh client with its own connection pool, so one test's idle connections never leak into
 /// another's request counts.
 pub fn http_client() -> HttpClient {

@@ -42,7 +42,9 @@ pub mod tap;
 pub mod token;
 
 pub use berth::{single_upstream_config, Berth};
-pub use client::{error_code, fetch, get, read_body, request, send, send_get, Creds, Fetched};
+pub use client::{
+    error_code, fetch, get, read_body, request, send, send_get, strings_at, Creds, Fetched,
+};
 pub use containerd::{Containerd, CtrImage, HostsDir};
 pub use fault::Fault;
 pub use hostile::Hostile;

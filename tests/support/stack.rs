@@ -79,8 +79,7 @@ impl Stack {
     /// the next blob response.
     pub async fn push_faulted(&self, size: usize, seed: u64, fault: Fault) -> Blob {
         let blob = self.push(size, seed).await;
-        self.tap.reset();
-        self.tap.inject_times(Kind::Blob, fault, 1);
+        self.tap.reset_with_blob_fault(fault);
         blob
     }
 

@@ -168,6 +168,12 @@ impl Tap {
             .collect()
     }
 
+    /// The paths (with query) of every request since the last `reset`, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        let seen = self.state.seen.lock().unwrap();
+        seen.iter().map(|s| s.path.clone()).collect()
+    }
+
     /// Like `requests`, with kinds and headers (e.g. to check `Authorization` or `Range`).
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -182,6 +188,13 @@ impl Tap {
     /// Body faults match successful GETs only; `Status` matches every method.
     pub fn inject(&self, kind: Kind, fault: Fault) {
         self.set_rule(kind, fault, None);
+    }
+
+    /// Forgets the requests seen so far, then applies `fault` to the next blob request only:
+    /// the set-up of a test about one faulted transfer.
+    pub fn reset_with_blob_fault(&self, fault: Fault) {
+        self.reset();
+        self.inject_times(Kind::Blob, fault, 1);
     }
 
     /// Applies `fault` to the next `times` matching requests only.
