@@ -336,6 +336,10 @@ async fn an_unreachable_owner_fails_no_pull() {
     // The owner's front door closes: connecting to it fails from now on.
     drop(location.front.take());
     pull_verified(&location.replicas[0], &blob).await;
+    assert!(
+        peer_results(&location.replicas[0], "fallback") >= 1,
+        "the asker tried the owner first"
+    );
 }
 
 /// Pulls `blob` through `replica`: a 200 with exactly its bytes.

@@ -156,7 +156,10 @@ async fn heads_and_index_gets_start_nothing_and_the_platform_manifest_does() {
     push_index(&stack.registry.url(), REPO, "multi", &index, None)
         .await
         .unwrap();
-    push_image(&stack.registry.url(), REPO, "single", &amd, None)
+    // Another image for the HEAD: were a HEAD to start its fills, the count below would show
+    // them (the amd64 image's fills would otherwise hide them, already under way).
+    let single = Image::random(Flavor::Oci, 32, &[120_000]);
+    push_image(&stack.registry.url(), REPO, "single", &single, None)
         .await
         .unwrap();
     stack.tap.reset();
@@ -176,6 +179,11 @@ async fn heads_and_index_gets_start_nothing_and_the_platform_manifest_does() {
         .await;
     wait_metric("unjoined", || metrics.prefetch_unjoined.get(), 3).await;
     assert_eq!(metrics.prefetch_started.get(), 3);
+    assert_eq!(
+        stack.tap.count(Method::GET, Kind::Blob),
+        3,
+        "nothing of the HEAD's image"
+    );
 }
 
 #[tokio::test]

@@ -69,8 +69,11 @@ impl Lookup {
                 .iter()
                 .collect(),
         };
+        // Only internal addresses: the peer token goes to every member, in plain http unless
+        // the members are https, so a spoofed answer must not name a host outside.
         let mut urls: Vec<String> = addresses
             .iter()
+            .filter(|ip| crate::net::address::classify(**ip).is_internal())
             .map(|ip| member_url(*ip, self.port))
             .collect();
         urls.sort();

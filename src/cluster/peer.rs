@@ -155,7 +155,8 @@ pub fn provenance_header<'a>(
 
 /// The upstreams an owner reports, when they include `upstream` (the asked one): else `None`,
 /// and the asker fetches for itself. Names must be plain (visible ASCII, no comma, at most 255
-/// bytes, as `cache::origins` stores them); at most `MAX_PROVENANCE` are read.
+/// bytes, as `cache::origins` stores them) and registry hosts (`host[:port]`); at most
+/// `MAX_PROVENANCE` are read.
 pub fn read_provenance(headers: &http::HeaderMap, upstream: &str) -> Option<Vec<Arc<str>>> {
     let value = headers.get(PROVENANCE_HEADER)?.to_str().ok()?;
     let names: Vec<Arc<str>> = value
@@ -163,6 +164,7 @@ pub fn read_provenance(headers: &http::HeaderMap, upstream: &str) -> Option<Vec<
         .map(str::trim)
         .filter(|name| !name.is_empty() && name.len() <= 255)
         .filter(|name| name.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|name| crate::upstream::host::RegistryHost::parse(name).is_ok())
         .take(MAX_PROVENANCE)
         .map(Arc::from)
         .collect();
@@ -203,6 +205,12 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+        let hostile = "b.io,user@evil.io,a.io/path,EVIL..io,169.254.169.254:80";
+        let read = read_provenance(&headers(hostile), "b.io").unwrap();
+        assert_eq!(
+            read,
+            vec![Arc::from("b.io"), Arc::from("169.254.169.254:80")]
         );
     }
 

@@ -42,6 +42,8 @@ pub enum TokenError {
     Short { line: usize },
     #[error("cluster.token_file: no token in the file")]
     Empty,
+    #[error("cluster.token_file: larger than {MAX_FILE} bytes")]
+    TooLarge,
 }
 
 /// The accepted tokens (as digests) and the one to send.
@@ -61,11 +63,20 @@ impl std::fmt::Debug for PeerTokens {
 }
 
 impl PeerTokens {
+    /// Reads at most `MAX_FILE` bytes: a larger file is refused, however it grows meanwhile.
     pub fn load(path: &Path) -> Result<PeerTokens, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        use std::io::Read;
+        let read_error = |source| TokenError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_FILE + 1).read_to_string(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(TokenError::TooLarge);
+        }
         PeerTokens::parse(&text)
     }
 
@@ -208,6 +219,15 @@ mod tests {
             PeerTokens::parse("# nothing\n"),
             Err(TokenError::Empty)
         ));
+    }
+
+    #[test]
+    fn a_token_file_over_the_bound_is_refused_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let line = format!("{NEW}\n");
+        std::fs::write(&path, line.repeat(MAX_FILE as usize / line.len() + 1)).unwrap();
+        assert!(matches!(TokenFile::open(&path), Err(TokenError::TooLarge)));
     }
 
     #[test]

@@ -62,7 +62,7 @@ impl AddressClass {
     }
 
     /// Loopback, private and unique-local: allowed when the configuration says so.
-    fn is_internal(self) -> bool {
+    pub(crate) fn is_internal(self) -> bool {
         matches!(
             self,
             AddressClass::Loopback | AddressClass::Private | AddressClass::UniqueLocal
