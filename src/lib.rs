@@ -31,7 +31,8 @@
 //!   LRU eviction, manifests in memory, tag table, where each object came from and who holds
 //!   it (`origins`, for the policy mode), a blob on its way to readers (`progress`: a fill's
 //!   state, or a cached file opened), blob readers over complete or growing files (verified
-//!   ones from shared maps where the kernel copies the body: `mapped`, `reader::Copier`), the
+//!   ones as slices of shared maps where the kernel sends the body: `mapped`, which also
+//!   finds a slice's file and offset, `reader::Copier`), the
 //!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response,
 //!   and `FillError`, which every reader of a failed fill sees.
 //! - `cluster`  replicas of a location as one cache: rendezvous ring of blob owners, membership
@@ -45,7 +46,8 @@
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
 //!   server puts in each request; the request log line written by hand (`request_line`).
 //! - `server`   accept loop (open -> admit -> drain), HTTP/1.1 + HTTP/2, idle and head
-//!   timeouts per connection, graceful shutdown (requests, then fills).
+//!   timeouts per connection, graceful shutdown (requests, then fills); plain-TCP connections
+//!   send cached blob bodies from their files with `sendfile` (`server::sendfile`).
 //! - `limits`   connection, fill and per-client caps (IPv6 by /64, trusted networks exempt),
 //!   request size checks, write deadlines.
 //! - `tls`      HTTPS serving: rustls acceptor with ALPN, reloaded when the PEM files change.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     /// Body bytes sent to clients, by route and source.
     pub bytes_served: IntCounterVec,
+    /// Of those, bytes the kernel sent from a cached file with `sendfile` (`server::sendfile`).
+    pub sendfile_bytes: IntCounter,
     /// Requests sent to upstreams (each redirect hop is one), by upstream and status class;
     /// `error` when no response came (connect failure, timeout, protocol error).
     pub upstream_requests: IntCounterVec,
@@ -139,6 +141,10 @@ impl Metrics {
                 "berth_served_bytes_total",
                 "Response body bytes sent to clients",
                 &["route", "source"],
+            ),
+            sendfile_bytes: counter(
+                "berth_sendfile_bytes_total",
+                "Body bytes sent from cached files with sendfile (plain-TCP HTTP/1.x hits)",
             ),
             upstream_requests: counter_vec(
                 "berth_upstream_requests_total",
@@ -264,6 +270,7 @@ impl Metrics {
             Box::new(self.time_to_first_byte.clone()),
             Box::new(self.request_seconds.clone()),
             Box::new(self.bytes_served.clone()),
+            Box::new(self.sendfile_bytes.clone()),
             Box::new(self.upstream_requests.clone()),
             Box::new(self.upstream_seconds.clone()),
             Box::new(self.upstream_bytes.clone()),

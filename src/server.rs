@@ -13,7 +13,9 @@
 //! a CONTINUATION flood.
 //!
 //! Each request carries its connection's `Copier`: only a plain-TCP HTTP/1.x connection may
-//! send a cached blob from a memory map (`cache::reader` says why).
+//! send a cached blob from a memory map (`cache::reader` says why). A plain-TCP connection's
+//! stream is a `sendfile::Sendfile`, which sends such map slices from the file with
+//! `sendfile(2)` and writes everything else as it is.
 //!
 //! Binding the socket is the caller's job (so tests bind port 0).
 
@@ -41,6 +43,9 @@ use crate::config::LimitsConfig;
 use crate::limits::{self, ClientSlot, ClientSlots, WriteDeadline};
 use crate::tls::Tls;
 use crate::AppState;
+use sendfile::Sendfile;
+
+mod sendfile;
 
 /// Connections over the cap that are being answered 503 at once; beyond this they are closed
 /// without an answer, so a flood costs nothing but the accept.
@@ -295,7 +300,10 @@ impl Serving {
         metrics.connections_open.inc();
         let limits = &self.state.config.limits;
         match &self.tls {
-            None => self.serve(stream, peer, stopping).await,
+            None => {
+                let stream = Sendfile::new(stream, metrics.sendfile_bytes.clone());
+                self.serve(stream, peer, stopping).await
+            }
             Some(tls) => {
                 let handshake = tls.acceptor().accept(stream);
                 match tokio::time::timeout(limits.header_read_timeout, handshake).await {

@@ -185,6 +185,62 @@ async fn a_miss_then_a_hit_move_the_request_byte_and_upstream_counters() {
     assert_eq!(after_hit.value("berth_cache_entries", &[]), 1.0);
 }
 
+/// The body of a GET of `url` over a fresh HTTP/2 connection without TLS (prior knowledge).
+async fn get_over_h2c(addr: std::net::SocketAddr, url: &str) -> Bytes {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(url)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hit_over_plain_http1_is_sent_with_sendfile_and_over_h2c_is_not() {
+    let stack = Stack::start("").await;
+    let blob = stack.push(3 << 20, 24).await;
+    let url = stack.url(&blob);
+    let miss = get(&url, None).await.unwrap();
+    assert_eq!(miss.header("x-cache"), Some("MISS"));
+    let before = stack
+        .scrape()
+        .await
+        .value("berth_sendfile_bytes_total", &[]);
+
+    let hit = get(&url, None).await.unwrap();
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(support::Blob::new(hit.body.clone()).digest, blob.digest);
+    let after_hit = stack
+        .scrape()
+        .await
+        .value("berth_sendfile_bytes_total", &[]);
+    let sent = after_hit - before;
+    assert!(
+        sent > 0.0 && sent <= blob.len() as f64,
+        "sendfile sent {sent} bytes of the hit"
+    );
+
+    let body = get_over_h2c(stack.berth.addr, &url).await;
+    assert_eq!(support::Blob::new(body).digest, blob.digest);
+    let after_h2 = stack
+        .scrape()
+        .await
+        .value("berth_sendfile_bytes_total", &[]);
+    assert_eq!(
+        after_h2, after_hit,
+        "HTTP/2 bodies are read, never sent from a map"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_coalesced_follower_is_counted_as_one_fill_with_a_follower() {
     let stack = Stack::start("").await;

@@ -152,17 +152,71 @@ async fn serves_http2_and_http1_by_alpn_and_reloads_a_replaced_certificate() {
     assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], second.der);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upstream_certificates_are_verified_unless_a_ca_file_or_insecure_says_otherwise() {
+/// A registry holding a random blob of `size` bytes from `seed` in `team/app`.
+async fn registry_holding(size: usize, seed: u64) -> (Registry, support::Blob) {
     let registry = Registry::start(Auth::None).await;
-    let blob = random_blob(200_000, 60);
+    let blob = random_blob(size, seed);
     push_blob(&registry.url(), "team/app", &blob, None)
         .await
         .unwrap();
-    // An HTTPS registry: berth with TLS in front of the real one, with a private CA's cert.
+    (registry, blob)
+}
+
+/// A private CA, and a directory holding a leaf certificate it signed (`key.pem`, `cert.pem`).
+fn ca_with_leaf() -> (Ca, tempfile::TempDir) {
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     write_leaf(dir.path(), &ca.leaf());
+    (ca, dir)
+}
+
+/// The body of a GET of `path` over a new TLS connection speaking the protocol `alpn` names.
+async fn get_over_tls(addr: std::net::SocketAddr, ca: &Ca, alpn: &[u8], path: &str) -> Bytes {
+    let tls = TokioIo::new(connect(addr, ca, alpn).await);
+    let request = Request::get(format!("https://localhost{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = if alpn == b"h2" {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), tls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(tls).await.unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap().to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_over_tls_are_never_sent_with_sendfile() {
+    let (registry, blob) = registry_holding(3 << 20, 61).await;
+    let (ca, dir) = ca_with_leaf();
+    let config = single_upstream_config(
+        &registry.host(),
+        &registry.url(),
+        &dir.path().join("cache"),
+        &tls_section(dir.path()),
+    );
+    let berth = Berth::start(&config).await;
+    let path = format!("/v2/team/app/blobs/{}", blob.digest);
+    // A miss, then hits over both protocols: every body whole, none sent from the file.
+    for alpn in [&b"http/1.1"[..], b"http/1.1", b"h2"] {
+        let body = get_over_tls(berth.addr, &ca, alpn, &path).await;
+        assert!(body == blob.bytes);
+    }
+    assert_eq!(berth.state.metrics.sendfile_bytes.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_certificates_are_verified_unless_a_ca_file_or_insecure_says_otherwise() {
+    let (registry, blob) = registry_holding(200_000, 60).await;
+    // An HTTPS registry: berth with TLS in front of the real one, with a private CA's cert.
+    let (ca, dir) = ca_with_leaf();
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
     let front = Berth::start(&single_upstream_config(
         &registry.host(),

@@ -11,8 +11,8 @@
 //! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
 //! bytes past the file's good length come from the fill's in-memory window (`spill`). A
 //! verified file is served from a shared memory map instead, in larger slices, whenever the
-//! pages of a slice are in memory (`mapped`) and the kernel, not berth, copies the body onto
-//! the connection (`Copier`): one copy fewer than a read. A read
+//! pages of a slice are in memory (`mapped`) and the kernel, not berth, puts the body onto
+//! the connection (`Copier`; `server::sendfile`): no copy by berth at all. A read
 //! error on a cached blob drops it from the cache (the next request refetches) and ends this
 //! body in an error: a body cannot be resumed mid-way. Choosing the range is the caller's job.
 
@@ -41,13 +41,15 @@ const CHUNK: u64 = 256 * 1024;
 const MAPPED_CHUNK: usize = 1024 * 1024;
 
 /// Who copies a response body's bytes onto the connection. A slice of a mapped file is handed
-/// over only when the kernel does: a page lost to a disk error between the residency check and
-/// the write then fails the write (EFAULT) and ends that connection. Copied in berth's own
-/// process (rustls encrypting it, h2 framing it) the same page would raise SIGBUS and kill the
-/// process, so those bodies are read (`pread` reports the error) and never mapped.
+/// over only when the kernel does: `server::sendfile` sends it from the file, and a page lost to
+/// a disk error between the residency check and the send fails the syscall (EIO) and ends that
+/// connection. Copied in berth's own process (rustls encrypting it, h2 framing it) the same
+/// page would raise SIGBUS and kill the process, so those bodies are read (`pread` reports the
+/// error) and never mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Copier {
-    /// A plain-TCP HTTP/1.x connection: hyper hands body `Bytes` to `writev` as they are.
+    /// A plain-TCP HTTP/1.x connection: hyper hands body `Bytes` to the connection's IO as they
+    /// are, and `server::sendfile` sends map slices from their file.
     Kernel,
     /// TLS, HTTP/2, or not known: bytes pass through berth's own code.
     Berth,
