@@ -9,7 +9,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct PrefetchConfig {
     /// A node asks for an image's blobs a few at a time (containerd: 3), each paced by one
-    /// stream; starting them all at the manifest GET lets the later layers arrive meanwhile.
+    /// stream; starting them all at once (`trigger`) lets the later layers arrive meanwhile.
     #[serde(default = "default_enabled")]
     pub enabled: bool,
     /// Prefetch fills one manifest may have running at once; the rest of its blobs wait in
@@ -31,10 +31,12 @@ pub struct PrefetchConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Trigger {
     /// The GET of its image manifest.
-    #[default]
     Manifest,
     /// The first GET (never a HEAD) of its config or a layer, within a minute of the
-    /// manifest's GET; the manifest GET only remembers what to fetch.
+    /// manifest's GET; the manifest GET only remembers what to fetch. The default: it pulls
+    /// a cold image as fast as `Manifest` (benches/prefetch) and starts nothing for a client
+    /// that only resolves digests.
+    #[default]
     FirstBlob,
 }
 
