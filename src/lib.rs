@@ -40,8 +40,9 @@
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
 //!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
-//! - `prefetch` a cold image's manifest GET starts the fills of its missing config and layers,
-//!   bounded, below real misses for `max_fills`, paused for an upstream that answers 429.
+//! - `prefetch` a cold image's manifest GET (or its first blob GET: `plans`) starts the fills of
+//!   its missing config and layers, once per image at a time, bounded, below real misses for
+//!   `max_fills`, paused for an upstream that answers 429.
 //! - `flight`   single flight for small results (manifests, revalidations, tokens).
 //! - `api`      the `/v2/` handlers as named phases; `PeerAddr`, the client address the
 //!   server puts in each request; the request log line written by hand (`request_line`).

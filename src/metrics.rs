@@ -77,9 +77,9 @@ pub struct Metrics {
     pub fill_resumes: IntCounter,
     /// Requests and connections refused by a limit, by which limit.
     pub rejected: IntCounterVec,
-    /// Prefetch fills started by a manifest GET (`prefetch`), those a client's blob request
-    /// then joined, those that committed with no client joining, and blobs not prefetched, by
-    /// why (`PREFETCH_SKIPS`).
+    /// Prefetch fills started by an image's manifest or first blob GET (`prefetch`), those a
+    /// client's blob request then joined, those that committed with no client joining, and
+    /// blobs not prefetched, by why (`PREFETCH_SKIPS`).
     pub prefetch_started: IntCounter,
     pub prefetch_joined: IntCounter,
     pub prefetch_unjoined: IntCounter,
@@ -211,7 +211,7 @@ impl Metrics {
             ),
             prefetch_started: counter(
                 "berth_prefetch_started_total",
-                "Blob fills started by a manifest GET before any client asked for the blob",
+                "Blob fills started by an image's manifest or first blob GET, ahead of any client",
             ),
             prefetch_joined: counter(
                 "berth_prefetch_joined_total",

@@ -1,5 +1,5 @@
-//! Prefetch: when a client GETs an image manifest whose config and layers are not all cached,
-//! the fills of the missing ones start at once, so the node's later blob requests (containerd
+//! Prefetch: when a client pulls an image whose config and layers are not all cached, the
+//! fills of the missing ones start at once, so the node's later blob requests (containerd
 //! asks 3 at a time, each paced by one stream) join fills already under way instead of
 //! starting them one after another.
 //!
@@ -9,33 +9,44 @@
 //! quarter of `limits.max_fills` to real misses. Deliberately not here: who may pull (the
 //! caller calls this only after authorizing the request, and the fills are for the request's
 //! own upstream and repository, as the policy mode's holdings rule wants), and reading the
-//! manifest (`access::holdings::held_digests`, the digests a manifest says its repository holds).
+//! manifest (`access::holdings::Listed`, the digests a manifest says its repository holds,
+//! read once per request for the holdings rule and for this).
 //!
-//! Only a GET of an image manifest starts anything: a HEAD only resolves a digest, and an
-//! index does not say which platform the node will ask for. Prefetching pauses for an upstream
-//! that answered 429 in the last `PAUSE_AFTER_429` or whose circuit breaker is open: the
-//! node's own requests then decide what is fetched.
+//! What starts it (`prefetch.trigger`): the GET of an image manifest (`manifest`), or the first
+//! GET of one of its blobs within `PLAN_TTL` of that (`first_blob`), which proves a real pull:
+//! tools that only resolve digests start nothing. Then the manifest GET only leaves a plan
+//! (`plans::Plans`, bounded) that the blob GET takes; the blob it asks for goes through the
+//! ordinary miss path, the plan's other blobs are prefetched. Never a HEAD: it only resolves a
+//! digest; never an index: it does not say which platform the node will ask for. An image
+//! whose prefetch runs starts nothing more (`plans::Prefetching`): 30 nodes asking for one
+//! manifest at once start one prefetch. Prefetching pauses for an upstream that answered 429
+//! in the last `PAUSE_AFTER_429` or whose circuit breaker is open: the node's own requests
+//! then decide what is fetched.
 //!
 //! A manifest hit stays cheap: a manifest found complete (every blob it names cached) is
 //! remembered by digest for `COMPLETE_RECHECK` in a bounded set, and its hits within that time
 //! parse nothing. A blob evicted meanwhile is then not prefetched; the node's request fills it.
 
+mod plans;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::access::holdings::Listed;
 use crate::cache::progress::Progress;
 use crate::cache::{Cache, Manifest};
-use crate::config::PrefetchConfig;
+use crate::config::{PrefetchConfig, PrefetchTrigger};
 use crate::fill::{Fills, Job};
 use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::oci::name::Repository;
 use crate::upstream::Upstream;
+use plans::{ImageKey, NotEntered, Plans, Prefetching, Underway};
 
 /// How long prefetching stays off for an upstream after it answered 429 to any request.
 pub const PAUSE_AFTER_429: Duration = Duration::from_secs(60);
@@ -46,6 +57,18 @@ const COMPLETE_RECHECK: Duration = Duration::from_secs(30);
 /// Most manifests remembered as complete; beyond it the least used are forgotten (and parsed
 /// again on their next hit).
 const COMPLETE_CAPACITY: u64 = 4096;
+
+/// How long a manifest GET's plan waits for the first blob GET (`first_blob`): a node asks
+/// for the blobs within a second of the manifest; a plan older than this was only a resolve.
+const PLAN_TTL: Duration = Duration::from_secs(60);
+
+/// Most plans waiting, and most blobs they list in all; beyond them the oldest give way.
+const MAX_PLANS: usize = 1024;
+const MAX_PLAN_BLOBS: usize = 16 * 1024;
+
+/// Most images prefetching at once. Each holds a `max_total` permit while a fill of it runs,
+/// so this is reached only when `max_total` is too; an image beyond it is left to the client.
+const MAX_PREFETCHING: usize = 4096;
 
 /// Prefetch fills under way, by upstream and digest: whether a client has joined each.
 type Running = HashMap<(Arc<str>, Digest), bool>;
@@ -58,6 +81,10 @@ pub struct Prefetcher {
     running: Arc<Mutex<Running>>,
     /// Image manifests whose blobs were all cached when last checked (`COMPLETE_RECHECK`).
     complete: moka::sync::Cache<Digest, ()>,
+    /// `first_blob`: what each cold manifest GET left for its image's first blob GET.
+    plans: Mutex<Plans>,
+    /// The images whose prefetch runs now.
+    prefetching: Prefetching,
 }
 
 /// The shared parts a prefetch needs to start fills.
@@ -77,18 +104,21 @@ impl Prefetcher {
                 .max_capacity(COMPLETE_CAPACITY)
                 .time_to_live(COMPLETE_RECHECK)
                 .build(),
+            plans: Mutex::new(Plans::new(PLAN_TTL, MAX_PLANS, MAX_PLAN_BLOBS)),
+            prefetching: Prefetching::new(MAX_PREFETCHING),
         }
     }
 
     /// After a manifest GET was answered to a client that may pull `repository` from
-    /// `upstream`: starts the fills of the blobs it names that are not cached, at most
-    /// `max_per_image` at once (the rest queue in one task per manifest), returning at once.
+    /// `upstream`: with the `manifest` trigger, starts the fills of the blobs it lists that are
+    /// not cached (`start`); with `first_blob`, leaves them for its first blob GET. Returns at
+    /// once.
     pub fn manifest_served(
         &self,
         at: Fillers<'_>,
         upstream: &Arc<Upstream>,
-        repository: &Repository,
-        manifest: &Manifest,
+        (repository, manifest): (&Repository, &Manifest),
+        listed: &Listed<'_>,
     ) {
         if !self.config.enabled || !is_image_manifest(&manifest.media_type) {
             return;
@@ -96,20 +126,87 @@ impl Prefetcher {
         if self.complete.contains_key(&manifest.digest) {
             return;
         }
-        let missing = missing_blobs(at.cache, &manifest.bytes);
+        let key = ImageKey {
+            upstream: Arc::clone(&upstream.name),
+            repository: repository.clone(),
+            manifest: manifest.digest.clone(),
+        };
+        let first_blob = self.config.trigger == PrefetchTrigger::FirstBlob;
+        if self.prefetching.contains(&key) || first_blob && self.plan_waits(&key) {
+            return;
+        }
+        let missing = missing_blobs(at.cache, listed.digests());
         if missing.is_empty() {
             self.complete.insert(manifest.digest.clone(), ());
             return;
         }
+        match self.config.trigger {
+            PrefetchTrigger::Manifest => self.start(at, upstream, key, missing),
+            PrefetchTrigger::FirstBlob => {
+                let mut plans = self.plans.lock().expect("prefetch lock");
+                plans.insert(key, missing, Instant::now());
+            }
+        }
+    }
+
+    /// Before a blob GET (never a HEAD) of a client that may pull `repository` from `upstream`
+    /// is served: with `first_blob`, the first of an image's blobs asked for starts the fills
+    /// of its plan's other blobs (`start`). Returns at once.
+    pub fn blob_requested(
+        &self,
+        at: Fillers<'_>,
+        upstream: &Arc<Upstream>,
+        repository: &Repository,
+        digest: &Digest,
+    ) {
+        if !self.config.enabled || self.config.trigger != PrefetchTrigger::FirstBlob {
+            return;
+        }
+        let taken = self.plans.lock().expect("prefetch lock").take(
+            &upstream.name,
+            repository,
+            digest,
+            Instant::now(),
+        );
+        if let Some((key, rest)) = taken.filter(|(_, rest)| !rest.is_empty()) {
+            self.start(at, upstream, key, rest);
+        }
+    }
+
+    fn plan_waits(&self, key: &ImageKey) -> bool {
+        let plans = self.plans.lock().expect("prefetch lock");
+        plans.contains(key, Instant::now())
+    }
+
+    /// Starts an image's prefetch: the fills of `missing`, at most `max_per_image` at once
+    /// (the rest queue in one task per image), unless one runs for the image already.
+    fn start(
+        &self,
+        at: Fillers<'_>,
+        upstream: &Arc<Upstream>,
+        key: ImageKey,
+        missing: Vec<Digest>,
+    ) {
+        let underway = match self.prefetching.enter(key.clone()) {
+            Ok(underway) => underway,
+            Err(NotEntered::Prefetching) => return,
+            Err(NotEntered::Full) => {
+                let label = [Skip::MaxTotal.as_str()];
+                let skipped = at.metrics.prefetch_skipped.with_label_values(&label);
+                skipped.inc_by(missing.len() as u64);
+                return;
+            }
+        };
         let queue = Queue {
             fills: Arc::clone(at.fills),
             cache: Arc::clone(at.cache),
             metrics: Arc::clone(at.metrics),
             upstream: Arc::clone(upstream),
-            repository: repository.clone(),
+            repository: key.repository,
             total: Arc::clone(&self.total),
             running: Arc::clone(&self.running),
             per_image: self.config.max_per_image,
+            _underway: underway,
         };
         tokio::spawn(queue.run(missing));
     }
@@ -133,15 +230,16 @@ fn is_image_manifest(media_type: &str) -> bool {
 }
 
 /// The manifest's blobs (config first, then layers in order) that are not in the cache.
-fn missing_blobs(cache: &Cache, manifest: &[u8]) -> Vec<Digest> {
+fn missing_blobs(cache: &Cache, listed: &[Digest]) -> Vec<Digest> {
     let mut seen = HashSet::new();
-    crate::access::holdings::held_digests(manifest)
-        .into_iter()
-        .filter(|digest| seen.insert(digest.clone()) && !cache.index.contains(digest))
+    listed
+        .iter()
+        .filter(|digest| seen.insert(*digest) && !cache.index.contains(digest))
+        .cloned()
         .collect()
 }
 
-/// One manifest's prefetches: its missing blobs, started in order as the bounds allow.
+/// One image's prefetches: its missing blobs, started in order as the bounds allow.
 struct Queue {
     fills: Arc<Fills>,
     cache: Arc<Cache>,
@@ -151,6 +249,8 @@ struct Queue {
     total: Arc<Semaphore>,
     running: Arc<Mutex<Running>>,
     per_image: usize,
+    /// The image's place among those prefetching, left when the queue ends.
+    _underway: Underway,
 }
 
 /// Why a blob was not prefetched; the `reason` label of `berth_prefetch_skipped_total`.

@@ -1,7 +1,8 @@
-//! Prefetch: a client's GET of an image manifest starts the fills of its missing config and
-//! layers before the client asks for them; the client's blob requests then join those fills.
-//! Against a real registry behind a counting tap; the tap's pause points hold fills open where
-//! a test needs them running.
+//! Prefetch: a client's GET of an image manifest (`trigger = "manifest"`), or its first GET of
+//! one of the image's blobs (`trigger = "first_blob"`), starts the fills of the missing config
+//! and layers before the client asks for them; the client's blob requests then join those
+//! fills. Against a real registry behind a counting tap; the tap's pause points hold fills open
+//! where a test needs them running.
 
 mod support;
 
@@ -15,6 +16,10 @@ use support::{
 use support::{random_layer, Fault};
 
 const REPO: &str = "team/cold";
+
+/// `[prefetch]` keys: which request starts an image's prefetch.
+const ON_MANIFEST: &str = "trigger = \"manifest\"";
+const ON_FIRST_BLOB: &str = "trigger = \"first_blob\"";
 
 async fn get_manifest(stack: &Stack, reference: &str, method: Method) -> support::Fetched {
     let url = format!("{}/v2/{REPO}/manifests/{reference}", stack.berth.url());
@@ -36,10 +41,19 @@ async fn get_blob(stack: &Stack, digest: &str) -> support::Fetched {
         .unwrap()
 }
 
-/// A stack (berth's config plus `extra`) whose registry holds `REPO:v1`, an image of layers of
-/// `sizes`, with the tap's count of requests at zero.
-async fn cold_stack(extra: &str, seed: u64, sizes: &[usize]) -> (Stack, Image) {
-    let stack = Stack::start(extra).await;
+/// Spawns a client's GET of `url`.
+fn spawn_get(url: String) -> tokio::task::JoinHandle<support::Fetched> {
+    tokio::spawn(async move {
+        fetch(request(Method::GET, &url, None, &[], Bytes::new()))
+            .await
+            .unwrap()
+    })
+}
+
+/// A stack (berth's config with the `[prefetch]` keys `prefetch`) whose registry holds
+/// `REPO:v1`, an image of layers of `sizes`, with the tap's count of requests at zero.
+async fn cold_stack(prefetch: &str, seed: u64, sizes: &[usize]) -> (Stack, Image) {
+    let stack = Stack::start(&format!("[prefetch]\n{prefetch}")).await;
     let image = Image::random(Flavor::Oci, seed, sizes);
     push_image(&stack.registry.url(), REPO, "v1", &image, None)
         .await
@@ -50,8 +64,8 @@ async fn cold_stack(extra: &str, seed: u64, sizes: &[usize]) -> (Stack, Image) {
 
 /// `cold_stack` of a config and four layers, whose upstream blob bodies are all held after
 /// their first bytes (so fills stay running until `Tap::resume`).
-async fn held_stack(extra: &str, seed: u64) -> (Stack, Image) {
-    let (stack, image) = cold_stack(extra, seed, &[100_000; 4]).await;
+async fn held_stack(prefetch: &str, seed: u64) -> (Stack, Image) {
+    let (stack, image) = cold_stack(prefetch, seed, &[100_000; 4]).await;
     stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
     (stack, image)
 }
@@ -83,7 +97,7 @@ fn skipped(stack: &Stack, reason: &str) -> u64 {
 
 #[tokio::test]
 async fn a_manifest_get_starts_the_fills_that_the_blob_requests_then_join() {
-    let (stack, image) = cold_stack("", 11, &[400_000, 900_000, 200_000]).await;
+    let (stack, image) = cold_stack(ON_MANIFEST, 11, &[400_000, 900_000, 200_000]).await;
     // Every upstream blob body is held after its first bytes, so the fills are still running
     // when the client asks for the blobs.
     stack.tap.inject(Kind::Blob, Fault::PauseAt(64));
@@ -124,7 +138,7 @@ async fn a_manifest_get_starts_the_fills_that_the_blob_requests_then_join() {
 
 #[tokio::test]
 async fn a_prefetch_no_client_joins_completes_and_later_requests_hit() {
-    let (stack, image) = cold_stack("", 21, &[300_000, 100_000]).await;
+    let (stack, image) = cold_stack(ON_MANIFEST, 21, &[300_000, 100_000]).await;
 
     get_manifest(&stack, "v1", Method::GET).await;
     let metrics = &stack.berth.state.metrics;
@@ -145,7 +159,7 @@ async fn a_prefetch_no_client_joins_completes_and_later_requests_hit() {
 
 #[tokio::test]
 async fn heads_and_index_gets_start_nothing_and_the_platform_manifest_does() {
-    let stack = Stack::start("").await;
+    let stack = Stack::start(&format!("[prefetch]\n{ON_MANIFEST}")).await;
     let amd = Image::random(Flavor::Oci, 31, &[100_000, 200_000]);
     let arm = Image::for_platform(
         Flavor::Oci,
@@ -188,7 +202,7 @@ async fn heads_and_index_gets_start_nothing_and_the_platform_manifest_does() {
 
 #[tokio::test]
 async fn no_more_than_max_total_prefetches_run_at_once() {
-    let (stack, _) = held_stack("[prefetch]\nmax_total = 2", 51).await;
+    let (stack, _) = held_stack(&format!("{ON_MANIFEST}\nmax_total = 2"), 51).await;
     get_v1_until(&stack, 2, ("max_total", 3)).await;
     assert_eq!(stack.berth.state.metrics.prefetch_started.get(), 2);
     stack.tap.resume();
@@ -197,7 +211,7 @@ async fn no_more_than_max_total_prefetches_run_at_once() {
 #[tokio::test]
 async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
     // max_fills = 4: real misses keep one slot, so three prefetches run and two wait.
-    let (stack, image) = held_stack("[limits]\nmax_fills = 4", 61).await;
+    let (stack, image) = held_stack(&format!("{ON_MANIFEST}\n[limits]\nmax_fills = 4"), 61).await;
     get_v1_until(&stack, 3, ("fills_busy", 2)).await;
 
     // A client's request for a blob no prefetch took gets the slot left free.
@@ -214,7 +228,7 @@ async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
 
 #[tokio::test]
 async fn an_upstream_that_answered_429_gets_no_prefetches() {
-    let (stack, image) = cold_stack("", 71, &[100_000, 100_000]).await;
+    let (stack, image) = cold_stack(ON_MANIFEST, 71, &[100_000, 100_000]).await;
     // A client's own miss is refused with 429 (a Retry-After too long to wait out).
     stack
         .tap
@@ -226,4 +240,102 @@ async fn an_upstream_that_answered_429_gets_no_prefetches() {
     wait_metric("skipped", || skipped(&stack, "paused"), 3).await;
     assert_eq!(stack.berth.state.metrics.prefetch_started.get(), 0);
     assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 1);
+}
+
+#[tokio::test]
+async fn with_first_blob_only_a_blob_get_starts_the_prefetch_and_the_other_blob_gets_join_it() {
+    let (stack, image) = held_stack(ON_FIRST_BLOB, 81).await;
+    let metrics = &stack.berth.state.metrics;
+    let blobs = image.blobs();
+
+    // The manifest GET and a HEAD of a blob only resolve digests: nothing is fetched.
+    get_manifest(&stack, "v1", Method::GET).await;
+    let head_url = stack.blob_url(REPO, &blobs[2].digest);
+    let head = fetch(request(Method::HEAD, &head_url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(metrics.prefetch_started.get(), 0);
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), 0);
+
+    // The first GET of one of its blobs is served as a miss and starts the fills of the rest.
+    let first = spawn_get(stack.blob_url(REPO, &blobs[1].digest));
+    stack.tap.wait_paused(blobs.len()).await;
+    let others: Vec<_> = blobs
+        .iter()
+        .filter(|b| b.digest != blobs[1].digest)
+        .collect();
+    let rest = others.len() as u64;
+    wait_metric("started", || metrics.prefetch_started.get(), rest).await;
+    let clients: Vec<_> = others
+        .iter()
+        .map(|blob| spawn_get(stack.blob_url(REPO, &blob.digest)))
+        .collect();
+    wait_metric("joined", || metrics.prefetch_joined.get(), rest).await;
+    stack.tap.resume();
+
+    let fetched = first.await.unwrap();
+    assert_eq!(fetched.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        support::image::sha256_digest(&fetched.body),
+        blobs[1].digest
+    );
+    for (client, blob) in clients.into_iter().zip(&others) {
+        let fetched = client.await.unwrap();
+        assert_eq!(fetched.header("x-cache"), Some("COALESCED"));
+        assert_eq!(support::image::sha256_digest(&fetched.body), blob.digest);
+    }
+    assert_eq!(stack.tap.count(Method::GET, Kind::Blob), blobs.len());
+    assert_eq!(metrics.prefetch_started.get(), others.len() as u64);
+}
+
+#[tokio::test]
+async fn thirty_concurrent_gets_of_one_manifest_prefetch_each_blob_once() {
+    for trigger in [ON_MANIFEST, ON_FIRST_BLOB] {
+        let (stack, image) = cold_stack(trigger, 91, &[200_000, 100_000, 300_000]).await;
+        let url = format!("{}/v2/{REPO}/manifests/v1", stack.berth.url());
+        let accept = [("accept", "application/vnd.oci.image.manifest.v1+json")];
+        let gets: Vec<_> = (0..30)
+            .map(|_| {
+                let get = request(Method::GET, &url, None, &accept, Bytes::new());
+                tokio::spawn(fetch(get))
+            })
+            .collect();
+        for get in gets {
+            assert_eq!(get.await.unwrap().unwrap().status, 200, "{trigger}");
+        }
+        let blobs = image.blobs();
+        // With `first_blob`, 30 nodes then ask for the same first layer at once.
+        let prefetched = match trigger {
+            ON_MANIFEST => blobs.len(),
+            _ => {
+                let first = &blobs[1].digest;
+                let gets: Vec<_> = (0..30)
+                    .map(|_| spawn_get(stack.blob_url(REPO, first)))
+                    .collect();
+                for get in gets {
+                    let fetched = get.await.unwrap();
+                    assert_eq!(support::image::sha256_digest(&fetched.body), *first);
+                }
+                blobs.len() - 1
+            }
+        };
+        let metrics = &stack.berth.state.metrics;
+        wait_metric(
+            "unjoined",
+            || metrics.prefetch_unjoined.get(),
+            prefetched as u64,
+        )
+        .await;
+        assert_eq!(
+            metrics.prefetch_started.get(),
+            prefetched as u64,
+            "{trigger}"
+        );
+        assert_eq!(
+            stack.tap.count(Method::GET, Kind::Blob),
+            blobs.len(),
+            "{trigger}"
+        );
+    }
 }

@@ -62,7 +62,13 @@ fn pull_policy(name: &str, repository: &str, principal: &str) -> Value {
 }
 
 impl Site {
+    /// The site with prefetch started by the manifest GET.
     async fn start() -> Site {
+        Site::start_with("trigger = \"manifest\"").await
+    }
+
+    /// The site with the `[prefetch]` keys `prefetch`.
+    async fn start_with(prefetch: &str) -> Site {
         let registry = Registry::start(Auth::None).await;
         let tap = Tap::start(&registry.url()).await;
         let image = Image::new(
@@ -100,7 +106,8 @@ impl Site {
                 "//user/mallory@example.com",
             ),
         );
-        let berth = Berth::start(&config(dir.path(), &tap.url(), &hostile.url())).await;
+        let text = config(dir.path(), &tap.url(), &hostile.url());
+        let berth = Berth::start(&format!("{text}[prefetch]\n{prefetch}\n")).await;
         Site {
             registry,
             tap,
@@ -420,4 +427,33 @@ async fn a_client_that_may_not_pull_the_repository_prefetches_nothing() {
     site.tap
         .wait_for(Method::GET, support::Kind::Blob, blobs)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_first_blob_a_client_that_may_not_pull_the_repository_starts_no_prefetch() {
+    let site = Site::start_with("trigger = \"first_blob\"").await;
+    site.tap.reset();
+    // The victim's manifest GET leaves a plan and fetches no blob.
+    let manifest = format!("/v2/{VICTIM}/team/app/manifests/v1");
+    assert_eq!(site.get(&manifest, victim()).await.status, 200);
+    let metrics = &site.berth.state.metrics;
+    assert_eq!(metrics.prefetch_started.get(), 0);
+    assert_eq!(site.tap.count(Method::GET, support::Kind::Blob), 0);
+    // Mallory's GET of one of its layers is refused before anything is looked up.
+    let layer = &site.image.layers[0].blob.digest;
+    let path = format!("/v2/{VICTIM}/team/app/blobs/{layer}");
+    assert_eq!(site.get(&path, mallory()).await.status, 403);
+    assert_eq!(metrics.prefetch_started.get(), 0);
+    assert_eq!(site.tap.count(Method::GET, support::Kind::Blob), 0);
+    // The victim's own GET of it starts the fills of the image's other blobs.
+    let fetched = site.get(&path, victim()).await;
+    assert_eq!(
+        (fetched.status.as_u16(), fetched.header("x-cache")),
+        (200, Some("MISS"))
+    );
+    let blobs = site.image.blobs().len();
+    site.tap
+        .wait_for(Method::GET, support::Kind::Blob, blobs)
+        .await;
+    assert_eq!(metrics.prefetch_started.get(), blobs as u64 - 1);
 }

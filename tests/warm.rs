@@ -59,8 +59,8 @@ async fn a_warmed_image_is_pulled_with_zero_upstream_blob_gets() {
         "{}",
         output_text(&output)
     );
-    // The manifest GETs miss; the blob GETs join the fills the platform manifest's GET
-    // started (prefetch), or start them if they come first.
+    // The manifest GETs miss; the first blob GET misses and starts the fills of the others
+    // (prefetch), which the other blob GETs join, or start if they come first.
     let fetched: u32 = ["MISS=", "COALESCED="]
         .iter()
         .filter_map(|outcome| {

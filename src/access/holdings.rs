@@ -102,6 +102,26 @@ pub fn held_digests(manifest: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
+/// A manifest's `held_digests`, read at most once however many ask (the holdings rule and
+/// prefetch both want them for the same request), and only when one does.
+pub struct Listed<'a> {
+    bytes: &'a [u8],
+    digests: std::sync::OnceLock<Vec<Digest>>,
+}
+
+impl<'a> Listed<'a> {
+    pub fn new(bytes: &'a [u8]) -> Listed<'a> {
+        Listed {
+            bytes,
+            digests: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn digests(&self) -> &[Digest] {
+        self.digests.get_or_init(|| held_digests(self.bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

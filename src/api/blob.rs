@@ -45,6 +45,13 @@ pub async fn serve(
     client: Client,
 ) -> Served {
     let digest = Digest::parse(digest)?;
+    // A client's GET (never a HEAD, never another replica's) of an image's first blob starts
+    // the prefetch of its others (`prefetch.trigger = "first_blob"`); this one is served below.
+    if !head && !client.from_peer {
+        let at = super::prefetch_fillers(state);
+        let repository = &target.repository;
+        (state.prefetch).blob_requested(at, &target.upstream, repository, &digest);
+    }
     let range = headers.get(RANGE).and_then(|v| v.to_str().ok());
     let upstream = Arc::clone(&target.upstream.name);
     // Policy mode: cached bytes, or a fill another request started, only for a repository

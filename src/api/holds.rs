@@ -11,7 +11,7 @@ use http::header::HeaderValue;
 use http::Method;
 use http_body_util::BodyExt;
 
-use crate::access::holdings::{decide, held_digests, key, Decision};
+use crate::access::holdings::{decide, key, Decision, Listed};
 use crate::cache::{Manifest, Origin};
 use crate::error::{ApiError, Code};
 use crate::oci::digest::{Digest, Verifier};
@@ -143,13 +143,18 @@ pub(crate) async fn record_fetched(state: &AppState, target: &Target, manifest: 
     .await;
 }
 
-/// After a manifest was served for `target`: its repository holds it and what it lists.
-pub(crate) async fn record_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
+/// After a manifest was served for `target`: its repository holds it and what it `listed`.
+pub(crate) async fn record_manifest(
+    state: &AppState,
+    target: &Target,
+    manifest: &Manifest,
+    listed: &Listed<'_>,
+) {
     if !state.access.enforcing() {
         return;
     }
-    let mut digests = held_digests(&manifest.bytes);
-    digests.truncate(MAX_LEARNED);
+    let listed = listed.digests();
+    let mut digests = listed[..listed.len().min(MAX_LEARNED)].to_vec();
     digests.push(manifest.digest.clone());
     learn(state, target, digests).await;
 }

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
 use super::Served;
+use crate::access::holdings::Listed;
 use crate::body;
 use crate::cache::{Manifest, Outcome, TagEntry, TagKey};
 use crate::error::{ApiError, ManifestError};
@@ -69,24 +70,24 @@ pub async fn serve(
         Reference::Digest(digest) => by_digest(state, target, digest, accept).await?,
         Reference::Tag(tag) => by_tag(state, target, tag, accept).await?,
     };
-    super::holds::record_manifest(state, &holder, &manifest).await;
+    // What the manifest lists, read once for the holdings rule and prefetch alike.
+    let listed = Listed::new(&manifest.bytes);
+    super::holds::record_manifest(state, &holder, &manifest, &listed).await;
     if !head {
-        prefetch(state, &holder, &manifest);
+        prefetch(state, &holder, &manifest, &listed);
     }
     Ok((response(&manifest, head), outcome))
 }
 
 /// A GET (never a HEAD) of an image manifest, answered after the authorize phase: the fills
-/// of its missing blobs start now, through the request's own upstream and repository.
-fn prefetch(state: &Arc<AppState>, target: &Target, manifest: &Manifest) {
-    let at = crate::prefetch::Fillers {
-        fills: &state.fills,
-        cache: &state.cache,
-        metrics: &state.metrics,
-    };
+/// of its missing blobs start now, or at its first blob GET (`prefetch.trigger`), through the
+/// request's own upstream and repository.
+fn prefetch(state: &Arc<AppState>, target: &Target, manifest: &Manifest, listed: &Listed<'_>) {
+    let image = (&target.repository, manifest);
+    let at = super::prefetch_fillers(state);
     state
         .prefetch
-        .manifest_served(at, &target.upstream, &target.repository, manifest);
+        .manifest_served(at, &target.upstream, image, listed);
 }
 
 /// A reference that is not a valid tag names a manifest no registry can hold: 404

@@ -332,6 +332,15 @@ fn asker<B>(request: &Request<B>) -> Asker<'_> {
     }
 }
 
+/// What a prefetch (`crate::prefetch`) needs to start fills.
+fn prefetch_fillers(state: &AppState) -> crate::prefetch::Fillers<'_> {
+    crate::prefetch::Fillers {
+        fills: &state.fills,
+        cache: &state.cache,
+        metrics: &state.metrics,
+    }
+}
+
 fn route_error(err: RouteError) -> ApiError {
     match err {
         RouteError::Name(err) | RouteError::Reference(ReferenceError::Name(err)) => err.into(),

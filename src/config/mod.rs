@@ -26,7 +26,7 @@ pub use access::{AccessConfig, AccessMode};
 pub use cache::CacheConfig;
 pub use client::ClientConfig;
 pub use limits::LimitsConfig;
-pub use prefetch::PrefetchConfig;
+pub use prefetch::{PrefetchConfig, Trigger as PrefetchTrigger};
 pub use secret::{SecretConfig, SecretKind};
 pub use units::parse_duration;
 pub use units::UnitError;
@@ -352,6 +352,20 @@ mod tests {
         let example = include_str!("../../deploy/config.example.toml");
         let config = Config::from_toml(example).unwrap();
         assert_eq!(config.default_upstream.as_deref(), Some("docker.io"));
+    }
+
+    #[test]
+    fn a_prefetch_trigger_is_manifest_or_first_blob_and_nothing_else() {
+        let config = Config::from_toml("[prefetch]\ntrigger = \"first_blob\"").unwrap();
+        assert_eq!(config.prefetch.trigger, PrefetchTrigger::FirstBlob);
+        let config = Config::from_toml("[prefetch]\ntrigger = \"manifest\"").unwrap();
+        assert_eq!(config.prefetch.trigger, PrefetchTrigger::Manifest);
+        let refused = Config::from_toml("[prefetch]\ntrigger = \"layer\"").unwrap_err();
+        let text = refused.to_string();
+        assert!(
+            text.contains("trigger") && text.contains("first_blob"),
+            "{text}"
+        );
     }
 
     #[test]

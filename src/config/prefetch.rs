@@ -1,5 +1,5 @@
 //! `[prefetch]`: whether berth starts the fills of an image's missing blobs when a client GETs
-//! its manifest, and how many at once. Plain serde data with its defaults; the prefetcher
+//! its manifest (or its first blob, `trigger`), and how many at once. Plain serde data with its defaults; the prefetcher
 //! (`crate::prefetch`) reads it. Imports nothing from the crate.
 
 use serde::Deserialize;
@@ -9,7 +9,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct PrefetchConfig {
     /// A node asks for an image's blobs a few at a time (containerd: 3), each paced by one
-    /// stream; starting them all at the manifest GET lets the later layers arrive meanwhile.
+    /// stream; starting them all at once (`trigger`) lets the later layers arrive meanwhile.
     #[serde(default = "default_enabled")]
     pub enabled: bool,
     /// Prefetch fills one manifest may have running at once; the rest of its blobs wait in
@@ -20,6 +20,24 @@ pub struct PrefetchConfig {
     /// cannot crowd the upstream links; a blob over the bound is left to the client.
     #[serde(default = "default_max_total")]
     pub max_total: usize,
+    /// Which request starts an image's prefetch: its manifest GET, or the first GET of one of
+    /// its blobs (which proves a real pull: tools that only resolve digests never start it).
+    #[serde(default)]
+    pub trigger: Trigger,
+}
+
+/// The request that starts a cold image's prefetch (`prefetch.trigger`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The GET of its image manifest.
+    Manifest,
+    /// The first GET (never a HEAD) of its config or a layer, within a minute of the
+    /// manifest's GET; the manifest GET only remembers what to fetch. The default: it pulls
+    /// a cold image as fast as `Manifest` (benches/prefetch) and starts nothing for a client
+    /// that only resolves digests.
+    #[default]
+    FirstBlob,
 }
 
 impl Default for PrefetchConfig {
@@ -28,6 +46,7 @@ impl Default for PrefetchConfig {
             enabled: default_enabled(),
             max_per_image: default_max_per_image(),
             max_total: default_max_total(),
+            trigger: Trigger::default(),
         }
     }
 }
