@@ -27,9 +27,14 @@ pub struct Parent {
     authorization: Option<HeaderValue>,
 }
 
+/// `cluster.parent`: a member-like URL.
+pub(super) fn check(url: &str) -> Result<(), ClusterError> {
+    check_url(url).map_err(|error| refuse("parent", error.to_string()))
+}
+
 impl Parent {
     pub fn from_config(url: &str, key_file: Option<&Path>) -> Result<Parent, ClusterError> {
-        check_url(url).map_err(|error| refuse("parent", error.to_string()))?;
+        check(url)?;
         let authorization = match key_file {
             Some(path) => Some(basic(path)?),
             None => None,
