@@ -118,7 +118,7 @@ impl Cluster {
 }
 
 /// The `[cluster]` checks that read the config alone: the keys' values, the member and parent
-/// URLs, `self` among static peers, a token file named.
+/// URLs, `self` among static peers, a token file named, a parent key never sent in clear.
 /// `berth check-config` runs them (`crate::check_config`), so a config start-up refuses for
 /// what it says is refused there too; start-up then also reads the token and key files and
 /// `self_ip_env`, which the host checking a config may not have.
@@ -127,7 +127,7 @@ pub fn check_config(config: &ClusterConfig) -> Result<(), ClusterError> {
         return Err(refuse("peer_fill_share", "a percentage: 0 to 100"));
     }
     if let Some(url) = &config.parent {
-        parent::check(url)?;
+        parent::check(url, config.parent_key_file.is_some())?;
     }
     if !config.is_enabled() {
         return Ok(());

@@ -100,6 +100,11 @@ async fn check_config_exits_1_naming_the_bad_key() {
         ),
         ("[cluster]\npeer_fill_share = 101\nparent = \"https://p.example\"\n", "cluster.peer_fill_share"),
         ("[cluster]\ndns = \"berth\"\nself_ip_env = \"POD_IP\"\nresolver = \"dns\"\ntoken_file = \"/t\"\n", "cluster.resolver"),
+        // A parent key over plain http to a host that may be anywhere would go in clear.
+        (
+            "[cluster]\nparent = \"http://berth.eu-west.example.com\"\nparent_key_file = \"/k\"\n",
+            "cluster.parent",
+        ),
     ];
     for (text, key) in cases {
         let path = dir.path().join("berth.toml");
