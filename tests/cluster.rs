@@ -361,6 +361,33 @@ fn blob_owned_by(location: &Location, owner: &str, size: usize) -> Blob {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_head_on_a_replica_without_the_blob_is_answered_by_the_owner_not_the_upstream() {
+    let location = Location::start(3).await;
+    let owner = &location.replicas[1];
+    let blob = blob_owned_by(&location, &owner.url(), 100_000);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    pull_verified(owner, &blob).await;
+    location.tap.reset();
+
+    let asker = &location.replicas[0];
+    let url = format!("{}/v2/team/app/blobs/{}", asker.url(), blob.digest);
+    let got = fetch(request(Method::HEAD, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    let length = blob.bytes.len().to_string();
+    assert_eq!(got.header("content-length"), Some(length.as_str()));
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(blob.digest.as_str())
+    );
+    assert_eq!(location.tap.requests(), vec![], "the upstream was asked");
+    assert_eq!(peer_results(asker, "hit"), 1, "the owner's cache answered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_draining_owner_leaves_the_ring_at_once_and_fails_no_pull() {
     let location = Location::start(3).await;
     let owner_url = location.replicas[1].url();
