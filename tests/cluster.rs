@@ -262,6 +262,39 @@ async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn peer_bytes_count_what_arrived_from_an_owner_cut_off_mid_stream() {
+    let location = Location::start_fronted(3).await;
+    let owner_url = location.front.as_ref().unwrap().url();
+    let blob = blob_owned_by(&location, &owner_url, 2 << 20);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    let front = location.front.as_ref().unwrap();
+    front.inject(Kind::Blob, Fault::CutBlobAt(1 << 20));
+
+    let asker = &location.replicas[0];
+    pull_verified(asker, &blob).await;
+    assert_eq!(peer_results(asker, "fill"), 1, "the owner answered");
+    let from_peer = peer_bytes(asker);
+    // The owner promised 2 MiB and sent 1 MiB; the rest came from the upstream.
+    assert!(
+        from_peer > 0 && from_peer <= 1 << 20,
+        "counted {from_peer} bytes from the peer"
+    );
+}
+
+/// `berth_peer_bytes_total` of one replica.
+fn peer_bytes(replica: &Berth) -> u64 {
+    let families = replica.state.metrics.registry.gather();
+    families
+        .iter()
+        .filter(|f| f.name() == "berth_peer_bytes_total")
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn killing_the_owner_mid_fill_fails_no_pull_and_costs_each_asker_at_most_one_range_get() {
     let mut location = Location::start_killable(3, 1).await;
     let owner_url = location.replicas[1].url();

@@ -40,7 +40,7 @@ impl ClusterMetrics {
             .expect("valid metric"),
             bytes: prometheus::IntCounter::new(
                 "berth_peer_bytes_total",
-                "Blob bytes received from peers (Content-Length of their answers)",
+                "Blob bytes received from peers, as they arrive",
             )
             .expect("valid metric"),
             time_to_first_byte: Histogram::with_opts(

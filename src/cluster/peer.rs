@@ -62,9 +62,8 @@ impl Cluster {
         digest: &Digest,
     ) -> Option<PeerAnswer> {
         let (response, provenance) = self.ask(Method::GET, upstream, repository, digest).await?;
-        if let Some(length) = crate::upstream::content_length(response.headers()) {
-            self.metrics.bytes.inc_by(length);
-        }
+        // `berth_peer_bytes_total` counts the bytes as the fill receives them (`fill::receive`),
+        // not the promised length: a transfer cut mid-way counts what came.
         Some(PeerAnswer {
             response,
             provenance,

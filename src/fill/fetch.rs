@@ -55,7 +55,7 @@ impl Fills {
             written: 0,
             spill: None,
         });
-        let body = response.into_body();
+        let body = (response.into_body(), !provenance.is_empty());
         let received = self
             .receive_to_disk(&job, metrics, body, total, (temp, file), progress)
             .await?;
@@ -81,13 +81,14 @@ impl Fills {
         Ok(())
     }
 
-    /// Receives the body through the blocking writer into `file`. Fails when the body failed
-    /// for good, or when the final fsync did (the file then cannot be trusted).
+    /// Receives the body (with whether an owner replica sends it) through the blocking writer
+    /// into `file`. Fails when the body failed for good, or when the final fsync did (the file
+    /// then cannot be trusted).
     async fn receive_to_disk(
         &self,
         job: &Job,
         metrics: &Metrics,
-        body: Incoming,
+        (body, from_owner): (Incoming, bool),
         total: Option<u64>,
         (temp, file): (TempFile, Arc<File>),
         progress: &watch::Sender<Progress>,
@@ -99,7 +100,11 @@ impl Fills {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(&file, &path, queue, &progress))
         };
-        let read = self.receive(job, metrics, body, total, &chunks).await;
+        let cluster = self.cluster.as_ref().filter(|_| from_owner);
+        let peer_bytes = cluster.map(|cluster| &cluster.metrics.bytes);
+        let read = self
+            .receive(job, metrics, body, total, &chunks, peer_bytes)
+            .await;
         drop(chunks);
         let mut written = writer
             .await
