@@ -166,7 +166,7 @@ impl Fills {
         };
         let reservation = match prefetch {
             true => cache.index.reserve_within(total, PREFETCH_ROOM),
-            false => cache.index.reserve(total),
+            false => self.reserve_for_miss(cache, metrics, total).await,
         };
         let reservation = reservation.ok_or_else(full)?;
         let Some(min_free) = self.min_free else {
@@ -185,6 +185,31 @@ impl Fills {
                 Err(FillError::Disk(err))
             }
         }
+    }
+}
+
+impl Fills {
+    /// `Index::reserve` for a real miss, which takes room from speculation: while there is no
+    /// room, the youngest prefetch fill no request joined is cancelled and its reservation
+    /// released (`cancel_unjoined_prefetch`). Bounded by the fills running.
+    async fn reserve_for_miss<'c>(
+        &self,
+        cache: &'c Cache,
+        metrics: &Metrics,
+        total: u64,
+    ) -> Option<Reservation<'c>> {
+        for _ in 0..=self.max_fills {
+            if let Some(reservation) = cache.index.reserve(total) {
+                return Some(reservation);
+            }
+            let mut cancelled = self.cancel_unjoined_prefetch(metrics)?;
+            // Its room is free once it ended: failed (cancelled), or verified and indexed
+            // (then evictable) if it finished first; a closed channel means it is gone.
+            let _ = cancelled
+                .wait_for(|p| matches!(p, Progress::Failed(_) | Progress::Verified { .. }))
+                .await;
+        }
+        cache.index.reserve(total)
     }
 }
 
