@@ -212,20 +212,32 @@ async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
     assert_eq!(support::image::sha256_digest(&fetched.body), last);
 }
 
-#[tokio::test]
-async fn a_real_miss_in_a_tiny_cache_takes_the_room_of_an_unjoined_prefetch() {
-    // Prefetches may reserve half of 1 MiB; a 700 KB miss needs more than the rest.
-    let (stack, _) = cold_stack("max_size = \"1MiB\"", 81, &[400_000]).await;
-    let other = random_blob(700_000, 82);
+/// A 1 MiB cache whose registry holds `REPO:v1` (a config and a 400 KB layer) and another
+/// 700 KB blob; `REPO:v1` was pulled, so its config and layer are being prefetched, held after
+/// their first bytes. Prefetches may reserve half of the cache: the other blob's miss needs
+/// more than the rest.
+async fn tiny_cache_prefetching(seed: u64) -> (Stack, Image, support::Blob) {
+    let (stack, image) = cold_stack("max_size = \"1MiB\"", seed, &[400_000]).await;
+    let other = random_blob(700_000, seed + 1);
     push_blob(&stack.registry.url(), REPO, &other, None)
         .await
         .unwrap();
-    // The image's config and layer are prefetched and held after their first bytes.
     stack.tap.inject_times(Kind::Blob, Fault::PauseAt(64), 2);
     get_manifest(&stack, "v1", Method::GET).await;
     stack.tap.wait_paused(2).await;
+    (stack, image, other)
+}
+
+/// Waits until the prefetch of the 400 KB layer holds its room.
+async fn wait_layer_reserved(stack: &Stack) {
     let index = &stack.berth.state.cache.index;
     wait_metric("reserved", || index.reserved(), 400_000).await;
+}
+
+#[tokio::test]
+async fn a_real_miss_in_a_tiny_cache_takes_the_room_of_an_unjoined_prefetch() {
+    let (stack, _, other) = tiny_cache_prefetching(81).await;
+    wait_layer_reserved(&stack).await;
 
     let fetched = get_blob(&stack, &other.digest).await;
     assert_eq!(fetched.status, 200);
@@ -237,21 +249,13 @@ async fn a_real_miss_in_a_tiny_cache_takes_the_room_of_an_unjoined_prefetch() {
 
 #[tokio::test]
 async fn a_prefetch_a_client_joined_keeps_its_room() {
-    let (stack, image) = cold_stack("max_size = \"1MiB\"", 83, &[400_000]).await;
-    let other = random_blob(700_000, 84);
-    push_blob(&stack.registry.url(), REPO, &other, None)
-        .await
-        .unwrap();
-    stack.tap.inject_times(Kind::Blob, Fault::PauseAt(64), 2);
-    get_manifest(&stack, "v1", Method::GET).await;
-    stack.tap.wait_paused(2).await;
+    let (stack, image, other) = tiny_cache_prefetching(83).await;
     let metrics = &stack.berth.state.metrics;
     let layer = image.blobs()[1].clone();
     let url = stack.blob_url(REPO, &layer.digest);
     let client = tokio::spawn(fetch(request(Method::GET, &url, None, &[], Bytes::new())));
     wait_metric("joined", || metrics.prefetch_joined.get(), 1).await;
-    let index = &stack.berth.state.cache.index;
-    wait_metric("reserved", || index.reserved(), 400_000).await;
+    wait_layer_reserved(&stack).await;
 
     // Only the config's prefetch may give way, and its room is not enough.
     let refused = get_blob(&stack, &other.digest).await;
