@@ -7,7 +7,8 @@
 //! - `config`   TOML configuration as plain data, one file per group of sections, sizes and
 //!   durations (`units`), defaults, the embedded default, errors naming the key. A leaf:
 //!   it imports nothing of the crate but `secret`; the checks that need domain knowledge
-//!   (registry hosts and patterns, networks) are `check_config`'s, run at start-up.
+//!   (registry hosts and patterns, networks, cluster members and parent) are
+//!   `check_config`'s, run at start-up and by `berth check-config`.
 //! - `secret`   `Secret`, a string that never prints.
 //! - `secrets`  pull secrets (docker, ECR, GCP files re-read on change): which applies to a
 //!   request, and the ECR/GCP exchanges that turn cloud keys into registry logins.
@@ -149,10 +150,12 @@ use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
 /// The checks of a parsed configuration that need domain knowledge (registry host names and
-/// patterns, networks); `Config::from_toml` did the plain ones. Start-up and `berth
-/// check-config` run both.
+/// patterns, networks, what a cluster member or parent is); `Config::from_toml` did the plain
+/// ones. Start-up and `berth check-config` run both.
 pub fn check_config(config: &Config) -> Result<(), config::ConfigError> {
-    upstream::check_config(&config.upstreams)
+    upstream::check_config(&config.upstreams)?;
+    cluster::check_config(&config.cluster)?;
+    Ok(())
 }
 
 /// Everything a request needs, shared by all of them.

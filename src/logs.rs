@@ -5,8 +5,11 @@
 //! lines ever dropped: when the queue is full they are counted in `berth_log_dropped_total`
 //! instead. Every other line waits for room: warnings, start-up, and, in the policy mode, the
 //! request lines that carry a principal, which record each allow or deny decision (an audit
-//! trail). One queue for both keeps the lines in order. What the lines say and their format is
-//! `tracing_subscriber`'s and `api::record`'s business, not this file's.
+//! trail). One queue for both keeps the lines in order. A line that waits on a worker of the
+//! multi-thread runtime waits in `block_in_place`, so a stuck stderr holds the requests whose
+//! lines wait, not the other tasks of their worker; the exit flush gives up after `FLUSH_WAIT`
+//! in all. What the lines say and their format is `tracing_subscriber`'s and `api::record`'s
+//! business, not this file's.
 //!
 //! The request lines skip `tracing`'s formatting once `take_request_lines` was called (the
 //! `serve` command does): `api::record` writes each by hand, in the layout `tracing` would
@@ -56,8 +59,11 @@ pub fn send_request_line(lossy: bool, write: impl FnOnce(&mut Vec<u8>, Layout)) 
 /// when lines come faster than one per this; the queue holds far more than arrive meanwhile.
 const GATHER: Duration = Duration::from_millis(10);
 
-/// How long `Flush` waits for the queue to drain at exit.
+/// How long `Flush` waits, in all, for room in the queue and for the queue to drain at exit.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// How often `Flush` tries again to queue its marker while the queue is full.
+const FLUSH_RETRY: Duration = Duration::from_millis(10);
 
 enum Message {
     Line(Vec<u8>),
@@ -115,15 +121,29 @@ impl Logs {
     }
 
     fn queue_line(&self, line: Vec<u8>, lossy: bool) {
-        let message = Message::Line(line);
-        if lossy {
-            match self.queue.try_send(message) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                Err(TrySendError::Full(_)) => self.dropped.inc(),
-            }
-        } else {
-            let _ = self.queue.send(message);
+        match self.queue.try_send(Message::Line(line)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) if lossy => self.dropped.inc(),
+            Err(TrySendError::Full(message)) => wait_for_room(&self.queue, message),
         }
+    }
+}
+
+/// Queues a line that is never dropped, waiting for room. On a thread of tokio's multi-thread
+/// runtime the wait is in `block_in_place`: the worker hands its other tasks to another thread
+/// first, so requests whose lines are dropped, or not logged, go on while stderr is stuck.
+/// Elsewhere (a plain thread, the blocking pool, a current-thread runtime, whose only thread
+/// cannot hand over) the thread just waits.
+fn wait_for_room(queue: &SyncSender<Message>, message: Message) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread =
+        Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+    let send = || {
+        let _ = queue.send(message);
+    };
+    match multi_thread {
+        true => tokio::task::block_in_place(send),
+        false => send(),
     }
 }
 
@@ -153,11 +173,25 @@ fn write_lines(lines: Receiver<Message>, sink: impl Write) {
 }
 
 impl Drop for Flush {
+    /// Bounded by `FLUSH_WAIT` in all: a sink stuck with the queue full must not hold the exit.
     fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + FLUSH_WAIT;
         let (done, wait) = mpsc::sync_channel(1);
-        if self.0.queue.send(Message::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(FLUSH_WAIT);
+        let mut marker = Message::Flush(done);
+        loop {
+            match self.0.queue.try_send(marker) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    marker = back;
+                    std::thread::sleep(FLUSH_RETRY);
+                }
+            }
         }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
@@ -206,6 +240,8 @@ mod tests {
     struct Gate {
         open: Arc<(Mutex<bool>, std::sync::Condvar)>,
         written: Arc<Mutex<Vec<u8>>>,
+        /// Set once the writer thread waits in the sink.
+        stuck: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Gate {
@@ -213,7 +249,19 @@ mod tests {
             Gate {
                 open: Arc::new((Mutex::new(false), std::sync::Condvar::new())),
                 written: Arc::default(),
+                stuck: Arc::default(),
             }
+        }
+
+        /// Waits (bounded) until the writer thread is stuck in a write.
+        fn wait_stuck(&self) {
+            for _ in 0..6000 {
+                if self.stuck.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("the writer never wrote");
         }
 
         fn open(&self) {
@@ -234,6 +282,9 @@ mod tests {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             let (open, changed) = &*self.open;
             let mut guard = open.lock().unwrap();
+            if !*guard {
+                self.stuck.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             while !*guard {
                 guard = changed.wait(guard).unwrap();
             }
@@ -307,6 +358,79 @@ mod tests {
         assert_eq!(decisions, expected);
         let requests = lines.iter().filter(|l| l.starts_with("request")).count();
         assert_eq!(requests as u64 + dropped.get(), 100);
+    }
+
+    #[test]
+    fn decision_lines_waiting_for_room_do_not_hold_the_worker_other_requests_run_on() {
+        let gate = Gate::closed();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let (logs, flush) = Logs::start(2, gate.clone(), dropped.clone());
+        // One worker: without a hand-over, a task waiting for room holds every other task.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (queued, lines_queued) = mpsc::channel();
+        let deciding = {
+            let logs = logs.clone();
+            // No await in here: the worker can run another task only if this one hands over.
+            runtime.spawn(async move {
+                for i in 0..20 {
+                    line(&logs, false, &format!("decision {i}"));
+                    let _ = queued.send(());
+                }
+            })
+        };
+        // The sink holds one or two lines and the queue two more: of 20, one soon waits.
+        for _ in 0..2 {
+            lines_queued.recv().unwrap();
+        }
+        let (answered, answer) = mpsc::channel();
+        let other = logs.clone();
+        runtime.spawn(async move {
+            // Queued, or dropped when the queue is full: never waited for.
+            line(&other, true, "request of another client");
+            let _ = answered.send(());
+        });
+        let ran = answer.recv_timeout(Duration::from_secs(60));
+        // Opened before judging, so a failure ends the test instead of the runtime's drop
+        // waiting forever on a worker stuck in the sink.
+        gate.open();
+        assert!(
+            ran.is_ok(),
+            "another request ran while decision lines waited for room"
+        );
+        runtime.block_on(deciding).unwrap();
+        drop(flush);
+        let decisions: Vec<String> = gate
+            .lines()
+            .iter()
+            .filter_map(|l| Some(l.strip_prefix("decision ")?.split(' ').next()?.to_owned()))
+            .collect();
+        let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+        assert_eq!(decisions, expected, "every decision line, in order");
+    }
+
+    #[test]
+    fn the_exit_flush_gives_up_on_a_stuck_sink_with_the_queue_full() {
+        let gate = Gate::closed();
+        let dropped = IntCounter::new("dropped", "test").unwrap();
+        let (logs, flush) = Logs::start(2, gate.clone(), dropped.clone());
+        line(&logs, true, "request 0");
+        gate.wait_stuck();
+        for i in 1..10 {
+            line(&logs, true, &format!("request {i}"));
+        }
+        assert!(dropped.get() >= 1, "the queue is full");
+        let (done, flushed) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(flush);
+            let _ = done.send(());
+        });
+        flushed
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the exit flush returned");
+        gate.open();
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub(crate) const SOURCES: [&str; 2] = ["cache", "upstream"];
 /// or `prefetch.max_total` prefetches run already.
 pub const PREFETCH_SKIPS: [&str; 3] = ["paused", "fills_busy", "max_total"];
 
+/// The `reason` of a prefetch that started but gave its reserved room to a real miss in a full
+/// cache (`fill::Fills::cancel_unjoined_prefetch`), beside `PREFETCH_SKIPS`.
+pub const PREFETCH_CANCELLED: &str = "cancelled";
+
 /// Request latencies: from a millisecond (a hit's head) to ten minutes (a multi-GiB layer's body).
 const DURATION_BUCKETS: [f64; 16] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0,
@@ -320,7 +324,7 @@ impl Metrics {
         for kind in ["blob", "manifest"] {
             self.upstream_bytes.with_label_values(&[kind]);
         }
-        for reason in PREFETCH_SKIPS {
+        for reason in PREFETCH_SKIPS.into_iter().chain([PREFETCH_CANCELLED]) {
             self.prefetch_skipped.with_label_values(&[reason]);
         }
         self.build_info

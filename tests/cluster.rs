@@ -169,10 +169,15 @@ async fn thirty_cold_pulls_over_three_replicas_make_one_upstream_get_per_blob() 
 
 /// Sum of `berth_peer_requests_total` over its results, from the replica's registry.
 fn peer_requests(replica: &Berth) -> u64 {
+    counter_sum(replica, "berth_peer_requests_total")
+}
+
+/// The counter `family` on `replica`, summed over its labels.
+fn counter_sum(replica: &Berth, family: &str) -> u64 {
     let families = replica.state.metrics.registry.gather();
     families
         .iter()
-        .filter(|f| f.name() == "berth_peer_requests_total")
+        .filter(|f| f.name() == family)
         .flat_map(|f| f.get_metric())
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
@@ -222,20 +227,25 @@ fn owner_of(location: &Location, digest: &str) -> String {
     cluster.members.owner(digest).unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_no_pull() {
+/// A location whose replica 1 owns a 2 MiB blob in the registry; the owner stays up, but its
+/// answers to its peers are cut after 1 MiB (a network cut; `killing_the_owner_mid_fill...`
+/// kills the owner itself).
+async fn location_with_an_owner_cut_off_at_1_mib() -> (Location, Blob) {
     let location = Location::start_fronted(3).await;
-    let owner_url = location.front.as_ref().unwrap().url();
-    // A 2 MiB blob; the owner stays up, but its answers to its peers are cut after 1 MiB (a
-    // network cut; `killing_the_owner_mid_fill...` kills the owner itself).
-    let blob = blob_owned_by(&location, &owner_url, 2 << 20);
+    let front = location.front.as_ref().unwrap();
+    let blob = blob_owned_by(&location, &front.url(), 2 << 20);
     push_blob(&location.registry.url(), "team/app", &blob, None)
         .await
         .unwrap();
     location.tap.reset();
-    let front = location.front.as_ref().unwrap();
     front.inject(Kind::Blob, Fault::CutBlobAt(1 << 20));
+    (location, blob)
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_no_pull() {
+    let (location, blob) = location_with_an_owner_cut_off_at_1_mib().await;
+    let front = location.front.as_ref().unwrap();
     let mut pulls = Vec::new();
     for i in 0..10 {
         let replica = [&location.replicas[0], &location.replicas[2]][i % 2].url();
@@ -259,6 +269,25 @@ async fn an_owner_cut_off_mid_stream_costs_each_asker_at_most_one_range_get_and_
     // The owner's own fill, plus one Range GET from each of the two replicas with clients.
     assert_eq!(whole.len(), 1, "whole GETs: {whole:?}");
     assert_eq!(ranged.len(), 2, "Range GETs: {ranged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_bytes_count_what_arrived_from_an_owner_cut_off_mid_stream() {
+    let (location, blob) = location_with_an_owner_cut_off_at_1_mib().await;
+    let asker = &location.replicas[0];
+    pull_verified(asker, &blob).await;
+    assert_eq!(peer_results(asker, "fill"), 1, "the owner answered");
+    let from_peer = peer_bytes(asker);
+    // The owner promised 2 MiB and sent 1 MiB; the rest came from the upstream.
+    assert!(
+        from_peer > 0 && from_peer <= 1 << 20,
+        "counted {from_peer} bytes from the peer"
+    );
+}
+
+/// `berth_peer_bytes_total` of one replica.
+fn peer_bytes(replica: &Berth) -> u64 {
+    counter_sum(replica, "berth_peer_bytes_total")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -358,6 +387,33 @@ fn blob_owned_by(location: &Location, owner: &str, size: usize) -> Blob {
         .map(|seed| random_blob(size, seed))
         .find(|b| owner_of(location, &b.digest) == owner)
         .expect("a blob owned by the replica")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_on_a_replica_without_the_blob_is_answered_by_the_owner_not_the_upstream() {
+    let location = Location::start(3).await;
+    let owner = &location.replicas[1];
+    let blob = blob_owned_by(&location, &owner.url(), 100_000);
+    push_blob(&location.registry.url(), "team/app", &blob, None)
+        .await
+        .unwrap();
+    pull_verified(owner, &blob).await;
+    location.tap.reset();
+
+    let asker = &location.replicas[0];
+    let url = format!("{}/v2/team/app/blobs/{}", asker.url(), blob.digest);
+    let got = fetch(request(Method::HEAD, &url, None, &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    let length = blob.bytes.len().to_string();
+    assert_eq!(got.header("content-length"), Some(length.as_str()));
+    assert_eq!(
+        got.header("docker-content-digest"),
+        Some(blob.digest.as_str())
+    );
+    assert_eq!(location.tap.requests(), vec![], "the upstream was asked");
+    assert_eq!(peer_results(asker, "hit"), 1, "the owner's cache answered");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,7 +13,7 @@ use http::Method;
 use support::{
     fetch, push_image, push_index, request, Flavor, Image, Index, Kind, Platform, Stack,
 };
-use support::{random_layer, Fault};
+use support::{push_blob, random_blob, random_layer, Fault};
 
 const REPO: &str = "team/cold";
 
@@ -224,6 +224,61 @@ async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.header("x-cache"), Some("MISS"));
     assert_eq!(support::image::sha256_digest(&fetched.body), last);
+}
+
+/// A 1 MiB cache whose registry holds `REPO:v1` (a config and a 400 KB layer) and another
+/// 700 KB blob; `REPO:v1` was pulled, so its config and layer are being prefetched, held after
+/// their first bytes. Prefetches may reserve half of the cache: the other blob's miss needs
+/// more than the rest.
+async fn tiny_cache_prefetching(seed: u64) -> (Stack, Image, support::Blob) {
+    let (stack, image) = cold_stack("max_size = \"1MiB\"", seed, &[400_000]).await;
+    let other = random_blob(700_000, seed + 1);
+    push_blob(&stack.registry.url(), REPO, &other, None)
+        .await
+        .unwrap();
+    stack.tap.inject_times(Kind::Blob, Fault::PauseAt(64), 2);
+    get_manifest(&stack, "v1", Method::GET).await;
+    stack.tap.wait_paused(2).await;
+    (stack, image, other)
+}
+
+/// Waits until the prefetch of the 400 KB layer holds its room.
+async fn wait_layer_reserved(stack: &Stack) {
+    let index = &stack.berth.state.cache.index;
+    wait_metric("reserved", || index.reserved(), 400_000).await;
+}
+
+#[tokio::test]
+async fn a_real_miss_in_a_tiny_cache_takes_the_room_of_an_unjoined_prefetch() {
+    let (stack, _, other) = tiny_cache_prefetching(81).await;
+    wait_layer_reserved(&stack).await;
+
+    let fetched = get_blob(&stack, &other.digest).await;
+    assert_eq!(fetched.status, 200);
+    assert_eq!(fetched.header("x-cache"), Some("MISS"));
+    assert_eq!(fetched.body, other.bytes);
+    assert!(skipped(&stack, "cancelled") >= 1, "a prefetch gave way");
+    stack.tap.resume();
+}
+
+#[tokio::test]
+async fn a_prefetch_a_client_joined_keeps_its_room() {
+    let (stack, image, other) = tiny_cache_prefetching(83).await;
+    let metrics = &stack.berth.state.metrics;
+    let layer = image.blobs()[1].clone();
+    let url = stack.blob_url(REPO, &layer.digest);
+    let client = tokio::spawn(fetch(request(Method::GET, &url, None, &[], Bytes::new())));
+    wait_metric("joined", || metrics.prefetch_joined.get(), 1).await;
+    wait_layer_reserved(&stack).await;
+
+    // Only the config's prefetch may give way, and its room is not enough.
+    let refused = get_blob(&stack, &other.digest).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(skipped(&stack, "cancelled"), 1);
+    stack.tap.resume();
+    let joined = client.await.unwrap().unwrap();
+    assert_eq!(joined.status, 200);
+    assert_eq!(joined.body, layer.bytes);
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Blob requests: a hit streams from disk, a miss joins (or starts) the single fill of that
-//! digest and streams from the growing file, a HEAD of an uncached blob asks the upstream.
+//! digest and streams from the growing file, a HEAD of an uncached blob asks the digest's owner
+//! replica in a location, else the upstream.
 //!
 //! Range handling is here; fetching and verifying is in `fill`, reading in `cache::reader`.
 
@@ -112,7 +113,7 @@ async fn serve_any(
         return Ok((response, Outcome::Hit));
     }
     if head {
-        return head_upstream(&target, &digest).await;
+        return head_uncached(state, &target, &digest, client.from_peer).await;
     }
     let target_upstream = Arc::clone(&target.upstream.name);
     let job = Job {
@@ -253,22 +254,45 @@ async fn respond(
     Ok(builder.body(body).expect("valid response"))
 }
 
+/// A HEAD of a blob not cached here: in a location, the digest's owner replica answers it
+/// (from its cache, or its own upstream HEAD) as it would a GET, so the location asks its
+/// upstream once; a peer request, or no answer from the owner, asks the upstream.
+async fn head_uncached(
+    state: &AppState,
+    target: &Target,
+    digest: &Digest,
+    from_peer: bool,
+) -> Served {
+    if let Some(cluster) = state.cluster.as_ref().filter(|_| !from_peer) {
+        let upstream = &target.upstream.name;
+        let asked = cluster.head_owner(upstream, &target.repository, digest);
+        if let Some(answer) = asked.await {
+            let size = content_length(answer.headers());
+            return Ok((head_response(digest, size), Outcome::Bypass));
+        }
+    }
+    head_upstream(target, digest).await
+}
+
 async fn head_upstream(target: &Target, digest: &Digest) -> Served {
     let response = target
         .upstream
         .blob(Method::HEAD, &target.repository, digest)
         .await
         .map_err(|e| ApiError::from_upstream(e, Code::BlobUnknown))?;
+    let size = content_length(response.headers());
+    Ok((head_response(digest, size), Outcome::Bypass))
+}
+
+/// The answer to a HEAD of a blob that is not cached here, of `size` bytes if known.
+fn head_response(digest: &Digest, size: Option<u64>) -> Response<Body> {
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/octet-stream")
         .header("docker-content-digest", digest.as_str())
         .header(ACCEPT_RANGES, "bytes");
-    if let Some(size) = content_length(response.headers()) {
+    if let Some(size) = size {
         builder = builder.header(CONTENT_LENGTH, size);
     }
-    Ok((
-        builder.body(body::empty()).expect("valid response"),
-        Outcome::Bypass,
-    ))
+    builder.body(body::empty()).expect("valid response")
 }

@@ -36,6 +36,13 @@ enum Via {
     Server(Box<TokioResolver>),
 }
 
+/// `cluster.resolver`: an `ip:port`.
+pub(super) fn resolver_address(address: &str) -> Result<SocketAddr, ClusterError> {
+    address
+        .parse()
+        .map_err(|_| refuse("resolver", format!("{address:?} is not ip:port")))
+}
+
 impl Lookup {
     pub fn new(
         config: &ClusterConfig,
@@ -44,12 +51,7 @@ impl Lookup {
     ) -> Result<Lookup, ClusterError> {
         let resolver = match &config.resolver {
             None => Via::System(system),
-            Some(address) => {
-                let address: SocketAddr = address
-                    .parse()
-                    .map_err(|_| refuse("resolver", format!("{address:?} is not ip:port")))?;
-                Via::Server(Box::new(server_resolver(address)))
-            }
+            Some(address) => Via::Server(Box::new(server_resolver(resolver_address(address)?))),
         };
         Ok(Lookup {
             name: name.to_owned(),

@@ -4,7 +4,7 @@
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Outcomes of a peer request as the asker saw it: the owner served it from its cache (`hit`)
-/// or from a fill (`fill`), the asker fell back to the upstream (`fallback`), or the owner
+/// or from a fill (`fill`; for a HEAD, from its upstream's HEAD), the asker fell back to the upstream (`fallback`), or the owner
 /// refused it (`refused`: not configured there, denied, too busy).
 pub const RESULTS: [&str; 4] = ["hit", "fill", "fallback", "refused"];
 
@@ -40,7 +40,7 @@ impl ClusterMetrics {
             .expect("valid metric"),
             bytes: prometheus::IntCounter::new(
                 "berth_peer_bytes_total",
-                "Blob bytes received from peers (Content-Length of their answers)",
+                "Blob bytes received from peers, as they arrive",
             )
             .expect("valid metric"),
             time_to_first_byte: Histogram::with_opts(

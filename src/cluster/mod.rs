@@ -72,9 +72,7 @@ impl Cluster {
         if !config.is_enabled() && config.parent.is_none() {
             return Ok(None);
         }
-        if config.peer_fill_share > 100 {
-            return Err(refuse("peer_fill_share", "a percentage: 0 to 100"));
-        }
+        check_config(config)?;
         let (self_url, tokens, listed) = match config.is_enabled() {
             true => location(config)?,
             false => (Arc::from(""), None, Ring::default()),
@@ -119,18 +117,65 @@ impl Cluster {
     }
 }
 
-/// The location's half of the section: this replica's URL, the peer tokens, the listed ring.
-fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<TokenFile>, Ring), ClusterError> {
+/// The `[cluster]` checks that read the config alone: the keys' values, the member and parent
+/// URLs, `self` among static peers, a token file named, a parent key never sent in clear.
+/// `berth check-config` runs them (`crate::check_config`), so a config start-up refuses for
+/// what it says is refused there too; start-up then also reads the token and key files and
+/// `self_ip_env`, which the host checking a config may not have.
+pub fn check_config(config: &ClusterConfig) -> Result<(), ClusterError> {
+    if config.peer_fill_share > 100 {
+        return Err(refuse("peer_fill_share", "a percentage: 0 to 100"));
+    }
+    if let Some(url) = &config.parent {
+        parent::check(url, config.parent_key_file.is_some())?;
+    }
+    if !config.is_enabled() {
+        return Ok(());
+    }
     if config.dns.is_some() && !config.peers.is_empty() {
         return Err(refuse("dns", "set either `peers` or `dns`, not both"));
     }
     for peer in &config.peers {
         check_url(peer).map_err(|error| refuse("peers", error.to_string()))?;
     }
-    let self_url = own_url(config, |name| std::env::var(name).ok())?;
-    if config.dns.is_none() && !config.peers.iter().any(|p| *base(p) == *self_url) {
+    if let Some(address) = &config.resolver {
+        dns::resolver_address(address)?;
+    }
+    match &config.self_ip_env {
+        // The URL is all in the config: it must be well-formed and, with static peers, listed.
+        None => check_member(config, &own_url(config, |_| None)?)?,
+        // The host comes from the environment where berth runs; the rest must be well-formed.
+        Some(_) => {
+            if let Some(url) = &config.self_url {
+                check_url(url).map_err(|error| refuse("self", error.to_string()))?;
+            }
+        }
+    }
+    if config.token_file.is_none() {
+        return Err(refuse("token_file", "required when peers are configured"));
+    }
+    Ok(())
+}
+
+/// `self_url` is one of the static `peers` (any address, with `dns`: DNS lists it).
+fn check_member(config: &ClusterConfig, self_url: &str) -> Result<(), ClusterError> {
+    if config.dns.is_none() && !config.peers.iter().any(|p| base(p) == self_url) {
         return Err(refuse("self", format!("{self_url} is not one of `peers`")));
     }
+    Ok(())
+}
+
+impl From<ClusterError> for crate::config::ConfigError {
+    fn from(error: ClusterError) -> Self {
+        crate::config::invalid(format!("cluster.{}", error.key), error.message)
+    }
+}
+
+/// The location's half of the section, after `check_config`: this replica's URL (with
+/// `self_ip_env` read), the peer tokens, the listed ring.
+fn location(config: &ClusterConfig) -> Result<(Arc<str>, Option<TokenFile>, Ring), ClusterError> {
+    let self_url = own_url(config, |name| std::env::var(name).ok())?;
+    check_member(config, &self_url)?;
     let token_file = config
         .token_file
         .as_ref()
@@ -272,6 +317,45 @@ mod tests {
         assert!(check_url("http://a:5000/v2/").is_err());
         assert!(check_url("ftp://a").is_err());
         assert!(check_url("a:5000").is_err());
+    }
+
+    #[test]
+    fn the_checks_of_what_the_config_says_refuse_what_start_up_refuses() {
+        let refused = |text: &str| check_config(&config(text)).err().map(|e| e.key);
+        let cases = [
+            (
+                "peers = [\"http://a:1\"]\nself = \"http://b:1\"\ntoken_file = \"/t\"",
+                "self",
+            ),
+            (
+                "peers = [\"http://a:1\"]\nself = \"http://a:1\"",
+                "token_file",
+            ),
+            (
+                "peers = [\"ftp://a:1\"]\nself = \"ftp://a:1\"\ntoken_file = \"/t\"",
+                "peers",
+            ),
+            (
+                "dns = \"b\"\npeers = [\"http://a:1\"]\nself = \"http://a:1\"",
+                "dns",
+            ),
+            ("dns = \"b\"\ntoken_file = \"/t\"", "self"),
+            (
+                "dns = \"b\"\nself_ip_env = \"P\"\nresolver = \"b:53\"",
+                "resolver",
+            ),
+            ("peer_fill_share = 101", "peer_fill_share"),
+            ("parent = \"p.example\"", "parent"),
+        ];
+        for (text, key) in cases {
+            assert_eq!(refused(text), Some(key), "{text}");
+        }
+        // The token file's lines and the pod IP are the running host's: start-up reads them.
+        let deployed = "dns = \"b\"\nself_ip_env = \"BERTH_TEST_UNSET\"\ntoken_file = \"/absent\"";
+        assert_eq!(refused(deployed), None);
+        let converted =
+            crate::config::ConfigError::from(check_config(&config(cases[0].0)).unwrap_err());
+        assert_eq!(converted.key(), Some("cluster.self"));
     }
 
     #[test]

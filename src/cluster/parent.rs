@@ -27,9 +27,41 @@ pub struct Parent {
     authorization: Option<HeaderValue>,
 }
 
+/// `cluster.parent`: a member-like URL, and with a key (`parent_key_file`) `https`, unless it
+/// names a loopback, private or unique-local address (or `localhost`). The key is a principal's
+/// Basic credential; over plain http it goes in clear, so it may only go where the peer token
+/// goes in clear: to internal addresses (`dns` members are only those). A host name could
+/// resolve anywhere, so over http it is refused.
+pub(super) fn check(url: &str, has_key: bool) -> Result<(), ClusterError> {
+    check_url(url).map_err(|error| refuse("parent", error.to_string()))?;
+    let uri: http::Uri = url.parse().map_err(|_| refuse("parent", "not a URL"))?;
+    if has_key && uri.scheme_str() == Some("http") && !is_internal_host(uri.host()) {
+        return Err(refuse(
+            "parent",
+            format!(
+                "{url:?} would get the `parent_key_file` key in clear: use https://, or name \
+                 the parent by a loopback, private or unique-local address"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `host` is `localhost` or an internal IP literal (IPv6 in brackets).
+fn is_internal_host(host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    literal
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| crate::net::address::classify(ip).is_internal())
+}
+
 impl Parent {
     pub fn from_config(url: &str, key_file: Option<&Path>) -> Result<Parent, ClusterError> {
-        check_url(url).map_err(|error| refuse("parent", error.to_string()))?;
+        check(url, key_file.is_some())?;
         let authorization = match key_file {
             Some(path) => Some(basic(path)?),
             None => None,
@@ -107,5 +139,30 @@ impl Cluster {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parent_key_goes_in_clear_only_to_an_internal_address() {
+        for refused in ["http://berth.example.com", "http://8.8.8.8:5000"] {
+            let err = check(refused, true).unwrap_err();
+            assert!(err.to_string().contains("cluster.parent"), "{err}");
+        }
+        let allowed = [
+            "https://berth.example.com",
+            "http://127.0.0.1:5000",
+            "http://10.1.2.3:5000",
+            "http://[fd00::1]:5000",
+            "http://localhost:5000",
+        ];
+        for url in allowed {
+            assert!(check(url, true).is_ok(), "{url}");
+        }
+        // Without a key nothing secret travels: any parent URL.
+        assert!(check("http://berth.example.com", false).is_ok());
     }
 }

@@ -13,6 +13,9 @@
 //! bytes came from rather than assuming it, and in the policy mode later accepts HEAD
 //! confirmations only from those upstreams.
 //!
+//! A HEAD of a blob the asker does not hold goes to the owner the same way (`head_owner`), so
+//! the owner's cache answers it, or the owner's own upstream HEAD.
+//!
 //! Any answer but a 200 with a body and a provenance naming the asked upstream, or no answer in
 //! time, is a fallback: the caller (`fill`) fetches from the upstream itself. The body a 200 carries is verified by the asker's fill
 //! like any upstream body, and a body cut mid-way is resumed from the upstream with a Range.
@@ -22,7 +25,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
@@ -58,6 +61,38 @@ impl Cluster {
         repository: &Repository,
         digest: &Digest,
     ) -> Option<PeerAnswer> {
+        let (response, provenance) = self.ask(Method::GET, upstream, repository, digest).await?;
+        // `berth_peer_bytes_total` counts the bytes as the fill receives them (`fill::receive`),
+        // not the promised length: a transfer cut mid-way counts what came.
+        Some(PeerAnswer {
+            response,
+            provenance,
+        })
+    }
+
+    /// Asks the owner of `digest` for its head, unless this replica owns it: the owner answers
+    /// from its cache, or with its own upstream HEAD, so a location HEADs its upstream once per
+    /// blob like it GETs it once. `Some` only for a 200 through the asked upstream.
+    pub async fn head_owner(
+        &self,
+        upstream: &str,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Option<Response<Incoming>> {
+        let asked = self.ask(Method::HEAD, upstream, repository, digest).await;
+        asked.map(|(response, _)| response)
+    }
+
+    /// Sends the peer request; the owner's answer when it is a 200 whose provenance names the
+    /// asked upstream, with that provenance. Counts the result; a failed or draining owner is
+    /// noted in `members`.
+    async fn ask(
+        &self,
+        method: Method,
+        upstream: &str,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Option<(Response<Incoming>, Vec<Arc<str>>)> {
         let owner = self.members.owner(digest.as_str())?;
         if *owner == *self.self_url {
             return None;
@@ -66,7 +101,9 @@ impl Cluster {
             "{owner}/v2/{}/blobs/{digest}?ns={upstream}",
             repository.as_str()
         );
-        let request = Request::get(uri)
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
             .header(PEER_TOKEN_HEADER, self.peer_token_header())
             .body(Full::new(Bytes::new()))
             .ok()?;
@@ -103,18 +140,12 @@ impl Cluster {
         self.metrics
             .time_to_first_byte
             .observe(started.elapsed().as_secs_f64());
-        if let Some(length) = crate::upstream::content_length(response.headers()) {
-            self.metrics.bytes.inc_by(length);
-        }
         let hit = response
             .headers()
             .get(CACHE_HEADER)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"hit"));
         count(if hit { "hit" } else { "fill" });
-        Some(PeerAnswer {
-            response,
-            provenance,
-        })
+        Some((response, provenance))
     }
 
     /// Whether `headers` carry a valid peer token: such a request comes from a replica of this

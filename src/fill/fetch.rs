@@ -55,7 +55,7 @@ impl Fills {
             written: 0,
             spill: None,
         });
-        let body = response.into_body();
+        let body = (response.into_body(), !provenance.is_empty());
         let received = self
             .receive_to_disk(&job, metrics, body, total, (temp, file), progress)
             .await?;
@@ -81,13 +81,14 @@ impl Fills {
         Ok(())
     }
 
-    /// Receives the body through the blocking writer into `file`. Fails when the body failed
-    /// for good, or when the final fsync did (the file then cannot be trusted).
+    /// Receives the body (with whether an owner replica sends it) through the blocking writer
+    /// into `file`. Fails when the body failed for good, or when the final fsync did (the file
+    /// then cannot be trusted).
     async fn receive_to_disk(
         &self,
         job: &Job,
         metrics: &Metrics,
-        body: Incoming,
+        (body, from_owner): (Incoming, bool),
         total: Option<u64>,
         (temp, file): (TempFile, Arc<File>),
         progress: &watch::Sender<Progress>,
@@ -99,7 +100,11 @@ impl Fills {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(&file, &path, queue, &progress))
         };
-        let read = self.receive(job, metrics, body, total, &chunks).await;
+        let cluster = self.cluster.as_ref().filter(|_| from_owner);
+        let peer_bytes = cluster.map(|cluster| &cluster.metrics.bytes);
+        let read = self
+            .receive(job, metrics, body, total, &chunks, peer_bytes)
+            .await;
         drop(chunks);
         let mut written = writer
             .await
@@ -161,7 +166,7 @@ impl Fills {
         };
         let reservation = match prefetch {
             true => cache.index.reserve_within(total, PREFETCH_ROOM),
-            false => cache.index.reserve(total),
+            false => self.reserve_for_miss(cache, metrics, total).await,
         };
         let reservation = reservation.ok_or_else(full)?;
         let Some(min_free) = self.min_free else {
@@ -180,6 +185,31 @@ impl Fills {
                 Err(FillError::Disk(err))
             }
         }
+    }
+}
+
+impl Fills {
+    /// `Index::reserve` for a real miss, which takes room from speculation: while there is no
+    /// room, the youngest prefetch fill no request joined is cancelled and its reservation
+    /// released (`cancel_unjoined_prefetch`). Bounded by the fills running.
+    async fn reserve_for_miss<'c>(
+        &self,
+        cache: &'c Cache,
+        metrics: &Metrics,
+        total: u64,
+    ) -> Option<Reservation<'c>> {
+        for _ in 0..=self.max_fills {
+            if let Some(reservation) = cache.index.reserve(total) {
+                return Some(reservation);
+            }
+            let mut cancelled = self.cancel_unjoined_prefetch(metrics)?;
+            // Its room is free once it ended: failed (cancelled), or verified and indexed
+            // (then evictable) if it finished first; a closed channel means it is gone.
+            let _ = cancelled
+                .wait_for(|p| matches!(p, Progress::Failed(_) | Progress::Verified { .. }))
+                .await;
+        }
+        cache.index.reserve(total)
     }
 }
 

@@ -29,6 +29,8 @@
 //!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
 //!   overshoot `cache.max_size`; without room, 503 + Retry-After.
 //! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
+//! - No room for a real miss while prefetches hold reservations: the youngest prefetch fill no
+//!   request joined is cancelled (its reservation released), then the next, until the miss fits.
 //!
 //! The files, in the order a fill runs: this one (joining, the running set, shutdown; and
 //! opening a cached blob), `fetch` (the phases: ask -> reserve -> open temp -> receive ->
@@ -44,11 +46,12 @@ mod write;
 pub use crate::cache::FillError;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::HeaderValue;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 
 use crate::cache::{open_cached, Cache, Progress};
@@ -81,6 +84,14 @@ struct Running {
     repository: Repository,
     /// Started by another replica's peer request: counted against `max_peer_fills`.
     from_peer: bool,
+    /// Set for a prefetch fill: notified to cancel it, giving its room to a real miss
+    /// (`cancel_unjoined_prefetch`). Never set for a fill a client started.
+    cancel: Option<Arc<Notify>>,
+    /// A request joined the fill: a prefetch is no longer speculative, and is never cancelled.
+    joined: bool,
+    /// Which fill this is, in the order fills started: the youngest prefetch is cancelled
+    /// first, and a finished fill removes only its own entry.
+    id: u64,
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -95,6 +106,8 @@ struct FillKey {
 /// The fills under way, by upstream and digest.
 pub struct Fills {
     running: Mutex<HashMap<FillKey, Running>>,
+    /// The `id` of the next fill started.
+    next_id: AtomicU64,
     /// The number of fills running, for graceful shutdown to wait on.
     count: watch::Sender<usize>,
     read_timeout: Duration,
@@ -133,6 +146,7 @@ impl Fills {
     pub fn new(config: &Config) -> Fills {
         Fills {
             running: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
             count: watch::Sender::new(0),
             read_timeout: config.client.read_timeout,
             floor: Floor {
@@ -224,10 +238,11 @@ impl Fills {
             digest: job.digest.clone(),
         };
         let mut running = self.running.lock().expect("fills lock");
-        if let Some(fill) = running.get(&key) {
+        if let Some(fill) = running.get_mut(&key) {
             if !accept(Some((&fill.upstream, &fill.repository))) {
                 return Ok(None);
             }
+            fill.joined = true;
             metrics.fill_followers.inc();
             return Ok(Some(Joined {
                 progress: fill.progress.clone(),
@@ -255,34 +270,20 @@ impl Fills {
             });
         }
         let (tx, rx) = watch::channel(Progress::Connecting);
-        metrics.fills_in_flight.inc();
-        let fills = Arc::clone(self);
-        let cache = Arc::clone(cache);
-        let metrics = Arc::clone(metrics);
-        let task_key = key.clone();
-        let (upstream, repository) = (Arc::clone(&job.upstream.name), job.repository.clone());
-        let from_peer = job.from_peer;
-        let task = tokio::spawn(async move {
-            let digest = job.digest.clone();
-            let outcome = fills.fetch(&cache, &metrics, job, &tx).await;
-            if let Err(error) = outcome {
-                metrics.fills_failed.inc();
-                tracing::warn!(%digest, error = %error, "fill failed");
-                tx.send_replace(Progress::Failed(Arc::new(error)));
-            }
-            fills.finished(&task_key);
-            metrics.fills_in_flight.dec();
-        });
-        running.insert(
-            key,
-            Running {
-                progress: rx.clone(),
-                task: task.abort_handle(),
-                upstream,
-                repository,
-                from_peer,
-            },
-        );
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = job.prefetch.then(|| Arc::new(Notify::new()));
+        let (repository, from_peer) = (job.repository.clone(), job.from_peer);
+        let fill = Running {
+            progress: rx.clone(),
+            task: self.start(cache, metrics, job, (id, cancel.clone()), tx),
+            upstream: Arc::clone(&key.upstream),
+            repository,
+            from_peer,
+            cancel,
+            joined: false,
+            id,
+        };
+        running.insert(key, fill);
         self.count.send_replace(running.len());
         Ok(Some(Joined {
             progress: rx,
@@ -290,9 +291,85 @@ impl Fills {
         }))
     }
 
-    fn finished(&self, key: &FillKey) {
+    /// Spawns the fill's task; a prefetch's (with `cancel`) ends early, failed as "cache full",
+    /// when `cancel` is notified.
+    fn start(
+        self: &Arc<Self>,
+        cache: &Arc<Cache>,
+        metrics: &Arc<Metrics>,
+        job: Job,
+        (id, cancel): (u64, Option<Arc<Notify>>),
+        tx: watch::Sender<Progress>,
+    ) -> AbortHandle {
+        metrics.fills_in_flight.inc();
+        let fills = Arc::clone(self);
+        let cache = Arc::clone(cache);
+        let metrics = Arc::clone(metrics);
+        let task_key = FillKey {
+            upstream: Arc::clone(&job.upstream.name),
+            digest: job.digest.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let digest = job.digest.clone();
+            let fetch = fills.fetch(&cache, &metrics, job, &tx);
+            // The fetch (and the room it reserved) is gone by the end of this statement,
+            // before the readers learn the fill failed.
+            let (outcome, cancelled) = match cancel {
+                Some(cancel) => tokio::select! {
+                    outcome = fetch => (outcome, false),
+                    () = cancel.notified() => {
+                        let retry_after = fills.retry_after.clone();
+                        (Err(FillError::Full { retry_after }), true)
+                    }
+                },
+                None => (fetch.await, false),
+            };
+            if let Err(error) = outcome {
+                // A cancelled prefetch did not fail: `cancel_unjoined_prefetch` counted it.
+                if !cancelled {
+                    metrics.fills_failed.inc();
+                    tracing::warn!(%digest, error = %error, "fill failed");
+                }
+                tx.send_replace(Progress::Failed(Arc::new(error)));
+            }
+            fills.finished(&task_key, id);
+            metrics.fills_in_flight.dec();
+        });
+        task.abort_handle()
+    }
+
+    /// Cancels the youngest prefetch fill no request joined, so a real miss can have its
+    /// room; its progress, to wait on until it ended. Counted in
+    /// `berth_prefetch_skipped_total{reason="cancelled"}`. `None` when there is none.
+    pub(super) fn cancel_unjoined_prefetch(
+        &self,
+        metrics: &Metrics,
+    ) -> Option<watch::Receiver<Progress>> {
         let mut running = self.running.lock().expect("fills lock");
-        running.remove(key);
+        let key = running
+            .iter()
+            .filter(|(_, fill)| fill.cancel.is_some() && !fill.joined)
+            .max_by_key(|(_, fill)| fill.id)
+            .map(|(key, _)| key.clone())?;
+        // Out of the running set at once: no request joins a fill that is going away.
+        let fill = running.remove(&key)?;
+        self.count.send_replace(running.len());
+        fill.cancel?.notify_one();
+        metrics
+            .prefetch_skipped
+            .with_label_values(&[crate::metrics::PREFETCH_CANCELLED])
+            .inc();
+        tracing::info!(digest = %key.digest, "prefetch cancelled to give its room to a miss");
+        Some(fill.progress)
+    }
+
+    /// Removes fill `id`'s entry, unless it went already (a cancelled prefetch) and another
+    /// fill of the same key took its place.
+    fn finished(&self, key: &FillKey, id: u64) {
+        let mut running = self.running.lock().expect("fills lock");
+        if running.get(key).is_some_and(|fill| fill.id == id) {
+            running.remove(key);
+        }
         self.count.send_replace(running.len());
     }
 

@@ -9,6 +9,7 @@ use http::header::CONTENT_RANGE;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -22,7 +23,8 @@ const MAX_RESUMES: u32 = 6;
 
 impl Fills {
     /// Moves the upstream body into the write queue, resuming with Range requests when it
-    /// fails part-way.
+    /// fails part-way. `peer_bytes`, when an owner replica sends the first body, counts the
+    /// bytes that came of it (the resumes come from the upstream).
     pub(super) async fn receive(
         &self,
         job: &Job,
@@ -30,6 +32,7 @@ impl Fills {
         mut body: Incoming,
         total: Option<u64>,
         chunks: &mpsc::Sender<Bytes>,
+        mut peer_bytes: Option<&IntCounter>,
     ) -> Result<(), UpstreamError> {
         let mut received = 0u64;
         let mut skip = 0u64;
@@ -39,6 +42,9 @@ impl Fills {
             let before = received;
             let pumped = self.pump(body, skip, chunks, &mut received).await;
             counted.inc_by(received - before);
+            if let Some(peer_bytes) = peer_bytes.take() {
+                peer_bytes.inc_by(received - before);
+            }
             let mut error = match pumped {
                 Ok(()) => return Ok(()),
                 Err(error) => error,

@@ -89,6 +89,22 @@ async fn check_config_exits_1_naming_the_bad_key() {
         ("[limits]\nshutdown_grace = \"soon\"\n", "shutdown_grace"),
         ("default_upstream = \"nowhere.io\"\n", "default_upstream"),
         ("[cache]\nmax_size = 0\n", "cache.max_size"),
+        // What start-up refuses in `[cluster]` (`Cluster::from_config`), refused here too.
+        (
+            "[cluster]\npeers = [\"http://10.0.0.1:5000\"]\nself = \"http://10.0.0.2:5000\"\ntoken_file = \"/t\"\n",
+            "cluster.self",
+        ),
+        (
+            "[cluster]\npeers = [\"http://10.0.0.1:5000\"]\nself = \"http://10.0.0.1:5000\"\n",
+            "cluster.token_file",
+        ),
+        ("[cluster]\npeer_fill_share = 101\nparent = \"https://p.example\"\n", "cluster.peer_fill_share"),
+        ("[cluster]\ndns = \"berth\"\nself_ip_env = \"POD_IP\"\nresolver = \"dns\"\ntoken_file = \"/t\"\n", "cluster.resolver"),
+        // A parent key over plain http to a host that may be anywhere would go in clear.
+        (
+            "[cluster]\nparent = \"http://berth.eu-west.example.com\"\nparent_key_file = \"/k\"\n",
+            "cluster.parent",
+        ),
     ];
     for (text, key) in cases {
         let path = dir.path().join("berth.toml");
