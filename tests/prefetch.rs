@@ -53,7 +53,17 @@ fn spawn_get(url: String) -> tokio::task::JoinHandle<support::Fetched> {
 /// A stack (berth's config with the `[prefetch]` keys `prefetch`) whose registry holds
 /// `REPO:v1`, an image of layers of `sizes`, with the tap's count of requests at zero.
 async fn cold_stack(prefetch: &str, seed: u64, sizes: &[usize]) -> (Stack, Image) {
-    let stack = Stack::start(&format!("[prefetch]\n{prefetch}")).await;
+    cold_stack_with("", prefetch, seed, sizes).await
+}
+
+/// `cold_stack` with `cache` in berth's `[cache]` table.
+async fn cold_stack_with(
+    cache: &str,
+    prefetch: &str,
+    seed: u64,
+    sizes: &[usize],
+) -> (Stack, Image) {
+    let stack = Stack::start(&format!("{cache}\n[prefetch]\n{prefetch}")).await;
     let image = Image::random(Flavor::Oci, seed, sizes);
     push_image(&stack.registry.url(), REPO, "v1", &image, None)
         .await
@@ -231,7 +241,8 @@ async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
 /// their first bytes. Prefetches may reserve half of the cache: the other blob's miss needs
 /// more than the rest.
 async fn tiny_cache_prefetching(seed: u64) -> (Stack, Image, support::Blob) {
-    let (stack, image) = cold_stack("max_size = \"1MiB\"", seed, &[400_000]).await;
+    let (stack, image) =
+        cold_stack_with("max_size = \"1MiB\"", ON_MANIFEST, seed, &[400_000]).await;
     let other = random_blob(700_000, seed + 1);
     push_blob(&stack.registry.url(), REPO, &other, None)
         .await
