@@ -8,8 +8,9 @@
 //! first tried in place without waiting for the disk (`RWF_NOWAIT`): a hit in the page cache,
 //! the common case for a warm blob, costs no thread hop. Only a read that would wait goes to the
 //! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing a buffer per chunk
-//! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
-//! bytes past the file's good length come from the fill's in-memory window (`spill`). A
+//! took a fifth of the CPU of a 64-client warm download. While a fill runs, the bytes its file
+//! does not hold yet (and after a disk failure, the rest) come from the fill's in-memory window
+//! (`spill`), as slices of the received buffers. A
 //! verified file is served from a shared memory map instead, in larger slices, whenever the
 //! pages of a slice are in memory (`mapped`) and the kernel, not berth, copies the body onto
 //! the connection (`Copier`): one copy fewer than a read. A read
@@ -28,7 +29,7 @@ use http_body::Frame;
 use tokio::sync::watch;
 
 use super::progress::{drop_cached, Progress};
-use super::spill::Spill;
+use super::spill::{Located, Spill};
 use super::Cache;
 use crate::body::{self, Body, BoxError};
 use crate::metrics::Metrics;
@@ -150,13 +151,13 @@ impl Reader {
                 }
                 let len = (readable.limit - self.pos).min(CHUNK);
                 let bytes = match readable.spill {
-                    Some(spill) if self.pos >= spill.disk_len() => spill
-                        .read(self.pos, len as usize)?
-                        .ok_or("spill window behind its published length")?,
-                    Some(spill) => {
-                        self.read_file(file, len.min(spill.disk_len() - self.pos))
-                            .await?
-                    }
+                    Some(spill) => match spill.locate(self.pos, len as usize)? {
+                        Located::Memory(bytes) => bytes,
+                        Located::Disk(until) => {
+                            self.read_file(file, len.min(until - self.pos)).await?
+                        }
+                        Located::NotYet => return Err("window behind its published length".into()),
+                    },
                     None => self.read_file(file, len).await?,
                 };
                 self.pos += bytes.len() as u64;
