@@ -3,8 +3,9 @@
 //! While a fill runs, the bytes it has received but not yet written to the file (its writes
 //! are whole direct blocks, `fill::append`) are kept here, and readers at the live edge take
 //! them from memory, as slices of the received buffers: no read back through the page cache.
-//! The window is live: bytes leave it once the file holds them (`on_disk`), so it holds about a
-//! block.
+//! The window is live: bytes the file holds leave it once it holds more than `LIVE_WINDOW`
+//! (`on_disk`), so readers a few MiB behind the edge (the writer publishes every burst, at most
+//! every 4 MiB) still read memory; the bytes the file does not hold never leave it.
 //!
 //! When writing the temp file fails (ENOSPC, EIO), the window fails too (`fail`): the bytes
 //! already on disk stay readable from the (now unlinked) file, and every later byte is kept
@@ -22,6 +23,9 @@ use bytes::Bytes;
 
 /// Bytes a failed fill keeps in memory for its readers.
 pub(crate) const SPILL_WINDOW: usize = 16 << 20;
+/// Bytes a running fill keeps in memory that its file holds too (plus those it does not yet
+/// hold: at most a direct block and a chunk).
+const LIVE_WINDOW: usize = 8 << 20;
 
 #[derive(Debug)]
 pub struct Spill {
@@ -98,12 +102,14 @@ impl Spill {
         }
     }
 
-    /// The file now holds the blob up to `len`: the chunks wholly before it leave the window.
+    /// The file now holds the blob up to `len`: the oldest chunks wholly before it leave the
+    /// window while it holds more than `LIVE_WINDOW`.
     pub fn on_disk(&self, len: u64) {
         let mut window = self.window.lock().expect("spill lock");
         window.disk_len = len;
         while let Some(front) = window.chunks.front() {
-            if window.start + front.len() as u64 > len {
+            let on_disk = window.start + front.len() as u64 <= len;
+            if !on_disk || window.bytes <= LIVE_WINDOW {
                 break;
             }
             window.drop_front();
@@ -190,11 +196,17 @@ mod tests {
         spill.push(Bytes::from_static(b"abcd"));
         spill.push(Bytes::from_static(b"efgh"));
         assert_eq!(spill.locate(1, 10), memory(b"bcd"));
-        // The file holds 6 bytes: "abcd" leaves the window, "efgh" straddles the end.
+        spill.on_disk(6);
+        assert_eq!(spill.locate(1, 10), memory(b"bcd"), "recent bytes stay");
+        // Past `LIVE_WINDOW`: "abcd" (on disk) leaves, "efgh" straddles the file's end and stays.
+        spill.push(Bytes::from(vec![b'x'; LIVE_WINDOW]));
         spill.on_disk(6);
         assert_eq!(spill.locate(1, 10), Ok(Located::Disk(6)));
         assert_eq!(spill.locate(5, 10), memory(b"fgh"));
-        assert_eq!(spill.locate(8, 10), Ok(Located::NotYet));
+        assert_eq!(
+            spill.locate(8 + LIVE_WINDOW as u64, 10),
+            Ok(Located::NotYet)
+        );
         // However much arrives, a live window keeps every byte the file does not hold.
         for _ in 0..10 {
             spill.push(Bytes::from(vec![b'x'; SPILL_WINDOW]));
