@@ -343,6 +343,7 @@ mod tests {
     use http::Version;
     use http_body_util::BodyExt;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn only_a_plain_tcp_http1_connection_has_the_kernel_copy_the_body() {
@@ -383,5 +384,54 @@ mod tests {
         assert!(read.iter().all(|&len| len as u64 <= CHUNK), "{read:?}");
         let mapped = frame_sizes(Copier::Kernel).await;
         assert_eq!(mapped, [MAPPED_CHUNK; 3]);
+    }
+
+    /// A running fill of "hello" whose file holds nothing yet: every byte is in its live window.
+    fn streaming_from_memory() -> (watch::Sender<Progress>, Arc<File>, Body) {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let window = Arc::new(Spill::live());
+        window.push(Bytes::from_static(b"hel"));
+        window.push(Bytes::from_static(b"lo"));
+        let (progress, rx) = watch::channel(Progress::Streaming {
+            file: Arc::clone(&file),
+            total: Some(5),
+            written: 5,
+            spill: Some(window),
+        });
+        let body = blob_body(rx, 0, None, None, Copier::Berth);
+        (progress, file, body)
+    }
+
+    async fn next_data(body: &mut Body) -> Bytes {
+        body.frame().await.unwrap().unwrap().into_data().unwrap()
+    }
+
+    #[tokio::test]
+    async fn bytes_not_in_the_file_yet_come_from_the_window_all_but_the_last_until_verified() {
+        let (progress, file, mut body) = streaming_from_memory();
+        assert_eq!(next_data(&mut body).await, "hel");
+        assert_eq!(
+            next_data(&mut body).await,
+            "l",
+            "the last byte is held back"
+        );
+        file.write_all_at(b"hello", 0).unwrap();
+        progress.send_replace(Progress::Verified {
+            file,
+            total: 5,
+            spill: None,
+        });
+        assert_eq!(next_data(&mut body).await, "o");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_ends_a_body_read_from_the_window_in_an_error() {
+        let (progress, _file, mut body) = streaming_from_memory();
+        assert_eq!(next_data(&mut body).await, "hel");
+        assert_eq!(next_data(&mut body).await, "l");
+        let error = crate::cache::FillError::Disk(std::io::Error::other("wrong bytes"));
+        progress.send_replace(Progress::Failed(Arc::new(error)));
+        assert!(body.frame().await.unwrap().is_err(), "never the last byte");
     }
 }
