@@ -34,13 +34,15 @@
 //!   state, or a cached file opened), blob readers over complete or growing files (verified
 //!   ones as slices of shared maps where the kernel sends the body: `mapped`, which also
 //!   finds a slice's file and offset, `reader::Copier`), the
-//!   in-memory window of a fill whose disk failed (`spill`), the `Outcome` of each response,
+//!   in-memory window of a fill (`spill`: the bytes its file does not hold yet, or all the
+//!   rest once its disk failed), the `Outcome` of each response,
 //!   and `FillError`, which every reader of a failed fill sees.
 //! - `cluster`  replicas of a location as one cache: rendezvous ring of blob owners, membership
 //!   (static or DNS), the peer token, peer requests (asker and owner side), the parent tier.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
-//!   phases in files (`fetch`, `receive`, `write`), failures as `cache::FillError`.
+//!   phases in files (`fetch`, `receive`, `write`, `append`: direct writes of the temp file),
+//!   failures as `cache::FillError`.
 //! - `prefetch` a cold image's manifest GET (or its first blob GET: `plans`) starts the fills of
 //!   its missing config and layers, once per image at a time, bounded, below real misses for
 //!   `max_fills`, paused for an upstream that answers 429.
@@ -91,12 +93,14 @@
 //!                                   -> upstream GET (auth, redirects, over net::HttpClient
 //!                                   and its address rule)
 //!                                   Content-Length > max_blob_size -> 403; reserve its room
-//!                                   body -> blocking writer: sha256 + temp file, publish length
+//!                                   body -> blocking writer: sha256 + window + temp file
+//!                                   (O_DIRECT blocks), publish length
 //!                                   body fails/trickles -> Range: bytes=<received>- , same hash
 //!                                   disk fails -> unlink; rest through memory (spill), no commit
 //!                                   end  -> verify digest+length -> fsync, rename, index
-//!                               every caller (first one too): cache::reader over the temp file,
-//!                                   up to the published length, last byte held until verified
+//!                               every caller (first one too): cache::reader over the window
+//!                                   and the temp file, up to the published length, last byte
+//!                                   held until verified
 //!                                                                            X-Cache: MISS | COALESCED
 //! ```
 //!

@@ -17,8 +17,8 @@ use crate::oci::digest::Digest;
 pub enum Progress {
     /// The upstream request is under way; no response head yet.
     Connecting,
-    /// Bytes `[0, written)` are received but not yet verified: in the file, or past
-    /// `spill.disk_len()` in the spill window after a disk failure.
+    /// Bytes `[0, written)` are received but not yet verified: in the file, or in the fill's
+    /// window (`spill`): bytes the file does not hold yet, or after a disk failure the rest.
     Streaming {
         file: Arc<File>,
         total: Option<u64>,

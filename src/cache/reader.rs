@@ -8,8 +8,9 @@
 //! first tried in place without waiting for the disk (`RWF_NOWAIT`): a hit in the page cache,
 //! the common case for a warm blob, costs no thread hop. Only a read that would wait goes to the
 //! blocking pool. Read buffers are reused (`Pooled`); allocating and zeroing a buffer per chunk
-//! took a fifth of the CPU of a 64-client warm download. After a disk failure during a fill,
-//! bytes past the file's good length come from the fill's in-memory window (`spill`). A
+//! took a fifth of the CPU of a 64-client warm download. While a fill runs, the bytes its file
+//! does not hold yet (and after a disk failure, the rest) come from the fill's in-memory window
+//! (`spill`), as slices of the received buffers. A
 //! verified file is served from a shared memory map instead, in larger slices, whenever the
 //! pages of a slice are in memory (`mapped`) and the kernel, not berth, puts the body onto
 //! the connection (`Copier`; `server::sendfile`): no copy by berth at all. A read
@@ -28,7 +29,7 @@ use http_body::Frame;
 use tokio::sync::watch;
 
 use super::progress::{drop_cached, Progress};
-use super::spill::Spill;
+use super::spill::{Located, Spill};
 use super::Cache;
 use crate::body::{self, Body, BoxError};
 use crate::metrics::Metrics;
@@ -152,13 +153,13 @@ impl Reader {
                 }
                 let len = (readable.limit - self.pos).min(CHUNK);
                 let bytes = match readable.spill {
-                    Some(spill) if self.pos >= spill.disk_len() => spill
-                        .read(self.pos, len as usize)?
-                        .ok_or("spill window behind its published length")?,
-                    Some(spill) => {
-                        self.read_file(file, len.min(spill.disk_len() - self.pos))
-                            .await?
-                    }
+                    Some(spill) => match spill.locate(self.pos, len as usize)? {
+                        Located::Memory(bytes) => bytes,
+                        Located::Disk(until) => {
+                            self.read_file(file, len.min(until - self.pos)).await?
+                        }
+                        Located::NotYet => return Err("window behind its published length".into()),
+                    },
                     None => self.read_file(file, len).await?,
                 };
                 self.pos += bytes.len() as u64;
@@ -344,6 +345,7 @@ mod tests {
     use http::Version;
     use http_body_util::BodyExt;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn only_a_plain_tcp_http1_connection_has_the_kernel_copy_the_body() {
@@ -384,5 +386,54 @@ mod tests {
         assert!(read.iter().all(|&len| len as u64 <= CHUNK), "{read:?}");
         let mapped = frame_sizes(Copier::Kernel).await;
         assert_eq!(mapped, [MAPPED_CHUNK; 3]);
+    }
+
+    /// A running fill of "hello" whose file holds nothing yet: every byte is in its live window.
+    fn streaming_from_memory() -> (watch::Sender<Progress>, Arc<File>, Body) {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let window = Arc::new(Spill::live());
+        window.push(Bytes::from_static(b"hel"));
+        window.push(Bytes::from_static(b"lo"));
+        let (progress, rx) = watch::channel(Progress::Streaming {
+            file: Arc::clone(&file),
+            total: Some(5),
+            written: 5,
+            spill: Some(window),
+        });
+        let body = blob_body(rx, 0, None, None, Copier::Berth);
+        (progress, file, body)
+    }
+
+    async fn next_data(body: &mut Body) -> Bytes {
+        body.frame().await.unwrap().unwrap().into_data().unwrap()
+    }
+
+    #[tokio::test]
+    async fn bytes_not_in_the_file_yet_come_from_the_window_all_but_the_last_until_verified() {
+        let (progress, file, mut body) = streaming_from_memory();
+        assert_eq!(next_data(&mut body).await, "hel");
+        assert_eq!(
+            next_data(&mut body).await,
+            "l",
+            "the last byte is held back"
+        );
+        file.write_all_at(b"hello", 0).unwrap();
+        progress.send_replace(Progress::Verified {
+            file,
+            total: 5,
+            spill: None,
+        });
+        assert_eq!(next_data(&mut body).await, "o");
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_ends_a_body_read_from_the_window_in_an_error() {
+        let (progress, _file, mut body) = streaming_from_memory();
+        assert_eq!(next_data(&mut body).await, "hel");
+        assert_eq!(next_data(&mut body).await, "l");
+        let error = crate::cache::FillError::Disk(std::io::Error::other("wrong bytes"));
+        progress.send_replace(Progress::Failed(Arc::new(error)));
+        assert!(body.frame().await.unwrap().is_err(), "never the last byte");
     }
 }

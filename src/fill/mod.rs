@@ -1,8 +1,9 @@
 //! Single-flight fills: one upstream fetch per missing blob, streamed to every client that asks
 //! while it runs.
 //!
-//! A fill owns a temp file. The upstream body is hashed and appended to it on the blocking pool,
-//! and each appended length is published on a `watch` channel. Every client, the first one
+//! A fill owns a temp file. The upstream body is hashed and appended to it on the blocking pool
+//! (`O_DIRECT` where the filesystem allows, see `append`), and each length the file holds is
+//! published on a `watch` channel. Every client, the first one
 //! included, is a reader of that file up to the published length (`cache::reader`), so a client
 //! that joins late starts at byte 0 from disk and no one waits for the fill to finish. When the
 //! body ends, the digest and length are checked: a match is fsynced, renamed into the store and
@@ -35,10 +36,12 @@
 //! The files, in the order a fill runs: this one (joining, the running set, shutdown; and
 //! opening a cached blob), `fetch` (the phases: ask -> reserve -> open temp -> receive ->
 //! verify -> commit), `receive` (the upstream body into the write queue, paced and resumed with
-//! Range requests), `write` (the blocking writer: hasher + temp file + published length) and
+//! Range requests), `write` (the blocking writer: hasher + temp file + published length),
+//! `append` (the temp file's writes: direct, past the page cache, in aligned blocks) and
 //! `error` (`FillError`, what a failed fill tells its readers; `crate::error` maps it to a
 //! response).
 
+mod append;
 mod fetch;
 mod receive;
 mod write;

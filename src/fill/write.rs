@@ -1,18 +1,18 @@
-//! The blocking writer of a fill: queued chunks -> hasher + temp file, the new length published
-//! to the readers after each burst; a disk failure mid-way moves the rest into memory (`Spill`).
+//! The blocking writer of a fill: queued chunks -> hasher + temp file (`append`), the length the
+//! file holds published to the readers after each burst; a disk failure mid-way moves the rest into memory (`Spill`).
 //! Also the verdict on what was written (`verify`, pure) and the temp file's clean-up. What to fetch
 //! and what to do with the verdict is `fetch`'s.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use super::append::Appender;
 use super::{FillError, Progress};
-use crate::cache::spill::{Spill, SPILL_WINDOW};
+use crate::cache::spill::Spill;
 use crate::oci::digest::{Digest, Verifier};
 use crate::upstream::UpstreamError;
 
@@ -32,9 +32,10 @@ pub(super) struct Written {
     pub(super) sync_error: Option<std::io::Error>,
 }
 
-/// Appends queued chunks to the file, hashing them, and publishes each new length. On a write
-/// error it unlinks the file and carries on in memory (`Spill`), so the readers still get
-/// every byte and the hash still covers the whole blob.
+/// Appends queued chunks to the file (`Appender`), hashing them, and publishes each new length.
+/// Readers find the bytes the file does not hold yet in the fill's live window (`Spill`). On a
+/// write error it unlinks the file and the window carries the rest (`Spill::fail`), so the
+/// readers still get every byte and the hash still covers the whole blob.
 pub(super) fn write_chunks(
     file: &File,
     path: &Path,
@@ -42,35 +43,32 @@ pub(super) fn write_chunks(
     progress: &watch::Sender<Progress>,
 ) -> Written {
     let mut verifier = Verifier::new();
+    let mut appender = Appender::open(file, path);
+    let window = Arc::new(Spill::live());
+    progress.send_modify(|state| {
+        if let Progress::Streaming { spill, .. } = state {
+            *spill = Some(Arc::clone(&window));
+        }
+    });
     let mut written = 0u64;
-    let mut spilled: Option<(std::io::Error, Arc<Spill>)> = None;
-    let mut out = file;
+    let mut failed: Option<std::io::Error> = None;
     let mut published = 0u64;
     let mut next = queue.blocking_recv();
     while let Some(chunk) = next {
         verifier.update(&chunk);
-        if spilled.is_none() {
-            if let Err(err) = out.write_all(&chunk) {
-                // Bytes before this chunk are whole in the file; this one may be partial.
-                let _ = std::fs::remove_file(path);
-                let spill = Arc::new(Spill::new(written, SPILL_WINDOW));
-                progress.send_modify(|state| {
-                    if let Progress::Streaming { spill: slot, .. } = state {
-                        *slot = Some(Arc::clone(&spill));
-                    }
-                });
-                spilled = Some((err, spill));
+        written += chunk.len() as u64;
+        window.push(chunk.clone());
+        if failed.is_none() {
+            match appender.append(chunk) {
+                Ok(()) => window.on_disk(appender.len()),
+                Err(err) => failed = Some(fail(path, &appender, err, &window)),
             }
         }
-        if let Some((_, spill)) = &spilled {
-            spill.push(chunk.clone());
-        }
-        written += chunk.len() as u64;
         // Publish once per burst of queued chunks (every publish wakes every reader), and at
         // least every `PUBLISH_STEP` bytes, so readers keep streaming while the queue is full.
         next = queue.try_recv().ok();
-        // After a disk failure, every chunk: the spill window holds only the newest bytes.
-        let due = spilled.is_some() || written - published >= PUBLISH_STEP;
+        // After a disk failure, every chunk: the window holds only the newest bytes.
+        let due = failed.is_some() || written - published >= PUBLISH_STEP;
         if next.is_none() || due {
             published = written;
             progress.send_modify(|state| {
@@ -83,16 +81,30 @@ pub(super) fn write_chunks(
             next = queue.blocking_recv();
         }
     }
-    let sync_error = match spilled {
+    if failed.is_none() {
+        match appender.finish() {
+            Ok(()) => window.on_disk(appender.len()),
+            Err(err) => failed = Some(fail(path, &appender, err, &window)),
+        }
+    }
+    let sync_error = match failed {
         Some(_) => None,
         None => file.sync_data().err(),
     };
     Written {
         digest: verifier.finish(),
         len: written,
-        spilled,
+        spilled: failed.map(|err| (err, window)),
         sync_error,
     }
+}
+
+/// The disk failed: unlinks the file, whose first `appender.len()` bytes stay readable through
+/// the open handle; the window holds every later byte from now on.
+fn fail(path: &Path, appender: &Appender, err: std::io::Error, window: &Spill) -> std::io::Error {
+    let _ = std::fs::remove_file(path);
+    window.fail(appender.len());
+    err
 }
 
 /// Deletes an uncommitted temp file when the fill ends without committing it.
