@@ -452,3 +452,104 @@ async fn a_hostile_upstreams_held_manifest_fetch_is_not_joined_by_clients_of_ano
     assert_eq!(held.status, 200);
     assert!(held.body == image.manifest.bytes);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_keeps_cutting_bodies_is_shed_by_its_circuit_breaker() {
+    let two =
+        TwoUpstreams::start("[client]\nbreaker_threshold = 3\nbreaker_cooldown = \"120s\"").await;
+    let mut blobs = Vec::new();
+    for seed in 0..4 {
+        blobs.push(two.push(50_000, 70 + seed).await);
+    }
+    // Every blob body from the hostile upstream is cut after 1,000 bytes, resumes included:
+    // each head arrives at once, so only the bodies show that it never delivers.
+    two.tap.inject(Kind::Blob, Fault::CutBlobAt(1_000));
+    let cut = blobs[..3].iter().map(|blob| {
+        let url = two.url(blob, "hostile.test");
+        async move { get(&url, None).await }
+    });
+    // A client gets an error status, or a body that ends early (`get` then fails).
+    let cut = futures_util::future::join_all(cut).await;
+    for fetched in cut.into_iter().flatten() {
+        assert!(fetched.body.len() < 50_000, "no client got a whole blob");
+    }
+    for _ in 0..500 {
+        if two.berth.state.fills.in_flight() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(two.berth.state.metrics.fills_failed.get(), 3);
+
+    // The fourth request is answered from the open breaker, without asking the upstream.
+    let asked = two.tap.count(Method::GET, Kind::Blob);
+    let shed = tokio::time::timeout(HANG_GUARD, get(&two.url(&blobs[3], "hostile.test"), None))
+        .await
+        .expect("an open breaker answers at once")
+        .unwrap();
+    assert_eq!(
+        shed.status,
+        503,
+        "{:?}",
+        String::from_utf8_lossy(&shed.body)
+    );
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(
+        two.tap.count(Method::GET, Kind::Blob),
+        asked,
+        "upstream not asked"
+    );
+
+    // The honest upstream is not affected.
+    let honest = get(&two.url(&blobs[3], "honest.test"), None).await.unwrap();
+    assert_eq!(honest.status, 200);
+    assert!(honest.body == blobs[3].bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_upstreams_held_fills_cannot_take_the_fill_slots_of_another() {
+    // Four fill slots, half of them for each configured upstream.
+    let two = TwoUpstreams::start("[limits]\nmax_fills = 4\nupstream_fill_share = 50").await;
+    let mut blobs = Vec::new();
+    for seed in 0..4 {
+        blobs.push(two.push(200_000, 80 + seed).await);
+    }
+    // The hostile upstream holds every fill it is given after 1,000 bytes.
+    two.tap.inject(Kind::Blob, Fault::PauseAt(1_000));
+    let mut held = Vec::new();
+    for blob in &blobs[..2] {
+        held.push(send_get(&two.url(blob, "hostile.test")).await.unwrap());
+    }
+    two.tap.wait_paused(2).await;
+    // A third of its fills would leave the honest upstream one slot, a fourth none: refused.
+    let refused = tokio::time::timeout(HANG_GUARD, get(&two.url(&blobs[2], "hostile.test"), None))
+        .await
+        .expect("refused at once, not started and held")
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(two.berth.state.fills.in_flight(), 2);
+
+    // Clients of the honest upstream still get fills (two at once).
+    let honest = blobs[2..].iter().map(|blob| {
+        let url = two.url(blob, "honest.test");
+        async move { get(&url, None).await }
+    });
+    for (fetched, blob) in futures_util::future::join_all(honest)
+        .await
+        .into_iter()
+        .zip(&blobs[2..])
+    {
+        let fetched = fetched.unwrap();
+        assert_eq!(fetched.status, 200);
+        assert_eq!(fetched.header("x-cache"), Some("MISS"));
+        assert!(fetched.body == blob.bytes);
+    }
+    two.tap.clear_faults();
+    two.tap.resume();
+    for response in held {
+        let mut body = response.into_body();
+        let (_, error) = read_body(&mut body, 200_001).await;
+        assert!(error.is_none(), "{error:?}");
+    }
+}

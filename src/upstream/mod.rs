@@ -220,6 +220,16 @@ impl Upstream {
         self.breaker.is_open()
     }
 
+    /// How a blob fill from this upstream ended, for the circuit breaker: `true` when the blob
+    /// arrived and verified, `false` when the upstream failed it (`breaker`'s bad bodies).
+    pub(crate) fn fill_ended(&self, delivered: bool) {
+        if delivered {
+            self.breaker.good_body();
+        } else if self.breaker.bad_body() {
+            tracing::warn!(upstream = %self.name, "circuit breaker opened: blob fills failed repeatedly");
+        }
+    }
+
     /// Whether this upstream answered 429 (to any request) less than `within` ago.
     pub fn rate_limited_within(&self, within: Duration) -> bool {
         let last = *self.last_429.lock().expect("429 lock");
