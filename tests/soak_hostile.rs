@@ -10,7 +10,9 @@
 //! Phases alternate, alone first and last (alone, hostile, alone, hostile, alone for the
 //! default 2 rounds), and the medians pool the phases of each kind, so a drift of the machine
 //! over the run weighs on both sides alike. Between rounds the hostile fills are discarded, so
-//! each hostile phase starts from none, as the first does. berth runs on a tokio runtime of its
+//! each hostile phase starts from none, as the first does; after the last one the hostile
+//! upstream stops trickling and goes away, and its fills end on their own before the last
+//! phase alone. berth runs on a tokio runtime of its
 //! own, so its threads' CPU time is told apart from the clients' and the upstreams'.
 //!
 //! Each phase runs `BERTH_HOSTILE_SOAK_SECS` seconds (15 by default, as `./scripts/test` runs
@@ -415,16 +417,18 @@ endpoint = "http://{hostile}"
         if round + 1 < rounds() {
             // The next hostile phase starts from no hostile fill, as this one did.
             berth.state.fills.drain(Duration::ZERO).await;
+        } else {
+            // The hostile upstream stops trickling and goes away; its fills end on their own,
+            // before the last phase alone.
+            stop_upstream.store(true, Ordering::Relaxed);
+            hostile_server.abort();
+            for _ in 0..500 {
+                if berth.state.fills.in_flight() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-    }
-    // The hostile upstream stops trickling and goes away; its fills end.
-    stop_upstream.store(true, Ordering::Relaxed);
-    hostile_server.abort();
-    for _ in 0..500 {
-        if berth.state.fills.in_flight() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut fds_after = open_fds();
     for _ in 0..200 {
