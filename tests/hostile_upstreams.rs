@@ -1,7 +1,8 @@
 //! What one upstream can do to the clients of another, and to the resources every client shares:
 //! a hostile upstream's slow fill is not joined by requests routed elsewhere, a trickling fill
-//! cannot pin a fill slot, an oversized blob is refused before a byte is written, and a lying
-//! `Content-Type` does not decide what type a manifest is served as.
+//! cannot pin a fill slot, one upstream's fills cannot take every slot, an upstream that keeps
+//! failing its bodies is shed by its circuit breaker, an oversized blob is refused before a byte
+//! is written, and a lying `Content-Type` does not decide what type a manifest is served as.
 //!
 //! The honest upstream is a real registry; the hostile one is the tap in front of the same
 //! registry with a fault injected (a pause, a trickle, a wrong header), as no real registry
