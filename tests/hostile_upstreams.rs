@@ -69,6 +69,44 @@ endpoint = "{hostile}"
         blob
     }
 
+    /// Pulls `blobs` through the hostile upstream at once, each failing (an error status, or
+    /// a body that ends early, which fails `get`), and waits for their fills to end.
+    async fn pull_failing(&self, blobs: &[Blob]) {
+        let pulls = blobs.iter().map(|blob| {
+            let url = self.url(blob, "hostile.test");
+            async move { (get(&url, None).await, blob.bytes.len()) }
+        });
+        for (fetched, len) in futures_util::future::join_all(pulls).await {
+            if let Ok(fetched) = fetched {
+                assert!(fetched.body.len() < len, "no client got a whole blob");
+            }
+        }
+        for _ in 0..500 {
+            if self.berth.state.fills.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The hostile upstream's open circuit answers a request for `blob` at once with 503
+    /// without asking it, while the honest upstream serves the blob.
+    async fn assert_shed_while_honest_serves(&self, blob: &Blob) {
+        let asked = self.tap.count(Method::GET, Kind::Blob);
+        let shed = tokio::time::timeout(HANG_GUARD, get(&self.url(blob, "hostile.test"), None))
+            .await
+            .expect("an open breaker answers at once")
+            .unwrap();
+        let text = String::from_utf8_lossy(&shed.body);
+        assert_eq!(shed.status, 503, "{text}");
+        assert!(shed.header("retry-after").is_some());
+        let now = self.tap.count(Method::GET, Kind::Blob);
+        assert_eq!(now, asked, "upstream not asked");
+        let honest = get(&self.url(blob, "honest.test"), None).await.unwrap();
+        assert_eq!(honest.status, 200);
+        assert!(honest.body == blob.bytes);
+    }
+
     fn url(&self, blob: &Blob, upstream: &str) -> String {
         format!(
             "{}/v2/team/app/blobs/{}?ns={upstream}",
@@ -465,46 +503,11 @@ async fn an_upstream_that_keeps_cutting_bodies_is_shed_by_its_circuit_breaker() 
     // Every blob body from the hostile upstream is cut after 1,000 bytes, resumes included:
     // each head arrives at once, so only the bodies show that it never delivers.
     two.tap.inject(Kind::Blob, Fault::CutBlobAt(1_000));
-    let cut = blobs[..3].iter().map(|blob| {
-        let url = two.url(blob, "hostile.test");
-        async move { get(&url, None).await }
-    });
-    // A client gets an error status, or a body that ends early (`get` then fails).
-    let cut = futures_util::future::join_all(cut).await;
-    for fetched in cut.into_iter().flatten() {
-        assert!(fetched.body.len() < 50_000, "no client got a whole blob");
-    }
-    for _ in 0..500 {
-        if two.berth.state.fills.in_flight() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    two.pull_failing(&blobs[..3]).await;
     assert_eq!(two.berth.state.metrics.fills_failed.get(), 3);
 
     // The fourth request is answered from the open breaker, without asking the upstream.
-    let asked = two.tap.count(Method::GET, Kind::Blob);
-    let shed = tokio::time::timeout(HANG_GUARD, get(&two.url(&blobs[3], "hostile.test"), None))
-        .await
-        .expect("an open breaker answers at once")
-        .unwrap();
-    assert_eq!(
-        shed.status,
-        503,
-        "{:?}",
-        String::from_utf8_lossy(&shed.body)
-    );
-    assert!(shed.header("retry-after").is_some());
-    assert_eq!(
-        two.tap.count(Method::GET, Kind::Blob),
-        asked,
-        "upstream not asked"
-    );
-
-    // The honest upstream is not affected.
-    let honest = get(&two.url(&blobs[3], "honest.test"), None).await.unwrap();
-    assert_eq!(honest.status, 200);
-    assert!(honest.body == blobs[3].bytes);
+    two.assert_shed_while_honest_serves(&blobs[3]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -553,4 +556,28 @@ async fn one_upstreams_held_fills_cannot_take_the_fill_slots_of_another() {
         let (_, error) = read_body(&mut body, 200_001).await;
         assert!(error.is_none(), "{error:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_trickles_is_shed_as_its_bodies_are_abandoned_not_after_every_resume() {
+    // 1,000 bytes every 100 ms against a floor of 32 KiB/s over 1 s: each body is abandoned
+    // after its first window, and two abandoned bodies open the breaker.
+    let two = TwoUpstreams::start(
+        "[client]\nmin_fill_rate = \"32KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"\n\
+         breaker_threshold = 2\nbreaker_cooldown = \"120s\"",
+    )
+    .await;
+    let mut blobs = Vec::new();
+    for seed in 0..3 {
+        blobs.push(two.push(300_000, 90 + seed).await);
+    }
+    two.tap
+        .inject(Kind::Blob, Fault::Slow(1_000, Duration::from_millis(100)));
+    two.pull_failing(&blobs[..2]).await;
+    // Each fill had at most one resume before the breaker opened and one refused after it;
+    // counted only when fills run out of resumes, the two would have made all 12.
+    let resumes = two.berth.state.metrics.fill_resumes.get();
+    assert!(resumes <= 4, "{resumes} resumes");
+
+    two.assert_shed_while_honest_serves(&blobs[2]).await;
 }

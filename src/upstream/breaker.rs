@@ -5,10 +5,11 @@
 //! for another cool-down.
 //!
 //! Bad bodies count too, on a tally of their own: `threshold` blob fills in a row that the
-//! upstream's body failed for good (cut or stalled past every resume, slower than the rate
-//! floor, the wrong length or the wrong digest) open the circuit, so an upstream that answers
-//! every request but never delivers is shed instead of costing a fill (a `max_fills` slot, a
-//! temp file, a writer thread) each time. A response head does not clear that tally (a hostile
+//! upstream failed for good (cut or stalled past every resume, the wrong length or the wrong
+//! digest), or bodies it trickled below the rate floor (each one counts when it is abandoned,
+//! resumed or not; a cut is resumed first, as a network blip cuts many bodies at once), open
+//! the circuit, so an upstream that answers every request but never delivers is shed instead
+//! of costing a fill (a `max_fills` slot, a temp file, a writer thread) each time. A response head does not clear that tally (a hostile
 //! upstream answers heads at once); only a verified blob does. After the cool-down the tally
 //! stays one short of the threshold, so the next bad body reopens the circuit at once.
 //!
@@ -107,8 +108,8 @@ impl Circuit {
         }
     }
 
-    /// A fill's body failed for good by the upstream's doing. Returns true when this opened
-    /// the circuit.
+    /// A fill's body failed for good by the upstream's doing, or was abandoned below the rate
+    /// floor. Returns true when this opened the circuit.
     pub fn bad_body(&mut self, now: Instant) -> bool {
         self.bad_bodies = self.bad_bodies.saturating_add(1);
         if self.bad_bodies < self.threshold || matches!(self.state, State::Open { .. }) {

@@ -220,6 +220,12 @@ impl Upstream {
         self.breaker.is_open()
     }
 
+    /// A blob body from this upstream was abandoned at the rate floor: a bad body for the
+    /// circuit breaker at once, though the fill goes on with a resume.
+    pub(crate) fn body_too_slow(&self) {
+        self.fill_ended(false);
+    }
+
     /// How a blob fill from this upstream ended, for the circuit breaker: `true` when the blob
     /// arrived and verified, `false` when the upstream failed it (`breaker`'s bad bodies).
     pub(crate) fn fill_ended(&self, delivered: bool) {
