@@ -10,6 +10,7 @@
 //! |-----------------------------|-------------------------|---------------------------------|
 //! | `max_connections`           | accept loop             | 503 + Retry-After, then close   |
 //! | `max_fills`                 | `fill::Fills::join`     | 503 + Retry-After               |
+//! | `upstream_fill_share`       | `fill::Fills::join`, by upstream | 503 + Retry-After      |
 //! | `max_client_connections`    | accept loop, by client  | connection closed at once       |
 //! | `max_client_requests`       | per request, by client  | 429 + Retry-After               |
 //! | `max_uri_bytes`             | per request             | 414                             |

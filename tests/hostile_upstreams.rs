@@ -1,7 +1,8 @@
 //! What one upstream can do to the clients of another, and to the resources every client shares:
 //! a hostile upstream's slow fill is not joined by requests routed elsewhere, a trickling fill
-//! cannot pin a fill slot, an oversized blob is refused before a byte is written, and a lying
-//! `Content-Type` does not decide what type a manifest is served as.
+//! cannot pin a fill slot, one upstream's fills cannot take every slot, an upstream that keeps
+//! failing its bodies is shed by its circuit breaker, an oversized blob is refused before a byte
+//! is written, and a lying `Content-Type` does not decide what type a manifest is served as.
 //!
 //! The honest upstream is a real registry; the hostile one is the tap in front of the same
 //! registry with a fault injected (a pause, a trickle, a wrong header), as no real registry
@@ -66,6 +67,44 @@ endpoint = "{hostile}"
             .await
             .unwrap();
         blob
+    }
+
+    /// Pulls `blobs` through the hostile upstream at once, each failing (an error status, or
+    /// a body that ends early, which fails `get`), and waits for their fills to end.
+    async fn pull_failing(&self, blobs: &[Blob]) {
+        let pulls = blobs.iter().map(|blob| {
+            let url = self.url(blob, "hostile.test");
+            async move { (get(&url, None).await, blob.bytes.len()) }
+        });
+        for (fetched, len) in futures_util::future::join_all(pulls).await {
+            if let Ok(fetched) = fetched {
+                assert!(fetched.body.len() < len, "no client got a whole blob");
+            }
+        }
+        for _ in 0..500 {
+            if self.berth.state.fills.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The hostile upstream's open circuit answers a request for `blob` at once with 503
+    /// without asking it, while the honest upstream serves the blob.
+    async fn assert_shed_while_honest_serves(&self, blob: &Blob) {
+        let asked = self.tap.count(Method::GET, Kind::Blob);
+        let shed = tokio::time::timeout(HANG_GUARD, get(&self.url(blob, "hostile.test"), None))
+            .await
+            .expect("an open breaker answers at once")
+            .unwrap();
+        let text = String::from_utf8_lossy(&shed.body);
+        assert_eq!(shed.status, 503, "{text}");
+        assert!(shed.header("retry-after").is_some());
+        let now = self.tap.count(Method::GET, Kind::Blob);
+        assert_eq!(now, asked, "upstream not asked");
+        let honest = get(&self.url(blob, "honest.test"), None).await.unwrap();
+        assert_eq!(honest.status, 200);
+        assert!(honest.body == blob.bytes);
     }
 
     fn url(&self, blob: &Blob, upstream: &str) -> String {
@@ -451,4 +490,94 @@ async fn a_hostile_upstreams_held_manifest_fetch_is_not_joined_by_clients_of_ano
     let held = held.await.unwrap().unwrap();
     assert_eq!(held.status, 200);
     assert!(held.body == image.manifest.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_keeps_cutting_bodies_is_shed_by_its_circuit_breaker() {
+    let two =
+        TwoUpstreams::start("[client]\nbreaker_threshold = 3\nbreaker_cooldown = \"120s\"").await;
+    let mut blobs = Vec::new();
+    for seed in 0..4 {
+        blobs.push(two.push(50_000, 70 + seed).await);
+    }
+    // Every blob body from the hostile upstream is cut after 1,000 bytes, resumes included:
+    // each head arrives at once, so only the bodies show that it never delivers.
+    two.tap.inject(Kind::Blob, Fault::CutBlobAt(1_000));
+    two.pull_failing(&blobs[..3]).await;
+    assert_eq!(two.berth.state.metrics.fills_failed.get(), 3);
+
+    // The fourth request is answered from the open breaker, without asking the upstream.
+    two.assert_shed_while_honest_serves(&blobs[3]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_upstreams_held_fills_cannot_take_the_fill_slots_of_another() {
+    // Four fill slots, half of them for each configured upstream.
+    let two = TwoUpstreams::start("[limits]\nmax_fills = 4\nupstream_fill_share = 50").await;
+    let mut blobs = Vec::new();
+    for seed in 0..4 {
+        blobs.push(two.push(200_000, 80 + seed).await);
+    }
+    // The hostile upstream holds every fill it is given after 1,000 bytes.
+    two.tap.inject(Kind::Blob, Fault::PauseAt(1_000));
+    let mut held = Vec::new();
+    for blob in &blobs[..2] {
+        held.push(send_get(&two.url(blob, "hostile.test")).await.unwrap());
+    }
+    two.tap.wait_paused(2).await;
+    // A third of its fills would leave the honest upstream one slot, a fourth none: refused.
+    let refused = tokio::time::timeout(HANG_GUARD, get(&two.url(&blobs[2], "hostile.test"), None))
+        .await
+        .expect("refused at once, not started and held")
+        .unwrap();
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(two.berth.state.fills.in_flight(), 2);
+
+    // Clients of the honest upstream still get fills (two at once).
+    let honest = blobs[2..].iter().map(|blob| {
+        let url = two.url(blob, "honest.test");
+        async move { get(&url, None).await }
+    });
+    for (fetched, blob) in futures_util::future::join_all(honest)
+        .await
+        .into_iter()
+        .zip(&blobs[2..])
+    {
+        let fetched = fetched.unwrap();
+        assert_eq!(fetched.status, 200);
+        assert_eq!(fetched.header("x-cache"), Some("MISS"));
+        assert!(fetched.body == blob.bytes);
+    }
+    two.tap.clear_faults();
+    two.tap.resume();
+    for response in held {
+        let mut body = response.into_body();
+        let (_, error) = read_body(&mut body, 200_001).await;
+        assert!(error.is_none(), "{error:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_trickles_is_shed_as_its_bodies_are_abandoned_not_after_every_resume() {
+    // 1,000 bytes every 100 ms against a floor of 32 KiB/s over 1 s: each body is abandoned
+    // after its first window, and two abandoned bodies open the breaker.
+    let two = TwoUpstreams::start(
+        "[client]\nmin_fill_rate = \"32KiB\"\nmin_fill_window = \"1s\"\nread_timeout = \"30s\"\n\
+         breaker_threshold = 2\nbreaker_cooldown = \"120s\"",
+    )
+    .await;
+    let mut blobs = Vec::new();
+    for seed in 0..3 {
+        blobs.push(two.push(300_000, 90 + seed).await);
+    }
+    two.tap
+        .inject(Kind::Blob, Fault::Slow(1_000, Duration::from_millis(100)));
+    two.pull_failing(&blobs[..2]).await;
+    // Each fill had at most one resume before the breaker opened and one refused after it;
+    // counted only when fills run out of resumes, the two would have made all 12.
+    let resumes = two.berth.state.metrics.fill_resumes.get();
+    assert!(resumes <= 4, "{resumes} resumes");
+
+    two.assert_shed_while_honest_serves(&blobs[2]).await;
 }

@@ -220,8 +220,10 @@ async fn no_more_than_max_total_prefetches_run_at_once() {
 
 #[tokio::test]
 async fn prefetches_leave_the_last_fill_slots_to_real_misses() {
-    // max_fills = 4: real misses keep one slot, so three prefetches run and two wait.
-    let (stack, image) = held_stack(&format!("{ON_MANIFEST}\n[limits]\nmax_fills = 4"), 61).await;
+    // max_fills = 4, all of it for the one upstream: real misses keep one slot, so three
+    // prefetches run and two wait.
+    let limits = "[limits]\nmax_fills = 4\nupstream_fill_share = 100";
+    let (stack, image) = held_stack(&format!("{ON_MANIFEST}\n{limits}"), 61).await;
     get_v1_until(&stack, 3, ("fills_busy", 2)).await;
 
     // A client's request for a blob no prefetch took gets the slot left free.

@@ -1,13 +1,22 @@
 //! A soak with a hostile upstream beside an honest one (issue 14): honest clients pull images
-//! from a real registry through berth, first alone, then while hostile clients pull through an
+//! from a real registry through berth, alone and while hostile clients pull through an
 //! in-process upstream that trickles its blobs, announces blobs far larger than it sends and
 //! lies about its manifests' Content-Type. Asserts that the honest clients see no failure and
-//! that berth's open file descriptors return to their starting level once the hostile load
-//! stops; prints the honest median pull time of both phases (no timing is asserted: README
-//! records the figures) and the process RSS.
+//! that open file descriptors and heap return to their starting level once the hostile load
+//! stops; prints the honest median pull time alone and beside the hostile load (no timing is
+//! asserted: README records the figures), the CPU berth and the rest of the process used, and
+//! the RSS.
+//!
+//! Phases alternate, alone first and last (alone, hostile, alone, hostile, alone for the
+//! default 2 rounds), and the medians pool the phases of each kind, so a drift of the machine
+//! over the run weighs on both sides alike. Between rounds the hostile fills are discarded, so
+//! each hostile phase starts from none, as the first does; after the last one the hostile
+//! upstream stops trickling and goes away, and its fills end on their own before the last
+//! phase alone. berth runs on a tokio runtime of its
+//! own, so its threads' CPU time is told apart from the clients' and the upstreams'.
 //!
 //! Each phase runs `BERTH_HOSTILE_SOAK_SECS` seconds (15 by default, as `./scripts/test` runs
-//! it; 30 for the longer run README reports).
+//! it; 30 for the longer run README reports); `BERTH_HOSTILE_SOAK_ROUNDS` hostile phases (2).
 //!
 //! Heap in use is counted by a global allocator wrapper (the only `unsafe` in the tests: the
 //! trait is unsafe by definition and each method only forwards to the system allocator), since
@@ -80,6 +89,36 @@ fn phase() -> Duration {
     Duration::from_secs(support::env_number("BERTH_HOSTILE_SOAK_SECS", 15))
 }
 
+fn rounds() -> u64 {
+    support::env_number("BERTH_HOSTILE_SOAK_ROUNDS", 2).max(1)
+}
+
+/// The name of berth's runtime threads (`Berth::start_on_own_runtime`), workers and blocking
+/// pool alike.
+const BERTH_THREADS: &str = "killable-berth";
+
+/// CPU seconds used so far: (berth's threads, the whole process). berth's runtime keeps its
+/// blocking threads alive, so no berth thread's time leaves the sum by the thread exiting.
+fn cpu_seconds() -> (f64, f64) {
+    let ticks = |stat: &str| -> f64 {
+        // Fields after the command name: utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| fields.get(n).and_then(|v| v.parse::<f64>().ok());
+        field(11).unwrap_or(0.0) + field(12).unwrap_or(0.0)
+    };
+    let mut berth = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == BERTH_THREADS {
+            berth += ticks(&std::fs::read_to_string(task.path().join("stat")).unwrap_or_default());
+        }
+    }
+    let process = ticks(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    // Linux reports these in clock ticks of 1/100 s (USER_HZ).
+    (berth / 100.0, process / 100.0)
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -95,7 +134,7 @@ fn rss_kib() -> u64 {
 
 /// The hostile upstream: `/v2/` answers 200; every manifest is served as `text/html`; a blob
 /// whose digest starts with 0-7 trickles (1 KiB every 100 ms of a 1 MiB body), any other is
-/// announced as 1 GiB and cut after 8 MiB.
+/// announced as 1 GiB and cut after 8 MiB. Once `stop` is set, bodies come without pauses.
 async fn hostile_upstream(stop: Arc<AtomicBool>) -> (String, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let host = listener.local_addr().unwrap().to_string();
@@ -260,6 +299,51 @@ fn median(times: &[Duration]) -> Duration {
     times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
+fn ms(time: Duration) -> f64 {
+    time.as_secs_f64() * 1000.0
+}
+
+/// What the phases of one kind (alone, or beside the hostile load) added up to.
+#[derive(Default)]
+struct Side {
+    times: Vec<Duration>,
+    failed: u64,
+    phases: Vec<String>,
+    berth_cpu: f64,
+    process_cpu: f64,
+    seconds: f64,
+}
+
+impl Side {
+    /// Records one phase: its pull times and failures, and the CPU used since `cpu_before`.
+    fn add(&mut self, (times, failed): (Vec<Duration>, u64), cpu_before: (f64, f64)) {
+        let cpu = cpu_seconds();
+        let (berth, process) = (cpu.0 - cpu_before.0, cpu.1 - cpu_before.1);
+        self.phases.push(format!(
+            "{:.1} ms ({} pulls, berth {:.2} / process {:.2} cores)",
+            ms(median(&times)),
+            times.len(),
+            berth / phase().as_secs_f64(),
+            process / phase().as_secs_f64(),
+        ));
+        self.times.extend(times);
+        self.failed += failed;
+        self.berth_cpu += berth;
+        self.process_cpu += process;
+        self.seconds += phase().as_secs_f64();
+    }
+
+    fn median(&mut self) -> Duration {
+        self.times.sort();
+        median(&self.times)
+    }
+
+    fn cores(&self) -> (f64, f64) {
+        let seconds = self.seconds.max(1e-9);
+        (self.berth_cpu / seconds, self.process_cpu / seconds)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn honest_pulls_beside_a_hostile_upstream_see_no_failures_and_release_resources() {
     let registry = Registry::start(Auth::None).await;
@@ -301,9 +385,11 @@ endpoint = "http://{hostile}"
         honest_url = tap.url(),
         dir = cache.path().display(),
     );
-    let berth = Berth::start(&config).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let resolver = berth::net::connect::system_resolver();
+    let berth = Berth::start_on_own_runtime(listener, &config, resolver).await;
     let base = berth.url();
-    // Warm: every honest image cached once, so both phases measure the same kind of pull.
+    // Warm: every honest image cached once, so every phase measures the same kind of pull.
     for (i, image) in images.iter().enumerate() {
         assert!(pull_image(&base, &format!("honest/app{i}"), image)
             .await
@@ -311,24 +397,38 @@ endpoint = "http://{hostile}"
     }
     let (fds_before, rss_before, heap_before) = (open_fds(), rss_kib(), heap_kib());
 
-    let (alone, alone_failed) = honest_phase(&base, &images, phase()).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let hostile_load = hostile_clients(&base, &hostile, &stop);
-    let (beside, beside_failed) = honest_phase(&base, &images, phase()).await;
-    let (rss_during, heap_during) = (rss_kib(), heap_kib());
-    stop.store(true, Ordering::Relaxed);
-    let mut hostile_requests = 0;
-    for client in hostile_load {
-        hostile_requests += client.await.unwrap();
-    }
-    // The hostile upstream stops trickling and goes away; its fills end.
-    stop_upstream.store(true, Ordering::Relaxed);
-    hostile_server.abort();
-    for _ in 0..500 {
-        if berth.state.fills.in_flight() == 0 {
+    let (mut alone, mut beside) = (Side::default(), Side::default());
+    let (mut hostile_requests, mut rss_during, mut heap_during) = (0, 0, 0);
+    for round in 0..=rounds() {
+        let cpu = cpu_seconds();
+        alone.add(honest_phase(&base, &images, phase()).await, cpu);
+        if round == rounds() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cpu = cpu_seconds();
+        let stop = Arc::new(AtomicBool::new(false));
+        let hostile_load = hostile_clients(&base, &hostile, &stop);
+        beside.add(honest_phase(&base, &images, phase()).await, cpu);
+        (rss_during, heap_during) = (rss_during.max(rss_kib()), heap_during.max(heap_kib()));
+        stop.store(true, Ordering::Relaxed);
+        for client in hostile_load {
+            hostile_requests += client.await.unwrap();
+        }
+        if round + 1 < rounds() {
+            // The next hostile phase starts from no hostile fill, as this one did.
+            berth.state.fills.drain(Duration::ZERO).await;
+        } else {
+            // The hostile upstream stops trickling and goes away; its fills end on their own,
+            // before the last phase alone.
+            stop_upstream.store(true, Ordering::Relaxed);
+            hostile_server.abort();
+            for _ in 0..500 {
+                if berth.state.fills.in_flight() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
     let mut fds_after = open_fds();
     for _ in 0..200 {
@@ -340,17 +440,27 @@ endpoint = "http://{hostile}"
     }
     let (rss_after, heap_after) = (rss_kib(), heap_kib());
 
-    let (a, b) = (median(&alone), median(&beside));
+    let (a, b) = (alone.median(), beside.median());
+    let ((alone_berth, alone_all), (beside_berth, beside_all)) = (alone.cores(), beside.cores());
     println!(
-        "hostile soak: honest median pull {:.1} ms alone ({} pulls, {alone_failed} failed), \
-         {:.1} ms beside {hostile_requests} hostile requests ({} pulls, {beside_failed} failed): \
-         {:+.1}%; open fds {fds_before} -> {fds_after}; heap {heap_before} -> {heap_during} -> \
-         {heap_after} KiB; RSS {rss_before} -> {rss_during} -> {rss_after} KiB; fills failed {}, \
-         rejected: connections {}, fills {}",
-        a.as_secs_f64() * 1000.0,
-        alone.len(),
-        b.as_secs_f64() * 1000.0,
-        beside.len(),
+        "hostile soak, {} s phases: alone {}; beside {}",
+        phase().as_secs(),
+        alone.phases.join(", "),
+        beside.phases.join(", "),
+    );
+    println!(
+        "hostile soak: honest median pull {:.1} ms alone ({} pulls, {} failed), {:.1} ms beside \
+         {hostile_requests} hostile requests ({} pulls, {} failed): {:+.1}%; CPU in cores, \
+         berth / whole process: {alone_berth:.2} / {alone_all:.2} alone, {beside_berth:.2} / \
+         {beside_all:.2} beside; open fds {fds_before} -> {fds_after}; heap {heap_before} -> \
+         {heap_during} -> {heap_after} KiB; RSS {rss_before} -> {rss_during} -> {rss_after} KiB; \
+         fills failed {}, rejected: connections {}, fills {}",
+        ms(a),
+        alone.times.len(),
+        alone.failed,
+        ms(b),
+        beside.times.len(),
+        beside.failed,
         (b.as_secs_f64() / a.as_secs_f64().max(1e-9) - 1.0) * 100.0,
         berth.state.metrics.fills_failed.get(),
         berth
@@ -366,12 +476,12 @@ endpoint = "http://{hostile}"
             .with_label_values(&["fills"])
             .get(),
     );
-    assert_eq!(alone_failed, 0, "honest pulls failed without hostile load");
+    assert_eq!(alone.failed, 0, "honest pulls failed without hostile load");
     assert_eq!(
-        beside_failed, 0,
+        beside.failed, 0,
         "honest pulls failed beside the hostile upstream"
     );
-    assert!(!alone.is_empty() && !beside.is_empty());
+    assert!(!alone.times.is_empty() && !beside.times.is_empty());
     assert!(hostile_requests > 0);
     assert_eq!(
         berth.state.fills.in_flight(),

@@ -18,6 +18,10 @@ pub struct LimitsConfig {
     /// Blob fills from upstreams running at once; a miss beyond it is answered 503.
     #[serde(default = "default_max_fills")]
     pub max_fills: usize,
+    /// The share of `max_fills` the fills of one configured upstream may hold, in percent: a
+    /// slow or hostile upstream whose fills pile up cannot lock the others' clients out.
+    #[serde(default = "default_upstream_fill_share")]
+    pub upstream_fill_share: u8,
     /// Requests in flight (bodies included) from one client IP; one more is answered 429.
     #[serde(default = "default_max_client_requests")]
     pub max_client_requests: usize,
@@ -74,6 +78,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: default_max_connections(),
             max_fills: default_max_fills(),
+            upstream_fill_share: default_upstream_fill_share(),
             max_client_requests: default_max_client_requests(),
             max_uri_bytes: default_max_uri_bytes(),
             max_header_bytes: default_max_header_bytes(),
@@ -116,6 +121,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than zero"));
             }
         }
+        if !(1..=100).contains(&limits.upstream_fill_share) {
+            return Err(invalid(
+                "limits.upstream_fill_share",
+                "a percentage: 1 to 100",
+            ));
+        }
         if limits.max_uri_bytes < 256 {
             return Err(invalid("limits.max_uri_bytes", "must be at least 256"));
         }
@@ -152,6 +163,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_fills() -> usize {
     256
+}
+
+fn default_upstream_fill_share() -> u8 {
+    50
 }
 
 fn default_max_client_requests() -> usize {

@@ -4,6 +4,7 @@
 //! running the task are `mod.rs`'s; the body's pacing and resumes, `receive`'s.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::Method;
@@ -35,9 +36,10 @@ impl Fills {
         cache: &Arc<Cache>,
         metrics: &Metrics,
         job: Job,
-        progress: &watch::Sender<Progress>,
+        (progress, by_peer): (&watch::Sender<Progress>, &AtomicBool),
     ) -> Result<(), FillError> {
         let (response, provenance) = self.first_response(&job).await?;
+        by_peer.store(!provenance.is_empty(), Ordering::Relaxed);
         let total = crate::upstream::content_length(response.headers());
         if let Some(length) = total.filter(|total| *total > self.max_blob_size) {
             return Err(FillError::TooLarge { length });

@@ -29,7 +29,11 @@
 //!   byte is written; a body without one is cut off there. A Content-Length is reserved in the
 //!   index (and against `cache.min_free`) when the fill starts, so concurrent fills cannot
 //!   overshoot `cache.max_size`; without room, 503 + Retry-After.
-//! - Too many fills at once (`limits.max_fills`): a new one is refused with 503 + Retry-After.
+//! - Too many fills at once (`limits.max_fills`), or of one configured upstream
+//!   (`limits.upstream_fill_share` of them): a new one is refused with 503 + Retry-After.
+//! - Fills of one upstream keep failing by its doing (cut, trickling, wrong bytes): after
+//!   `client.breaker_threshold` in a row its circuit breaker opens (`upstream::breaker`), so
+//!   its next requests, and the resumes of its fills still running, fail at once.
 //! - No room for a real miss while prefetches hold reservations: the youngest prefetch fill no
 //!   request joined is cancelled (its reservation released), then the next, until the miss fits.
 //!
@@ -49,7 +53,7 @@ mod write;
 pub use crate::cache::FillError;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,6 +89,9 @@ struct Running {
     /// upstream may join (`join_own`).
     upstream: Arc<str>,
     repository: Repository,
+    /// The configured upstream (its `host`, a pattern for the hosts it matched), whose fills
+    /// together may hold at most `max_upstream_fills`.
+    source: Arc<str>,
     /// Started by another replica's peer request: counted against `max_peer_fills`.
     from_peer: bool,
     /// Set for a prefetch fill: notified to cancel it, giving its room to a real miss
@@ -121,6 +128,10 @@ pub struct Fills {
     /// `cache.min_free`, which a fill's reservation counts against.
     min_free: Option<u64>,
     max_fills: usize,
+    /// The share of `max_fills` the fills of one configured upstream may hold
+    /// (`limits.upstream_fill_share`), so a slow or hostile upstream whose fills pile up
+    /// cannot take every slot from the clients of the others.
+    max_upstream_fills: usize,
     /// The share of `max_fills` peer requests may hold (`cluster.peer_fill_share`), so the
     /// location's other replicas cannot take every slot from this replica's own clients.
     max_peer_fills: usize,
@@ -159,9 +170,8 @@ impl Fills {
             max_blob_size: config.max_blob_size(),
             min_free: config.cache.min_free,
             max_fills: config.limits.max_fills,
-            max_peer_fills: (config.limits.max_fills * usize::from(config.cluster.peer_fill_share)
-                / 100)
-                .max(1),
+            max_upstream_fills: share(config.limits.max_fills, config.limits.upstream_fill_share),
+            max_peer_fills: share(config.limits.max_fills, config.cluster.peer_fill_share),
             retry_after: HeaderValue::from(config.limits.retry_after.as_secs().max(1)),
             cluster: None,
             keep_local: config.cluster.keep_local,
@@ -262,9 +272,7 @@ impl Fills {
                 coalesced: false,
             }));
         }
-        let peer_fills = || running.values().filter(|fill| fill.from_peer).count();
-        let peers_full = job.from_peer && peer_fills() >= self.max_peer_fills;
-        if running.len() + kept >= self.max_fills || peers_full {
+        if self.no_room_for(&running, &job, kept) {
             if kept == 0 {
                 metrics.rejected.with_label_values(&["fills"]).inc();
             }
@@ -276,11 +284,13 @@ impl Fills {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = job.prefetch.then(|| Arc::new(Notify::new()));
         let (repository, from_peer) = (job.repository.clone(), job.from_peer);
+        let source = Arc::clone(&job.upstream.metric_label);
         let fill = Running {
             progress: rx.clone(),
             task: self.start(cache, metrics, job, (id, cancel.clone()), tx),
             upstream: Arc::clone(&key.upstream),
             repository,
+            source,
             from_peer,
             cancel,
             joined: false,
@@ -313,8 +323,11 @@ impl Fills {
             digest: job.digest.clone(),
         };
         let task = tokio::spawn(async move {
-            let digest = job.digest.clone();
-            let fetch = fills.fetch(&cache, &metrics, job, &tx);
+            let (digest, upstream) = (job.digest.clone(), Arc::clone(&job.upstream));
+            // Set when another replica or the parent tier answered first: the fill's end then
+            // says nothing of the job's upstream.
+            let by_peer = AtomicBool::new(false);
+            let fetch = fills.fetch(&cache, &metrics, job, (&tx, &by_peer));
             // The fetch (and the room it reserved) is gone by the end of this statement,
             // before the readers learn the fill failed.
             let (outcome, cancelled) = match cancel {
@@ -327,6 +340,10 @@ impl Fills {
                 },
                 None => (fetch.await, false),
             };
+            let judged = !cancelled && !by_peer.load(Ordering::Relaxed);
+            if let Some(delivered) = upstream_verdict(&outcome).filter(|_| judged) {
+                upstream.fill_ended(delivered);
+            }
             if let Err(error) = outcome {
                 // A cancelled prefetch did not fail: `cancel_unjoined_prefetch` counted it.
                 if !cancelled {
@@ -339,6 +356,26 @@ impl Fills {
             metrics.fills_in_flight.dec();
         });
         task.abort_handle()
+    }
+
+    /// Whether starting `job`'s fill would pass a cap: `max_fills` (less `kept` slots), the
+    /// share of it one configured upstream may hold (less a quarter of that when slots are
+    /// kept, so prefetches leave the upstream's own misses room too), or the share peer
+    /// requests may hold.
+    fn no_room_for(&self, running: &HashMap<FillKey, Running>, job: &Job, kept: usize) -> bool {
+        if running.len() + kept >= self.max_fills {
+            return true;
+        }
+        let source = &job.upstream.metric_label;
+        let from_source = running.values().filter(|f| f.source == *source).count();
+        let kept_by_source = match kept {
+            0 => 0,
+            _ => (self.max_upstream_fills / 4).max(1),
+        };
+        if from_source + kept_by_source >= self.max_upstream_fills {
+            return true;
+        }
+        job.from_peer && running.values().filter(|f| f.from_peer).count() >= self.max_peer_fills
     }
 
     /// Cancels the youngest prefetch fill no request joined, so a real miss can have its
@@ -399,5 +436,56 @@ impl Fills {
             fill.task.abort();
         }
         self.count.send_replace(0);
+    }
+}
+
+/// `percent` of `max_fills`, at least one.
+fn share(max_fills: usize, percent: u8) -> usize {
+    (max_fills * usize::from(percent) / 100).max(1)
+}
+
+/// What a fill's end says about its upstream, for its circuit breaker: `Some(true)` when the
+/// blob arrived and verified, `Some(false)` when the upstream failed it (no usable answer, a
+/// body cut or stalled past every resume or slower than the floor, the wrong length or the
+/// wrong bytes), `None` when the end says nothing about it (a refusal such as 404 is an answer,
+/// the size limit and a full or failing disk are berth's, an open circuit was already counted;
+/// a connection failure was counted by `Upstream::send` itself).
+fn upstream_verdict(outcome: &Result<(), FillError>) -> Option<bool> {
+    use crate::upstream::UpstreamError as E;
+    match outcome {
+        Ok(()) => Some(true),
+        Err(FillError::Mismatch { .. })
+        | Err(FillError::Upstream(E::Protocol(_) | E::Timeout(_) | E::Invalid(_))) => Some(false),
+        Err(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::UpstreamError;
+
+    #[test]
+    fn only_failures_of_the_upstreams_making_count_against_its_breaker() {
+        let digest: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let cut = FillError::Upstream(UpstreamError::Protocol("body cut".into()));
+        let trickle = FillError::Upstream(UpstreamError::Timeout("slower than the floor".into()));
+        let mismatch = FillError::Mismatch {
+            want: digest.clone(),
+            got: digest,
+        };
+        for bad in [cut, trickle, mismatch] {
+            assert_eq!(upstream_verdict(&Err(bad)), Some(false));
+        }
+        assert_eq!(upstream_verdict(&Ok(())), Some(true));
+        let not_its_doing = [
+            FillError::TooLarge { length: 1 << 40 },
+            FillError::Disk(std::io::Error::other("EIO")),
+            FillError::Upstream(UpstreamError::CircuitOpen("open".into())),
+        ];
+        for error in not_its_doing {
+            let shown = format!("{error:?}");
+            assert_eq!(upstream_verdict(&Err(error)), None, "{shown}");
+        }
     }
 }

@@ -49,6 +49,11 @@ impl Fills {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
+            if below_floor(&error) {
+                // A trickle is no network blip: each one counts against the upstream's breaker
+                // at once, not only when its fill runs out of resumes minutes later.
+                job.upstream.body_too_slow();
+            }
             // Every promised byte arrived and only the connection's end failed: verify it.
             if total.is_some_and(|total| received >= total) {
                 return Ok(());
@@ -176,13 +181,20 @@ impl Pace {
         let wanted = (self.floor.rate as f64 * self.floor.window.as_secs_f64()) as u64;
         if self.bytes < wanted {
             return Err(UpstreamError::Timeout(format!(
-                "blob body slower than client.min_fill_rate: {} bytes in {:?}",
+                "{BELOW_FLOOR}: {} bytes in {:?}",
                 self.bytes, self.floor.window
             )));
         }
         *self = Pace::new(self.floor, now);
         Ok(())
     }
+}
+
+/// How `Pace::judge`'s error begins, so `receive` tells a trickle from a stall or a cut.
+const BELOW_FLOOR: &str = "blob body slower than client.min_fill_rate";
+
+fn below_floor(error: &UpstreamError) -> bool {
+    matches!(error, UpstreamError::Timeout(why) if why.starts_with(BELOW_FLOOR))
 }
 
 /// Asks for the rest of the blob from byte `from`. Returns the body and how many of its
@@ -292,10 +304,7 @@ mod tests {
         let config = "[client]\nread_timeout = \"30s\"\nmin_fill_rate = \"64KiB\"\n\
                       min_fill_window = \"30s\"";
         let (pumped, received) = pump_all(config, trickle(1000, 1, Duration::from_secs(29))).await;
-        assert!(
-            matches!(&pumped, Err(UpstreamError::Timeout(why)) if why.contains("min_fill_rate")),
-            "{pumped:?}"
-        );
+        assert!(pumped.as_ref().is_err_and(below_floor), "{pumped:?}");
         assert!(received <= 2, "abandoned in the first window: {received}");
     }
 

@@ -4,10 +4,20 @@
 //! request is let through (half-open); its success closes the circuit, its failure opens it
 //! for another cool-down.
 //!
+//! Bad bodies count too, on a tally of their own: `threshold` blob fills in a row that the
+//! upstream failed for good (cut or stalled past every resume, the wrong length or the wrong
+//! digest), or bodies it trickled below the rate floor (each one counts when it is abandoned,
+//! resumed or not; a cut is resumed first, as a network blip cuts many bodies at once), open
+//! the circuit, so an upstream that answers every request but never delivers is shed instead
+//! of costing a fill (a `max_fills` slot, a temp file, a writer thread) each time. A response head does not clear that tally (a hostile
+//! upstream answers heads at once); only a verified blob does. After the cool-down the tally
+//! stays one short of the threshold, so the next bad body reopens the circuit at once.
+//!
 //! Owns: the state machine, as plain functions of the current `Instant` so it is unit-tested
 //! without clocks. Does not own: deciding what counts as a failure (`Upstream::send` reports
-//! connection failures and timeouts; any HTTP answer, even a 500, proves the upstream is
-//! reachable) or what callers do with a refusal (`UpstreamError::CircuitOpen`, a 503).
+//! connection failures and timeouts, and any HTTP answer, even a 500, proves the upstream is
+//! reachable; `fill` reports how each fill's body ended) or what callers do with a refusal
+//! (`UpstreamError::CircuitOpen`, a 503).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,6 +54,8 @@ pub(crate) struct Circuit {
     threshold: u32,
     cooldown: Duration,
     state: State,
+    /// Fills in a row whose body the upstream failed; only a verified blob resets it.
+    bad_bodies: u32,
 }
 
 impl Circuit {
@@ -52,6 +64,7 @@ impl Circuit {
             threshold: threshold.max(1),
             cooldown,
             state: State::Closed { failures: 0 },
+            bad_bodies: 0,
         }
     }
 
@@ -95,6 +108,25 @@ impl Circuit {
         }
     }
 
+    /// A fill's body failed for good by the upstream's doing, or was abandoned below the rate
+    /// floor. Returns true when this opened the circuit.
+    pub fn bad_body(&mut self, now: Instant) -> bool {
+        self.bad_bodies = self.bad_bodies.saturating_add(1);
+        if self.bad_bodies < self.threshold || matches!(self.state, State::Open { .. }) {
+            return false;
+        }
+        self.bad_bodies = self.threshold - 1;
+        self.state = State::Open {
+            until: now + self.cooldown,
+        };
+        true
+    }
+
+    /// A fill's body arrived whole and verified: the upstream delivers.
+    pub fn good_body(&mut self) {
+        self.bad_bodies = 0;
+    }
+
     pub(crate) fn is_open(&self) -> bool {
         !matches!(self.state, State::Closed { .. })
     }
@@ -124,6 +156,15 @@ impl Breaker {
     /// Returns true when this failure opened the circuit.
     pub fn failure(&self) -> bool {
         self.lock().failure(Instant::now())
+    }
+
+    /// Returns true when this bad body opened the circuit.
+    pub fn bad_body(&self) -> bool {
+        self.lock().bad_body(Instant::now())
+    }
+
+    pub fn good_body(&self) {
+        self.lock().good_body();
     }
 
     /// Whether the circuit fails requests fast right now (open, or one probe under way).
@@ -180,6 +221,42 @@ mod tests {
             circuit.admit(probe_time + Duration::from_secs(1)),
             Admission::Reject { .. }
         ));
+    }
+
+    #[test]
+    fn bad_bodies_in_a_row_open_the_circuit_though_every_head_arrived() {
+        let t0 = Instant::now();
+        let mut circuit = Circuit::new(3, COOL);
+        for _ in 0..2 {
+            circuit.success();
+            assert!(!circuit.bad_body(t0));
+        }
+        circuit.success();
+        assert!(circuit.bad_body(t0), "third bad body in a row opens");
+        assert!(matches!(circuit.admit(t0), Admission::Reject { .. }));
+        assert!(!circuit.bad_body(t0), "already open");
+
+        // After the cool-down the probe's head arrives, and one more bad body reopens at once.
+        assert_eq!(circuit.admit(t0 + COOL), Admission::Probe);
+        circuit.success();
+        assert_eq!(circuit.admit(t0 + COOL), Admission::Pass);
+        assert!(circuit.bad_body(t0 + COOL));
+    }
+
+    #[test]
+    fn a_verified_blob_clears_the_bad_body_tally() {
+        let t0 = Instant::now();
+        let mut circuit = Circuit::new(3, COOL);
+        for verified_between in [true, false] {
+            assert!(!circuit.bad_body(t0) && !circuit.bad_body(t0));
+            if verified_between {
+                circuit.good_body();
+            }
+        }
+        assert_eq!(circuit.admit(t0), Admission::Pass);
+        // Connection failures keep their own count: two bad bodies and one failure stay closed.
+        assert!(!circuit.failure(t0));
+        assert_eq!(circuit.admit(t0), Admission::Pass);
     }
 
     #[test]

@@ -220,6 +220,22 @@ impl Upstream {
         self.breaker.is_open()
     }
 
+    /// A blob body from this upstream was abandoned at the rate floor: a bad body for the
+    /// circuit breaker at once, though the fill goes on with a resume.
+    pub(crate) fn body_too_slow(&self) {
+        self.fill_ended(false);
+    }
+
+    /// How a blob fill from this upstream ended, for the circuit breaker: `true` when the blob
+    /// arrived and verified, `false` when the upstream failed it (`breaker`'s bad bodies).
+    pub(crate) fn fill_ended(&self, delivered: bool) {
+        if delivered {
+            self.breaker.good_body();
+        } else if self.breaker.bad_body() {
+            tracing::warn!(upstream = %self.name, "circuit breaker opened: blob fills failed repeatedly");
+        }
+    }
+
     /// Whether this upstream answered 429 (to any request) less than `within` ago.
     pub fn rate_limited_within(&self, within: Duration) -> bool {
         let last = *self.last_429.lock().expect("429 lock");

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth::config::Config;
 use berth::AppState;
@@ -115,6 +116,9 @@ impl Berth {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("killable-berth")
+            // Idle blocking threads stay, so a test summing these threads' CPU time
+            // (`soak_hostile`) loses none to a thread that exited.
+            .thread_keep_alive(Duration::from_secs(3600))
             .enable_all()
             .build()
             .expect("a runtime for berth");
