@@ -285,6 +285,43 @@ async fn peer_bytes_count_what_arrived_from_an_owner_cut_off_mid_stream() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_bytes_from_an_owner_do_not_open_the_upstreams_circuit_breaker() {
+    let location = Location::start_fronted(3).await;
+    let front = location.front.as_ref().unwrap();
+    let asker = &location.replicas[0];
+    let owned = |owner: &str, seeds: std::ops::Range<u64>| -> Vec<Blob> {
+        seeds
+            .map(|seed| random_blob(64 << 10, seed))
+            .filter(|b| owner_of(&location, &b.digest) == owner)
+            .collect()
+    };
+    // More fills than `client.breaker_threshold` (5) fail on the owner's wrong bytes.
+    let spoiled: Vec<Blob> = owned(&front.url(), 0..200).into_iter().take(7).collect();
+    let honest = owned(&asker.url(), 200..400).remove(0);
+    for blob in spoiled.iter().chain([&honest]) {
+        push_blob(&location.registry.url(), "team/app", blob, None)
+            .await
+            .unwrap();
+    }
+    front.inject(Kind::Blob, Fault::CorruptBlob);
+    for blob in &spoiled {
+        let url = format!("{}/v2/team/app/blobs/{}", asker.url(), blob.digest);
+        // The body ends in an error (or a refusal); it never completes wrong.
+        if let Ok(got) = fetch(request(Method::GET, &url, None, &[], Bytes::new())).await {
+            if got.status == 200 {
+                assert_eq!(got.body, blob.bytes, "no wrong blob completes");
+            }
+        }
+    }
+    assert!(
+        front.count(Method::GET, Kind::Blob) >= 6,
+        "the owner was asked"
+    );
+    // The upstream itself never failed a fill: its breaker is closed.
+    pull_verified(asker, &honest).await;
+}
+
 /// `berth_peer_bytes_total` of one replica.
 fn peer_bytes(replica: &Berth) -> u64 {
     counter_sum(replica, "berth_peer_bytes_total")
