@@ -30,6 +30,8 @@ const LIVE_WINDOW: usize = 8 << 20;
 #[derive(Debug)]
 pub struct Spill {
     limit: usize,
+    /// The least a chunk weighs (`MIN_WEIGHT`; 1 in tests of byte-exact sliding).
+    min_weight: usize,
     window: Mutex<Window>,
 }
 
@@ -42,8 +44,14 @@ struct Window {
     /// Offset in the blob of the first byte of `chunks`; at most `disk_len` while live.
     start: u64,
     chunks: VecDeque<Bytes>,
+    /// What `chunks` weigh against the window's bounds (`weight`).
     bytes: usize,
 }
+
+/// The least a chunk weighs against a window's bound, whatever its length: the bound then
+/// caps the number of chunks too, so a body of tiny chunks cannot make the window hold an
+/// entry per few bytes.
+const MIN_WEIGHT: usize = 4096;
 
 /// Where the bytes at an offset are.
 #[derive(Debug, PartialEq, Eq)]
@@ -66,6 +74,7 @@ impl Spill {
     pub fn live() -> Spill {
         Spill {
             limit: SPILL_WINDOW,
+            min_weight: MIN_WEIGHT,
             window: Mutex::new(Window {
                 disk_len: 0,
                 failed: false,
@@ -81,6 +90,7 @@ impl Spill {
     pub fn new(disk_len: u64, limit: usize) -> Spill {
         let spill = Spill {
             limit,
+            min_weight: 1,
             ..Spill::live()
         };
         spill.on_disk(disk_len);
@@ -93,11 +103,11 @@ impl Spill {
     /// (the newest chunk always stays, so the live edge is readable).
     pub fn push(&self, chunk: Bytes) {
         let mut window = self.window.lock().expect("spill lock");
-        window.bytes += chunk.len();
+        window.bytes += chunk.len().max(self.min_weight);
         window.chunks.push_back(chunk);
         if window.failed {
             while window.bytes > self.limit && window.chunks.len() > 1 {
-                window.drop_front();
+                window.drop_front(self.min_weight);
             }
         }
     }
@@ -112,7 +122,7 @@ impl Spill {
             if !on_disk || window.bytes <= LIVE_WINDOW {
                 break;
             }
-            window.drop_front();
+            window.drop_front(self.min_weight);
         }
     }
 
@@ -123,7 +133,7 @@ impl Spill {
         window.disk_len = disk_len;
         window.failed = true;
         while window.bytes > self.limit && window.chunks.len() > 1 {
-            window.drop_front();
+            window.drop_front(self.min_weight);
         }
     }
 
@@ -152,10 +162,10 @@ impl Spill {
 }
 
 impl Window {
-    fn drop_front(&mut self) {
+    fn drop_front(&mut self, min_weight: usize) {
         let old = self.chunks.pop_front().expect("a chunk to drop");
         self.start += old.len() as u64;
-        self.bytes -= old.len();
+        self.bytes -= old.len().max(min_weight);
     }
 }
 
@@ -226,5 +236,21 @@ mod tests {
         spill.push(Bytes::from_static(b"z"));
         assert_eq!(spill.locate(4, 1), Err(FellBehind), "past the limit");
         assert_eq!(spill.locate(4 + SPILL_WINDOW as u64, 1), memory(b"z"));
+    }
+
+    #[test]
+    fn a_live_window_of_tiny_chunks_holds_a_bounded_number_of_them() {
+        let spill = Spill::live();
+        for len in 1..=100_000u64 {
+            spill.push(Bytes::from_static(b"x"));
+            spill.on_disk(len);
+        }
+        let held = spill.window.lock().unwrap().chunks.len();
+        assert!(held <= LIVE_WINDOW / MIN_WEIGHT + 1, "{held} chunks held");
+        assert_eq!(
+            spill.locate(99_999, 1),
+            memory(b"x"),
+            "the newest byte stays"
+        );
     }
 }

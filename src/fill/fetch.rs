@@ -12,8 +12,9 @@ use http::Response;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
+use super::receive::FirstBody;
 use super::write::{verify, write_chunks, TempFile, Written, WRITE_QUEUE_CHUNKS};
-use super::{FillError, Fills, Job, Progress};
+use super::{Cancel, FillError, Fills, Job, Progress};
 use crate::cache::index::Reservation;
 use crate::cache::{Cache, Entry, Kind};
 use crate::metrics::Metrics;
@@ -30,16 +31,25 @@ struct Received {
     written: Written,
 }
 
+/// Who answered a fill's first request. Only the job's upstream is judged by how its body
+/// ends (its circuit breaker); an owner replica or the parent tier is not it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answerer {
+    Owner,
+    Parent,
+    Upstream,
+}
+
 impl Fills {
     pub(super) async fn fetch(
         &self,
         cache: &Arc<Cache>,
         metrics: &Metrics,
         job: Job,
-        (progress, by_peer): (&watch::Sender<Progress>, &AtomicBool),
+        (progress, by_peer, cancel): (&watch::Sender<Progress>, &AtomicBool, Option<&Cancel>),
     ) -> Result<(), FillError> {
-        let (response, provenance) = self.first_response(&job).await?;
-        by_peer.store(!provenance.is_empty(), Ordering::Relaxed);
+        let (response, provenance, answerer) = self.first_response(&job).await?;
+        by_peer.store(answerer != Answerer::Upstream, Ordering::Relaxed);
         let total = crate::upstream::content_length(response.headers());
         if let Some(length) = total.filter(|total| *total > self.max_blob_size) {
             return Err(FillError::TooLarge { length });
@@ -57,7 +67,7 @@ impl Fills {
             written: 0,
             spill: None,
         });
-        let body = (response.into_body(), !provenance.is_empty());
+        let body = (response.into_body(), answerer);
         let received = self
             .receive_to_disk(&job, metrics, body, total, (temp, file), progress)
             .await?;
@@ -78,19 +88,24 @@ impl Fills {
             });
             return Ok(());
         }
+        if cancel.is_some_and(|cancel| !cancel.begin_commit()) {
+            // Cancelled for a real miss; the task that runs this fill is ending it.
+            let retry_after = self.retry_after.clone();
+            return Err(FillError::Full { retry_after });
+        }
         let source = (reservation, provenance);
         commit(cache, metrics, &job, received, source, progress).await;
         Ok(())
     }
 
-    /// Receives the body (with whether an owner replica sends it) through the blocking writer
+    /// Receives the body (with who sends it) through the blocking writer
     /// into `file`. Fails when the body failed for good, or when the final fsync did (the file
     /// then cannot be trusted).
     async fn receive_to_disk(
         &self,
         job: &Job,
         metrics: &Metrics,
-        (body, from_owner): (Incoming, bool),
+        (body, answerer): (Incoming, Answerer),
         total: Option<u64>,
         (temp, file): (TempFile, Arc<File>),
         progress: &watch::Sender<Progress>,
@@ -102,10 +117,13 @@ impl Fills {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(&file, &path, queue, &progress))
         };
-        let cluster = self.cluster.as_ref().filter(|_| from_owner);
-        let peer_bytes = cluster.map(|cluster| &cluster.metrics.bytes);
+        let first = match (answerer, &self.cluster) {
+            (Answerer::Owner, Some(cluster)) => FirstBody::Owner(&cluster.metrics.bytes),
+            (Answerer::Upstream, _) => FirstBody::Upstream,
+            _ => FirstBody::Parent,
+        };
         let read = self
-            .receive(job, metrics, body, total, &chunks, peer_bytes)
+            .receive(job, metrics, body, total, &chunks, first)
             .await;
         drop(chunks);
         let mut written = writer
@@ -131,24 +149,24 @@ impl Fills {
     async fn first_response(
         &self,
         job: &Job,
-    ) -> Result<(Response<Incoming>, Provenance), FillError> {
+    ) -> Result<(Response<Incoming>, Provenance, Answerer), FillError> {
         if let Some(cluster) = &self.cluster {
             if !job.from_peer {
                 let asked = cluster.ask_owner(&job.upstream.name, &job.repository, &job.digest);
                 if let Some(answer) = asked.await {
-                    return Ok((answer.response, answer.provenance));
+                    return Ok((answer.response, answer.provenance, Answerer::Owner));
                 }
             }
             let asked = cluster.ask_parent(&job.upstream.name, &job.repository, &job.digest);
             if let Some(response) = asked.await {
-                return Ok((response, Vec::new()));
+                return Ok((response, Vec::new(), Answerer::Parent));
             }
         }
         let response = job
             .upstream
             .blob(Method::GET, &job.repository, &job.digest)
             .await?;
-        Ok((response, Vec::new()))
+        Ok((response, Vec::new(), Answerer::Upstream))
     }
 
     /// Reserves `total` bytes in the cache (evicting to make room) against `max_size` and

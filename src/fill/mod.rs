@@ -53,7 +53,7 @@ mod write;
 pub use crate::cache::FillError;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,12 +96,52 @@ struct Running {
     from_peer: bool,
     /// Set for a prefetch fill: notified to cancel it, giving its room to a real miss
     /// (`cancel_unjoined_prefetch`). Never set for a fill a client started.
-    cancel: Option<Arc<Notify>>,
+    cancel: Option<Arc<Cancel>>,
     /// A request joined the fill: a prefetch is no longer speculative, and is never cancelled.
     joined: bool,
     /// Which fill this is, in the order fills started: the youngest prefetch is cancelled
     /// first, and a finished fill removes only its own entry.
     id: u64,
+}
+
+/// How a prefetch fill is cancelled for a real miss: only before it begins to commit (a fill
+/// dropped during its commit would leave a stored file the index does not hold).
+#[derive(Default)]
+pub(super) struct Cancel {
+    notify: Notify,
+    /// `RUNNING`, then `CANCELLED` or `COMMITTING`, whichever comes first.
+    state: AtomicU8,
+}
+
+const RUNNING: u8 = 0;
+const CANCELLED: u8 = 1;
+const COMMITTING: u8 = 2;
+
+impl Cancel {
+    /// Cancels the fill unless it began to commit; whether it did.
+    fn cancel(&self) -> bool {
+        let cancelled = self.moved_to(CANCELLED);
+        if cancelled {
+            self.notify.notify_one();
+        }
+        cancelled
+    }
+
+    /// The fill begins to commit, unless it was cancelled; whether it may.
+    pub(super) fn begin_commit(&self) -> bool {
+        self.moved_to(COMMITTING)
+    }
+
+    fn was_cancelled(&self) -> bool {
+        self.state.load(Ordering::Acquire) == CANCELLED
+    }
+
+    fn moved_to(&self, state: u8) -> bool {
+        let moved =
+            self.state
+                .compare_exchange(RUNNING, state, Ordering::AcqRel, Ordering::Acquire);
+        moved.is_ok()
+    }
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -282,7 +322,7 @@ impl Fills {
         }
         let (tx, rx) = watch::channel(Progress::Connecting);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cancel = job.prefetch.then(|| Arc::new(Notify::new()));
+        let cancel = job.prefetch.then(|| Arc::new(Cancel::default()));
         let (repository, from_peer) = (job.repository.clone(), job.from_peer);
         let source = Arc::clone(&job.upstream.metric_label);
         let fill = Running {
@@ -311,7 +351,7 @@ impl Fills {
         cache: &Arc<Cache>,
         metrics: &Arc<Metrics>,
         job: Job,
-        (id, cancel): (u64, Option<Arc<Notify>>),
+        (id, cancel): (u64, Option<Arc<Cancel>>),
         tx: watch::Sender<Progress>,
     ) -> AbortHandle {
         metrics.fills_in_flight.inc();
@@ -327,19 +367,21 @@ impl Fills {
             // Set when another replica or the parent tier answered first: the fill's end then
             // says nothing of the job's upstream.
             let by_peer = AtomicBool::new(false);
-            let fetch = fills.fetch(&cache, &metrics, job, (&tx, &by_peer));
+            let fetch = fills.fetch(&cache, &metrics, job, (&tx, &by_peer, cancel.as_deref()));
             // The fetch (and the room it reserved) is gone by the end of this statement,
             // before the readers learn the fill failed.
-            let (outcome, cancelled) = match cancel {
+            let (outcome, cancelled) = match &cancel {
                 Some(cancel) => tokio::select! {
                     outcome = fetch => (outcome, false),
-                    () = cancel.notified() => {
+                    () = cancel.notify.notified() => {
                         let retry_after = fills.retry_after.clone();
                         (Err(FillError::Full { retry_after }), true)
                     }
                 },
                 None => (fetch.await, false),
             };
+            // The fetch may have seen the cancel first (at its commit).
+            let cancelled = cancelled || cancel.is_some_and(|cancel| cancel.was_cancelled());
             let judged = !cancelled && !by_peer.load(Ordering::Relaxed);
             if let Some(delivered) = upstream_verdict(&outcome).filter(|_| judged) {
                 upstream.fill_ended(delivered);
@@ -386,15 +428,21 @@ impl Fills {
         metrics: &Metrics,
     ) -> Option<watch::Receiver<Progress>> {
         let mut running = self.running.lock().expect("fills lock");
-        let key = running
+        let mut unjoined: Vec<_> = running
             .iter()
-            .filter(|(_, fill)| fill.cancel.is_some() && !fill.joined)
-            .max_by_key(|(_, fill)| fill.id)
-            .map(|(key, _)| key.clone())?;
+            .filter(|(_, fill)| !fill.joined)
+            .filter_map(|(key, fill)| Some((fill.id, key, fill.cancel.as_ref()?)))
+            .collect();
+        unjoined.sort_unstable_by_key(|(id, ..)| std::cmp::Reverse(*id));
+        // The youngest that has not begun to commit.
+        let key = unjoined
+            .into_iter()
+            .find(|(.., cancel)| cancel.cancel())
+            .map(|(_, key, _)| key.clone())?;
         // Out of the running set at once: no request joins a fill that is going away.
         let fill = running.remove(&key)?;
         self.count.send_replace(running.len());
-        fill.cancel?.notify_one();
+        drop(running);
         metrics
             .prefetch_skipped
             .with_label_values(&[crate::metrics::PREFETCH_CANCELLED])
@@ -464,6 +512,18 @@ fn upstream_verdict(outcome: &Result<(), FillError>) -> Option<bool> {
 mod tests {
     use super::*;
     use crate::upstream::UpstreamError;
+
+    #[test]
+    fn a_prefetch_is_cancelled_only_before_it_begins_to_commit() {
+        let committing = Cancel::default();
+        assert!(committing.begin_commit());
+        assert!(!committing.cancel(), "a commit under way is never cancelled");
+        assert!(!committing.was_cancelled());
+        let cancelled = Cancel::default();
+        assert!(cancelled.cancel());
+        assert!(!cancelled.begin_commit(), "a cancelled fill never commits");
+        assert!(cancelled.was_cancelled());
+    }
 
     #[test]
     fn only_failures_of_the_upstreams_making_count_against_its_breaker() {

@@ -21,10 +21,20 @@ use crate::upstream::{retry, Cause, UpstreamError};
 /// backoff first, so a flapping upstream costs a fill a few seconds at most before it fails.
 const MAX_RESUMES: u32 = 6;
 
+/// Who sends a fill's first body: the job's upstream, or an owner replica (whose bytes count in
+/// `berth_peer_bytes_total`) or the parent tier.
+#[derive(Clone, Copy)]
+pub(super) enum FirstBody<'m> {
+    Upstream,
+    Owner(&'m IntCounter),
+    Parent,
+}
+
 impl Fills {
     /// Moves the upstream body into the write queue, resuming with Range requests when it
-    /// fails part-way. `peer_bytes`, when an owner replica sends the first body, counts the
-    /// bytes that came of it (the resumes come from the upstream).
+    /// fails part-way. `first` says who sends the first body: an owner replica's bytes are
+    /// counted as peer bytes, and only the upstream's trickle counts against its breaker (the
+    /// resumes come from the upstream).
     pub(super) async fn receive(
         &self,
         job: &Job,
@@ -32,7 +42,7 @@ impl Fills {
         mut body: Incoming,
         total: Option<u64>,
         chunks: &mpsc::Sender<Bytes>,
-        mut peer_bytes: Option<&IntCounter>,
+        mut first: FirstBody<'_>,
     ) -> Result<(), UpstreamError> {
         let mut received = 0u64;
         let mut skip = 0u64;
@@ -42,14 +52,15 @@ impl Fills {
             let before = received;
             let pumped = self.pump(body, skip, chunks, &mut received).await;
             counted.inc_by(received - before);
-            if let Some(peer_bytes) = peer_bytes.take() {
+            let sender = std::mem::replace(&mut first, FirstBody::Upstream);
+            if let FirstBody::Owner(peer_bytes) = sender {
                 peer_bytes.inc_by(received - before);
             }
             let mut error = match pumped {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
-            if below_floor(&error) {
+            if below_floor(&error) && matches!(sender, FirstBody::Upstream) {
                 // A trickle is no network blip: each one counts against the upstream's breaker
                 // at once, not only when its fill runs out of resumes minutes later.
                 job.upstream.body_too_slow();

@@ -6,8 +6,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 
 use super::append::Appender;
@@ -21,6 +23,14 @@ pub(super) const WRITE_QUEUE_CHUNKS: usize = 16;
 
 /// The most bytes written before readers hear of them while chunks keep arriving.
 const PUBLISH_STEP: u64 = 4 * 1024 * 1024;
+
+/// Chunks shorter than this are gathered into one (`gather`) before they enter the window and
+/// the file, so a body of tiny chunks (a hostile upstream's, or small chunked frames) cannot
+/// make either hold one entry per few bytes.
+const SMALL_CHUNK: usize = 4096;
+/// How long a small chunk waits for the next ones to join it: at most a thousand entries a
+/// second from a trickle.
+const GATHER_WAIT: Duration = Duration::from_millis(1);
 
 /// What the writer saw.
 pub(super) struct Written {
@@ -55,6 +65,7 @@ pub(super) fn write_chunks(
     let mut published = 0u64;
     let mut next = queue.blocking_recv();
     while let Some(chunk) = next {
+        let (chunk, after) = gather(chunk, &mut queue);
         verifier.update(&chunk);
         written += chunk.len() as u64;
         window.push(chunk.clone());
@@ -66,7 +77,7 @@ pub(super) fn write_chunks(
         }
         // Publish once per burst of queued chunks (every publish wakes every reader), and at
         // least every `PUBLISH_STEP` bytes, so readers keep streaming while the queue is full.
-        next = queue.try_recv().ok();
+        next = after.or_else(|| queue.try_recv().ok());
         // After a disk failure, every chunk: the window holds only the newest bytes.
         let due = failed.is_some() || written - published >= PUBLISH_STEP;
         if next.is_none() || due {
@@ -96,6 +107,32 @@ pub(super) fn write_chunks(
         len: written,
         spilled: failed.map(|err| (err, window)),
         sync_error,
+    }
+}
+
+/// `first`, and when it is small the chunks queued after it (copied into one), until they are
+/// `SMALL_CHUNK` long, a large chunk comes (returned second, not gathered) or `GATHER_WAIT`
+/// has passed.
+fn gather(first: Bytes, queue: &mut mpsc::Receiver<Bytes>) -> (Bytes, Option<Bytes>) {
+    if first.len() >= SMALL_CHUNK {
+        return (first, None);
+    }
+    let mut gathered = BytesMut::from(&first[..]);
+    let deadline = Instant::now() + GATHER_WAIT;
+    loop {
+        match queue.try_recv() {
+            Ok(chunk) if chunk.len() < SMALL_CHUNK => {
+                gathered.extend_from_slice(&chunk);
+                if gathered.len() >= SMALL_CHUNK {
+                    return (gathered.freeze(), None);
+                }
+            }
+            Ok(chunk) => return (gathered.freeze(), Some(chunk)),
+            Err(TryRecvError::Empty) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(_) => return (gathered.freeze(), None),
+        }
     }
 }
 
@@ -153,6 +190,21 @@ mod tests {
         let mut verifier = Verifier::new();
         verifier.update(bytes);
         verifier.finish()
+    }
+
+    #[test]
+    fn tiny_queued_chunks_are_gathered_into_one_and_a_large_one_is_left_whole() {
+        let (tx, mut queue) = mpsc::channel(WRITE_QUEUE_CHUNKS);
+        for _ in 0..10 {
+            tx.try_send(Bytes::from_static(b"ab")).unwrap();
+        }
+        tx.try_send(Bytes::from(vec![7u8; SMALL_CHUNK])).unwrap();
+        let (gathered, after) = gather(Bytes::from_static(b"c"), &mut queue);
+        assert_eq!(&gathered[..], &b"cabababababababababab"[..]);
+        assert_eq!(after.map(|b| b.len()), Some(SMALL_CHUNK));
+        // With nothing queued, a small chunk waits at most `GATHER_WAIT` and goes alone.
+        let (alone, after) = gather(Bytes::from_static(b"d"), &mut queue);
+        assert_eq!((&alone[..], after), (&b"d"[..], None));
     }
 
     #[test]
