@@ -12,7 +12,7 @@ use http::Response;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
-use super::receive::FirstBody;
+use super::receive::{past_max_blob_size, FirstBody};
 use super::write::{verify, write_chunks, TempFile, Written, WRITE_QUEUE_CHUNKS};
 use super::{Cancel, FillError, Fills, Job, Progress};
 use crate::cache::index::Reservation;
@@ -129,7 +129,13 @@ impl Fills {
         let mut written = writer
             .await
             .map_err(|err| FillError::Disk(std::io::Error::other(err)))?;
-        read?;
+        read.map_err(|error| match past_max_blob_size(&error) {
+            // Berth's limit, not the upstream's doing: its breaker is not told.
+            true => FillError::TooLarge {
+                length: written.len,
+            },
+            false => FillError::from(error),
+        })?;
         if let Some(err) = written.sync_error.take() {
             metrics.disk_errors.inc();
             return Err(FillError::Disk(err));

@@ -517,7 +517,10 @@ mod tests {
     fn a_prefetch_is_cancelled_only_before_it_begins_to_commit() {
         let committing = Cancel::default();
         assert!(committing.begin_commit());
-        assert!(!committing.cancel(), "a commit under way is never cancelled");
+        assert!(
+            !committing.cancel(),
+            "a commit under way is never cancelled"
+        );
         assert!(!committing.was_cancelled());
         let cancelled = Cancel::default();
         assert!(cancelled.cancel());

@@ -60,6 +60,9 @@ impl Fills {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
+            if past_max_blob_size(&error) {
+                return Err(error);
+            }
             if below_floor(&error) && matches!(sender, FirstBody::Upstream) {
                 // A trickle is no network blip: each one counts against the upstream's breaker
                 // at once, not only when its fill runs out of resumes minutes later.
@@ -136,13 +139,8 @@ impl Fills {
             }
             *received += data.len() as u64;
             if *received > self.max_blob_size {
-                return Err(UpstreamError::Invalid(
-                    format!(
-                        "blob without a Content-Length ran past limits.max_blob_size ({})",
-                        self.max_blob_size
-                    )
-                    .into(),
-                ));
+                let why = format!("{PAST_MAX_BLOB_SIZE} ({})", self.max_blob_size);
+                return Err(UpstreamError::Invalid(why.into()));
             }
             let queued = Instant::now();
             if chunks.send(data).await.is_err() {
@@ -203,6 +201,15 @@ impl Pace {
 
 /// How `Pace::judge`'s error begins, so `receive` tells a trickle from a stall or a cut.
 const BELOW_FLOOR: &str = "blob body slower than client.min_fill_rate";
+
+/// What a body without a Content-Length that ran past `max_blob_size` fails with: berth's
+/// limit, not the upstream's fault, and never resumed.
+const PAST_MAX_BLOB_SIZE: &str = "blob without a Content-Length ran past limits.max_blob_size";
+
+/// Whether `error` is a body that ran past `max_blob_size`.
+pub(super) fn past_max_blob_size(error: &UpstreamError) -> bool {
+    matches!(error, UpstreamError::Invalid(why) if why.to_string().starts_with(PAST_MAX_BLOB_SIZE))
+}
 
 fn below_floor(error: &UpstreamError) -> bool {
     matches!(error, UpstreamError::Timeout(why) if why.starts_with(BELOW_FLOOR))
@@ -333,7 +340,7 @@ mod tests {
         let config = "[cache]\nmax_size = \"1MiB\"\n[limits]\nmax_blob_size = \"64KiB\"";
         let (pumped, received) = pump_all(config, trickle(100, 4096, Duration::ZERO)).await;
         assert!(
-            matches!(pumped, Err(UpstreamError::Invalid(_))),
+            matches!(&pumped, Err(error) if past_max_blob_size(error)),
             "{pumped:?}"
         );
         assert!(received <= (64 << 10) + 4096);
