@@ -41,8 +41,8 @@
 //!   (static or DNS), the peer token, peer requests (asker and owner side), the parent tier.
 //! - `fill`     single-flight blob fills: one upstream stream -> hasher + temp file -> readers;
 //!   resumed with Range requests when the upstream body fails, passed through when the disk does;
-//!   phases in files (`fetch`, `receive`, `write`, `append`: direct writes of the temp file),
-//!   failures as `cache::FillError`.
+//!   phases in files (`fetch`, `receive`, `write`, `append`: direct writes of the temp file;
+//!   `cancel`: a prefetch giving its room to a real miss), failures as `cache::FillError`.
 //! - `prefetch` a cold image's manifest GET (or its first blob GET: `plans`) starts the fills of
 //!   its missing config and layers, once per image at a time, bounded, below real misses for
 //!   `max_fills`, paused for an upstream that answers 429.

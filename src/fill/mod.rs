@@ -46,6 +46,7 @@
 //! response).
 
 mod append;
+mod cancel;
 mod fetch;
 mod receive;
 mod write;
@@ -53,12 +54,12 @@ mod write;
 pub use crate::cache::FillError;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::HeaderValue;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::cache::{open_cached, Cache, Progress};
@@ -68,6 +69,7 @@ use crate::metrics::Metrics;
 use crate::oci::digest::Digest;
 use crate::oci::name::Repository;
 use crate::upstream::Upstream;
+use cancel::Cancel;
 
 /// What a fill fetches.
 pub struct Job {
@@ -102,46 +104,6 @@ struct Running {
     /// Which fill this is, in the order fills started: the youngest prefetch is cancelled
     /// first, and a finished fill removes only its own entry.
     id: u64,
-}
-
-/// How a prefetch fill is cancelled for a real miss: only before it begins to commit (a fill
-/// dropped during its commit would leave a stored file the index does not hold).
-#[derive(Default)]
-pub(super) struct Cancel {
-    notify: Notify,
-    /// `RUNNING`, then `CANCELLED` or `COMMITTING`, whichever comes first.
-    state: AtomicU8,
-}
-
-const RUNNING: u8 = 0;
-const CANCELLED: u8 = 1;
-const COMMITTING: u8 = 2;
-
-impl Cancel {
-    /// Cancels the fill unless it began to commit; whether it did.
-    fn cancel(&self) -> bool {
-        let cancelled = self.moved_to(CANCELLED);
-        if cancelled {
-            self.notify.notify_one();
-        }
-        cancelled
-    }
-
-    /// The fill begins to commit, unless it was cancelled; whether it may.
-    pub(super) fn begin_commit(&self) -> bool {
-        self.moved_to(COMMITTING)
-    }
-
-    fn was_cancelled(&self) -> bool {
-        self.state.load(Ordering::Acquire) == CANCELLED
-    }
-
-    fn moved_to(&self, state: u8) -> bool {
-        let moved =
-            self.state
-                .compare_exchange(RUNNING, state, Ordering::AcqRel, Ordering::Acquire);
-        moved.is_ok()
-    }
 }
 
 /// A fill is shared only by requests routed to the same upstream: a request for the same digest
@@ -373,7 +335,7 @@ impl Fills {
             let (outcome, cancelled) = match &cancel {
                 Some(cancel) => tokio::select! {
                     outcome = fetch => (outcome, false),
-                    () = cancel.notify.notified() => {
+                    () = cancel.notified() => {
                         let retry_after = fills.retry_after.clone();
                         (Err(FillError::Full { retry_after }), true)
                     }
@@ -512,21 +474,6 @@ fn upstream_verdict(outcome: &Result<(), FillError>) -> Option<bool> {
 mod tests {
     use super::*;
     use crate::upstream::UpstreamError;
-
-    #[test]
-    fn a_prefetch_is_cancelled_only_before_it_begins_to_commit() {
-        let committing = Cancel::default();
-        assert!(committing.begin_commit());
-        assert!(
-            !committing.cancel(),
-            "a commit under way is never cancelled"
-        );
-        assert!(!committing.was_cancelled());
-        let cancelled = Cancel::default();
-        assert!(cancelled.cancel());
-        assert!(!cancelled.begin_commit(), "a cancelled fill never commits");
-        assert!(cancelled.was_cancelled());
-    }
 
     #[test]
     fn only_failures_of_the_upstreams_making_count_against_its_breaker() {
