@@ -12,7 +12,7 @@ use http::Response;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
-use super::receive::{past_max_blob_size, FirstBody};
+use super::receive::{past_max_blob_size, Answerer};
 use super::write::{verify, write_chunks, TempFile, Written, WRITE_QUEUE_CHUNKS};
 use super::{Cancel, FillError, Fills, Job, Progress};
 use crate::cache::index::Reservation;
@@ -29,15 +29,6 @@ struct Received {
     temp: TempFile,
     file: Arc<File>,
     written: Written,
-}
-
-/// Who answered a fill's first request. Only the job's upstream is judged by how its body
-/// ends (its circuit breaker); an owner replica or the parent tier is not it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answerer {
-    Owner,
-    Parent,
-    Upstream,
 }
 
 impl Fills {
@@ -117,13 +108,8 @@ impl Fills {
             let progress = progress.clone();
             tokio::task::spawn_blocking(move || write_chunks(&file, &path, queue, &progress))
         };
-        let first = match (answerer, &self.cluster) {
-            (Answerer::Owner, Some(cluster)) => FirstBody::Owner(&cluster.metrics.bytes),
-            (Answerer::Upstream, _) => FirstBody::Upstream,
-            _ => FirstBody::Parent,
-        };
         let read = self
-            .receive(job, metrics, body, total, &chunks, first)
+            .receive(job, metrics, body, total, &chunks, answerer)
             .await;
         drop(chunks);
         let mut written = writer

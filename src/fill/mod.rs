@@ -348,6 +348,9 @@ impl Fills {
             if let Some(delivered) = upstream_verdict(&outcome).filter(|_| judged) {
                 upstream.fill_ended(delivered);
             }
+            // Out of the running set before its readers hear the end: a request that comes
+            // after a reader saw the failure starts a fill of its own instead of joining this.
+            fills.finished(&task_key, id);
             if let Err(error) = outcome {
                 // A cancelled prefetch did not fail: `cancel_unjoined_prefetch` counted it.
                 if !cancelled {
@@ -356,7 +359,6 @@ impl Fills {
                 }
                 tx.send_replace(Progress::Failed(Arc::new(error)));
             }
-            fills.finished(&task_key, id);
             metrics.fills_in_flight.dec();
         });
         task.abort_handle()

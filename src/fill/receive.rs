@@ -9,7 +9,6 @@ use http::header::CONTENT_RANGE;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -21,13 +20,14 @@ use crate::upstream::{retry, Cause, UpstreamError};
 /// backoff first, so a flapping upstream costs a fill a few seconds at most before it fails.
 const MAX_RESUMES: u32 = 6;
 
-/// Who sends a fill's first body: the job's upstream, or an owner replica (whose bytes count in
-/// `berth_peer_bytes_total`) or the parent tier.
-#[derive(Clone, Copy)]
-pub(super) enum FirstBody<'m> {
-    Upstream,
-    Owner(&'m IntCounter),
+/// Who answered a fill's first request. Only the job's upstream is judged by how its body
+/// ends (its circuit breaker); an owner replica or the parent tier is not it, and an owner's
+/// bytes count in `berth_peer_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answerer {
+    Owner,
     Parent,
+    Upstream,
 }
 
 impl Fills {
@@ -42,7 +42,7 @@ impl Fills {
         mut body: Incoming,
         total: Option<u64>,
         chunks: &mpsc::Sender<Bytes>,
-        mut first: FirstBody<'_>,
+        mut first: Answerer,
     ) -> Result<(), UpstreamError> {
         let mut received = 0u64;
         let mut skip = 0u64;
@@ -52,9 +52,9 @@ impl Fills {
             let before = received;
             let pumped = self.pump(body, skip, chunks, &mut received).await;
             counted.inc_by(received - before);
-            let sender = std::mem::replace(&mut first, FirstBody::Upstream);
-            if let FirstBody::Owner(peer_bytes) = sender {
-                peer_bytes.inc_by(received - before);
+            let sender = std::mem::replace(&mut first, Answerer::Upstream);
+            if let (Answerer::Owner, Some(cluster)) = (sender, &self.cluster) {
+                cluster.metrics.bytes.inc_by(received - before);
             }
             let mut error = match pumped {
                 Ok(()) => return Ok(()),
@@ -63,7 +63,7 @@ impl Fills {
             if past_max_blob_size(&error) {
                 return Err(error);
             }
-            if below_floor(&error) && matches!(sender, FirstBody::Upstream) {
+            if below_floor(&error) && sender == Answerer::Upstream {
                 // A trickle is no network blip: each one counts against the upstream's breaker
                 // at once, not only when its fill runs out of resumes minutes later.
                 job.upstream.body_too_slow();
